@@ -1,0 +1,190 @@
+"""
+Common utilities shared by every script: device and process-group set-up, rank-0 printing, the base
+directory, wandb stand-in, autocast choice, and atomic file writes.
+
+Importing this module has no side effects (no device probing, no process group, no logging set-up).
+Tests: tests/test_common.py (compute_init under `torchrun --nproc_per_node=2` with gloo is covered there).
+"""
+
+import contextlib
+import os
+import subprocess
+import tempfile
+
+import torch
+import torch.distributed as dist
+
+
+def print0(*args, **kwargs):
+    """print() on rank 0 only (rank read from the environment torchrun sets)."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs)
+
+
+def get_base_dir():
+    """Where tokenizer, checkpoints and report live: $NANOCHAT_BASE_DIR or ~/.cache/nanochat (created)."""
+    base_dir = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+    os.makedirs(base_dir, exist_ok=True)
+    return base_dir
+
+
+def get_data_dir():
+    """The local dataset mirror ($NANOCHAT_DATA_DIR), or None to use the Hugging Face hub."""
+    return os.environ.get("NANOCHAT_DATA_DIR") or None
+
+
+def autodetect_device_type():
+    """cuda > mps > cpu."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def get_dist_info():
+    """(ddp, rank, local_rank, world_size) from the environment torchrun sets."""
+    if all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
+        return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    return False, 0, 0, 1
+
+
+def is_ddp():
+    return get_dist_info()[0]
+
+
+def dist_rank_world():
+    """(rank, world_size) of the initialised process group, or (0, 1) without one.
+    Library functions take rank/world_size arguments and fall back to this."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def compute_init(device_type="cuda"):
+    """Seed, set precision, and (under torchrun) initialise the process group: nccl on CUDA, gloo on CPU.
+    Returns (ddp, ddp_rank, ddp_local_rank, ddp_world_size, device)."""
+    assert device_type in ("cuda", "mps", "cpu"), f"unknown device_type {device_type!r}"
+    if device_type == "cuda":
+        assert torch.cuda.is_available(), "device_type='cuda' but CUDA is not available"
+    if device_type == "mps":
+        assert torch.backends.mps.is_available(), "device_type='mps' but MPS is not available"
+    torch.manual_seed(42)
+    if device_type == "cuda":
+        torch.cuda.manual_seed(42)
+        torch.backends.cuda.matmul.allow_tf32 = True  # tf32 matmuls for any fp32 left outside autocast
+        torch.backends.cudnn.allow_tf32 = True
+    ddp, ddp_rank, ddp_local_rank, ddp_world_size = get_dist_info()
+    if ddp and device_type == "cuda":
+        device = torch.device("cuda", ddp_local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl", device_id=device)
+        dist.barrier()
+    elif ddp:
+        device = torch.device(device_type)
+        dist.init_process_group(backend="gloo")  # CPU (and MPS) multi-process runs: gloo
+        dist.barrier()
+    else:
+        device = torch.device(device_type)
+    if ddp_rank == 0:
+        print(f"compute_init: device={device} world_size={ddp_world_size} ddp={ddp}")
+    return ddp, ddp_rank, ddp_local_rank, ddp_world_size, device
+
+
+def compute_cleanup():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class DummyWandb:
+    """Stands in for a wandb run when logging is disabled (run == 'dummy', or rank != 0)."""
+
+    def log(self, *args, **kwargs):
+        pass
+
+    def finish(self):
+        pass
+
+
+def init_wandb(run, project, config, rank=0):
+    """A real wandb run on rank 0 unless run == 'dummy'; WANDB_MODE=offline/disabled is honoured by wandb."""
+    if run == "dummy" or rank != 0:
+        return DummyWandb()
+    import wandb  # imported lazily: it is slow to import and most runs don't need it
+
+    return wandb.init(project=project, name=run, config=config)
+
+
+_autocast_announced = set()
+
+
+def autocast_ctx(device_type, dtype="bfloat16", cpu_bf16=False):
+    """The autocast context for forward passes: bf16 on CUDA when dtype == 'bfloat16'; on CPU bf16 only
+    when asked (cpu_bf16=True), otherwise plain fp32. The choice is printed once per configuration."""
+    assert dtype in ("bfloat16", "float32"), f"dtype must be 'bfloat16' or 'float32', got {dtype!r}"
+    use_bf16 = dtype == "bfloat16" and (device_type == "cuda" or (device_type == "cpu" and cpu_bf16))
+    key = (device_type, use_bf16)
+    if key not in _autocast_announced:
+        _autocast_announced.add(key)
+        print0(f"autocast: {'bfloat16' if use_bf16 else 'float32 (no autocast)'} on {device_type}")
+    if use_bf16:
+        return torch.amp.autocast(device_type=device_type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def get_git_commit(short=False):
+    """The current git commit of the repo this file lives in, or 'unknown'."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = ["git", "rev-parse", "--short", "HEAD"] if short else ["git", "rev-parse", "HEAD"]
+    try:
+        out = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+# Dense bf16 peak FLOPS of common accelerators (vendor datasheets), for MFU.
+_PEAK_BF16_FLOPS = [
+    ("H200", 989e12),
+    ("H100", 989e12),   # SXM; the PCIe part is 756e12, matched below first
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("A10", 125e12),
+    ("4090", 165e12),
+]
+
+
+def get_peak_flops(device):
+    """Peak dense bf16 FLOPS of the device, for MFU; None on CPU/MPS or an unknown GPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    if "H100" in name and "PCIe" in name:
+        return 756e12
+    for key, flops in _PEAK_BF16_FLOPS:
+        if key in name:
+            return flops
+    return None
+
+
+def atomic_write_bytes(path, data):
+    """Write bytes so that `path` is either the old file or the complete new one, never a partial file:
+    a temp file in the same directory, fsync, then os.replace (atomic on POSIX)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(path) + "-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_text(path, text):
+    atomic_write_bytes(path, text.encode("utf-8"))

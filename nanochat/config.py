@@ -1,0 +1,198 @@
+"""
+Configuration for every script, without exec: one list of Options per script (name, type, default, help),
+an optional config file of `key = value` lines, and command-line overrides.
+
+    OPTIONS = [Option("device_batch_size", int, 4, "per-device batch size"), ...]
+    config = load_config(OPTIONS)            # -> plain dict, printed on rank 0
+
+Precedence: command line > config file > defaults.
+- `--config FILE`: `key = value` lines; values are Python/TOML literals (`"text"`, `32`, `0.02`, `true`,
+  `None`, `[...]`, `{...}`; lists may span lines); `#` starts a comment. The file is parsed with `ast` and
+  only literals are accepted: it is data, never executed.
+- `--key=value` or `--key value` (dashes in keys are accepted for underscores; a bare `--flag` sets a bool
+  option to True). A value that is not a literal is taken as a plain string for `str` options, so
+  `--run=my_run` works without quotes.
+- An unknown key raises ConfigError naming the key, where it came from and the closest known keys; a wrong
+  type names the key and the expected type. An int is accepted where a float is expected.
+
+Tests: tests/test_config.py.
+"""
+
+import ast
+import difflib
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from nanochat.common import print0
+
+
+class ConfigError(ValueError):
+    """A bad configuration: unknown key, wrong type, or a config file that is not `key = value` data."""
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    type: type  # one of str, int, float, bool, list, dict
+    default: Any
+    help: str = ""
+
+
+_TYPES = (str, int, float, bool, list, dict)
+_TOML_NAMES = {"true": True, "false": False, "True": True, "False": False, "None": None, "none": None, "null": None}
+
+
+def coerce_value(option, value, where):
+    """Check `value` against the option's type (int accepted for float, None only for options whose default
+    is None) and return it, converted where harmless (int -> float, tuple -> list)."""
+    if value is None:
+        if option.default is None:
+            return None
+        raise ConfigError(f"{where}: key '{option.name}' cannot be None (expected {option.type.__name__})")
+    t = option.type
+    ok = False
+    if t is bool:
+        ok = isinstance(value, bool)
+    elif t is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif t is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif t is list:
+        ok = isinstance(value, (list, tuple))
+        value = list(value) if ok else value
+    else:
+        ok = isinstance(value, t)
+    if not ok:
+        raise ConfigError(f"{where}: key '{option.name}' expects {t.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _unknown_key(key, known, where):
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
+    hint = f" Closest known keys: {', '.join(close)}." if close else f" Known keys: {', '.join(sorted(known))}."
+    return ConfigError(f"{where}: unknown config key '{key}'.{hint}")
+
+
+def _literal(node, where):
+    """Evaluate an AST node as a literal; TOML's true/false/null are accepted as names."""
+    if isinstance(node, ast.Name) and node.id in _TOML_NAMES:
+        return _TOML_NAMES[node.id]
+    try:
+        return ast.literal_eval(node)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        raise ConfigError(f"{where}: value is not a literal (configs are data, never executed): "
+                          f"{ast.unparse(node)}") from None
+
+
+def parse_config_text(text, filename="<config>"):
+    """Parse `key = value` lines into {key: (value, line_number)}. Raises ConfigError naming file:line."""
+    try:
+        tree = ast.parse(text, filename=filename, mode="exec")
+    except SyntaxError as e:
+        raise ConfigError(f"{filename}:{e.lineno}: not a `key = value` line: {(e.text or '').strip()!r}") from None
+    entries = {}
+    for stmt in tree.body:
+        where = f"{filename}:{stmt.lineno}"
+        if not (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name)):
+            raise ConfigError(f"{where}: expected `key = value`, got {ast.unparse(stmt)!r}")
+        key = stmt.targets[0].id
+        if key in entries:
+            raise ConfigError(f"{where}: key '{key}' is set twice (first on line {entries[key][1]})")
+        entries[key] = (_literal(stmt.value, where), stmt.lineno)
+    return entries
+
+
+def _parse_cli_value(option, text):
+    """A command-line value: a literal if it parses as one, else a plain string (for str options)."""
+    try:
+        value = _literal(ast.parse(text, mode="eval").body, "command line")
+    except (SyntaxError, ConfigError):
+        if option.type is str:
+            return text
+        raise ConfigError(f"command line: key '{option.name}' expects {option.type.__name__}, got {text!r}") from None
+    if option.type is str and value is not None and not isinstance(value, str):
+        return text  # --run=123 means the string "123"
+    return value
+
+
+def split_argv(argv):
+    """Split argv into (config_file or None, [(key, raw_value or None), ...]). A lone `--` is skipped
+    (torchrun examples put one before the script's own arguments)."""
+    config_file, pairs, i = None, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if arg == "--":
+            continue
+        if not arg.startswith("--"):
+            raise ConfigError(f"command line: unexpected argument {arg!r} (use --key=value or --config FILE)")
+        key, eq, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if not eq:
+            if i < len(argv) and not argv[i].startswith("--"):
+                value = argv[i]
+                i += 1
+            else:
+                value = None  # a bare flag
+        if key == "config":
+            if value is None:
+                raise ConfigError("command line: --config needs a file name")
+            config_file = value
+        else:
+            pairs.append((key, value))
+    return config_file, pairs
+
+
+def format_help(options, description=None):
+    lines = [description.strip(), ""] if description else []
+    lines.append("Options (--config FILE with `key = value` lines, then --key=value overrides):")
+    for o in options:
+        lines.append(f"  --{o.name:<28} {o.type.__name__:<6} default {o.default!r:<14} {o.help}")
+    return "\n".join(lines)
+
+
+def load_config(options, argv=None, description=None, verbose=True):
+    """Resolve the configuration: defaults < config file < command line. Returns a plain dict."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    by_name = {o.name: o for o in options}
+    assert len(by_name) == len(options), "duplicate option names"
+    for o in options:
+        assert o.type in _TYPES, f"option {o.name}: unsupported type {o.type}"
+        coerce_value(o, o.default, f"default of {o.name}")
+    if any(a in ("-h", "--help") for a in argv):
+        print(format_help(options, description))
+        sys.exit(0)
+
+    config = {o.name: o.default for o in options}
+    config_file, pairs = split_argv(argv)
+    if config_file is not None:
+        try:
+            with open(config_file, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {config_file}: {e.strerror}") from None
+        for key, (value, lineno) in parse_config_text(text, config_file).items():
+            where = f"{config_file}:{lineno}"
+            if key not in by_name:
+                raise _unknown_key(key, by_name, f"config file {where}")
+            config[key] = coerce_value(by_name[key], value, where)
+    for key, raw in pairs:
+        if key not in by_name:
+            raise _unknown_key(key, by_name, "command line")
+        option = by_name[key]
+        if raw is None:
+            if option.type is not bool:
+                raise ConfigError(f"command line: --{key} needs a value ({option.type.__name__})")
+            value = True
+        else:
+            value = _parse_cli_value(option, raw)
+        config[key] = coerce_value(option, value, f"command line --{key}")
+
+    if verbose:
+        source = f" (config file: {config_file})" if config_file else ""
+        print0(f"Configuration{source}:")
+        for key, value in config.items():
+            print0(f"  {key} = {value!r}")
+    return config

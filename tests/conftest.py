@@ -1,0 +1,64 @@
+"""
+Shared pytest fixtures.
+
+- `data_dir`: the local dataset mirror from $NANOCHAT_DATA_DIR; tests that need it skip (with the reason)
+  when it is unset.
+- `tokenizer`: a tiny RustBPETokenizer (vocab 1024) trained once per session on built-in text plus, when the
+  mirror is available, a slice of its pretraining and chat data.
+- Every test runs with NANOCHAT_BASE_DIR pointing at a fresh temporary directory, so nothing touches
+  ~/.cache/nanochat, and with wandb disabled.
+"""
+
+import os
+
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_BUILTIN_TEXT = """\
+The quick brown fox jumps over the lazy dog. Hello, world! How are you today? I am fine, thank you.
+Question: What is 12 + 30? Answer: 12 + 30 = 42. #### 42
+def add(a, b):
+    return a + b
+Multiple Choice question: Which planet is largest?
+- Jupiter=A
+- Mars=B
+- Venus=C
+- Earth=D
+Respond only with the letter of the correct answer. A B C D 1 2 3 4 5
+Unicode: café, naïve, 日本語, Привет, emoji 🙂🚀.
+"""
+
+
+@pytest.fixture(autouse=True)
+def _isolated_base_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "nanochat_base"))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    path = os.environ.get("NANOCHAT_DATA_DIR")
+    if not path:
+        pytest.skip("NANOCHAT_DATA_DIR is not set: this test needs the local dataset mirror (see README)")
+    if not os.path.isdir(path):
+        pytest.skip(f"NANOCHAT_DATA_DIR={path} does not exist")
+    return path
+
+
+def _training_texts():
+    texts = [_BUILTIN_TEXT] * 20
+    path = os.environ.get("NANOCHAT_DATA_DIR")
+    if path and os.path.isdir(os.path.join(path, "pretrain")):
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(os.path.join(path, "pretrain", "shard_00000.parquet"), columns=["text"])
+        texts.extend(t[:5000] for t in table.column("text").to_pylist()[:100])
+    return texts
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from nanochat.tokenizer import RustBPETokenizer
+
+    return RustBPETokenizer.train_from_iterator(iter(_training_texts()), 1024)
