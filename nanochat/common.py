@@ -175,6 +175,7 @@ def atomic_write_bytes(path, data):
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(path) + "-")
     try:
+        os.fchmod(fd, 0o644)  # mkstemp creates 0600; checkpoints and reports are ordinary readable files
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -59,6 +59,8 @@ def coerce_value(option, value, where):
     elif t is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
+    elif t is str and isinstance(value, int) and not isinstance(value, bool):
+        ok, value = True, str(value)  # `resume = 1` or `run = 123` mean the strings "1" / "123", as on the CLI
     elif t is list:
         ok = isinstance(value, (list, tuple))
         value = list(value) if ok else value

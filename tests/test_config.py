@@ -97,6 +97,10 @@ def test_int_accepted_for_float_and_toml_literals(tmp_path):
     config = load_config(SFT_OPTIONS, ["--config", path], verbose=False)
     assert config["matrix_lr"] == 1.0 and isinstance(config["matrix_lr"], float)
     assert config["resume"] is True and config["train_mixture"] == ["a", "b"]
+    config = load_config(SFT_OPTIONS, ["--config", write(tmp_path, "run = 123\n")], verbose=False)
+    assert config["run"] == "123"  # an int where a str is expected is the string, as on the command line
+    with pytest.raises(ConfigError, match="'run' expects str"):
+        load_config(SFT_OPTIONS, ["--config", write(tmp_path, "run = 1.5\n")], verbose=False)
 
 
 def test_file_is_never_executed(tmp_path):

@@ -1,0 +1,77 @@
+"""
+The DCLM CORE metric of the base model, from the eval bundle at <base_dir>/eval_bundle (nanochat's
+eval_bundle.zip: core.yaml, eval_meta_data.csv, eval_data/). Without the bundle it says what is missing,
+logs that to the report, and exits 0 (the CPU profile has no bundle: the mirror does not carry it).
+
+Launch:
+    torchrun --standalone --nproc_per_node=8 -m scripts.base_eval               # 8 GPUs (speedrun)
+    python -m scripts.base_eval --max_per_task=100                              # 1 GPU, quicker
+    python -m scripts.base_eval --max_per_task=20                               # CPU
+
+Writes the "Base model evaluation" report section. Scoring: nanochat/core_eval.py (tests/test_core_eval.py).
+"""
+
+import os
+import sys
+
+from nanochat.common import autocast_ctx, autodetect_device_type, compute_cleanup, compute_init, get_base_dir, print0
+from nanochat.config import Option, load_config
+from nanochat.core_eval import evaluate_core, find_eval_bundle
+from nanochat.report import get_report
+
+EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
+
+# -----------------------------------------------------------------------------
+# Config
+
+OPTIONS = [
+    Option("device_type", str, "", "cuda|cpu|mps (empty: autodetect)"),
+    Option("dtype", str, "bfloat16", "autocast dtype on CUDA: bfloat16|float32"),
+    Option("max_per_task", int, -1, "examples per task (-1: all)"),
+    Option("model_tag", str, None, "base checkpoint tag (default: largest d<depth>)"),
+    Option("step", int, None, "checkpoint step (default: last)"),
+]
+config = load_config(OPTIONS, description=__doc__)
+
+# -----------------------------------------------------------------------------
+# The eval bundle: without it there is nothing to do
+
+base_dir = get_base_dir()
+bundle_dir = find_eval_bundle(base_dir)
+if bundle_dir is None:
+    expected = os.path.join(base_dir, "eval_bundle")
+    message = (f"CORE metric skipped: no eval bundle at {expected} (it needs core.yaml, eval_meta_data.csv and "
+               f"eval_data/). Get it with: curl -L -o eval_bundle.zip {EVAL_BUNDLE_URL} && "
+               f"unzip -q eval_bundle.zip -d {base_dir}")
+    print0(message)
+    get_report().log(section="Base model evaluation", data=[message])  # a no-op on ranks other than 0
+    sys.exit(0)
+
+# -----------------------------------------------------------------------------
+# Compute init, model
+
+from nanochat.checkpoint_manager import load_model  # noqa: E402  (only needed when there is a bundle)
+
+device_type = config["device_type"] or autodetect_device_type()
+ddp, ddp_rank, ddp_local_rank, ddp_world_size, device = compute_init(device_type)
+model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=config["model_tag"], step=config["step"])
+print0(f"Loaded base model (step {meta.get('step')}); evaluating CORE from {bundle_dir}")
+
+# -----------------------------------------------------------------------------
+# Evaluate
+
+with autocast_ctx(device_type, config["dtype"]):
+    out = evaluate_core(model, tokenizer, device, bundle_dir, max_per_task=config["max_per_task"])
+for label, accuracy in out["results"].items():
+    print0(f"{label:<40} accuracy {accuracy:.4f} | centered {out['centered_results'][label]:.4f}")
+print0(f"CORE metric: {out['core_metric']:.4f}")
+
+# -----------------------------------------------------------------------------
+# Report and cleanup
+
+get_report().log(section="Base model evaluation", data=[
+    {"model_tag": config["model_tag"], "step": meta.get("step"), "max_per_task": config["max_per_task"]},
+    {f"{label} centered": out["centered_results"][label] for label in out["results"]},
+    {"CORE metric": out["core_metric"]},
+])
+compute_cleanup()

@@ -1,0 +1,377 @@
+"""
+Pretrain the base model: a GPT of `depth` layers on <|bos|>-prefixed documents from the parquet shards.
+The depth dial sets width (depth * aspect_ratio) and heads (width / head_dim); the horizon is
+num_iterations, or target_flops, or target_param_data_ratio (Chinchilla: 20 tokens per parameter).
+Muon for the matrices, AdamW for embedding and lm_head (nanochat's learning rates), constant LR then a
+linear warm-down, Muon momentum warm-up, val bpb every eval_every, samples every sample_every, CORE every
+core_metric_every when <base_dir>/eval_bundle exists, periodic checkpoints and exact resume.
+
+Launch:
+    torchrun --standalone --nproc_per_node=8 -m scripts.base_train -- --depth=20     # 8 GPUs (speedrun)
+    python -m scripts.base_train --depth=20 --device_batch_size=16                  # 1 GPU (grad accumulation)
+    python -m scripts.base_train --depth=4 --aspect_ratio=48 --head_dim=64 --max_seq_len=256 \\
+        --device_batch_size=16 --total_batch_size=4096 --num_iterations=250 --eval_every=50 \\
+        --eval_tokens=32768 --sample_every=-1 --core_metric_every=-1                # CPU profile (~4 min)
+
+Outputs: <base_dir>/base_checkpoints/<model_tag or d<depth>>/ (model, optimizer state per rank, meta with the
+resolved config, loop state and every rank's data-loader state), the "Base model training" report section
+with the loss curves, wandb. Resume with --resume_from_step=<step of a saved checkpoint>.
+Tests: tests/test_pipeline.py (end to end); the pieces: tests/test_dataloader.py, tests/test_loss_eval.py.
+"""
+
+import os
+import time
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+
+from nanochat.checkpoint_manager import load_checkpoint, save_checkpoint
+from nanochat.common import (autocast_ctx, autodetect_device_type, compute_cleanup, compute_init, get_base_dir,
+                             get_git_commit, get_peak_flops, init_wandb, print0)
+from nanochat.config import Option, load_config
+from nanochat.core_eval import evaluate_core, find_eval_bundle
+from nanochat.dataloader import tokenizing_distributed_data_loader
+from nanochat.gpt import GPT, config_from_depth
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.report import get_report
+from nanochat.schedules import lr_multiplier, muon_momentum
+from nanochat.tokenizer import get_token_bytes, get_tokenizer
+
+# -----------------------------------------------------------------------------
+# Config
+
+OPTIONS = [
+    Option("run", str, "dummy", "wandb run name ('dummy' disables wandb)"),
+    Option("device_type", str, "", "cuda|cpu|mps (empty: autodetect)"),
+    Option("dtype", str, "bfloat16", "autocast dtype on CUDA: bfloat16|float32 (CPU runs in fp32)"),
+    Option("compile", bool, True, "torch.compile the model (CUDA only)"),
+    # model
+    Option("depth", int, 20, "number of transformer layers; sets width and heads"),
+    Option("aspect_ratio", int, 64, "model width = depth * aspect_ratio"),
+    Option("head_dim", int, 128, "attention head size (heads = width / head_dim); small for tiny CPU models"),
+    Option("max_seq_len", int, 2048, "context length"),
+    # horizon: the first of these that is > 0 wins
+    Option("num_iterations", int, -1, "optimizer steps (-1: derive from target_flops or the data:param ratio)"),
+    Option("target_flops", float, -1.0, "training FLOPs budget (-1: unused)"),
+    Option("target_param_data_ratio", float, 20.0, "training tokens per parameter (Chinchilla: 20)"),
+    # batch
+    Option("device_batch_size", int, 32, "rows per device per micro-step"),
+    Option("total_batch_size", int, 524288, "tokens per optimizer step over all ranks (-> gradient accumulation)"),
+    # optimization (nanochat's values)
+    Option("embedding_lr", float, 0.2, "AdamW lr of the token embedding"),
+    Option("unembedding_lr", float, 0.004, "AdamW lr of the lm_head"),
+    Option("matrix_lr", float, 0.02, "Muon lr of the transformer matrices"),
+    Option("weight_decay", float, 0.0, "AdamW weight decay"),
+    Option("grad_clip", float, 1.0, "clip each rank's gradient norm to this (0: off)"),
+    Option("warmup_ratio", float, 0.0, "fraction of steps of linear LR warm-up"),
+    Option("warmdown_ratio", float, 0.2, "fraction of steps of linear LR warm-down at the end"),
+    Option("final_lr_frac", float, 0.0, "LR multiplier reached at the last step"),
+    # evaluation and saving
+    Option("eval_every", int, 250, "val bpb every this many steps and at the end (-1 disables)"),
+    Option("eval_tokens", int, 20 * 524288, "validation tokens per evaluation (all ranks)"),
+    Option("core_metric_every", int, 2000, "CORE metric every this many steps and at the end, if the eval bundle exists (-1 disables)"),
+    Option("core_metric_max_per_task", int, 500, "examples per CORE task (-1: all)"),
+    Option("sample_every", int, 2000, "greedy samples every this many steps and at the end (-1 disables)"),
+    Option("save_every", int, -1, "checkpoint every this many steps (-1: only the final one)"),
+    Option("resume_from_step", int, -1, "resume from the checkpoint of this step (-1: fresh start)"),
+    Option("model_tag", str, None, "checkpoint directory name (default: d<depth>)"),
+]
+config = load_config(OPTIONS, description=__doc__)
+
+# -----------------------------------------------------------------------------
+# Compute init
+
+device_type = config["device_type"] or autodetect_device_type()
+ddp, ddp_rank, ddp_local_rank, ddp_world_size, device = compute_init(device_type)
+master_process = ddp_rank == 0
+autocast = lambda: autocast_ctx(device_type, config["dtype"])  # noqa: E731  (a fresh context per use)
+synchronize = torch.cuda.synchronize if device_type == "cuda" else lambda: None
+get_max_memory = torch.cuda.max_memory_allocated if device_type == "cuda" else lambda: 0
+wandb_run = init_wandb(config["run"], "nanochat", config, ddp_rank)
+
+# -----------------------------------------------------------------------------
+# Tokenizer
+
+tokenizer = get_tokenizer()
+token_bytes = get_token_bytes(device=device)
+vocab_size = tokenizer.get_vocab_size()
+print0(f"Vocab size: {vocab_size:,}")
+
+# -----------------------------------------------------------------------------
+# Model
+
+depth, max_seq_len = config["depth"], config["max_seq_len"]
+model_config = config_from_depth(depth, vocab_size, max_seq_len, head_dim=config["head_dim"],
+                                 aspect_ratio=config["aspect_ratio"])
+print0(f"Model config: {asdict(model_config)}")
+with torch.device("meta"):
+    model = GPT(model_config)  # parameters without memory, then allocated on the device and initialised
+model.to_empty(device=device)
+model.init_weights()
+orig_model = model  # the uncompiled model: for saving, sampling and the CORE metric
+if config["compile"] and device_type == "cuda":
+    model = torch.compile(model, dynamic=False)
+num_params = orig_model.num_params()
+num_flops_per_token = orig_model.estimate_flops()
+print0(f"Number of parameters: {num_params:,} | FLOPs per token: {num_flops_per_token:e}")
+
+model_tag = config["model_tag"] or f"d{depth}"
+checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag)
+
+# Batch arithmetic: rows of max_seq_len tokens; gradient accumulation makes up total_batch_size.
+device_batch_size, total_batch_size = config["device_batch_size"], config["total_batch_size"]
+world_tokens_per_fwdbwd = device_batch_size * max_seq_len * ddp_world_size
+assert total_batch_size % world_tokens_per_fwdbwd == 0, (
+    f"total_batch_size ({total_batch_size}) must be a multiple of device_batch_size * max_seq_len * world_size "
+    f"({world_tokens_per_fwdbwd})")
+grad_accum_steps = total_batch_size // world_tokens_per_fwdbwd
+print0(f"Tokens per micro-step (all ranks): {world_tokens_per_fwdbwd:,} | gradient accumulation steps: {grad_accum_steps}")
+
+# Horizon
+if config["num_iterations"] > 0:
+    num_iterations = config["num_iterations"]
+elif config["target_flops"] > 0:
+    num_iterations = round(config["target_flops"] / (num_flops_per_token * total_batch_size))
+elif config["target_param_data_ratio"] > 0:
+    num_iterations = int(config["target_param_data_ratio"] * num_params) // total_batch_size
+else:
+    raise ValueError("set one of num_iterations, target_flops or target_param_data_ratio")
+num_iterations = max(num_iterations, 1)
+total_tokens = total_batch_size * num_iterations
+print0(f"Iterations: {num_iterations:,} | training tokens: {total_tokens:,} | "
+       f"tokens:params = {total_tokens / num_params:.2f} | total FLOPs: {num_flops_per_token * total_tokens:e}")
+
+# -----------------------------------------------------------------------------
+# Optimizer
+
+optimizers = orig_model.setup_optimizers(unembedding_lr=config["unembedding_lr"], embedding_lr=config["embedding_lr"],
+                                         matrix_lr=config["matrix_lr"], weight_decay=config["weight_decay"])
+adamw_optimizer, muon_optimizer = optimizers
+
+# Resume: model, optimizer states, loop state and this rank's data position
+resume_step = config["resume_from_step"]
+loop_state = {"min_val_bpb": float("inf"), "smooth_train_loss": 0.0, "total_training_time": 0.0,
+              "train_series": [[], []], "val_series": [[], []]}
+loader_resume_state = None
+if resume_step >= 0:
+    model_data, optimizer_data, meta = load_checkpoint(checkpoint_dir, resume_step, device, load_optimizer=True,
+                                                       rank=ddp_rank)
+    orig_model.load_state_dict(model_data)
+    for opt, opt_data in zip(optimizers, optimizer_data):
+        opt.load_state_dict(opt_data)
+    assert len(meta["loader_states"]) == ddp_world_size, "resume with the same number of ranks as the saved run"
+    loader_resume_state = meta["loader_states"][ddp_rank]
+    loop_state = meta["loop_state"]
+    del model_data, optimizer_data
+    print0(f"Resumed from {checkpoint_dir} step {resume_step}")
+
+# -----------------------------------------------------------------------------
+# Data
+
+train_loader = tokenizing_distributed_data_loader(tokenizer, device_batch_size, max_seq_len, "train", device=device,
+                                                  resume_state=loader_resume_state)
+build_val_loader = lambda: tokenizing_distributed_data_loader(  # noqa: E731  (a fresh pass over val each time)
+    tokenizer, device_batch_size, max_seq_len, "val", device=device)
+eval_steps = max(config["eval_tokens"] // world_tokens_per_fwdbwd, 1)
+x, y, data_state = next(train_loader)  # prefetch the first batch
+loader_state = loader_resume_state  # where the batch in hand (x, y) starts: what a checkpoint must store
+
+# -----------------------------------------------------------------------------
+# Schedules
+
+
+def get_lr_multiplier(step):
+    return lr_multiplier(step, num_iterations, warmup_frac=config["warmup_ratio"],
+                         warmdown_frac=config["warmdown_ratio"], final_frac=config["final_lr_frac"])
+
+
+# -----------------------------------------------------------------------------
+# Helpers for the loop
+
+
+def every(step, period, last_step):
+    """True at multiples of `period` and at the last step; never when period is -1 (disabled)."""
+    return period > 0 and (last_step or step % period == 0)
+
+
+def gather_loader_states(state):
+    """Every rank's data-loader state, in rank order (collective: all ranks call it)."""
+    if ddp_world_size == 1:
+        return [state]
+    states = [None] * ddp_world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
+def save(step, val_bpb):
+    loader_states = gather_loader_states(loader_state)
+    meta = {
+        "step": step,
+        "model_config": asdict(model_config),
+        "user_config": config,
+        "git_commit": get_git_commit(),
+        "val_bpb": val_bpb,
+        "device_batch_size": device_batch_size,
+        "max_seq_len": max_seq_len,
+        "loop_state": loop_state,
+        "loader_states": loader_states,
+    }
+    save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), [opt.state_dict() for opt in optimizers], meta,
+                    rank=ddp_rank)
+    print0(f"Saved checkpoint: {checkpoint_dir} step {step}")
+
+
+SAMPLE_PROMPTS = [
+    "The capital of France is",
+    "The chemical symbol of gold is",
+    "If yesterday was Friday, then tomorrow will be",
+    "The opposite of hot is",
+    "The planets of the solar system are:",
+    "My favorite color is",
+    "If 5*x + 3 = 13, then x is",
+]
+
+# -----------------------------------------------------------------------------
+# Training loop
+
+peak_flops = get_peak_flops(device)
+start_step = max(resume_step, 0)  # a checkpoint of step s holds the model before update s
+val_bpb = None
+core_results = None
+for step in range(start_step, num_iterations + 1):
+    last_step = step == num_iterations
+    flops_so_far = num_flops_per_token * total_batch_size * step
+
+    # once in a while: validation bits per byte
+    if every(step, config["eval_every"], last_step):
+        model.eval()
+        with autocast():
+            val_bpb = evaluate_bpb(model, build_val_loader(), eval_steps, token_bytes)
+        print0(f"Step {step:05d} | Validation bpb: {val_bpb:.4f}")
+        loop_state["min_val_bpb"] = min(loop_state["min_val_bpb"], val_bpb)
+        loop_state["val_series"][0].append(step)
+        loop_state["val_series"][1].append(val_bpb)
+        wandb_run.log({"step": step, "total_training_flops": flops_so_far, "val/bpb": val_bpb})
+        model.train()
+
+    # once in a while: the CORE metric (only with the DCLM eval bundle)
+    if every(step, config["core_metric_every"], last_step):
+        bundle = find_eval_bundle(get_base_dir())
+        if bundle is None:
+            if step == start_step:
+                print0(f"CORE metric skipped: no eval bundle at {os.path.join(get_base_dir(), 'eval_bundle')}")
+        else:
+            model.eval()
+            with autocast():
+                core_results = evaluate_core(orig_model, tokenizer, device, bundle,
+                                             max_per_task=config["core_metric_max_per_task"])
+            print0(f"Step {step:05d} | CORE metric: {core_results['core_metric']:.4f}")
+            wandb_run.log({"step": step, "core_metric": core_results["core_metric"]})
+            model.train()
+
+    # once in a while: greedy samples (rank 0)
+    if master_process and every(step, config["sample_every"], last_step):
+        orig_model.eval()
+        for prompt in SAMPLE_PROMPTS:
+            tokens = tokenizer(prompt, prepend=tokenizer.get_bos_token_id())
+            with autocast():
+                sample = list(orig_model.generate(tokens, max_tokens=16, temperature=0.0))
+            print0(f"  {prompt!r} -> {tokenizer.decode(sample)!r}")
+        orig_model.train()
+
+    # checkpoints: periodic ones, and always the final one
+    if last_step or (config["save_every"] > 0 and step > start_step and step % config["save_every"] == 0):
+        save(step, val_bpb)
+
+    if last_step:
+        break
+
+    # one optimizer step: gradient accumulation over grad_accum_steps micro-batches
+    synchronize()
+    t0 = time.time()
+    for micro_step in range(grad_accum_steps):
+        with autocast():
+            loss = model(x, y)
+        train_loss = loss.detach()
+        (loss / grad_accum_steps).backward()  # the optimizers average gradients over ranks in step()
+        loader_state = data_state
+        x, y, data_state = next(train_loader)  # prefetch the next batch while the GPU works
+    # Clip each rank's gradient before the cross-rank average: the average of vectors of norm <= c has norm <= c.
+    grad_norm = None
+    if config["grad_clip"] > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(orig_model.parameters(), config["grad_clip"])
+    lrm = get_lr_multiplier(step)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+    momentum = muon_momentum(step)
+    for group in muon_optimizer.param_groups:
+        group["momentum"] = momentum
+    for opt in optimizers:
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    synchronize()
+    dt = time.time() - t0
+
+    # logging: EMA of the training loss (debiased), throughput, MFU
+    train_loss_f = train_loss.item()
+    ema_beta = 0.9
+    loop_state["smooth_train_loss"] = ema_beta * loop_state["smooth_train_loss"] + (1 - ema_beta) * train_loss_f
+    debiased = loop_state["smooth_train_loss"] / (1 - ema_beta ** (step + 1))
+    if step > start_step + 10 or num_iterations - start_step <= 20:  # the first steps include compilation
+        loop_state["total_training_time"] += dt
+    tok_per_sec = int(total_batch_size / dt)
+    flops_per_sec = num_flops_per_token * total_batch_size / dt
+    mfu = 100 * flops_per_sec / (peak_flops * ddp_world_size) if peak_flops else None
+    mfu_str = f" | mfu: {mfu:.2f}%" if mfu is not None else ""
+    print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.2f}%) | loss: {debiased:.6f} | "
+           f"lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,}{mfu_str} | "
+           f"total time: {loop_state['total_training_time'] / 60:.2f}m")
+    loop_state["train_series"][0].append(step)
+    loop_state["train_series"][1].append(train_loss_f)
+    log = {"step": step, "total_training_flops": flops_so_far, "train/loss": debiased, "train/lrm": lrm,
+           "train/dt": dt, "train/tok_per_sec": tok_per_sec}
+    if mfu is not None:
+        log["train/mfu"] = mfu
+    if grad_norm is not None:
+        log["train/grad_norm"] = grad_norm.item()
+    if step % 100 == 0:
+        wandb_run.log(log)
+
+# -----------------------------------------------------------------------------
+# Report
+
+print0(f"Peak memory usage: {get_max_memory() / 1024 / 1024:.2f} MiB")
+print0(f"Total training time: {loop_state['total_training_time'] / 60:.2f}m")
+print0(f"Minimum validation bpb: {loop_state['min_val_bpb']:.4f}")
+report = get_report()
+report.log(section="Base model training", data=[
+    config,
+    {
+        "Number of parameters": num_params,
+        "Number of FLOPs per token": f"{num_flops_per_token:e}",
+        "Calculated number of iterations": num_iterations,
+        "Number of training tokens": total_tokens,
+        "Tokens : Params ratio": total_tokens / num_params,
+        "DDP world size": ddp_world_size,
+        "Gradient accumulation steps": grad_accum_steps,
+    },
+    {
+        "Minimum validation bpb": loop_state["min_val_bpb"] if val_bpb is not None else "-",
+        "Final validation bpb": val_bpb if val_bpb is not None else "-",
+        "CORE metric estimate": core_results["core_metric"] if core_results else "-",
+        "Total training flops": f"{num_flops_per_token * total_tokens:e}",
+        "Total training time (min)": loop_state["total_training_time"] / 60,
+        "Peak memory usage (MiB)": get_max_memory() / 1024 / 1024,
+    },
+])
+report.log_series("Base model training", "train_loss", *loop_state["train_series"])
+if loop_state["val_series"][0]:
+    report.log_series("Base model training", "val_bpb", *loop_state["val_series"])
+
+# -----------------------------------------------------------------------------
+# Cleanup
+
+wandb_run.finish()
+compute_cleanup()

@@ -1,0 +1,265 @@
+"""
+Midtraining: continue pretraining the base model on conversations (chat, multiple choice, math) so it learns
+the chat format and special tokens before SFT. Conversations are rendered (<|bos|>, <|user_start|>, ...),
+streamed as tokens into full rows of max_seq_len + 1 and trained on every token, like pretraining. The LR is
+constant, then decays linearly to 0 over the last warmdown_ratio of the steps (no ramp-up). By default the
+run is one epoch of the training mixture (every rank's share is tokenized once up front to size it).
+
+Launch:
+    torchrun --standalone --nproc_per_node=8 -m scripts.mid_train                 # 8 GPUs (speedrun)
+    python -m scripts.mid_train --device_batch_size=16                            # 1 GPU
+    python -m scripts.mid_train --device_batch_size=4 --total_batch_size=4096 --num_iterations=20 \\
+        --train_mixture='["ChitChat:train", "GSM8K:main:train:0:500"]' --val_mixture='["ChitChat:test"]' \\
+        --eval_every=10 --eval_tokens=8192                                        # tiny, CPU
+
+Mixtures are lists of spec strings, as in chat_sft ("Name[:arg...][:start[:stop[:step]]][*repeats][@weight]",
+see nanochat/sft.py). Entries in `skip_unavailable` are dropped with a warning when their data cannot be
+loaded (the local mirror has no MMLU auxiliary_train and no SmolTalk: the CPU profile uses ChitChat).
+
+Outputs: <base_dir>/mid_checkpoints/<model_tag or d<depth>>/, the "Midtraining" report section with the loss
+curves, wandb. Tests: tests/test_pipeline.py (end to end); the loader: tests/test_dataloader.py.
+"""
+
+import os
+import time
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+
+from nanochat.checkpoint_manager import load_model, save_checkpoint
+from nanochat.common import (autocast_ctx, autodetect_device_type, compute_cleanup, compute_init, get_base_dir,
+                             get_git_commit, init_wandb, print0)
+from nanochat.config import Option, load_config
+from nanochat.dataloader import conversation_data_loader, count_conversation_tokens
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.report import get_report
+from nanochat.schedules import lr_multiplier, muon_momentum
+from nanochat.sft import build_mixture, build_task, parse_task_spec
+from nanochat.tokenizer import get_token_bytes
+
+# -----------------------------------------------------------------------------
+# Config
+
+OPTIONS = [
+    Option("run", str, "dummy", "wandb run name ('dummy' disables wandb)"),
+    Option("device_type", str, "", "cuda|cpu|mps (empty: autodetect)"),
+    Option("dtype", str, "bfloat16", "autocast dtype on CUDA: bfloat16|float32 (CPU runs in fp32)"),
+    Option("compile", bool, True, "torch.compile the model (CUDA only)"),
+    Option("model_tag", str, None, "base checkpoint tag to start from, and the tag saved under (default: largest)"),
+    Option("step", int, None, "base checkpoint step (default: last)"),
+    Option("max_seq_len", int, None, "row length (default: the model's sequence_len)"),
+    Option("device_batch_size", int, 32, "rows per device per micro-step"),
+    Option("total_batch_size", int, 524288, "tokens per optimizer step over all ranks (-> gradient accumulation)"),
+    Option("num_iterations", int, -1, "optimizer steps (-1: one epoch of the training mixture)"),
+    Option("embedding_lr", float, 0.2, "AdamW lr of the token embedding"),
+    Option("unembedding_lr", float, 0.004, "AdamW lr of the lm_head"),
+    Option("matrix_lr", float, 0.02, "Muon lr of the transformer matrices"),
+    Option("weight_decay", float, 0.0, "AdamW weight decay"),
+    Option("init_lr_frac", float, 1.0, "every lr is multiplied by this"),
+    Option("warmdown_ratio", float, 0.2, "fraction of steps over which the LR decays linearly to 0"),
+    Option("grad_clip", float, 1.0, "clip each rank's gradient norm to this (0: off)"),
+    Option("eval_every", int, 150, "val bpb every this many steps and at the end (-1 disables)"),
+    Option("eval_tokens", int, 20 * 524288, "validation tokens per evaluation (all ranks)"),
+    Option("train_mixture", list, ["SmolTalk:train", "MMLU:auxiliary_train:train", "GSM8K:main:train"],
+           "training conversations (mixture specs)"),
+    Option("val_mixture", list, ["SmolTalk:test", "MMLU:all:test:0:5200", "GSM8K:main:test:0:420"],
+           "validation conversations (mixture specs)"),
+    Option("skip_unavailable", list, ["MMLU:auxiliary_train:train"],
+           "mixture entries that are dropped (with a warning) when their data cannot be loaded"),
+    Option("max_conversation_tokens", int, 2048, "longer rendered conversations are truncated"),
+]
+config = load_config(OPTIONS, description=__doc__)
+
+# -----------------------------------------------------------------------------
+# Compute init
+
+device_type = config["device_type"] or autodetect_device_type()
+ddp, ddp_rank, ddp_local_rank, ddp_world_size, device = compute_init(device_type)
+master_process = ddp_rank == 0
+autocast = lambda: autocast_ctx(device_type, config["dtype"])  # noqa: E731  (a fresh context per use)
+synchronize = torch.cuda.synchronize if device_type == "cuda" else lambda: None
+wandb_run = init_wandb(config["run"], "nanochat-mid", config, ddp_rank)
+
+# -----------------------------------------------------------------------------
+# Model and tokenizer (from the base checkpoint)
+
+model, tokenizer, base_meta = load_model("base", device, phase="train", model_tag=config["model_tag"],
+                                         step=config["step"])
+orig_model = model  # the uncompiled model, for saving
+if config["compile"] and device_type == "cuda":
+    model = torch.compile(model, dynamic=False)
+model_config_dict = asdict(orig_model.config)
+depth = orig_model.config.n_layer
+max_seq_len = config["max_seq_len"] or orig_model.config.sequence_len
+token_bytes = get_token_bytes(device=device)
+model_tag = config["model_tag"] or f"d{depth}"
+checkpoint_dir = os.path.join(get_base_dir(), "mid_checkpoints", model_tag)
+print0(f"Loaded base model {model_tag} (step {base_meta.get('step')}) | max_seq_len {max_seq_len}")
+
+device_batch_size, total_batch_size = config["device_batch_size"], config["total_batch_size"]
+world_tokens_per_fwdbwd = device_batch_size * max_seq_len * ddp_world_size
+assert total_batch_size % world_tokens_per_fwdbwd == 0, (
+    f"total_batch_size ({total_batch_size}) must be a multiple of device_batch_size * max_seq_len * world_size "
+    f"({world_tokens_per_fwdbwd})")
+grad_accum_steps = total_batch_size // world_tokens_per_fwdbwd
+print0(f"Tokens per micro-step (all ranks): {world_tokens_per_fwdbwd:,} | gradient accumulation steps: {grad_accum_steps}")
+
+# -----------------------------------------------------------------------------
+# Optimizer
+
+optimizers = orig_model.setup_optimizers(unembedding_lr=config["unembedding_lr"], embedding_lr=config["embedding_lr"],
+                                         matrix_lr=config["matrix_lr"], weight_decay=config["weight_decay"])
+adamw_optimizer, muon_optimizer = optimizers
+for opt in optimizers:
+    for group in opt.param_groups:
+        group["lr"] = group["initial_lr"] = group["initial_lr"] * config["init_lr_frac"]
+
+# -----------------------------------------------------------------------------
+# Data
+
+
+def available_specs(specs, optional):
+    """The specs whose data loads; a spec listed in `optional` that fails is dropped with a warning."""
+    kept = []
+    for spec in specs:
+        if spec in optional:
+            try:
+                build_task(parse_task_spec(spec))
+            except Exception as e:  # noqa: BLE001  (any loading failure: missing file, no network, ...)
+                print0(f"Skipping mixture entry {spec!r}: its data is not available ({type(e).__name__}: {e})")
+                continue
+        kept.append(spec)
+    assert kept, f"no training data left out of {specs}"
+    return kept
+
+
+train_specs = available_specs(config["train_mixture"], config["skip_unavailable"])
+val_specs = available_specs(config["val_mixture"], config["skip_unavailable"])
+train_dataset = build_mixture(train_specs)
+val_dataset = build_mixture(val_specs)
+print0(f"Training conversations: {len(train_dataset):,} ({', '.join(train_specs)}) | "
+       f"validation conversations: {len(val_dataset):,}")
+max_tokens = config["max_conversation_tokens"]
+train_loader = conversation_data_loader(train_dataset, tokenizer, device_batch_size, max_seq_len, device=device,
+                                        max_tokens=max_tokens)
+build_val_loader = lambda: conversation_data_loader(  # noqa: E731  (a fresh pass over val each time)
+    val_dataset, tokenizer, device_batch_size, max_seq_len, device=device, max_tokens=max_tokens)
+eval_steps = max(config["eval_tokens"] // world_tokens_per_fwdbwd, 1)
+
+# Horizon: one epoch = the steps the rank with the fewest tokens can fill
+if config["num_iterations"] > 0:
+    num_iterations = config["num_iterations"]
+else:
+    rank_tokens = count_conversation_tokens(train_dataset, tokenizer, ddp_rank, ddp_world_size, max_tokens)
+    rank_steps = torch.tensor(rank_tokens // (device_batch_size * (max_seq_len + 1) * grad_accum_steps), device=device)
+    if ddp_world_size > 1:
+        dist.all_reduce(rank_steps, op=dist.ReduceOp.MIN)
+    num_iterations = max(int(rank_steps.item()), 1)
+    print0(f"One epoch: {rank_tokens:,} tokens on rank 0 -> {num_iterations} steps")
+x, y, _ = next(train_loader)  # prefetch the first batch
+
+# -----------------------------------------------------------------------------
+# Schedules
+
+
+def get_lr_multiplier(step):
+    return lr_multiplier(step, num_iterations, warmdown_frac=config["warmdown_ratio"])  # constant, then to 0
+
+
+# -----------------------------------------------------------------------------
+# Training loop
+
+train_series, val_series = ([], []), ([], [])
+val_bpb, min_val_bpb = None, float("inf")
+smooth_train_loss, total_training_time = 0.0, 0.0
+for step in range(num_iterations + 1):
+    last_step = step == num_iterations
+
+    # once in a while: validation bits per byte on the validation conversations
+    if config["eval_every"] > 0 and (last_step or step % config["eval_every"] == 0):
+        model.eval()
+        with autocast():
+            val_bpb = evaluate_bpb(model, build_val_loader(), eval_steps, token_bytes)
+        min_val_bpb = min(min_val_bpb, val_bpb)
+        print0(f"Step {step:05d} | Validation bpb: {val_bpb:.4f}")
+        val_series[0].append(step)
+        val_series[1].append(val_bpb)
+        wandb_run.log({"step": step, "val/bpb": val_bpb})
+        model.train()
+
+    if last_step:
+        break
+
+    # one optimizer step
+    synchronize()
+    t0 = time.time()
+    for micro_step in range(grad_accum_steps):
+        with autocast():
+            loss = model(x, y)
+        train_loss = loss.detach()
+        (loss / grad_accum_steps).backward()  # the optimizers average gradients over ranks in step()
+        x, y, _ = next(train_loader)
+    if config["grad_clip"] > 0:  # per rank, before the cross-rank average (which keeps the bound)
+        torch.nn.utils.clip_grad_norm_(orig_model.parameters(), config["grad_clip"])
+    lrm = get_lr_multiplier(step)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+    for group in muon_optimizer.param_groups:
+        group["momentum"] = muon_momentum(step)
+    for opt in optimizers:
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    synchronize()
+    dt = time.time() - t0
+
+    train_loss_f = train_loss.item()
+    smooth_train_loss = 0.9 * smooth_train_loss + 0.1 * train_loss_f
+    debiased = smooth_train_loss / (1 - 0.9 ** (step + 1))
+    if step > 10 or num_iterations <= 20:  # the first steps include compilation
+        total_training_time += dt
+    tok_per_sec = int(total_batch_size / dt)
+    print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.2f}%) | loss: {debiased:.6f} | "
+           f"lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,} | "
+           f"total time: {total_training_time / 60:.2f}m")
+    train_series[0].append(step)
+    train_series[1].append(train_loss_f)
+    if step % 10 == 0:
+        wandb_run.log({"step": step, "train/loss": debiased, "train/lrm": lrm, "train/dt": dt,
+                       "train/tok_per_sec": tok_per_sec})
+
+# -----------------------------------------------------------------------------
+# Save and report
+
+meta = {
+    "step": num_iterations,
+    "model_config": model_config_dict,
+    "user_config": config,
+    "git_commit": get_git_commit(),
+    "val_bpb": val_bpb,
+    "base_step": base_meta.get("step"),
+}
+save_checkpoint(checkpoint_dir, num_iterations, orig_model.state_dict(), [opt.state_dict() for opt in optimizers], meta,
+                rank=ddp_rank)
+print0(f"Saved checkpoint: {checkpoint_dir} step {num_iterations}")
+print0(f"Total training time: {total_training_time / 60:.2f}m | minimum validation bpb: {min_val_bpb:.4f}")
+
+report = get_report()
+report.log(section="Midtraining", data=[
+    config,
+    {"Training mixture": ", ".join(train_specs), "Training conversations": len(train_dataset),
+     "Number of iterations": num_iterations, "DDP world size": ddp_world_size},
+    {"Minimum validation bpb": min_val_bpb if val_bpb is not None else "-",
+     "Final validation bpb": val_bpb if val_bpb is not None else "-",
+     "Total training time (min)": total_training_time / 60},
+])
+report.log_series("Midtraining", "train_loss", *train_series)
+if val_series[0]:
+    report.log_series("Midtraining", "val_bpb", *val_series)
+
+# -----------------------------------------------------------------------------
+# Cleanup
+
+wandb_run.finish()
+compute_cleanup()

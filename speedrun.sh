@@ -1,0 +1,164 @@
+#!/usr/bin/env bash
+# The whole nanochat pipeline in one go: tokenizer -> base model -> midtraining -> chat SFT -> evaluation
+# -> report card, then one sample answer.
+#
+#   bash speedrun.sh          the reference run, as nanochat's: 8 GPUs, depth 20, FineWeb-Edu from the hub
+#                             (~4 hours on 8xH100). WANDB_RUN=name to log to wandb.
+#   bash speedrun.sh cpu      the CPU profile: every stage at a tiny size, on local data, in <= 20 minutes on
+#                             a 2-core machine. Data: $NANOCHAT_DATA_DIR, default ../shared/data (the mirror).
+#                             NANOCHAT_CPU_TINY=1 makes it smaller still (the end-to-end test: ~3 minutes).
+#
+# Both profiles create the virtual environment .venv (or reuse a working one), write everything under
+# $NANOCHAT_BASE_DIR (default ~/.cache/nanochat), print the time of every stage, and leave the report at
+# $NANOCHAT_BASE_DIR/report/report.md (summary table, loss plots in report/plots/).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PROFILE="${1:-gpu}"
+if [ "$PROFILE" != "gpu" ] && [ "$PROFILE" != "cpu" ]; then
+    echo "usage: bash speedrun.sh [cpu]" >&2
+    exit 2
+fi
+export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
+export WANDB_RUN="${WANDB_RUN:-dummy}"  # 'dummy' disables wandb
+mkdir -p "$NANOCHAT_BASE_DIR"
+
+# -----------------------------------------------------------------------------
+# Python environment (idempotent: a .venv that already imports everything is reused)
+
+# NANOCHAT_PYTHON=/path/to/python skips the set-up and uses that interpreter (the end-to-end test does).
+if [ -n "${NANOCHAT_PYTHON:-}" ]; then
+    PY="$NANOCHAT_PYTHON"
+else
+    if [ ! -x .venv/bin/python ]; then
+        python3 -m venv .venv
+    fi
+    if ! .venv/bin/python -c "import torch, tiktoken, rustbpe, pyarrow, matplotlib, nanochat" >/dev/null 2>&1; then
+        .venv/bin/pip install torch==2.13.0 -e .
+    fi
+    PY=.venv/bin/python
+fi
+
+# -----------------------------------------------------------------------------
+# Stage timing
+
+STAGE_NAMES=()
+STAGE_SECONDS=()
+RUN_START=$(date +%s)
+stage() {  # stage "name" command...: run it, remember how long it took
+    local name="$1"
+    shift
+    echo
+    echo "=== $name: $* ==="
+    local t0
+    t0=$(date +%s)
+    "$@"
+    STAGE_NAMES+=("$name")
+    STAGE_SECONDS+=($(( $(date +%s) - t0 )))
+    echo "=== $name: done in ${STAGE_SECONDS[-1]}s ==="
+}
+print_timings() {  # to the terminal, and as a "Stage timings" section of the report
+    local i section="$NANOCHAT_BASE_DIR/report/stage-timings.md"
+    mkdir -p "$NANOCHAT_BASE_DIR/report"
+    printf "## Stage timings\ntimestamp: %s\n\n" "$(date '+%Y-%m-%d %H:%M:%S')" > "$section"
+    echo
+    echo "Stage timings:"
+    for i in "${!STAGE_NAMES[@]}"; do
+        printf "  %-16s %6ss\n" "${STAGE_NAMES[$i]}" "${STAGE_SECONDS[$i]}"
+        printf -- "- %s (s): %s\n" "${STAGE_NAMES[$i]}" "${STAGE_SECONDS[$i]}" >> "$section"
+    done
+    printf "  %-16s %6ss\n" "total" "$(( $(date +%s) - RUN_START ))"
+    printf -- "- total (s): %s\n" "$(( $(date +%s) - RUN_START ))" >> "$section"
+}
+
+# -----------------------------------------------------------------------------
+# The reference run: 8 GPUs, depth 20 (nanochat's speedrun)
+
+if [ "$PROFILE" = "gpu" ]; then
+    unset NANOCHAT_DATA_DIR  # pretraining shards and task data come from the hub
+    export OMP_NUM_THREADS=1
+    NPROC="${NPROC_PER_NODE:-8}"
+    TORCHRUN=(.venv/bin/torchrun --standalone --nproc_per_node="$NPROC")
+
+    stage report_reset $PY -m nanochat.report reset
+    # ~2B characters for the tokenizer need 8 shards (250M characters each); 240 shards (~24GB) for depth 20
+    stage data_init $PY -m nanochat.dataset -n 8
+    $PY -m nanochat.dataset -n 240 &
+    DATASET_PID=$!
+    stage tok_train $PY -m scripts.tok_train --max_chars=2000000000
+    stage tok_eval $PY -m scripts.tok_eval
+    if [ ! -d "$NANOCHAT_BASE_DIR/eval_bundle" ]; then
+        curl -L -o "$NANOCHAT_BASE_DIR/eval_bundle.zip" https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip
+        unzip -q "$NANOCHAT_BASE_DIR/eval_bundle.zip" -d "$NANOCHAT_BASE_DIR"
+        rm "$NANOCHAT_BASE_DIR/eval_bundle.zip"
+    fi
+    echo "Waiting for the pretraining shards..."
+    wait "$DATASET_PID"
+
+    stage base_train "${TORCHRUN[@]}" -m scripts.base_train -- --depth=20 --run="$WANDB_RUN"
+    stage base_loss "${TORCHRUN[@]}" -m scripts.base_loss
+    stage base_eval "${TORCHRUN[@]}" -m scripts.base_eval
+    stage mid_train "${TORCHRUN[@]}" -m scripts.mid_train -- --run="$WANDB_RUN"
+    stage chat_eval_mid "${TORCHRUN[@]}" -m scripts.chat_eval -- -i mid
+    stage chat_sft "${TORCHRUN[@]}" -m scripts.chat_sft -- --run="$WANDB_RUN"
+    stage chat_eval_sft "${TORCHRUN[@]}" -m scripts.chat_eval -- -i sft
+    print_timings
+    $PY -m nanochat.report generate
+    echo
+    $PY -m scripts.chat_cli -i sft -p "Why is the sky blue?"
+    exit 0
+fi
+
+# -----------------------------------------------------------------------------
+# The CPU profile: tiny sizes, local data
+
+export NANOCHAT_DATA_DIR="${NANOCHAT_DATA_DIR:-$(cd .. && pwd)/shared/data}"
+if [ ! -d "$NANOCHAT_DATA_DIR/pretrain" ]; then
+    echo "No dataset mirror at $NANOCHAT_DATA_DIR (expected $NANOCHAT_DATA_DIR/pretrain/*.parquet): set NANOCHAT_DATA_DIR" >&2
+    exit 1
+fi
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
+echo "CPU profile | data: $NANOCHAT_DATA_DIR | outputs: $NANOCHAT_BASE_DIR | threads: $OMP_NUM_THREADS"
+
+if [ "${NANOCHAT_CPU_TINY:-0}" = "1" ]; then  # the end-to-end test's size
+    TOK_CHARS=1000000; VOCAB=1024
+    DEPTH=2; ASPECT=32; HEAD_DIM=32; SEQ=128; BASE_BS=4; BASE_TOTAL=1024; BASE_ITERS=20
+    EVAL_TOKENS=2048; SPLIT_TOKENS=2048
+    MID_BS=4; MID_TOTAL=1024; MID_ITERS=10
+    SFT_BS=2; SFT_EXAMPLES=4; SFT_ITERS=6; SFT_TRAIN='["ChitChat:train:0:200", "GSM8K:main:train:0:50"]'
+    EVAL_PROBLEMS=4; EVAL_TOKENS_GEN=16
+else  # about 10 minutes on 2 cores, before the one-off environment set-up
+    TOK_CHARS=10000000; VOCAB=2048
+    DEPTH=4; ASPECT=48; HEAD_DIM=64; SEQ=256; BASE_BS=16; BASE_TOTAL=4096; BASE_ITERS=250
+    EVAL_TOKENS=32768; SPLIT_TOKENS=65536
+    MID_BS=16; MID_TOTAL=4096; MID_ITERS=80
+    SFT_BS=4; SFT_EXAMPLES=16; SFT_ITERS=40
+    SFT_TRAIN='["ChitChat:train", "ARC:ARC-Easy:train", "ARC:ARC-Challenge:train", "GSM8K:main:train"]'
+    EVAL_PROBLEMS=32; EVAL_TOKENS_GEN=64
+fi
+CHAT_TASKS="ARC-Easy|ARC-Challenge|MMLU|GSM8K|HumanEval"
+
+stage report_reset $PY -m nanochat.report reset
+stage tok_train $PY -m scripts.tok_train --max_chars=$TOK_CHARS --vocab_size=$VOCAB
+stage tok_eval $PY -m scripts.tok_eval
+stage base_train $PY -m scripts.base_train --depth=$DEPTH --aspect_ratio=$ASPECT --head_dim=$HEAD_DIM \
+    --max_seq_len=$SEQ --device_batch_size=$BASE_BS --total_batch_size=$BASE_TOTAL --num_iterations=$BASE_ITERS \
+    --eval_every=$(( BASE_ITERS / 5 )) --eval_tokens=$EVAL_TOKENS --sample_every=-1 --core_metric_every=-1 \
+    --run="$WANDB_RUN"
+stage base_loss $PY -m scripts.base_loss --device_batch_size=$BASE_BS --split_tokens=$SPLIT_TOKENS
+stage base_eval $PY -m scripts.base_eval --max_per_task=16
+stage mid_train $PY -m scripts.mid_train --device_batch_size=$MID_BS --total_batch_size=$MID_TOTAL \
+    --num_iterations=$MID_ITERS --eval_every=$(( MID_ITERS / 3 )) --eval_tokens=$EVAL_TOKENS \
+    --train_mixture='["ChitChat:train", "GSM8K:main:train"]' --val_mixture='["ChitChat:test", "GSM8K:main:test:0:100"]' \
+    --run="$WANDB_RUN"
+stage chat_eval_mid $PY -m scripts.chat_eval -i mid -a "$CHAT_TASKS" -x $EVAL_PROBLEMS -m $EVAL_TOKENS_GEN
+stage chat_sft $PY -m scripts.chat_sft --source=mid --device_batch_size=$SFT_BS \
+    --target_examples_per_step=$SFT_EXAMPLES --max_iterations=$SFT_ITERS --max_seq_len=$SEQ \
+    --train_mixture="$SFT_TRAIN" --val_mixture='["ChitChat:test"]' --eval_every=$(( SFT_ITERS / 2 )) --eval_steps=4 \
+    --eval_metrics_every=-1 --run="$WANDB_RUN"
+stage chat_eval_sft $PY -m scripts.chat_eval -i sft -a "$CHAT_TASKS" -x $EVAL_PROBLEMS -m $EVAL_TOKENS_GEN
+print_timings
+$PY -m nanochat.report generate
+echo
+echo "Sample answer (python -m scripts.chat_cli -i sft -p ...):"
+$PY -m scripts.chat_cli -i sft -p "Hi! How are you today?" -m $EVAL_TOKENS_GEN

@@ -1,0 +1,67 @@
+"""
+HumanEval (openai/openai_humaneval, 164 problems, split test): write a Python function from its signature and
+docstring. Generative: the user message is the prompt, the reference assistant message is prompt + canonical
+solution. `evaluate` builds a program from the prompt's imports, the completion's code (its first fenced
+python block if it has one, else the whole completion), the tests and `check(entry_point)`, and runs it in the
+sandbox (nanochat.execution.execute_code). Tests: tests/test_tasks.py.
+"""
+
+import re
+
+from nanochat.execution import execute_code
+from tasks.common import Task, load_rows
+
+FENCED_RE = re.compile(r"```(?:python|py|Python)?[ \t]*\n(.*?)```", re.DOTALL)
+
+
+def extract_imports(prompt):
+    """The import lines at the top of a prompt (before the first other code line)."""
+    imports = []
+    for line in prompt.splitlines():
+        stripped = line.strip()
+        if stripped.startswith(("import ", "from ")):
+            imports.append(stripped)
+        elif stripped and not stripped.startswith("#"):
+            break
+    return "\n".join(imports)
+
+
+def extract_program(completion):
+    """The first ```python fenced block of a completion, else the whole completion."""
+    match = FENCED_RE.search(completion)
+    return match.group(1) if match else completion
+
+
+def build_program(conversation, completion):
+    """The program evaluate() runs: imports + completion code + tests + check(entry_point)."""
+    imports = extract_imports(conversation["messages"][0]["content"])
+    return "\n\n".join([imports, extract_program(completion), conversation["test"],
+                        f"check({conversation['entry_point']})", ""])
+
+
+class HumanEval(Task):
+
+    def __init__(self, timeout=5.0, **kwargs):
+        super().__init__(**kwargs)
+        self.timeout = timeout  # seconds per program in the sandbox
+        self.ds = load_rows("openai/openai_humaneval", "openai_humaneval", "test")
+
+    @property
+    def eval_type(self):
+        return "generative"
+
+    def num_examples(self):
+        return len(self.ds)
+
+    def get_example(self, index):
+        row = self.ds[index]
+        messages = [
+            {"role": "user", "content": row["prompt"]},
+            {"role": "assistant", "content": f"{row['prompt']}\n{row['canonical_solution']}"},
+        ]
+        return {"messages": messages, "entry_point": row["entry_point"], "test": row["test"],
+                "task_id": row["task_id"]}
+
+    def evaluate(self, conversation, completion):
+        """True if the completion's code passes the problem's tests in the sandbox."""
+        return execute_code(build_program(conversation, completion), timeout=self.timeout).success

@@ -1,0 +1,250 @@
+"""
+End-to-end tests of scripts/chat_sft.py, run as subprocesses from a tiny random base checkpoint
+(tests/tiny_checkpoint.py) on CPU:
+- the guide's config file with tiny overrides runs on the mirror's ARC / GSM8K / ChitChat: the loss falls,
+  the guide's log lines appear, the checkpoint + meta + report are written and chat_eval loads the model;
+- per-token normalisation gives the same first-step gradient for (device_batch_size 4, 1 micro-step),
+  (device_batch_size 1, 4 micro-steps) and 2 gloo ranks;
+- save + resume reaches bit-identical final weights;
+- a NaN step and an out-of-memory step are skipped without touching the weights.
+The last three use a CustomJSON file written by the test, so they need no data mirror.
+
+    NANOCHAT_DATA_DIR=/work/shared/data .venv/bin/python -m pytest tests/test_chat_sft.py --durations=5
+"""
+
+import glob
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The guide's configuration (scripts/chat_sft.py defaults), as a user would write it in sft_config.txt.
+GUIDE_CONFIG = """\
+run = "dummy"
+source = "mid"
+model_tag = None
+step = None
+dtype = "bfloat16"
+device_batch_size = 4
+num_epochs = 1
+max_iterations = -1
+target_examples_per_step = 32
+unembedding_lr = 0.004
+embedding_lr = 0.2
+matrix_lr = 0.02
+weight_decay = 0.0
+init_lr_frac = 0.02
+eval_every = 100
+eval_steps = 100
+eval_metrics_every = 200
+train_mixture = [
+    "ARC:ARC-Easy:train",
+    "ARC:ARC-Challenge:train",
+    "GSM8K:main:train",
+    "SmolTalk:train:0:10000",
+]
+val_mixture = ["SmolTalk:test"]
+"""
+
+# flags that keep every run tiny and fast on CPU
+TINY = ["--source=base", "--max_seq_len=256", "--eval_every=-1", "--eval_metrics_every=-1"]
+
+
+def _custom_conversations(n, seed=0):
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(0, 50), rng.randint(0, 50)
+        rows.append([{"role": "user", "content": f"What is {a} plus {b}?"},
+                     {"role": "assistant", "content": f"{a} plus {b} is {a + b}." + " Done." * rng.randint(0, 4)}])
+    return rows
+
+
+@pytest.fixture(scope="module")
+def sft_env(tmp_path_factory, tokenizer):
+    """A base dir holding the tokenizer and a tiny base checkpoint, and a CustomJSON training file."""
+    from tiny_checkpoint import make_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("chat_sft")
+    base_dir = root / "base"
+    make_tiny_checkpoint(str(base_dir), tokenizer, source="base", depth=2, n_embd=64)
+    data = root / "custom.jsonl"
+    with open(data, "w", encoding="utf-8") as f:
+        for row in _custom_conversations(96):
+            f.write(json.dumps({"messages": row}) + "\n")
+    return {"root": root, "base_dir": base_dir, "data": str(data)}
+
+
+def _run(base_dir, args, nproc=1, timeout=300):
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), WANDB_MODE="disabled", OMP_NUM_THREADS="1")
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "scripts.chat_sft", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "scripts.chat_sft", "--", *args]
+    out = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f"chat_sft failed:\nSTDOUT\n{out.stdout[-4000:]}\nSTDERR\n{out.stderr[-4000:]}"
+    return out.stdout
+
+
+def _custom_args(sft_env):
+    return TINY + [f"--train_mixture=['CustomJSON:{sft_env['data']}']",
+                   f"--val_mixture=['CustomJSON:{sft_env['data']}:0:16']"]
+
+
+def _final_weights(base_dir):
+    from nanochat.checkpoint_manager import find_last_step, load_checkpoint
+
+    checkpoint_dir = os.path.join(base_dir, "chatsft_checkpoints", "d2")
+    step = find_last_step(checkpoint_dir)
+    model_data, _, meta = load_checkpoint(checkpoint_dir, step, "cpu")
+    return model_data, meta
+
+
+def _weights_at(base_dir, source_dir, step):
+    from nanochat.checkpoint_manager import load_checkpoint
+
+    return load_checkpoint(os.path.join(base_dir, source_dir, "d2"), step, "cpu")[0]
+
+
+def _base_weights(base_dir):
+    from nanochat.checkpoint_manager import find_last_step, load_checkpoint
+
+    checkpoint_dir = os.path.join(base_dir, "base_checkpoints", "d2")
+    return load_checkpoint(checkpoint_dir, find_last_step(checkpoint_dir), "cpu")[0]
+
+
+@pytest.mark.slow
+def test_guide_config_end_to_end(sft_env, data_dir, tmp_path):
+    base_dir = tmp_path / "base"
+    shutil.copytree(sft_env["base_dir"], base_dir)
+    config_file = tmp_path / "sft_config.txt"
+    config_file.write_text(GUIDE_CONFIG)
+    env_args = ["--config", str(config_file), "--source=base", "--max_seq_len=256",
+                "--device_batch_size=2", "--target_examples_per_step=4", "--max_iterations=16",
+                "--init_lr_frac=1.0", "--eval_every=8", "--eval_steps=4", "--eval_metrics_every=16",
+                "--eval_metrics_tasks=['ARC-Easy:4', 'GSM8K:2']", "--eval_max_new_tokens=8",
+                "--train_mixture=['ARC:ARC-Easy:train:0:64', 'GSM8K:main:train:0:64', 'ChitChat:train:0:64']",
+                "--val_mixture=['ChitChat:test:0:32']"]
+    out = _run(base_dir, env_args)
+
+    # the guide's log lines
+    val = [float(v) for v in re.findall(r"^Step \d{5} \| Validation loss: (\d+\.\d{6})$", out, re.M)]
+    train = [float(v) for v in re.findall(
+        r"^Step \d{5} \| Training loss: (\d+\.\d{6}) \| lrm: \d\.\d{6} \| num_tokens: [\d,]+ \| supervised", out, re.M)]
+    assert re.search(r"^Step 00000 \| Validation loss: ", out, re.M)
+    assert re.search(r"^Step 00016 \| arc_easy_acc: \d\.\d{6}, gsm8k_acc: \d\.\d{6}$", out, re.M), out[-3000:]
+    assert re.search(r"^Step 00001 \| Training loss: .* \| lrm: 0\.937500 \|", out, re.M)
+    assert "padding: " in out and "tok/s: " in out
+    assert len(val) == 3 and len(train) == 16
+    # training works: the loss falls
+    assert val[-1] < val[0] - 0.3
+    assert sum(train[-4:]) / 4 < sum(train[:4]) / 4
+
+    # checkpoint with meta: resolved config and final metrics
+    model_data, meta = _final_weights(base_dir)
+    assert meta["step"] == 16 and meta["user_config"]["target_examples_per_step"] == 4
+    assert meta["user_config"]["train_mixture"][2] == "ChitChat:train:0:64"
+    assert meta["metrics"]["val_loss"] == pytest.approx(val[-1], abs=1e-6)
+    assert set(meta["metrics"]) >= {"arc_easy_acc", "gsm8k_acc"}
+    assert all(torch.isfinite(t).all() for t in model_data.values() if t.is_floating_point())
+    # report section and loss curves for its plots
+    with open(os.path.join(base_dir, "report", "chat-sft.md"), encoding="utf-8") as f:
+        section = f.read()
+    assert "## Chat SFT" in section and "arc_easy_acc" in section and "Number of iterations: 16" in section
+    with open(os.path.join(base_dir, "report", "chat-sft.series.json"), encoding="utf-8") as f:
+        series = json.load(f)["series"]
+    assert series["train_loss"]["values"] == pytest.approx(train, abs=1e-6)
+    assert series["val_loss"]["steps"] == [0, 8, 16]
+
+    # chat_eval loads the SFT checkpoint
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), WANDB_MODE="disabled")
+    res = subprocess.run([sys.executable, "-m", "scripts.chat_eval", "-i", "sft", "-a", "ARC-Easy", "-x", "4"],
+                         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert re.search(r"ARC-Easy", res.stdout), res.stdout[-2000:]
+
+
+@pytest.mark.slow
+def test_first_step_gradient_is_the_same_for_accumulation_and_ranks(sft_env, tmp_path):
+    args = _custom_args(sft_env) + ["--max_iterations=1", "--target_examples_per_step=4"]
+    grads = {}
+    for name, extra, nproc in [("dbs4", ["--device_batch_size=4"], 1),
+                               ("dbs1x4", ["--device_batch_size=1"], 1),
+                               ("2ranks", ["--device_batch_size=1"], 2),
+                               ("guide_dbs1x4", ["--device_batch_size=1", "--loss_normalization=micro_batch_mean"], 1)]:
+        base_dir = tmp_path / name
+        shutil.copytree(sft_env["base_dir"], base_dir)
+        path = tmp_path / f"{name}.pt"
+        out = _run(base_dir, args + extra + [f"--debug_dump_grads={path}"], nproc=nproc)
+        if name == "dbs1x4":
+            assert "grad_accum_steps 4" in out
+        if name == "2ranks":
+            assert "world_size 2 x grad_accum_steps 2" in out
+        grads[name] = torch.load(path)
+    ref = grads["dbs4"]
+    assert sum(float(g.abs().sum()) for g in ref.values()) > 0
+    for name in ("dbs1x4", "2ranks"):
+        assert grads[name].keys() == ref.keys()
+        for key in ref:
+            torch.testing.assert_close(grads[name][key], ref[key], rtol=1e-4, atol=1e-6, msg=f"{name}: {key}")
+    # the guide's per-micro-batch mean weighs conversations unequally: a different gradient
+    assert any(not torch.allclose(grads["guide_dbs1x4"][k], ref[k], rtol=1e-2, atol=1e-6) for k in ref)
+
+
+@pytest.mark.slow
+def test_resume_gives_bit_identical_weights(sft_env, tmp_path):
+    args = _custom_args(sft_env) + ["--max_iterations=6", "--device_batch_size=2", "--target_examples_per_step=4",
+                                    "--packing=bestfit", "--max_seq_len=64", "--init_lr_frac=0.5",
+                                    "--eval_every=3", "--eval_steps=1"]
+    straight = tmp_path / "straight"
+    shutil.copytree(sft_env["base_dir"], straight)
+    _run(straight, args + ["--save_every=3"])
+    # the interrupted run: the same directory as it was after step 3 (the final checkpoint never written)
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(straight, interrupted)
+    final_files = glob.glob(os.path.join(interrupted, "chatsft_checkpoints", "d2", "*000006*"))
+    assert final_files
+    for path in final_files:
+        os.remove(path)
+    out = _run(interrupted, args + ["--save_every=3", "--resume=1"])
+    assert "Resuming from" in out and "step 3" in out
+    assert re.search(r"^Step 00003 \| Training loss", out, re.M) and not re.search(r"^Step 00002 \|", out, re.M)
+    want, want_meta = _final_weights(straight)
+    got, got_meta = _final_weights(interrupted)
+    assert want.keys() == got.keys()
+    for key in want:
+        assert torch.equal(want[key], got[key]), key
+    assert got_meta["metrics"]["val_loss"] == want_meta["metrics"]["val_loss"]
+    # and training did move the weights
+    base = _base_weights(straight)
+    assert any(not torch.equal(base[k], want[k]) for k in want)
+
+
+@pytest.mark.slow
+def test_nan_and_oom_steps_are_skipped(sft_env, tmp_path):
+    base_dir = tmp_path / "base"
+    shutil.copytree(sft_env["base_dir"], base_dir)
+    args = _custom_args(sft_env) + ["--max_iterations=3", "--device_batch_size=2", "--target_examples_per_step=4",
+                                    "--debug_nan_step=0", "--debug_oom_step=1", "--save_every=2"]
+    out = _run(base_dir, args)
+    assert re.search(r"^Step 00000 \| skipped: non-finite loss", out, re.M), out[-3000:]
+    assert re.search(r"^Step 00001 \| skipped: out of memory", out, re.M)
+    assert re.search(r"^Step 00002 \| Training loss: \d+\.\d+", out, re.M)
+    base = _base_weights(base_dir)
+    # after two skipped steps the weights are exactly the base weights (no update, no stale gradient)
+    at_step2 = _weights_at(base_dir, "chatsft_checkpoints", 2)
+    for key in base:
+        assert torch.equal(base[key], at_step2[key]), key
+    final, meta = _final_weights(base_dir)
+    assert meta["totals"]["skipped_nonfinite"] == 1 and meta["totals"]["skipped_oom"] == 1
+    assert all(torch.isfinite(t).all() for t in final.values() if t.is_floating_point())
+    assert any(not torch.equal(base[k], final[k]) for k in base)

@@ -1,0 +1,131 @@
+"""nanochat.execution.execute_code: normal runs, and the adversarial cases it must contain (hangs, memory and
+fork bombs, shelling out, destructive file calls, secrets, writes outside its directory)."""
+
+import os
+import time
+
+from nanochat.execution import execute_code
+
+
+def test_success_captures_stdout_and_stderr():
+    r = execute_code("import sys\nprint('hello', 6 * 7)\nprint('oops', file=sys.stderr)")
+    assert r.success and not r.timeout and not r.memory_exceeded and r.error is None
+    assert r.stdout == "hello 42\n" and r.stderr == "oops\n"
+
+
+def test_exception_and_syntax_error_fail_with_a_message():
+    r = execute_code("def check():\n    assert 1 + 1 == 3, 'bad sum'\ncheck()")
+    assert not r.success and r.error == "AssertionError: bad sum" and "AssertionError" in r.stderr
+    r = execute_code("def f(:\n  pass")
+    assert not r.success and r.error.startswith("SyntaxError")
+
+
+def test_early_exit_is_not_success():
+    # a completion must not skip the tests that follow it by exiting with status 0
+    for code in ("import sys\nsys.exit(0)\nassert False", "import os\nos._exit(0)\nassert False"):
+        r = execute_code(code)
+        assert not r.success and not r.timeout, code
+
+
+def test_infinite_loop_times_out():
+    t0 = time.time()
+    r = execute_code("while True:\n    pass", timeout=1.0)
+    elapsed = time.time() - t0
+    assert r.timeout and not r.success and "timed out" in r.error
+    assert elapsed < 4.0, elapsed
+
+
+def test_memory_bomb_is_contained():
+    for code in ("x = bytearray(8 * 1024 ** 3)", "chunks = []\nwhile True:\n    chunks.append(' ' * 10 ** 6)"):
+        t0 = time.time()
+        r = execute_code(code, timeout=10.0, maximum_memory_bytes=256 * 1024 * 1024)
+        assert r.memory_exceeded and not r.success and not r.timeout, (code, r)
+        assert time.time() - t0 < 5.0
+
+
+def test_fork_bomb_and_subprocesses_are_refused():
+    cases = [
+        "import os\nwhile True:\n    os.fork()",
+        "import multiprocessing\nmultiprocessing.Process(target=print).start()",
+        "import subprocess\nsubprocess.run(['echo', 'hi'])",
+        "import os\nos.system('echo hacked')",
+        "import os\nos.popen('echo hacked').read()",
+        "import os\nos.kill(os.getppid(), 9)",
+    ]
+    for code in cases:
+        t0 = time.time()
+        r = execute_code(code, timeout=5.0)
+        assert not r.success and not r.timeout and "PermissionError" in r.error, (code, r)
+        assert "hacked" not in r.stdout
+        assert time.time() - t0 < 3.0
+
+
+def test_destructive_file_calls_are_refused(tmp_path):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("precious")
+    cases = [
+        f"import shutil\nshutil.rmtree({str(victim)!r})",
+        f"import os\nos.remove({str(victim / 'keep.txt')!r})",
+        f"import os\nos.unlink({str(victim / 'keep.txt')!r})",
+        f"import os\nos.rename({str(victim / 'keep.txt')!r}, 'x')",
+        f"import pathlib\npathlib.Path({str(victim / 'keep.txt')!r}).unlink()",
+    ]
+    for code in cases:
+        r = execute_code(code)
+        assert not r.success and "PermissionError" in r.error, (code, r)
+    assert (victim / "keep.txt").read_text() == "precious"
+
+
+def test_writes_outside_its_directory_are_refused(tmp_path):
+    target = tmp_path / "escaped.txt"
+    for code in (f"open({str(target)!r}, 'w').write('x')",
+                 f"import os\nos.open({str(target)!r}, os.O_WRONLY | os.O_CREAT)",
+                 f"import pathlib\npathlib.Path({str(target)!r}).write_text('x')"):
+        r = execute_code(code)
+        assert not r.success and "PermissionError" in r.error, (code, r)
+        assert not target.exists()
+    # relative writes land in its own temporary directory, which is removed afterwards
+    r = execute_code("import os\nopen('scratch.txt', 'w').write('x')\nprint(os.getcwd())")
+    assert r.success, r
+    sandbox_dir = r.stdout.strip()
+    assert sandbox_dir != os.getcwd() and not os.path.exists(sandbox_dir)
+    assert not os.path.exists("scratch.txt")
+
+
+def test_environment_secrets_do_not_leak(monkeypatch):
+    monkeypatch.setenv("NANOCHAT_FAKE_API_KEY", "s3cr3t-token-value")
+    r = execute_code("import os\nprint(sorted(os.environ.items()))")
+    assert r.success and "s3cr3t" not in r.stdout and "NANOCHAT_FAKE_API_KEY" not in r.stdout
+    # the parent's environment is not readable through /proc either
+    r = execute_code("import os\nprint(open(f'/proc/{os.getppid()}/environ').read())")
+    assert not r.success and "PermissionError" in r.error and "s3cr3t" not in r.stdout
+
+
+def test_stdin_is_closed_and_output_is_capped():
+    r = execute_code("input()")
+    assert not r.success and r.error.startswith("EOFError")
+    r = execute_code("print('x' * (8 * 1024 * 1024))", max_output_bytes=4096)
+    assert r.success and len(r.stdout) == 4096
+
+
+def test_children_left_behind_are_killed_at_timeout():
+    # escape the Python-level fork guard (documented as possible: it is not a security boundary) and check
+    # that the process-group kill still takes the grandchild down
+    code = ("import sys, time\ndel sys.modules['posix']\nimport posix\npid = posix.fork()\n"
+            "if pid == 0:\n    time.sleep(60)\n    posix._exit(0)\nprint(pid, flush=True)\ntime.sleep(60)")
+    r = execute_code(code, timeout=1.0)
+    assert r.timeout
+    pid = int(r.stdout.split()[0])
+    deadline = time.time() + 5.0
+    while time.time() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            break  # reaped
+        if state == "Z":  # dead, waiting for init to reap it
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"grandchild {pid} still running after the timeout")

@@ -1,0 +1,84 @@
+"""
+Tests for nanochat/loss_eval.py: evaluate_bpb on a hand-computed case (a fake bigram model with known
+logits), the exclusion of special tokens and -1 targets, and 2 gloo processes against 1.
+Run: .venv/bin/python -m pytest tests/test_loss_eval.py
+"""
+
+import math
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from nanochat.loss_eval import evaluate_bpb
+
+# vocab: 0 = special (0 bytes), 1 = a 1-byte token, 2 = a 3-byte token
+TOKEN_BYTES = torch.tensor([0, 1, 3], dtype=torch.int32)
+LOGITS = torch.tensor([[0.0, 1.0, 2.0],    # next-token logits after token 0
+                       [1.0, 0.0, 0.0],    # after token 1
+                       [0.0, 0.0, 3.0]])   # after token 2
+
+
+class BigramModel(torch.nn.Module):
+    """logits[b, t] = LOGITS[idx[b, t]]; the loss follows the GPT contract (-1 ignored, 'none' reduction)."""
+
+    def forward(self, idx, targets=None, loss_reduction="mean"):
+        logits = LOGITS[idx.long()]
+        return F.cross_entropy(logits.view(-1, 3), targets.view(-1), ignore_index=-1, reduction=loss_reduction)
+
+
+def _ce(prev, nxt):
+    row = LOGITS[prev].tolist()
+    return math.log(sum(math.exp(v) for v in row)) - row[nxt]
+
+
+def test_hand_computed():
+    inputs = torch.tensor([[0, 1, 2], [2, 2, 1]], dtype=torch.int32)
+    targets = torch.tensor([[1, 2, 0], [2, -1, 1]])
+    # counted (input -> target) pairs: 0->1 (1 byte), 1->2 (3 bytes), 2->2 (3 bytes), 1->1 (1 byte); the
+    # special target 0 (after 2) and the -1 target are left out
+    nats = _ce(0, 1) + _ce(1, 2) + _ce(2, 2) + _ce(1, 1)
+    expected = nats / (math.log(2) * (1 + 3 + 3 + 1))
+    batches = iter([(inputs, targets, {"state": 0})])
+    bpb = evaluate_bpb(BigramModel(), batches, 1, TOKEN_BYTES, rank=0, world_size=1)
+    assert bpb == pytest.approx(expected, rel=1e-6)
+
+
+def test_steps_and_empty():
+    inputs = torch.tensor([[0, 1]], dtype=torch.int32)
+    targets = torch.tensor([[1, 1]])
+    batches = iter([(inputs, targets)] * 3)
+    one = evaluate_bpb(BigramModel(), batches, 1, TOKEN_BYTES, rank=0, world_size=1)
+    two = evaluate_bpb(BigramModel(), batches, 2, TOKEN_BYTES, rank=0, world_size=1)
+    assert one == pytest.approx(two)  # identical batches: the mean does not move
+    assert next(batches, None) is None  # exactly `steps` batches were consumed
+    only_special = iter([(inputs, torch.tensor([[0, -1]]))])
+    assert evaluate_bpb(BigramModel(), only_special, 1, TOKEN_BYTES, rank=0, world_size=1) == float("inf")
+
+
+def _random_batches(seed, n):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        inputs = torch.randint(0, 3, (2, 5), generator=g, dtype=torch.int32)
+        targets = torch.randint(-1, 3, (2, 5), generator=g)
+        out.append((inputs, targets))
+    return out
+
+
+def _worker(rank, world_size, init_file, result_file):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    batches = _random_batches(0, 4)[rank::world_size]  # rank 0 gets batches 0, 2; rank 1 gets 1, 3
+    bpb = evaluate_bpb(BigramModel(), iter(batches), len(batches), TOKEN_BYTES)
+    if rank == 0:
+        torch.save(bpb, result_file)
+    dist.destroy_process_group()
+
+
+def test_two_processes_match_one(tmp_path):
+    single = evaluate_bpb(BigramModel(), iter(_random_batches(0, 4)), 4, TOKEN_BYTES, rank=0, world_size=1)
+    result_file = str(tmp_path / "bpb.pt")
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), result_file), nprocs=2, join=True)
+    assert torch.load(result_file) == pytest.approx(single, rel=1e-9)

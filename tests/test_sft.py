@@ -1,0 +1,453 @@
+"""
+Unit tests for nanochat/sft.py: collation, best-fit packing, the resumable per-rank stream, loss
+normalisation, step arithmetic and the mixture spec syntax. Fast, CPU only, no data mirror needed.
+
+    .venv/bin/python -m pytest tests/test_sft.py
+"""
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanochat.schedules import lr_multiplier
+from nanochat.sft import (
+    MixtureSpecError,
+    TaskSpec,
+    build_mixture,
+    collate_packed,
+    collate_sft,
+    count_steps_bestfit,
+    grad_accum_steps_for,
+    initial_data_state,
+    metric_key,
+    micro_batch_loss_scale,
+    num_sft_iterations,
+    pack_best_fit,
+    padding_fraction,
+    parse_eval_spec,
+    parse_task_spec,
+    find_resumable_step,
+    get_rng_state,
+    resume_state_path,
+    set_rng_state,
+    sft_batches,
+    skip_reason,
+)
+
+PAD = 99
+
+
+# ---------------------------------------------------------------------------------------------------------
+# collation
+
+
+def test_collate_sft_shift_mask_and_padding():
+    batch = [
+        ([1, 2, 3, 4, 5], [0, 0, 1, 1, 1]),
+        ([6, 7, 8], [0, 1, 0]),
+    ]
+    inputs, targets = collate_sft(batch, pad_id=PAD)
+    assert inputs.dtype == torch.long and targets.dtype == torch.long
+    assert inputs.shape == targets.shape == (2, 4)
+    assert inputs.tolist() == [[1, 2, 3, 4], [6, 7, PAD, PAD]]
+    # target t = ids[t+1], kept only where mask[t+1] == 1; padding -> -1
+    assert targets.tolist() == [[-1, 3, 4, 5], [7, -1, -1, -1]]
+    _, targets_ignore = collate_sft(batch, pad_id=PAD, ignore_index=-100)
+    assert targets_ignore.tolist()[1] == [7, -100, -100, -100]
+
+
+def test_collate_sft_with_real_tokenizer(tokenizer):
+    conversation = {"messages": [
+        {"role": "user", "content": "What is 2 + 2?"},
+        {"role": "assistant", "content": "4"},
+    ]}
+    ids, mask = tokenizer.render_conversation(conversation)
+    short_ids, short_mask = tokenizer.render_conversation({"messages": [
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there, how are you today?"}]})
+    assistant_end = tokenizer.encode_special("<|assistant_end|>")
+    user_start = tokenizer.encode_special("<|user_start|>")
+    inputs, targets = collate_sft([(ids, mask), (short_ids, short_mask)], pad_id=assistant_end)
+    n = len(ids)
+    assert inputs[0, : n - 1].tolist() == ids[:-1]
+    row = targets[0, : n - 1].tolist()
+    # the final <|assistant_end|> is a supervised target; no user token is
+    assert row[-1] == assistant_end == ids[-1]
+    for t, (tok, m) in enumerate(zip(ids[1:], mask[1:])):
+        assert row[t] == (tok if m else -1)
+        if tok == user_start:
+            assert row[t] == -1
+    assert sum(1 for t in row if t != -1) == sum(mask[1:])
+    # padding (if any) uses <|assistant_end|> in inputs and -1 in targets
+    m = len(short_ids)
+    if m < n:
+        assert set(inputs[1, m - 1 :].tolist()) == {assistant_end}
+        assert set(targets[1, m - 1 :].tolist()) == {-1}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# packing
+
+
+def test_pack_best_fit_small_example():
+    rows, leftover = pack_best_fit([5, 4, 3, 2], row_capacity=7)
+    assert rows == [[0, 3], [1, 2]] and leftover == []
+    rows, leftover = pack_best_fit([5, 4, 3, 2], row_capacity=7, num_rows=1)
+    assert rows == [[0, 3]] and leftover == [1, 2]
+    # best fit (tightest room), not first fit: 3 goes to the row with room 3, not the one with room 5
+    rows, _ = pack_best_fit([5, 7, 3], row_capacity=10)
+    assert rows == [[0], [1, 2]]
+    with pytest.raises(AssertionError):
+        pack_best_fit([11], row_capacity=10)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_pack_best_fit_random(seed):
+    rng = random.Random(seed)
+    lengths = [rng.randint(1, 50) for _ in range(200)]
+    rows, leftover = pack_best_fit(lengths, row_capacity=64)
+    assert leftover == []
+    flat = sorted(i for row in rows for i in row)
+    assert flat == list(range(len(lengths)))  # every item exactly once
+    assert all(sum(lengths[i] for i in row) <= 64 for row in rows)
+    # best fit never opens a new row for an item that fit an open one: rows beat the trivial bound
+    assert len(rows) <= len(lengths) and len(rows) >= sum(lengths) / 64
+    rows, leftover = pack_best_fit(lengths, row_capacity=64, num_rows=4)
+    assert len(rows) <= 4 and sorted([i for r in rows for i in r] + leftover) == list(range(len(lengths)))
+
+
+def test_collate_packed_segments_and_targets():
+    row0 = [([1, 2, 3], [0, 1, 1]), ([4, 5], [0, 1])]
+    row1 = [([6, 7, 8, 9, 10, 11], [0, 0, 1, 1, 1, 1])]  # fills the row: its last token is only a target
+    inputs, targets, seg = collate_packed([row0, row1], row_capacity=6, pad_id=PAD, num_rows=3)
+    assert inputs.shape == targets.shape == seg.shape == (3, 5)
+    assert inputs.tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10], [PAD] * 5]
+    assert seg.tolist() == [[1, 1, 1, 2, 2], [1, 1, 1, 1, 1], [0] * 5]
+    # 3 -> 4 crosses conversations: -1; 4 -> 5 supervised; a padding row has no targets
+    assert targets.tolist() == [[2, 3, -1, 5, -1], [-1, 8, 9, 10, 11], [-1] * 5]
+    # a row with room left: padding has segment 0
+    inputs, targets, seg = collate_packed([[([1, 2], [0, 1])]], row_capacity=5, pad_id=PAD)
+    assert inputs.tolist() == [[1, 2, PAD, PAD]] and seg.tolist() == [[1, 1, 0, 0]]
+    assert targets.tolist() == [[2, -1, -1, -1]]
+
+
+def test_padding_fraction():
+    assert padding_fraction(25, 100) == 0.25
+    assert padding_fraction(0, 0) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the per-rank stream
+
+
+def _toy_dataset(n, seed=0, max_len=20):
+    """Conversation i renders as [1000 + i] * length with mask 1 after the first token: the ids say which
+    conversation a token came from."""
+    rng = random.Random(seed)
+    return [{"i": i, "n": rng.randint(2, max_len)} for i in range(n)]
+
+
+def _toy_render(conv):
+    return [1000 + conv["i"]] * conv["n"], [0] + [1] * (conv["n"] - 1)
+
+
+def _conversations_in(inputs, targets):
+    """Which conversations appear in a batch (a conversation of length >= 2 has >= 1 supervised target)."""
+    return [t - 1000 for t in targets[targets != -1].tolist()]
+
+
+@pytest.mark.parametrize("packing", ["pad", "bestfit"])
+def test_stream_ranks_cover_every_conversation_once_per_epoch(packing):
+    data = _toy_dataset(37)
+    world_size, batch_size, capacity = 2, 3, 24
+    for rank in range(world_size):
+        expected = list(range(rank, 37, world_size))
+        stream = sft_batches(data, _toy_render, batch_size, PAD, packing, capacity, rank=rank, world_size=world_size)
+        seen = []  # whole conversations, in the order they appear
+        while len(seen) < 3 * len(expected):
+            inputs, targets, seg, stats, state = next(stream)
+            assert inputs.shape[0] == batch_size
+            assert (seg is None) == (packing == "pad")
+            if packing == "bestfit":
+                assert inputs.shape[1] == capacity - 1
+            batch_seen = []
+            for r in range(batch_size):
+                row = [t - 1000 for t in targets[r][targets[r] != -1].tolist()]
+                while row:  # whole conversations only: n - 1 consecutive targets each
+                    c = row[0]
+                    assert row[: data[c]["n"] - 1] == [c] * (data[c]["n"] - 1)
+                    batch_seen.append(c)
+                    row = row[data[c]["n"] - 1:]
+            assert stats["examples"] == len(batch_seen)
+            assert stats["supervised"] == int((targets != -1).sum())
+            assert 0 <= stats["pad_positions"] <= stats["positions"] == inputs.numel()
+            seen.extend(batch_seen)
+        assert all(c % world_size == rank for c in seen)
+        if packing == "pad":
+            assert seen[: 2 * len(expected)] == expected * 2  # in order, epoch after epoch
+        else:
+            counts = [seen.count(c) for c in expected]
+            assert min(counts) >= 2 and max(counts) - min(counts) <= 1  # nothing skipped or duplicated
+
+
+def test_stream_bestfit_exactly_once_over_an_epoch():
+    data = _toy_dataset(101, seed=3, max_len=30)
+    stream = sft_batches(data, _toy_render, 4, PAD, "bestfit", row_capacity=40)
+    seen = []
+    for _ in range(60):
+        inputs, targets, seg, stats, state = next(stream)
+        for r in range(inputs.shape[0]):
+            # segment ids: one id per conversation, padding 0, contiguous
+            ids = [c for c in _conversations_in(inputs[r:r + 1], targets[r:r + 1])]
+            segs = seg[r].tolist()
+            assert segs == sorted(segs, key=lambda s: (s == 0, s))  # 1,1,..,2,2,..,0,0
+            for c in sorted(set(ids), key=ids.index):
+                seen.append(c)
+        assert stats["examples"] >= 1
+    # the stream reads conversations in order, epoch after epoch: count occurrences over complete epochs
+    counts = [seen.count(i) for i in range(len(data))]
+    assert max(counts) - min(counts) <= 1  # no conversation skipped or duplicated within an epoch
+
+
+@pytest.mark.parametrize("packing", ["pad", "bestfit"])
+def test_stream_resumes_exactly(packing):
+    data = _toy_dataset(23, seed=1)
+    kwargs = dict(batch_size=2, pad_id=PAD, packing=packing, row_capacity=32, rank=1, world_size=2)
+    straight = sft_batches(data, _toy_render, **kwargs)
+    batches = [next(straight) for _ in range(12)]
+    state = batches[4][4]
+    assert state == {k: v for k, v in state.items()}  # a plain dict
+    resumed = sft_batches(data, _toy_render, state=state, **kwargs)
+    for want in batches[5:]:
+        got = next(resumed)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert got[4] == want[4]
+    assert batches[0][4] != initial_data_state()
+
+
+def test_stream_truncates_or_drops_long_conversations():
+    data = [{"i": 0, "n": 10}, {"i": 1, "n": 3}, {"i": 2, "n": 4}]
+    stream = sft_batches(data, _toy_render, 3, PAD, "pad", row_capacity=5)
+    inputs, targets, _, stats, _ = next(stream)
+    assert stats["truncated"] == 1 and stats["dropped"] == 0
+    assert inputs.shape[1] == 4  # truncated to 5 tokens -> 4 positions
+    stream = sft_batches(data, _toy_render, 2, PAD, "bestfit", row_capacity=5, drop_long=True)
+    inputs, targets, _, stats, _ = next(stream)
+    assert stats["dropped"] >= 1 and 1000 not in targets.tolist()[0] + targets.tolist()[1]
+    with pytest.raises(ValueError, match="dropped"):
+        next(sft_batches([{"i": 0, "n": 10}], _toy_render, 1, PAD, "pad", row_capacity=5, drop_long=True))
+
+
+def test_bestfit_pads_less_than_pad():
+    data = _toy_dataset(200, seed=2, max_len=60)
+    fractions = {}
+    for packing in ("pad", "bestfit"):
+        stream = sft_batches(data, _toy_render, 4, PAD, packing, row_capacity=128)
+        pad = total = 0
+        for _ in range(20):
+            *_, stats, _ = next(stream)
+            pad, total = pad + stats["pad_positions"], total + stats["positions"]
+        fractions[packing] = pad / total
+    assert fractions["bestfit"] < fractions["pad"]
+    assert fractions["bestfit"] < 0.1
+
+
+def test_count_steps_bestfit_matches_stream():
+    data = _toy_dataset(400, seed=4, max_len=40)
+    lengths = [c["n"] for c in data]
+    steps = count_steps_bestfit(lengths, batch_size=2, row_capacity=64, num_batches_per_step=3, num_epochs=2)
+    stream = sft_batches(data, _toy_render, 2, PAD, "bestfit", row_capacity=64)
+    per_step = [sum(next(stream)[3]["examples"] for _ in range(3)) for _ in range(steps)]
+    # the steps cover two epochs, give or take one step's worth of conversations
+    assert abs(sum(per_step) - 2 * len(data)) <= 2 * max(per_step)
+    assert count_steps_bestfit(lengths, 2, 64, 3, 4) in range(2 * steps - 2, 2 * steps + 3)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# step arithmetic, lr, loss normalisation
+
+
+def test_grad_accum_steps_and_iterations():
+    assert grad_accum_steps_for(32, 4, 8) == 1
+    assert grad_accum_steps_for(32, 4, 1) == 8
+    with pytest.raises(ValueError, match="multiple of"):
+        grad_accum_steps_for(32, 3, 1)
+    with pytest.raises(ValueError, match="device_batch_size"):
+        grad_accum_steps_for(8, 4, 4)
+    assert num_sft_iterations(1000, 32, 1) == 31
+    assert num_sft_iterations(1000, 32, 2) == 62
+    assert num_sft_iterations(1000, 32, 2, max_iterations=10) == 10
+    assert num_sft_iterations(1000, 32, 2, max_iterations=-1) == 62
+
+
+def test_sft_lr_multiplier_is_linear_decay():
+    n = 50
+    for step in range(n + 1):
+        assert lr_multiplier(step, n) == pytest.approx(1 - step / n)
+
+
+def test_token_normalisation_equals_global_mean():
+    rng = random.Random(0)
+    world_size, grad_accum = 3, 4
+    # per-rank, per-micro-batch lists of token losses (different sizes)
+    losses = [[[rng.random() for _ in range(rng.randint(0, 30))] for _ in range(grad_accum)]
+              for _ in range(world_size)]
+    losses[0][0] = []  # a micro-batch without supervised tokens
+    step_tokens = sum(len(m) for r in losses for m in r)
+    global_mean = sum(x for r in losses for m in r for x in m) / step_tokens
+    per_rank = [sum(sum(m) * micro_batch_loss_scale("token", len(m), step_tokens, world_size, grad_accum)
+                    for m in r) for r in losses]
+    assert sum(per_rank) / world_size == pytest.approx(global_mean)  # optimizers average over ranks
+    # the guide's formula: mean of micro-batch means (empty micro-batches contribute 0, not NaN)
+    guide = [sum(sum(m) * micro_batch_loss_scale("micro_batch_mean", len(m), step_tokens, world_size, grad_accum)
+                 for m in r) for r in losses]
+    want = [sum(sum(m) / len(m) for m in r if m) / grad_accum for r in losses]
+    assert guide == pytest.approx(want)
+    assert micro_batch_loss_scale("token", 0, 0, 1, 1) == 0.0
+    with pytest.raises(ValueError, match="loss_normalization"):
+        micro_batch_loss_scale("sum", 1, 1, 1, 1)
+
+
+def test_token_normalisation_gradient_matches_one_big_batch():
+    """On a toy model: the gradient of one padded batch (mean over tokens) equals the accumulated gradient
+    of its rows as separate micro-batches with per-token normalisation; the guide's formula differs."""
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(50, 8)
+    head = torch.nn.Linear(8, 50)
+    params = list(emb.parameters()) + list(head.parameters())
+    batch = [([1, 2, 3, 4, 5, 6, 7], [0, 1, 1, 1, 1, 1, 1]), ([8, 9, 10], [0, 0, 1]),
+             ([11, 12, 13, 14], [0, 1, 0, 1]), ([15, 16], [0, 1])]
+
+    def loss_sum(inputs, targets):
+        logits = head(emb(inputs))
+        return F.cross_entropy(logits.view(-1, 50), targets.view(-1), ignore_index=-1, reduction="sum")
+
+    def grads():
+        g = [p.grad.clone() for p in params]
+        for p in params:
+            p.grad = None
+        return g
+
+    inputs, targets = collate_sft(batch, PAD % 50)
+    (loss_sum(inputs, targets) / (targets != -1).sum()).backward()
+    big = grads()
+    micro = [collate_sft([b], PAD % 50) for b in batch]
+    step_tokens = sum(int((t != -1).sum()) for _, t in micro)
+    for mode in ("token", "micro_batch_mean"):
+        for x, y in micro:
+            scale = micro_batch_loss_scale(mode, int((y != -1).sum()), step_tokens, 1, len(micro))
+            (loss_sum(x, y) * scale).backward()
+        g = grads()
+        same = all(torch.allclose(a, b, atol=1e-6) for a, b in zip(big, g))
+        assert same == (mode == "token")
+
+
+def test_skip_reason():
+    assert skip_reason(2.5, 0) is None
+    assert skip_reason(float("nan"), 0).startswith("non-finite")
+    assert skip_reason(float("inf"), 0).startswith("non-finite")
+    assert skip_reason(1.0, 1) == "out of memory"
+    assert skip_reason(float("nan"), 2) == "out of memory"
+
+
+def test_resume_state_files_and_rng(tmp_path):
+    assert find_resumable_step(str(tmp_path), 0) is None
+    for step, rank in [(3, 0), (12, 0), (12, 1), (20, 1)]:
+        open(resume_state_path(str(tmp_path), step, rank), "w").close()
+    open(tmp_path / "sft_state_000030_rank0.pt.tmp", "w").close()  # a half-written file is not a state
+    assert find_resumable_step(str(tmp_path), 0) == 12
+    assert find_resumable_step(str(tmp_path), 1) == 20
+    torch.save(get_rng_state("cpu"), tmp_path / "rng.pt")
+    a = (torch.rand(3), random.random(), np.random.rand())
+    state = torch.load(tmp_path / "rng.pt", weights_only=True)  # plain data: no pickled code
+    set_rng_state(state, "cpu")
+    b = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# mixture specs
+
+
+def test_parse_task_spec_examples():
+    assert parse_task_spec("ARC:ARC-Easy:train") == TaskSpec("ARC", ("ARC-Easy", "train"))
+    assert parse_task_spec("SmolTalk:train:0:10000") == TaskSpec("SmolTalk", ("train",), 0, 10000)
+    assert parse_task_spec("SmolTalk:train::10000") == TaskSpec("SmolTalk", ("train",), 0, 10000)
+    assert parse_task_spec(" GSM8K:main:train * 3 ") == TaskSpec("GSM8K", ("main", "train"), repeats=3)
+    assert parse_task_spec("ChitChat:train:5:50:2@0.25") == TaskSpec("ChitChat", ("train",), 5, 50, 2, 1, 0.25)
+    assert parse_task_spec("CustomJSON:data/my file.jsonl*2@2") == TaskSpec(
+        "CustomJSON", ("data/my file.jsonl",), repeats=2, weight=2.0)
+    assert parse_task_spec("HumanEval") == TaskSpec("HumanEval", ())
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("Smoltalk:train", "did you mean SmolTalk"),
+    ("Nope:x", "unknown task"),
+    ("ARC:ARC-Easy", "needs 2 argument"),
+    ("ARC::train", "empty"),
+    ("SmolTalk:train:a", "not an integer"),
+    ("SmolTalk:train:10:5", "greater than start"),
+    ("SmolTalk:train:1:2:3:4", "too many fields"),
+    ("SmolTalk:train*0", "positive integer"),
+    ("SmolTalk:train*x", "positive integer"),
+    ("SmolTalk:train@-1", "positive number"),
+    ("SmolTalk:train@abc", "not a number"),
+    ("", "non-empty"),
+])
+def test_parse_task_spec_errors(spec, message):
+    with pytest.raises(MixtureSpecError, match=message) as excinfo:
+        parse_task_spec(spec)
+    assert "Syntax" in str(excinfo.value)
+
+
+class _FakeTask:
+    def __init__(self, *args, start=0, stop=None, step=1):
+        self.args, self.start, self.stop, self.step = args, start, stop, step
+
+
+class _FakeMixture:
+    def __init__(self, tasks, weights=None):
+        self.tasks, self.weights = tasks, weights
+
+
+def test_build_mixture_with_fakes():
+    registry = {"A": _FakeTask, "B": _FakeTask}
+    task_args = {"A": ("split",), "B": ()}
+    mix = build_mixture(["A:train:0:10", "B*2"], registry, task_args, _FakeMixture)
+    assert [t.args for t in mix.tasks] == [("train",), (), ()]
+    assert mix.tasks[0].stop == 10 and mix.tasks[1] is mix.tasks[2]
+    assert mix.weights is None
+    mix = build_mixture(["A:train@3", "B"], registry, task_args, _FakeMixture)
+    assert mix.weights == [3.0, 1.0]
+    with pytest.raises(MixtureSpecError, match="non-empty list"):
+        build_mixture([], registry, task_args, _FakeMixture)
+    with pytest.raises(MixtureSpecError, match="unknown task"):
+        build_mixture(["C"], registry, task_args, _FakeMixture)
+
+
+def test_eval_specs():
+    assert parse_eval_spec("MMLU:1024") == ("MMLU", 1024)
+    assert parse_eval_spec("HumanEval") == ("HumanEval", None)
+    with pytest.raises(MixtureSpecError):
+        parse_eval_spec("GSM8K:zero")
+    assert metric_key("ARC-Easy") == "arc_easy_acc" and metric_key("MMLU") == "mmlu_acc"
+
+
+def test_build_mixture_with_real_tasks(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(10)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    mix = build_mixture([f"CustomJSON:{path}*2", f"CustomJSON:{path}:0:4@0.5"])
+    assert len(mix) == 2 * 10 + 2  # two passes, plus half of a 4-example slice
+    contents = sorted(mix[i]["messages"][1]["content"] for i in range(len(mix)))
+    assert contents.count("a0") + contents.count("a1") + contents.count("a2") + contents.count("a3") == 2 * 4 + 2
+
+
+def test_build_mixture_from_the_mirror(data_dir):
+    mix = build_mixture(["ChitChat:train:0:10", "GSM8K:main:train:0:5", "ARC:ARC-Easy:train::3"])
+    assert len(mix) == 18
+    assert all(mix[i]["messages"][-1]["role"] == "assistant" for i in range(len(mix)))
