@@ -36,6 +36,18 @@ def _isolated_base_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models run as fast on one intra-op thread, and far faster when other processes load the 2 cores
+    (no thread spinning). Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def data_dir():
     path = os.environ.get("NANOCHAT_DATA_DIR")

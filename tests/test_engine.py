@@ -12,13 +12,7 @@ from nanochat.engine import Engine, KVCache, evaluate_expression, sample_next_to
 TOK = ByteTokenizer()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not stall when other processes load the CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 SP = TOK.special_ids
 PROMPT = [SP["<|bos|>"], SP["<|user_start|>"], *TOK.encode("Hi there, what is up?"), SP["<|user_end|>"],
           SP["<|assistant_start|>"]]

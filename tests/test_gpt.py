@@ -13,13 +13,7 @@ from nanochat.gpt import (GPT, GPTConfig, config_from_depth, flex_segment_block_
 V = 256
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: one intra-op thread is as fast, and far faster when the 2-core box is busy (no spinning)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def make_model(n_layer=2, n_head=2, n_kv_head=2, n_embd=64, sequence_len=64, random_out=False, seed=0):
