@@ -9,10 +9,44 @@ Tests: tests/test_common.py (compute_init under `torchrun --nproc_per_node=2` wi
 import contextlib
 import os
 import subprocess
+import sys
 import tempfile
+import traceback
 
 import torch
 import torch.distributed as dist
+
+
+class UserError(Exception):
+    """A mistake the user can fix: a bad option value, a missing or corrupt file, a resume that does not
+    match. The message says what is wrong, where (key, file:line, path) and how to fix it; scripts that
+    call install_error_handler() print it as one line `error: <message>` and exit with code 2."""
+
+
+EXIT_USER_ERROR = 2
+
+
+def format_user_error(exc):
+    """The one line printed for a UserError: `error: <message>` (newlines folded, so it stays one line)."""
+    return "error: " + " ".join(str(exc).split("\n")).strip()
+
+
+def _user_error_hook(exc_type, exc, tb):
+    if not issubclass(exc_type, UserError):
+        return sys.__excepthook__(exc_type, exc, tb)
+    if os.environ.get("NANOCHAT_DEBUG") == "1":
+        traceback.print_exception(exc_type, exc, tb)
+    print(format_user_error(exc), file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_USER_ERROR)  # sys.excepthook cannot choose the exit code; nothing is left to clean up
+
+
+def install_error_handler():
+    """Call first thing in a script: an uncaught UserError becomes one line on stderr and exit code 2 (no
+    traceback unless NANOCHAT_DEBUG=1); any other exception keeps Python's traceback and exit code 1.
+    A hook rather than a try/except around the script, so scripts keep reading top to bottom."""
+    sys.excepthook = _user_error_hook
 
 
 def print0(*args, **kwargs):

@@ -14,21 +14,25 @@ Precedence: command line > config file > defaults.
   `--run=my_run` works without quotes.
 - An unknown key raises ConfigError naming the key, where it came from and the closest known keys; a wrong
   type names the key and the expected type. An int is accepted where a float is expected.
+- Values are checked where the option is declared: `choices` (allowed values), `min` / `max` (inclusive
+  bounds for numbers), floats must be finite, and `disabled` names one extra value allowed outside the
+  bounds (the `-1` of every `*_every` option). ConfigError is a UserError: one line, exit code 2.
 
 Tests: tests/test_config.py.
 """
 
 import ast
 import difflib
+import math
 import sys
 from dataclasses import dataclass
 from typing import Any
 
-from nanochat.common import print0
+from nanochat.common import UserError, print0
 
 
-class ConfigError(ValueError):
-    """A bad configuration: unknown key, wrong type, or a config file that is not `key = value` data."""
+class ConfigError(UserError, ValueError):
+    """A bad configuration: unknown key, wrong type or value, or a config file that is not `key = value` data."""
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,10 @@ class Option:
     type: type  # one of str, int, float, bool, list, dict
     default: Any
     help: str = ""
+    choices: tuple = None  # allowed values (None: any value of the type)
+    min: float = None  # inclusive lower bound for int / float options
+    max: float = None  # inclusive upper bound
+    disabled: Any = None  # one more allowed value outside the bounds, meaning "off" (e.g. -1 for *_every)
 
 
 _TYPES = (str, int, float, bool, list, dict)
@@ -68,7 +76,25 @@ def coerce_value(option, value, where):
         ok = isinstance(value, t)
     if not ok:
         raise ConfigError(f"{where}: key '{option.name}' expects {t.__name__}, got {value!r} ({type(value).__name__})")
+    check_value(option, value, where)
     return value
+
+
+def check_value(option, value, where):
+    """Allowed values and bounds declared on the option; floats must be finite."""
+    if option.disabled is not None and value == option.disabled:
+        return
+    if option.choices is not None and value not in option.choices:
+        allowed = ", ".join(repr(c) for c in option.choices)
+        raise ConfigError(f"{where}: key '{option.name}' must be one of {allowed}, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: key '{option.name}' must be a finite number, got {value!r}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        off = f" (or {option.disabled!r} to disable)" if option.disabled is not None else ""
+        if option.min is not None and value < option.min:
+            raise ConfigError(f"{where}: key '{option.name}' must be >= {option.min}{off}, got {value!r}")
+        if option.max is not None and value > option.max:
+            raise ConfigError(f"{where}: key '{option.name}' must be <= {option.max}{off}, got {value!r}")
 
 
 def _unknown_key(key, known, where):
@@ -151,7 +177,8 @@ def format_help(options, description=None):
     lines = [description.strip(), ""] if description else []
     lines.append("Options (--config FILE with `key = value` lines, then --key=value overrides):")
     for o in options:
-        lines.append(f"  --{o.name:<28} {o.type.__name__:<6} default {o.default!r:<14} {o.help}")
+        allowed = f" [{'|'.join(str(c) for c in o.choices)}]" if o.choices else ""
+        lines.append(f"  --{o.name:<28} {o.type.__name__:<6} default {o.default!r:<14} {o.help}{allowed}")
     return "\n".join(lines)
 
 

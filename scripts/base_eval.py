@@ -14,10 +14,13 @@ Writes the "Base model evaluation" report section. Scoring: nanochat/core_eval.p
 import os
 import sys
 
-from nanochat.common import autocast_ctx, autodetect_device_type, compute_cleanup, compute_init, get_base_dir, print0
+from nanochat.common import (autocast_ctx, autodetect_device_type, compute_cleanup, compute_init, get_base_dir,
+                             install_error_handler, print0)
 from nanochat.config import Option, load_config
 from nanochat.core_eval import evaluate_core, find_eval_bundle
 from nanochat.report import get_report
+
+install_error_handler()  # a UserError prints one line `error: ...` and exits with code 2
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 

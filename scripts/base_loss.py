@@ -12,12 +12,15 @@ Writes the "Base model loss" report section. Tests: tests/test_pipeline.py (end 
 import torch
 
 from nanochat.checkpoint_manager import load_model
-from nanochat.common import autocast_ctx, autodetect_device_type, compute_cleanup, compute_init, print0
+from nanochat.common import (autocast_ctx, autodetect_device_type, compute_cleanup, compute_init,
+                             install_error_handler, print0)
 from nanochat.config import Option, load_config
 from nanochat.dataloader import tokenizing_distributed_data_loader
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
+
+install_error_handler()  # a UserError prints one line `error: ...` and exits with code 2
 
 # -----------------------------------------------------------------------------
 # Config

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from nanochat.checkpoint_manager import load_checkpoint, save_checkpoint
 from nanochat.common import (autocast_ctx, autodetect_device_type, compute_cleanup, compute_init, get_base_dir,
-                             get_git_commit, get_peak_flops, init_wandb, print0)
+                             get_git_commit, get_peak_flops, init_wandb, install_error_handler, print0)
 from nanochat.config import Option, load_config
 from nanochat.core_eval import evaluate_core, find_eval_bundle
 from nanochat.dataloader import tokenizing_distributed_data_loader
@@ -37,6 +37,8 @@ from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.schedules import lr_multiplier, muon_momentum
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
+
+install_error_handler()  # a UserError prints one line `error: ...` and exits with code 2
 
 # -----------------------------------------------------------------------------
 # Config

@@ -14,8 +14,10 @@ import argparse
 import torch
 
 from nanochat.checkpoint_manager import load_model
-from nanochat.common import autocast_ctx, autodetect_device_type, compute_cleanup, compute_init
+from nanochat.common import autocast_ctx, autodetect_device_type, compute_cleanup, compute_init, install_error_handler
 from nanochat.engine import Engine
+
+install_error_handler()  # a UserError prints one line `error: ...` and exits with code 2
 
 SPECIAL_DISPLAY = {  # how the tool-use special tokens are shown
     "<|python_start|>": "\n[python] ",

@@ -16,9 +16,12 @@ import torch
 
 from nanochat.chat_eval import TASK_NAMES, chatcore, run_chat_eval  # noqa: F401  (re-exported)
 from nanochat.checkpoint_manager import load_model
-from nanochat.common import autocast_ctx, autodetect_device_type, compute_cleanup, compute_init, print0
+from nanochat.common import (autocast_ctx, autodetect_device_type, compute_cleanup, compute_init,
+                             install_error_handler, print0)
 from nanochat.engine import Engine
 from nanochat.report import get_report
+
+install_error_handler()  # a UserError prints one line `error: ...` and exits with code 2
 
 
 def main(argv=None):

@@ -46,8 +46,8 @@ import torch.distributed as dist
 
 from nanochat.chat_eval import CATEGORICAL_TASKS, TASK_NAMES, run_chat_eval
 from nanochat.checkpoint_manager import build_model, load_checkpoint, load_model, save_checkpoint
-from nanochat.common import (atomic_write_bytes, autocast_ctx, autodetect_device_type, compute_cleanup,
-                             compute_init, get_base_dir, get_git_commit, get_peak_flops, init_wandb, print0)
+from nanochat.common import (atomic_write_bytes, autocast_ctx, autodetect_device_type, compute_cleanup, compute_init,
+                             get_base_dir, get_git_commit, get_peak_flops, init_wandb, install_error_handler, print0)
 from nanochat.config import Option, load_config
 from nanochat.engine import Engine
 from nanochat.report import get_report
@@ -56,6 +56,8 @@ from nanochat.sft import (LOSS_NORMALIZATIONS, build_mixture, count_steps_bestfi
                           find_resumable_step, get_rng_state, grad_accum_steps_for, initial_data_state, metric_key,
                           micro_batch_loss_scale, num_sft_iterations, padding_fraction, parse_eval_spec,
                           resume_state_path, set_rng_state, sft_batches, skip_reason)
+
+install_error_handler()  # a UserError prints one line `error: ...` and exits with code 2
 
 # -----------------------------------------------------------------------------
 # Config

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from nanochat.checkpoint_manager import load_model, save_checkpoint
 from nanochat.common import (autocast_ctx, autodetect_device_type, compute_cleanup, compute_init, get_base_dir,
-                             get_git_commit, init_wandb, print0)
+                             get_git_commit, init_wandb, install_error_handler, print0)
 from nanochat.config import Option, load_config
 from nanochat.dataloader import conversation_data_loader, count_conversation_tokens
 from nanochat.loss_eval import evaluate_bpb
@@ -37,6 +37,8 @@ from nanochat.report import get_report
 from nanochat.schedules import lr_multiplier, muon_momentum
 from nanochat.sft import build_mixture, build_task, parse_task_spec
 from nanochat.tokenizer import get_token_bytes
+
+install_error_handler()  # a UserError prints one line `error: ...` and exits with code 2
 
 # -----------------------------------------------------------------------------
 # Config

@@ -12,11 +12,13 @@ Writes the "Tokenizer evaluation" report section. Tests: tests/test_tokenizer.py
 
 import re
 
-from nanochat.common import print0
+from nanochat.common import print0, install_error_handler
 from nanochat.config import Option, load_config
 from nanochat.dataset import parquets_iter_batched
 from nanochat.report import get_report
 from nanochat.tokenizer import get_tokenizer
+
+install_error_handler()  # a UserError prints one line `error: ...` and exits with code 2
 
 # -----------------------------------------------------------------------------
 # Config

@@ -14,11 +14,13 @@ Writes the "Tokenizer training" report section. Tests: tests/test_tokenizer.py (
 import os
 import time
 
-from nanochat.common import get_base_dir, print0
+from nanochat.common import get_base_dir, print0, install_error_handler
 from nanochat.config import Option, load_config
 from nanochat.dataset import list_parquet_files, parquets_iter_batched
 from nanochat.report import get_report
 from nanochat.tokenizer import RustBPETokenizer, get_token_bytes
+
+install_error_handler()  # a UserError prints one line `error: ...` and exits with code 2
 
 # -----------------------------------------------------------------------------
 # Config

@@ -67,3 +67,17 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
 def test_base_dir_from_env(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "b"))
     assert get_base_dir() == str(tmp_path / "b") and (tmp_path / "b").is_dir()
+
+
+def test_user_error_is_one_line_and_exit_code_2(tmp_path):
+    script = tmp_path / "s.py"
+    script.write_text("from nanochat.common import UserError, install_error_handler\n"
+                      "install_error_handler()\n"
+                      "raise UserError('bad value in\\nsome.txt:3')\n")
+    env = {k: v for k, v in os.environ.items() if k != "NANOCHAT_DEBUG"}
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env)
+    assert out.returncode == 2
+    assert out.stderr == "error: bad value in some.txt:3\n"
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         env={**env, "NANOCHAT_DEBUG": "1"})
+    assert out.returncode == 2 and "Traceback" in out.stderr and out.stderr.endswith("error: bad value in some.txt:3\n")

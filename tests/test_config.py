@@ -127,3 +127,19 @@ def test_resolved_config_is_printed(capsys):
     out = capsys.readouterr().out
     assert "eval_every = 3" in out and "run = 'dummy'" in out
     assert isinstance(config, dict) and config["eval_every"] == 3
+
+
+def test_choices_bounds_and_finite_floats_are_checked_where_declared():
+    options = [Option("packing", str, "pad", choices=("pad", "bestfit")),
+               Option("device_batch_size", int, 4, min=1),
+               Option("eval_every", int, 100, min=1, disabled=-1),
+               Option("matrix_lr", float, 0.02, min=0.0)]
+    assert load_config(options, ["--packing=bestfit", "--eval_every=-1"], verbose=False)["eval_every"] == -1
+    with pytest.raises(ConfigError, match=r"'packing' must be one of 'pad', 'bestfit', got 'bestfti'"):
+        load_config(options, ["--packing=bestfti"], verbose=False)
+    with pytest.raises(ConfigError, match=r"'device_batch_size' must be >= 1, got -2"):
+        load_config(options, ["--device_batch_size=-2"], verbose=False)
+    with pytest.raises(ConfigError, match=r"'eval_every' must be >= 1 \(or -1 to disable\), got 0"):
+        load_config(options, ["--eval_every=0"], verbose=False)
+    with pytest.raises(ConfigError, match=r"'matrix_lr' must be a finite number, got inf"):
+        load_config(options, ["--matrix_lr=1e999"], verbose=False)
