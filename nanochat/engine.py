@@ -188,17 +188,26 @@ def use_calculator(expr):
 # Sampling
 
 
-def sample_next_token(logits, rng, temperature=1.0, top_k=None):
-    """logits (B, V) -> token ids (B, 1); every row is sampled independently. temperature 0 = argmax."""
+def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
+    """logits (B, V) -> token ids (B, 1); every row is sampled independently. temperature 0 = argmax.
+    top_k keeps the k most likely tokens (None or 0: all); top_p (nucleus sampling, Holtzman et al. 2019)
+    then keeps the smallest set of most likely tokens whose probability reaches top_p (None or 1.0: all)."""
     assert temperature >= 0.0, "temperature must be >= 0"
     if temperature == 0.0:
         return torch.argmax(logits, dim=-1, keepdim=True)
     logits = logits.float() / temperature
     if top_k is not None and top_k > 0:
         values, indices = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)
-        choice = torch.multinomial(F.softmax(values, dim=-1), num_samples=1, generator=rng)
-        return indices.gather(1, choice)
-    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=rng)
+    else:
+        values, indices = logits, None
+    if top_p is not None and top_p < 1.0:
+        values, order = torch.sort(values, dim=-1, descending=True)
+        indices = order if indices is None else indices.gather(1, order)
+        probs = F.softmax(values, dim=-1)
+        drop = probs.cumsum(dim=-1) - probs >= top_p  # tokens after the nucleus is full; the top one always stays
+        values = values.masked_fill(drop, float("-inf"))
+    choice = torch.multinomial(F.softmax(values, dim=-1), num_samples=1, generator=rng)
+    return choice if indices is None else indices.gather(1, choice)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -233,7 +242,8 @@ class Engine:
         return self.tokenizer.encode_special(name)
 
     @torch.inference_mode()
-    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
+    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42,
+                 top_p=None):
         """Yield (token_column, token_masks) per step: one token per row, mask 1 = sampled, 0 = forced.
         The prompt is run once with batch 1; its cache is copied into `num_samples` rows which are then
         decoded independently (each row samples its own tokens). A row ends at <|assistant_end|> or <|bos|>;
@@ -264,7 +274,7 @@ class Engine:
 
         rows = [RowState(tokens) for _ in range(num_samples)]
         for step in range(max_tokens):
-            sampled = sample_next_token(logits, rng, temperature, top_k)[:, 0].tolist()
+            sampled = sample_next_token(logits, rng, temperature, top_k, top_p)[:, 0].tolist()
             token_column, token_masks = [], []
             for row, sampled_token in zip(rows, sampled):
                 forced = len(row.forced_tokens) > 0
