@@ -232,6 +232,21 @@ def validate_chat_request(body, limits, defaults):
                        include_usage=include_usage and stream, model=model)
 
 
+def network_exposure_warning(host, api_key):
+    """The warning to log when `host` is not a loopback address (the server is reachable from the network),
+    else None."""
+    import ipaddress
+
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if loopback:
+        return None
+    return (f"WARNING: listening on {host}: the server is reachable from the network"
+            + (" (API key required)" if api_key else " by anyone: pass --api_key to require a key"))
+
+
 def parse_json_body(raw, limits):
     """Request bytes -> parsed JSON (APIError 413 if too large, 400 if not UTF-8 JSON)."""
     if len(raw) > limits.max_body_bytes():

@@ -20,7 +20,6 @@ calculator had no answer). With --api_key (or $NANOCHAT_API_KEY), /v1/* and /sta
 
 import argparse
 import hmac
-import ipaddress
 import logging
 import os
 import random
@@ -30,8 +29,8 @@ import torch
 
 from nanochat.common import UserError, autocast_ctx, autodetect_device_type, compute_init, install_error_handler
 from nanochat.web import (APIError, Generation, Limits, QueueFull, SamplingDefaults, Worker, WorkerPool,
-                          completion_chunk, completion_response, error_body, new_completion_id, parse_json_body,
-                          prompt_tokens, sse, usage, validate_chat_request)
+                          completion_chunk, completion_response, error_body, network_exposure_warning, new_completion_id,
+                          parse_json_body, prompt_tokens, sse, usage, validate_chat_request)
 
 install_error_handler()  # a UserError prints one line `error: ...` and exits with code 2
 
@@ -247,13 +246,9 @@ def main(argv=None):
     # ------------------------------------------------------------------------------------------------------
     # Serve
 
-    try:
-        loopback = ipaddress.ip_address(args.host).is_loopback
-    except ValueError:
-        loopback = args.host == "localhost"
-    if not loopback:
-        print(f"WARNING: listening on {args.host}: the server is reachable from the network"
-              + ("" if args.api_key else " by anyone (no --api_key)"))
+    warning = network_exposure_warning(args.host, args.api_key)
+    if warning:
+        print(warning)
     auth = "API key required" if args.api_key else "no API key"
     print(f"chat page: http://{args.host}:{args.port}/   API: http://{args.host}:{args.port}/v1 ({auth})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)

@@ -19,7 +19,8 @@ import requests
 import torch
 
 from nanochat.web import (APIError, ChatRequest, CompletionText, Limits, SamplingDefaults, StopScanner,
-                          assistant_message_parts, generate_completion, parse_json_body, validate_chat_request)
+                          assistant_message_parts, generate_completion, network_exposure_warning, parse_json_body,
+                          validate_chat_request)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHROMIUM = "/usr/bin/chromium"
@@ -90,6 +91,14 @@ def test_validate_rejects(body, status, param, code):
     e = info.value
     assert (e.status, e.param, e.code) == (status, param, code), e.message
     assert set(e.body()["error"]) == {"message", "type", "param", "code"} and e.message
+
+
+def test_network_exposure_warning():
+    for host in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):
+        assert network_exposure_warning(host, None) is None
+    assert "reachable from the network by anyone" in network_exposure_warning("0.0.0.0", None)
+    assert "API key required" in network_exposure_warning("0.0.0.0", "k")
+    assert "reachable from the network" in network_exposure_warning("192.168.1.5", "k")
 
 
 def test_parse_json_body():
@@ -444,6 +453,16 @@ def test_sixteen_concurrent_streams_all_complete(server):
     assert stats["tokens_per_second"] > 0
 
 
+def test_serve_load_benchmark_runs_clean(server):
+    from bench.serve_load import percentile, run_level
+
+    assert percentile([3, 1, 2, 4], 0.5) == 2.5 and percentile([5], 0.95) == 5
+    r = run_level(server.url, {}, concurrency=2, num_requests=4, max_tokens=8, temperature=0.8, time_limit=60,
+                  request_timeout=60)
+    assert r["completed"] == 4 and r["errors"] == {} and r["ttft_p95_s"] >= r["ttft_p50_s"] > 0
+    assert r["tokens_per_s"] == pytest.approx(4 * 8 / r["wall_s"])
+
+
 def test_disconnect_frees_the_worker(server):
     before = server.stats()
     with requests.post(server.url + "/v1/chat/completions", stream=True, timeout=60,
@@ -464,59 +483,73 @@ def test_disconnect_frees_the_worker(server):
     assert r.status_code == 200
 
 
-def test_max_queue_gives_503_to_the_excess(base_dir):
-    srv = Server(base_dir, "--max_queue", "1")
-    try:
-        body = {"messages": [user("a short answer")], "max_tokens": 5, "temperature": 0}
-        first = requests.post(srv.url + "/v1/chat/completions", stream=True, timeout=60,
-                              json=dict(body, stream=True, max_tokens=2000))
-        first_lines = first.iter_lines()  # kept: dropping the iterator closes the connection
-        next(first_lines)  # the only worker is busy for a while
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            futures = [pool.submit(requests.post, srv.url + "/v1/chat/completions", json=body, timeout=60)
-                       for _ in range(2)]
-            t0 = time.time()
-            codes = []
-            for f in concurrent.futures.as_completed(futures):
-                r = f.result()
-                codes.append(r.status_code)
-                if r.status_code == 503:
-                    assert time.time() - t0 < 5 and r.headers["Retry-After"] == "1"
-                    assert r.json()["error"]["code"] == "server_busy"
-            first.close()
-        assert sorted(codes) == [200, 503]
-        assert srv.stats()["requests_rejected"] == 1
-    finally:
-        srv.stop()
+@pytest.fixture(scope="module")
+def keyed_server(base_dir):
+    """A second server: an API key, and a queue of one request (one worker)."""
+    srv = Server(base_dir, "--api_key", "s3cret", "--max_queue", "1", "--host", "127.0.0.1")
+    yield srv
+    srv.stop()
 
 
-def test_api_key_required(base_dir):
-    srv = Server(base_dir, "--api_key", "s3cret", "--host", "127.0.0.1")
-    try:
-        url = srv.url + "/v1/chat/completions"
-        body = {"messages": [user("hi")], "max_tokens": 2}
-        r = requests.post(url, json=body, timeout=30)
-        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-        assert requests.post(url, json=body, headers={"Authorization": "Bearer wrong"}, timeout=30).status_code == 401
-        assert requests.get(srv.url + "/v1/models", timeout=5).status_code == 401
-        assert requests.get(srv.url + "/stats", timeout=5).status_code == 401
-        assert requests.post(url, json=body, headers={"Authorization": "Bearer s3cret"}, timeout=30).status_code == 200
-        import openai
-
-        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="s3cret", max_retries=0)
-        assert client.chat.completions.create(model="m", messages=[user("hi")], max_tokens=2).choices
-        assert requests.get(srv.url + "/health", timeout=5).status_code == 200  # liveness stays open
-        assert "reachable from the network" not in srv.output()
-    finally:
-        srv.stop()
+KEY = {"Authorization": "Bearer s3cret"}
 
 
-def test_bad_options_exit_2(base_dir):
+def test_api_key_required(keyed_server):
+    srv = keyed_server
+    url = srv.url + "/v1/chat/completions"
+    body = {"messages": [user("hi")], "max_tokens": 2}
+    r = requests.post(url, json=body, timeout=30)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert requests.post(url, json=body, headers={"Authorization": "Bearer wrong"}, timeout=30).status_code == 401
+    assert requests.get(srv.url + "/v1/models", timeout=5).status_code == 401
+    assert requests.get(srv.url + "/stats", timeout=5).status_code == 401
+    assert requests.post(url, json=body, headers=KEY, timeout=30).status_code == 200
+    import openai
+
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="s3cret", max_retries=0)
+    assert client.chat.completions.create(model="m", messages=[user("hi")], max_tokens=2).choices
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=srv.url + "/v1", api_key="nope", max_retries=0).models.list()
+    assert requests.get(srv.url + "/health", timeout=5).status_code == 200  # liveness stays open
+    assert "reachable from the network" not in srv.output()
+
+
+def test_max_queue_gives_503_to_the_excess(keyed_server):
+    srv = keyed_server
+    body = {"messages": [user("a short answer")], "max_tokens": 5, "temperature": 0}
+    first = requests.post(srv.url + "/v1/chat/completions", stream=True, timeout=60, headers=KEY,
+                          json=dict(body, stream=True, max_tokens=2000))
+    first_lines = first.iter_lines()  # kept: dropping the iterator closes the connection
+    next(first_lines)  # the only worker is busy for a while
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(requests.post, srv.url + "/v1/chat/completions", json=body, headers=KEY,
+                               timeout=60) for _ in range(2)]
+        t0 = time.time()
+        codes = []
+        for f in concurrent.futures.as_completed(futures):
+            r = f.result()
+            codes.append(r.status_code)
+            if r.status_code == 503:
+                assert time.time() - t0 < 5 and r.headers["Retry-After"] == "1"
+                assert r.json()["error"]["code"] == "server_busy"
+                first.close()  # the waiting request gets the worker
+    assert sorted(codes) == [200, 503]
+    assert requests.get(srv.url + "/stats", headers=KEY, timeout=5).json()["requests_rejected"] == 1
+
+
+def test_bad_options_exit_2(base_dir, monkeypatch):
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir))
-    for args in (["--max_queue", "-1"], ["-t", "5"], ["--num_workers", "0"]):
-        p = subprocess.run([sys.executable, "-m", "scripts.chat_web", *args], cwd=REPO, env=env,
-                           capture_output=True, text=True, timeout=60)
-        assert p.returncode == 2 and p.stderr.startswith("error: ") and "Traceback" not in p.stderr, p.stderr
+    p = subprocess.run([sys.executable, "-m", "scripts.chat_web", "--max_queue", "-1"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and p.stderr.startswith("error: --max_queue -1") and "Traceback" not in p.stderr
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # the script installs its handler on import
+    from nanochat.common import UserError
+    from scripts.chat_web import main
+
+    for args, match in ((["-t", "5"], "temperature"), (["--num_workers", "0"], "num_workers"),
+                        (["-m", "5000"], "max_tokens"), (["--api_key", " "], "api_key")):
+        with pytest.raises(UserError, match=match):
+            main(args)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -562,6 +595,18 @@ def test_browser_chat_stop_new_conversation(server, tmp_path):
                 time.sleep(0.1)
             assert server.stats()["requests_cancelled"] == cancelled + 1  # the server stopped generating
             assert page.locator(".message").count() == 4
+            page.click("#regenerate")  # replaces the stopped answer with a new one
+            page.wait_for_function("document.querySelectorAll('.message.assistant')[1].textContent.length > 20",
+                                   timeout=30000)
+            page.click("#stop")
+            expect(page.locator(".message.assistant").nth(1)).to_have_attribute("data-state", "stopped")
+            assert page.locator(".message").count() == 4
+            # calculator calls are shown as distinct boxes (the tiny model never makes one: render one directly)
+            page.evaluate("addMessage('assistant', 'It is <<12*3=36>> and <<2**>> then')")
+            boxes = page.locator(".message.assistant").nth(2).locator(".tool-call")
+            expect(boxes).to_have_count(2)
+            expect(boxes.nth(0)).to_have_text("calculator12*3 = 36")
+            expect(boxes.nth(1)).to_contain_text("no result")
             page.screenshot(path=str(tmp_path / "chat_web.png"))
             # a readable error: temperature out of range
             page.fill("#temperature", "9")
