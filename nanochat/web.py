@@ -612,6 +612,16 @@ class Generation:
             self.cancel.set()
 
 
+async def cancel_when_disconnected(request, cancel, interval=0.2):
+    """Set `cancel` once the client of a non-streaming request has gone away (a streamed response notices by
+    itself: its sending is cancelled). `request` is a Starlette Request; run this as a task, cancel it after."""
+    while not cancel.is_set():
+        if await request.is_disconnected():
+            cancel.set()
+            return
+        await asyncio.sleep(interval)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # OpenAI's response formats
 

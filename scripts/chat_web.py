@@ -19,6 +19,7 @@ calculator had no answer). With --api_key (or $NANOCHAT_API_KEY), /v1/* and /sta
 """
 
 import argparse
+import asyncio
 import hmac
 import logging
 import os
@@ -29,8 +30,9 @@ import torch
 
 from nanochat.common import UserError, autocast_ctx, autodetect_device_type, compute_init, install_error_handler
 from nanochat.web import (APIError, Generation, Limits, QueueFull, SamplingDefaults, Worker, WorkerPool,
-                          completion_chunk, completion_response, error_body, network_exposure_warning, new_completion_id,
-                          parse_json_body, prompt_tokens, sse, usage, validate_chat_request)
+                          cancel_when_disconnected, completion_chunk, completion_response, error_body,
+                          network_exposure_warning, new_completion_id, parse_json_body, prompt_tokens, sse, usage,
+                          validate_chat_request)
 
 install_error_handler()  # a UserError prints one line `error: ...` and exits with code 2
 
@@ -206,16 +208,20 @@ def main(argv=None):
 
         if not req.stream:
             texts, reasons, result = [""] * req.n, [None] * req.n, None
-            async for event in generation.events():
-                if event[0] == "delta":
-                    texts[event[1]] += event[2]
-                elif event[0] == "finish":
-                    reasons[event[1]] = event[2]
-                elif event[0] == "done":
-                    result = event[1]
-                else:
-                    logger.error("generation failed: %s", event[1])
-                    raise APIError(500, "generation failed", type="server_error", code="generation_failed")
+            watcher = asyncio.create_task(cancel_when_disconnected(request, generation.cancel))
+            try:
+                async for event in generation.events():
+                    if event[0] == "delta":
+                        texts[event[1]] += event[2]
+                    elif event[0] == "finish":
+                        reasons[event[1]] = event[2]
+                    elif event[0] == "done":
+                        result = event[1]
+                    else:
+                        logger.error("generation failed: %s", event[1])
+                        raise APIError(500, "generation failed", type="server_error", code="generation_failed")
+            finally:
+                watcher.cancel()
             return completion_response(completion_id, created, model_id, texts, reasons, result.prompt_tokens,
                                        result.completion_tokens)
 

@@ -309,7 +309,7 @@ def base_dir(tmp_path_factory, tokenizer):
 
 @pytest.fixture(scope="module")
 def server(base_dir):
-    srv = Server(base_dir, "--max_queue", "64", "-m", "32")
+    srv = Server(base_dir, "--max_queue", "64", "-m", "32", "--num_workers", "2")  # two workers share the model
     yield srv
     srv.stop()
 
@@ -318,7 +318,9 @@ def server(base_dir):
 def client(server):
     import openai
 
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    yield client
+    client.close()  # no idle keep-alive connection for the server's shutdown to wait for
 
 
 CONVERSATION = [{"role": "system", "content": "You are terse."}, user("What is 2+2?"),
@@ -365,6 +367,16 @@ def test_raw_stream_ends_with_done(server):
         events = [line for line in r.iter_lines(decode_unicode=True) if line]
     assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
     assert json.loads(events[0][6:])["object"] == "chat.completion.chunk"
+    with requests.post(server.url + "/v1/chat/completions", stream=True, timeout=60,
+                       json={"messages": [user("hi")], "stream": True, "max_tokens": 4, "n": 2}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines(decode_unicode=True)
+                  if line.startswith("data: {")]
+    texts, reasons = ["", ""], [None, None]
+    for chunk in chunks:
+        choice = chunk["choices"][0]
+        texts[choice["index"]] += choice["delta"].get("content") or ""
+        reasons[choice["index"]] = choice["finish_reason"] or reasons[choice["index"]]
+    assert all(texts) and reasons == ["length", "length"]
 
 
 def test_n_seed_and_stop(server, client):
@@ -449,7 +461,7 @@ def test_sixteen_concurrent_streams_all_complete(server):
         results = list(pool.map(lambda _: stream_text(server.url, body), range(16)))
     assert all(r == expected for r in results) and expected[1] == "length" and expected[2]
     stats = server.stats()
-    assert stats["requests_served"] == before + 17 and stats["workers"] == 1 and stats["queued_requests"] == 0
+    assert stats["requests_served"] == before + 17 and stats["workers"] == 2 and stats["queued_requests"] == 0
     assert stats["tokens_per_second"] > 0
 
 
@@ -512,6 +524,19 @@ def test_api_key_required(keyed_server):
         openai.OpenAI(base_url=srv.url + "/v1", api_key="nope", max_retries=0).models.list()
     assert requests.get(srv.url + "/health", timeout=5).status_code == 200  # liveness stays open
     assert "reachable from the network" not in srv.output()
+
+
+def test_non_streaming_client_that_gives_up_frees_the_worker(server):
+    before = server.stats()
+    with pytest.raises(requests.Timeout):
+        requests.post(server.url + "/v1/chat/completions", timeout=(5, 0.3),
+                      json={"messages": [user("go on")], "max_tokens": 2000})
+    deadline = time.time() + 30
+    while server.stats()["requests_cancelled"] == before["requests_cancelled"] and time.time() < deadline:
+        time.sleep(0.1)
+    stats = server.stats()
+    assert stats["requests_cancelled"] == before["requests_cancelled"] + 1 and stats["busy_workers"] == 0
+    assert stats["tokens_generated"] - before["tokens_generated"] < 1500
 
 
 def test_max_queue_gives_503_to_the_excess(keyed_server):
