@@ -314,19 +314,19 @@ class CompletionText:
             special(name) for name in ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>",
                                        "<|assistant_end|>", "<|python_start|>", "<|python_end|>",
                                        "<|output_start|>", "<|output_end|>")}
-        self.pending, self.shown = [], ""  # ordinary tokens since the last special one, and their shown text
+        self.pending = []  # ordinary tokens not yet shown (they end inside a UTF-8 character)
         self.in_call = False  # between `<<` and its `>>`
         self.after_python_end = False  # `=` or `>>` depends on whether the tool's output follows
         self.text = ""  # everything returned so far
 
     def _flush(self, final):
+        """The decoded pending tokens, unless (not final) they end inside a character: then wait for more. Once
+        a run of tokens decodes to whole characters it is emitted and dropped, so decoding stays linear."""
         decoded = self.tokenizer.decode(self.pending) if self.pending else ""
         if not final and decoded.endswith("\ufffd"):
             return ""  # an incomplete UTF-8 sequence: wait for the next token
-        new, self.shown = decoded[len(self.shown):], decoded
-        if final:
-            self.pending, self.shown = [], ""
-        return new
+        self.pending = []
+        return decoded
 
     def add(self, token):
         out = ""

@@ -339,7 +339,7 @@ def test_openai_client_greedy_equals_engine_and_usage(server, client, base_dir, 
     results, _ = Engine(model, tokenizer).generate_batch(prompt, max_tokens=24, temperature=0.0)
     reply = CompletionText(tokenizer)
     expected = "".join(reply.add(t) for t in results[0][len(prompt):]) + reply.finish()
-    assert expected.strip()
+    assert expected.strip() and expected == tokenizer.decode(results[0][len(prompt):])  # no special tokens here
 
     models = client.models.list()
     assert [m.id for m in models.data] == ["nanochat-sft-d2-step0"]
