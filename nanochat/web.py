@@ -591,6 +591,10 @@ class Generation:
 
     def _run(self, prompt, request, seed):
         try:
+            if getattr(self.worker.device, "type", None) == "cuda":
+                import torch
+
+                torch.cuda.set_device(self.worker.device)  # this thread's kernels go to the worker's GPU
             result = generate_completion(self.worker.engine, self.worker.tokenizer, prompt, request,
                                          emit=self._put, cancel=self.cancel, autocast=self.worker.autocast(),
                                          seed=seed)
