@@ -17,6 +17,7 @@ import time
 import pytest
 import requests
 import torch
+from tiny_checkpoint import make_tiny_checkpoint
 
 from nanochat.web import (APIError, ChatRequest, CompletionText, Limits, SamplingDefaults, StopScanner,
                           assistant_message_parts, generate_completion, network_exposure_warning, parse_json_body,
@@ -228,29 +229,22 @@ def test_engine_top_p_keeps_the_nucleus():
 
 
 def make_web_checkpoint(base_dir, tokenizer, sequence_len=2048):
-    """A tiny random GPT (2 layers, width 64) whose special tokens have zero output weights while the others
-    have large ones: replies never end by themselves (no <|assistant_end|>) and make no tool calls, so stop,
-    max_tokens and cancellation are what end them, and a reply is long enough to stop mid-stream."""
-    from nanochat.checkpoint_manager import SOURCE_DIRS, save_checkpoint
-    from nanochat.gpt import GPT, GPTConfig
+    """tests/tiny_checkpoint.py's tiny random GPT (2 layers, width 64) as an SFT checkpoint, re-saved with zero
+    output weights for the special tokens and large ones for the others: replies never end by themselves (no
+    <|assistant_end|>) and make no tool calls, so stop, max_tokens and cancellation are what end them, and a
+    reply is long enough to stop mid-stream. Loaded and saved only through checkpoint_manager's public API."""
+    from nanochat.checkpoint_manager import load_model, save_checkpoint
 
-    tokenizer.save(os.path.join(base_dir, "tokenizer"))
-    config = GPTConfig(sequence_len=sequence_len, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=2,
-                       n_kv_head=2, n_embd=64)
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cpu")
-    model.init_weights()
+    checkpoint_dir = make_tiny_checkpoint(base_dir, tokenizer, source="sft", sequence_len=sequence_len)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NANOCHAT_BASE_DIR", base_dir)
+        model, _, meta = load_model("sft", "cpu", phase="eval")
     specials = [tokenizer.encode_special(name) for name in tokenizer.get_special_tokens()]
+    torch.manual_seed(0)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("c_proj.weight"):
-                p.normal_(0.0, 0.02)
         model.lm_head.weight.normal_(0.0, 0.6)  # logits ~ N(0, 5): ordinary tokens dominate
         model.lm_head.weight[specials] = 0.0
-    meta = {"step": 0, "model_config": vars(config).copy(), "user_config": {"depth": 2}, "git_commit": "unknown"}
-    save_checkpoint(os.path.join(base_dir, SOURCE_DIRS["sft"], "d2"), 0, model.state_dict(), None, meta)
+    save_checkpoint(checkpoint_dir, meta["step"], model.state_dict(), None, meta)
 
 
 def free_port():
