@@ -63,7 +63,7 @@ def main(argv=None):
     parser.add_argument("-t", "--temperature", type=float, default=0.8, help="default temperature")
     parser.add_argument("-k", "--top_k", "--top-k", type=int, default=50, help="default top-k (0: off)")
     parser.add_argument("-m", "--max_tokens", "--max-tokens", type=int, default=512, help="default max tokens")
-    parser.add_argument("--device_type", "--device-type", type=str, default="", choices=["", "cuda", "cpu", "mps"],
+    parser.add_argument("--device_type", "--device-type", type=str, default=None, choices=["cuda", "cpu", "mps"],
                         help="cuda|cpu|mps (default: autodetect)")
     parser.add_argument("-d", "--dtype", type=str, default="bfloat16", choices=["float32", "bfloat16"],
                         help="autocast dtype (bf16 autocast applies on CUDA only)")
