@@ -9,6 +9,7 @@ Converting this project's model and tokenizer to Hugging Face transformers' `Nan
   piece that is itself a token without merging).
 - `CHAT_TEMPLATE`: Jinja that renders what render_conversation / render_for_completion produce.
 - `model_card(meta, ...)`: README.md from the checkpoint meta.
+- `write_hf_folder(folder, model, tokenizer, meta, ...)`: all of the above into one folder.
 
 Two known, documented differences from the project's tokenizer: HF recognises special-token strings typed in
 the text (chat templates rely on it; pass split_special_tokens=True for untrusted text to encode them as plain
@@ -19,6 +20,7 @@ Tests: .venv/bin/python -m pytest tests/test_export_hf.py
 """
 
 import json
+import os
 import re
 
 import torch
@@ -291,3 +293,32 @@ def model_card(meta, source, model_tag, step, num_params, dtype):
         "",
     ]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the folder
+
+def write_hf_folder(folder, model, tokenizer, meta, source, model_tag, step, dtype="bfloat16"):
+    """Write config.json, model.safetensors (weights cast to `dtype`), generation_config.json, tokenizer.json,
+    tokenizer_config.json and README.md into `folder` (created if needed). Needs `safetensors` and `tokenizers`."""
+    import safetensors.torch
+
+    os.makedirs(folder, exist_ok=True)
+    weights = hf_state_dict(model.state_dict(), getattr(torch, dtype))
+    safetensors.torch.save_file(weights, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+
+    def write_text(name, text):
+        with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
+            f.write(text)
+
+    def write_json(name, obj):
+        write_text(name, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+    write_json("config.json", hf_config(meta["model_config"], tokenizer, dtype))
+    write_json("generation_config.json", generation_config(tokenizer))
+    build_hf_tokenizer(tokenizer).save(os.path.join(folder, "tokenizer.json"))
+    write_json("tokenizer_config.json", tokenizer_config(tokenizer, meta["model_config"]["sequence_len"]))
+    write_text("README.md", model_card(meta, source, model_tag, step, model.num_params(), dtype))
+    for name in os.listdir(folder):
+        os.chmod(os.path.join(folder, name), 0o644)  # safetensors writes 0600
+    return folder

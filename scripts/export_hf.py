@@ -15,7 +15,6 @@ project's on sample text), and only then moved into place. Runs on CPU. Tests: t
 """
 
 import argparse
-import json
 import os
 import shutil
 import tempfile
@@ -25,8 +24,7 @@ import torch
 
 from nanochat.checkpoint_manager import SOURCE_DIRS, build_model, find_largest_model, find_last_step
 from nanochat.common import UserError, get_base_dir, install_error_handler, print0
-from nanochat.hf_export import (build_hf_tokenizer, generation_config, hf_config, hf_state_dict, model_card,
-                                tokenizer_config)
+from nanochat.hf_export import write_hf_folder
 
 install_error_handler()  # a UserError prints one line `error: ...` and exits with code 2
 
@@ -49,7 +47,6 @@ if args.step is not None and args.step < 0:
     parser.error(f"--step must be >= 0, got {args.step}")
 
 try:
-    import safetensors.torch
     import tokenizers  # noqa: F401
     import transformers
 except ImportError as e:
@@ -82,23 +79,7 @@ os.makedirs(parent, exist_ok=True)
 tmp_dir = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{os.path.basename(out_dir)}-")
 os.chmod(tmp_dir, 0o755)  # mkdtemp makes it private; the export is an ordinary folder
 try:
-    weights = hf_state_dict(model.state_dict(), dtype)
-    safetensors.torch.save_file(weights, os.path.join(tmp_dir, "model.safetensors"), metadata={"format": "pt"})
-
-    def write_json(name, obj):
-        with open(os.path.join(tmp_dir, name), "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-
-    write_json("config.json", hf_config(meta["model_config"], tokenizer, args.dtype))
-    write_json("generation_config.json", generation_config(tokenizer))
-    build_hf_tokenizer(tokenizer).save(os.path.join(tmp_dir, "tokenizer.json"))
-    write_json("tokenizer_config.json", tokenizer_config(tokenizer, meta["model_config"]["sequence_len"]))
-    with open(os.path.join(tmp_dir, "README.md"), "w", encoding="utf-8") as f:
-        f.write(model_card(meta, args.source, model_tag, step, model.num_params(), args.dtype))
-
-    for name in os.listdir(tmp_dir):
-        os.chmod(os.path.join(tmp_dir, name), 0o644)
+    write_hf_folder(tmp_dir, model, tokenizer, meta, args.source, model_tag, step, args.dtype)
 
     # -----------------------------------------------------------------------------
     # Check: transformers loads it and computes what this project computes on the same (rounded) weights

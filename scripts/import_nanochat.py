@@ -37,8 +37,8 @@ install_error_handler()  # a UserError prints one line `error: ...` and exits wi
 # Config (PATH may come first without a key: `import_nanochat PATH --phase base`)
 
 OPTIONS = [
-    Option("path", str, "", "nanochat checkpoint folder or nanochat base dir (also accepted as the first argument)"),
-    Option("phase", str, "", "which training phase the checkpoint is from", choices=("base", "mid", "sft")),
+    Option("path", str, None, "nanochat checkpoint folder or nanochat base dir (also accepted as the first argument)"),
+    Option("phase", str, None, "which training phase the checkpoint is from", choices=("base", "mid", "sft")),
     Option("model_tag", str, None, "in a nanochat base dir: the model tag to import (default: largest d<depth>)"),
     Option("step", int, None, "the step to import (default: the last complete one)", min=0),
     Option("output_tag", str, None, "model tag to write under (default: d<depth>)"),
