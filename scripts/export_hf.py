@@ -46,6 +46,12 @@ args = parser.parse_args()
 if args.step is not None and args.step < 0:
     parser.error(f"--step must be >= 0, got {args.step}")
 
+out_dir = os.path.abspath(args.out)
+if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise UserError(f"--out {out_dir} is a file, not a folder")
+if os.path.isdir(out_dir) and os.listdir(out_dir) and not args.overwrite:
+    raise UserError(f"--out {out_dir} is not empty: choose a new folder or pass --overwrite to replace it")
+
 try:
     import tokenizers  # noqa: F401
     import transformers
@@ -53,20 +59,18 @@ except ImportError as e:
     raise UserError(f"export_hf needs the optional `hf` extra ({e.name} is not installed): "
                     "pip install -e \".[hf]\"") from None
 
-out_dir = os.path.abspath(args.out)
-if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-    raise UserError(f"--out {out_dir} is a file, not a folder")
-if os.path.isdir(out_dir) and os.listdir(out_dir) and not args.overwrite:
-    raise UserError(f"--out {out_dir} is not empty: choose a new folder or pass --overwrite to replace it")
-
 # -----------------------------------------------------------------------------
 # Model and tokenizer
 
 t0 = time.time()
 checkpoints_dir = os.path.join(get_base_dir(), SOURCE_DIRS[args.source])
-model_tag = args.model_tag or find_largest_model(checkpoints_dir)
-checkpoint_dir = os.path.join(checkpoints_dir, model_tag)
-step = args.step if args.step is not None else find_last_step(checkpoint_dir)
+try:
+    model_tag = args.model_tag or find_largest_model(checkpoints_dir)
+    checkpoint_dir = os.path.join(checkpoints_dir, model_tag)
+    step = args.step if args.step is not None else find_last_step(checkpoint_dir)
+except FileNotFoundError as e:
+    raise UserError(f"{e}: nothing to export for -i {args.source} (train one, or import a nanochat checkpoint with "
+                    "python -m scripts.import_nanochat)") from None
 print0(f"Exporting {checkpoint_dir} step {step} as {args.dtype}")
 model, tokenizer, meta = build_model(checkpoint_dir, step, "cpu", "eval")
 dtype = getattr(torch, args.dtype)
