@@ -25,8 +25,6 @@ import re
 
 import torch
 
-from nanochat.tokenizer import SPECIAL_TOKENS
-
 # The project's norm is F.rms_norm without an eps, i.e. torch.finfo(float32).eps for the fp32 activations the
 # parity is checked on (transformers' NanoChatRMSNorm computes in fp32 too).
 RMS_NORM_EPS = torch.finfo(torch.float32).eps
@@ -166,6 +164,12 @@ def build_hf_tokenizer(tokenizer):
 # parts {"type": "text" | "python" | "python_output", "text": ...}. With add_generation_prompt a final
 # assistant message is dropped and <|assistant_start|> appended, exactly as render_for_completion does.
 CHAT_TEMPLATE = (
+    # text(): a string, or a list of {"type": "text", "text": ...} parts (the OpenAI-style form servers such as
+    # vLLM may pass for user and system messages), joined
+    "{%- macro text(content) -%}"
+    "{%- if content is string -%}{{ content }}{%- else -%}{%- for part in content -%}{{ part['text'] }}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- endmacro -%}"
     "{%- set ns = namespace(system=none) -%}"
     "{%- set msgs = messages -%}"
     "{%- if add_generation_prompt and msgs and msgs[-1]['role'] == 'assistant' -%}"
@@ -176,11 +180,11 @@ CHAT_TEMPLATE = (
     "{%- if message['role'] == 'system' -%}"
     "{%- if not loop.first -%}{{ raise_exception('a system message is only allowed as the first message') }}"
     "{%- endif -%}"
-    "{%- set ns.system = message['content'] -%}"
+    "{%- set ns.system = text(message['content']) -%}"
     "{%- elif message['role'] == 'user' -%}"
     "<|user_start|>"
     "{%- if ns.system is not none -%}{{ ns.system + '\\n\\n' }}{%- set ns.system = none -%}{%- endif -%}"
-    "{{ message['content'] }}<|user_end|>"
+    "{{ text(message['content']) }}<|user_end|>"
     "{%- elif message['role'] == 'assistant' -%}"
     "<|assistant_start|>"
     "{%- if message['content'] is string -%}{{ message['content'] }}"
@@ -210,7 +214,6 @@ def tokenizer_config(tokenizer, model_max_length):
         "add_bos_token": True,
         "clean_up_tokenization_spaces": False,
         "model_max_length": model_max_length,
-        "extra_special_tokens": [s for s in SPECIAL_TOKENS if s not in (bos, "<|assistant_end|>")],
         "chat_template": CHAT_TEMPLATE,
     }
 

@@ -272,3 +272,32 @@ def test_chat_template_equals_render_for_completion(gqa_export, tokenizer):
         assert ids == tokenizer.render_for_completion(conversation), messages
         full = _ids(hf_tok.apply_chat_template(messages, tokenize=True))
         assert full == tokenizer.render_conversation(conversation, max_tokens=None)[0], messages
+    # OpenAI-style content parts (what servers may pass for user/system messages) render as the joined text
+    parts = [{"role": "system", "content": [{"type": "text", "text": "You are terse."}]},
+             {"role": "user", "content": [{"type": "text", "text": "2+"}, {"type": "text", "text": "2?"}]}]
+    ids = _ids(hf_tok.apply_chat_template(parts, add_generation_prompt=True, tokenize=True))
+    assert ids == tokenizer.render_for_completion({"messages": [{"role": "system", "content": "You are terse."},
+                                                                {"role": "user", "content": "2+2?"}]})
+    # decoding a reply without its special tokens
+    reply = tokenizer.render_conversation(CONVERSATIONS[3])[0]
+    assert "<|" not in hf_tok.decode(reply, skip_special_tokens=True)
+
+
+def test_fast_tokenizer_matches_on_real_text_with_a_larger_vocab(data_dir):
+    """A 4096-token vocabulary trained on the mirror's pretraining text: the fast tokenizer's merges must follow
+    tiktoken's rank order on held-out documents (the shared 1024-token tokenizer has few long merges)."""
+    import pyarrow.parquet as pq
+
+    from nanochat.hf_export import build_hf_tokenizer
+    from nanochat.tokenizer import RustBPETokenizer
+
+    def texts(shard, n):
+        path = os.path.join(data_dir, "pretrain", f"shard_0000{shard}.parquet")
+        return pq.read_table(path, columns=["text"]).column("text").to_pylist()[:n]
+
+    tokenizer = RustBPETokenizer.train_from_iterator(iter(texts(0, 150)), 4096)
+    hf = build_hf_tokenizer(tokenizer)
+    held_out = texts(5, 40)
+    assert sum(len(t) for t in held_out) > 100_000
+    for text in held_out:
+        assert hf.encode(text, add_special_tokens=False).ids == tokenizer.encode(text)
