@@ -89,8 +89,8 @@ def _encoding_state_problem(state):
     missing = [k for k in ("name", "pat_str", "mergeable_ranks", "special_tokens") if k not in state]
     if missing:
         return f"missing {', '.join(missing)}"
-    if not isinstance(state["pat_str"], str):
-        return "pat_str is not a string"
+    if not isinstance(state["name"], str) or not isinstance(state["pat_str"], str):
+        return "name / pat_str are not strings"
     ranks, specials = state["mergeable_ranks"], state["special_tokens"]
     if not isinstance(ranks, dict) or not all(isinstance(k, bytes) and type(v) is int for k, v in ranks.items()):
         return "mergeable_ranks is not a {bytes: int} dict"

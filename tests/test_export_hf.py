@@ -137,6 +137,27 @@ def test_export_script_writes_a_folder_transformers_loads(tmp_path, tokenizer, m
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]
 
 
+def test_nanochat_checkpoint_imported_then_exported(tmp_path, tokenizer, monkeypatch):
+    """The whole user path: nanochat's files -> import_nanochat -> export_hf -> transformers computes the
+    logits of the original nanochat weights."""
+    import importlib
+
+    import_test = importlib.import_module("test_import_nanochat")
+    src = tmp_path / "nanochat-d2"
+    sd = import_test.write_nanochat_folder(str(src), tokenizer)
+    base = tmp_path / "base"
+    import_test.import_in_process(monkeypatch, base, src, "--phase", "sft")
+    out_dir = tmp_path / "hf"
+    export_in_process(monkeypatch, base, "--out", out_dir, "--dtype", "float32", "--verify", "0")
+    hf_model = load_hf(out_dir)
+    reference = import_test.reference_model(sd)
+    ids = torch.randint(0, tokenizer.get_vocab_size(), (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (hf_model(ids).logits - reference(ids)).abs().max().item() <= 1e-4
+    card = (out_dir / "README.md").read_text()
+    assert "imported from nanochat" in card and "| val_bpb | 1.2345 |" in card
+
+
 def test_missing_transformers_names_the_extra(tmp_path):
     code = (
         "import sys, runpy\n"
