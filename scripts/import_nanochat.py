@@ -131,8 +131,10 @@ if os.path.isdir(checkpoint_dir) and os.listdir(checkpoint_dir):
 # Write: tokenizer (text formats), then the checkpoint through the project's save_checkpoint
 
 if write_tokenizer:
+    replacing = os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json"))
     tokenizer.save(tokenizer_dir)  # ranks + json + token_bytes.npy recomputed from the raw token bytes
-    print0(f"Wrote the tokenizer to {tokenizer_dir}")
+    print0(f"Wrote the tokenizer to {tokenizer_dir}" + (" (replaced: --overwrite 1; other checkpoints of this base "
+                                                      "dir were made with the old one)" if replacing else ""))
 if src["token_bytes"]:
     mismatches = old_token_bytes_mismatches(src["token_bytes"], token_bytes)
     if mismatches:
