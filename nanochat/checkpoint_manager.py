@@ -23,7 +23,7 @@ import re
 import torch
 import torch.distributed as dist
 
-from nanochat.common import atomic_write_bytes, atomic_write_text, get_base_dir, print0
+from nanochat.common import UserError, atomic_write_bytes, atomic_write_text, get_base_dir, print0
 from nanochat.gpt import GPT, GPTConfig
 
 SOURCE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
@@ -77,7 +77,11 @@ def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
     model_data = torch.load(_model_path(checkpoint_dir, step), map_location=device, weights_only=True)
     optimizer_data = None
     if load_optimizer:
-        optimizer_data = torch.load(_optim_path(checkpoint_dir, step, rank), map_location=device, weights_only=True)
+        optim_path = _optim_path(checkpoint_dir, step, rank)
+        nanochat_optim_path = os.path.join(checkpoint_dir, f"optim_{step:06d}.pt")  # nanochat's single rank-0 file
+        if rank == 0 and not os.path.exists(optim_path) and os.path.exists(nanochat_optim_path):
+            optim_path = nanochat_optim_path
+        optimizer_data = torch.load(optim_path, map_location=device, weights_only=True)
     with open(meta_path, encoding="utf-8") as f:
         meta_data = json.load(f)
     return model_data, optimizer_data, meta_data
@@ -87,8 +91,12 @@ def build_model(checkpoint_dir, step, device, phase):
     """-> (model, tokenizer, meta_data): the GPT of the checkpoint's model_config, built on the meta device,
     allocated on `device` and loaded; model.eval() for phase 'eval', model.train() for 'train'."""
     assert phase in ("train", "eval"), f"phase must be 'train' or 'eval', got {phase!r}"
+    from nanochat.nanochat_import import missing_tokenizer_hint
     from nanochat.tokenizer import get_tokenizer  # imported here: the tokenizer module pulls in rustbpe/tiktoken
 
+    hint = missing_tokenizer_hint(get_base_dir(), checkpoint_dir)  # a nanochat folder: name the import command
+    if hint:
+        raise UserError(hint)
     device = torch.device(device)
     model_data, _, meta_data = load_checkpoint(checkpoint_dir, step, device)
     model_data = strip_compiled_prefix(model_data)

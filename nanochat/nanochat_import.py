@@ -1,0 +1,269 @@
+"""
+Reading checkpoints made by nanochat itself (karpathy/nanochat, architecture of October 2025) so that
+scripts/import_nanochat.py can write them in this project's formats.
+
+nanochat's files: `model_<step>.pt` (torch.save'd state dict), `meta_<step>.json` (step, model_config,
+user_config, metrics such as val_bpb), `optim_<step>.pt` (rank 0 optimizer state), `tokenizer.pkl` (a pickled
+tiktoken Encoding) and `token_bytes.pt`. They sit either in one flat folder (as published on the hub) or in a
+nanochat base dir (`tokenizer/` + `base_checkpoints/<tag>/`, `mid_checkpoints/`, `chatsft_checkpoints/`).
+
+Nothing here executes code from the files: tensors are read with torch.load(weights_only=True) and the
+tokenizer pickle with a restricted unpickler that only admits tiktoken's Encoding class, which it replaces by
+an inert stand-in (pickle.find_class is the only way a pickle can reach a callable).
+
+Tests: .venv/bin/python -m pytest tests/test_import_nanochat.py
+"""
+
+import glob
+import io
+import json
+import os
+import pickle
+import re
+from dataclasses import fields
+
+import torch
+
+from nanochat.common import UserError
+from nanochat.gpt import GPT, GPTConfig
+
+# nanochat's phase folders (the same names as this project's SOURCE_DIRS)
+PHASE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints"}
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # published models keep wte in bf16
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the tokenizer pickle
+
+class _PickledEncoding:
+    """Inert stand-in for tiktoken.core.Encoding while unpickling: it only records the state that pickle
+    hands to __setstate__ (tiktoken's own __setstate__ would run Encoding.__init__, or, for a state that is a
+    string, fetch a registered encoding from the network)."""
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+class _EncodingUnpickler(pickle.Unpickler):
+    ALLOWED = {("tiktoken.core", "Encoding"): _PickledEncoding}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return self.ALLOWED[(module, name)]
+        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed")
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("persistent ids are not allowed")
+
+
+def load_tiktoken_pickle(path):
+    """-> dict(name, pat_str, mergeable_ranks {bytes: int}, special_tokens {str: int}) from a pickled tiktoken
+    Encoding (nanochat's tokenizer.pkl). Anything else (another global, which is how a malicious pickle runs
+    code, or a state of the wrong shape) raises UserError before any of it is called."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        obj = _EncodingUnpickler(io.BytesIO(data)).load()
+    except pickle.UnpicklingError as e:
+        raise UserError(f"{path}: refused to load this tokenizer pickle ({e}): only a pickled tiktoken Encoding "
+                        "is accepted, and nothing else in it is ever called; re-create the file with nanochat's "
+                        "tok_train if you do not trust where it came from") from None
+    except Exception as e:  # truncated or garbage bytes
+        raise UserError(f"{path}: not a readable pickle ({type(e).__name__}: {e})") from None
+    state = getattr(obj, "state", None) if isinstance(obj, _PickledEncoding) else None
+    problem = _encoding_state_problem(state)
+    if problem:
+        raise UserError(f"{path}: not a pickled tiktoken Encoding as nanochat writes it ({problem})")
+    return {k: state[k] for k in ("name", "pat_str", "mergeable_ranks", "special_tokens")}
+
+
+def _encoding_state_problem(state):
+    """None if `state` is the dict tiktoken's Encoding.__getstate__ returns, else what is wrong with it."""
+    if isinstance(state, str):
+        return f"it refers to the registered encoding {state!r} instead of carrying its own ranks"
+    if not isinstance(state, dict):
+        return f"expected an Encoding, found {type(state).__name__}"
+    missing = [k for k in ("name", "pat_str", "mergeable_ranks", "special_tokens") if k not in state]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    if not isinstance(state["name"], str) or not isinstance(state["pat_str"], str):
+        return "name / pat_str are not strings"
+    ranks, specials = state["mergeable_ranks"], state["special_tokens"]
+    if not isinstance(ranks, dict) or not all(isinstance(k, bytes) and type(v) is int for k, v in ranks.items()):
+        return "mergeable_ranks is not a {bytes: int} dict"
+    if not isinstance(specials, dict) or not all(isinstance(k, str) and type(v) is int for k, v in specials.items()):
+        return "special_tokens is not a {str: int} dict"
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        return "ranks are not 0..n-1"
+    return None
+
+
+def tokenizer_from_pickle(path):
+    """A RustBPETokenizer equal to the pickled nanochat tokenizer (same ranks, pattern and special ids)."""
+    from nanochat.tokenizer import SPECIAL_TOKENS, RustBPETokenizer
+
+    state = load_tiktoken_pickle(path)
+    missing = [s for s in SPECIAL_TOKENS if s not in state["special_tokens"]]
+    if missing:
+        raise UserError(f"{path}: the tokenizer lacks nanochat's special tokens {', '.join(missing)}")
+    return RustBPETokenizer.from_ranks(state["mergeable_ranks"], state["pat_str"], state["special_tokens"])
+
+
+def old_token_bytes_mismatches(token_bytes_path, token_bytes):
+    """Ids where nanochat's saved token_bytes.pt differs from the recomputed byte lengths (None if unreadable).
+    nanochat's older tok_train counted len(decode([id]).encode('utf-8')): a token that is not valid UTF-8 on
+    its own (the single bytes 128-255, pieces of multi-byte characters) decodes to U+FFFD and was counted as
+    3 bytes, which skews bits-per-byte; this project recomputes the lengths from the raw token bytes."""
+    try:
+        old = torch.load(token_bytes_path, map_location="cpu", weights_only=True)
+    except Exception:
+        return None
+    if not isinstance(old, torch.Tensor) or old.shape != token_bytes.shape:
+        return None
+    return torch.nonzero(old.to(torch.int64) != token_bytes.to(torch.int64)).flatten().tolist()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# locating and reading the checkpoint
+
+def _steps(folder, prefix):
+    steps = set()
+    for path in glob.glob(os.path.join(folder, f"{prefix}_*")):
+        m = re.fullmatch(prefix + r"_(\d+)\.(pt|json)", os.path.basename(path))
+        if m:
+            steps.add(int(m.group(1)))
+    return steps
+
+
+def find_nanochat_checkpoint(path, phase, model_tag=None, step=None):
+    """Locate the files of one nanochat checkpoint. `path` is a flat folder (model_*.pt, meta_*.json,
+    tokenizer.pkl, ...) or a nanochat base dir (tokenizer/tokenizer.pkl and <phase dir>/<tag>/).
+    -> dict(checkpoint_dir, step, model, meta, optim or None, tokenizer_pkl, token_bytes or None)."""
+    if not os.path.isdir(path):
+        raise UserError(f"{path}: no such folder (give a nanochat checkpoint folder or a nanochat base dir)")
+    if os.path.exists(os.path.join(path, "tokenizer.pkl")) and _steps(path, "model"):
+        checkpoint_dir, tokenizer_dir = path, path
+    elif os.path.exists(os.path.join(path, "tokenizer", "tokenizer.pkl")):
+        tokenizer_dir = os.path.join(path, "tokenizer")
+        phase_dir = os.path.join(path, PHASE_DIRS[phase])
+        tags = sorted(t for t in os.listdir(phase_dir) if os.path.isdir(os.path.join(phase_dir, t))) \
+            if os.path.isdir(phase_dir) else []
+        if not tags:
+            raise UserError(f"{path} looks like a nanochat base dir but has no {PHASE_DIRS[phase]}/<tag>/ folder "
+                            f"for --phase {phase}")
+        if model_tag is None:
+            depths = [(int(m.group(1)), t) for t in tags if (m := re.fullmatch(r"d(\d+)", t))]
+            model_tag = max(depths)[1] if depths else tags[-1]
+        elif model_tag not in tags:
+            raise UserError(f"--model_tag {model_tag}: no {os.path.join(phase_dir, model_tag)} (found: {', '.join(tags)})")
+        checkpoint_dir = os.path.join(phase_dir, model_tag)
+    else:
+        raise UserError(f"{path}: expected nanochat files here: either model_<step>.pt + meta_<step>.json + "
+                        "tokenizer.pkl in one folder, or a nanochat base dir with tokenizer/tokenizer.pkl and "
+                        f"{PHASE_DIRS[phase]}/<tag>/")
+    complete = _steps(checkpoint_dir, "model") & _steps(checkpoint_dir, "meta")
+    if not complete:
+        raise UserError(f"{checkpoint_dir}: no step with both model_<step>.pt and meta_<step>.json")
+    if step is None:
+        step = max(complete)
+    elif step not in complete:
+        raise UserError(f"--step {step}: no model_{step:06d}.pt + meta_{step:06d}.json in {checkpoint_dir} "
+                        f"(steps found: {', '.join(str(s) for s in sorted(complete))})")
+
+    def existing(p):
+        return p if os.path.exists(p) else None
+
+    return {
+        "checkpoint_dir": checkpoint_dir,
+        "step": step,
+        "model": os.path.join(checkpoint_dir, f"model_{step:06d}.pt"),
+        "meta": os.path.join(checkpoint_dir, f"meta_{step:06d}.json"),
+        "optim": existing(os.path.join(checkpoint_dir, f"optim_{step:06d}.pt")),
+        "tokenizer_pkl": os.path.join(tokenizer_dir, "tokenizer.pkl"),
+        "token_bytes": existing(os.path.join(tokenizer_dir, "token_bytes.pt")),
+    }
+
+
+def read_meta(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read the checkpoint metadata ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("model_config"), dict):
+        raise UserError(f"{path}: no 'model_config' object in the checkpoint metadata")
+    return meta
+
+
+def read_tensors(path):
+    """torch.load(weights_only=True): plain tensors and containers only, never code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: cannot load it as a torch checkpoint of plain tensors ({first})") from None
+
+
+def _pattern(key):
+    return re.sub(r"\.\d+\.", ".*.", key)  # h.0.attn.c_q.weight and h.1... list once as h.*.attn...
+
+
+def unsupported_parts(state_dict, model_config):
+    """What in a nanochat checkpoint this project's GPT cannot represent, as a list of short descriptions
+    (empty: importable). nanochat's 2026 architecture adds value embeddings, per-layer residual/x0 lambdas,
+    smear and backout parameters and a sliding-window pattern; they are named here rather than dropped."""
+    problems = []
+    known = {f.name for f in fields(GPTConfig)}
+    extra_cfg = sorted(set(model_config) - known)
+    if extra_cfg:
+        problems.append("meta model_config keys " + ", ".join(extra_cfg))
+    missing_cfg = sorted(known - set(model_config))
+    if missing_cfg:
+        problems.append("meta model_config lacks " + ", ".join(missing_cfg))
+    if problems:
+        return problems
+    try:
+        config = GPTConfig(**{k: int(v) for k, v in model_config.items()})
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items()}
+    except (TypeError, ValueError, AssertionError) as e:
+        return [f"model_config {model_config} is not a valid model ({e})"]
+    extra = sorted({_pattern(k) for k in state_dict if k not in expected})
+    missing = sorted({_pattern(k) for k in expected if k not in state_dict})
+    if extra:
+        problems.append("weights " + ", ".join(extra))
+    if missing:
+        problems.append("missing weights " + ", ".join(missing))
+    for k, shape in expected.items():
+        v = state_dict.get(k)
+        if v is None:
+            continue
+        if not isinstance(v, torch.Tensor) or tuple(v.shape) != shape:
+            got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            problems.append(f"{k} has shape {got}, expected {shape}")
+        elif v.dtype not in _FLOAT_DTYPES:
+            problems.append(f"{k} has dtype {v.dtype}")
+    return problems
+
+
+def missing_tokenizer_hint(base_dir, checkpoint_dir):
+    """For load_model: when this project's tokenizer is absent but a nanochat tokenizer.pkl is at hand (next to
+    the checkpoint, or in <base_dir>/tokenizer/), the import command that converts it; else None."""
+    from nanochat.tokenizer import META_FILE
+
+    if os.path.exists(os.path.join(base_dir, "tokenizer", META_FILE)):
+        return None
+    phase = {v: k for k, v in PHASE_DIRS.items()}.get(
+        os.path.basename(os.path.dirname(os.path.abspath(checkpoint_dir))), "base")
+    fix = "which this project does not load directly (it is a pickle); import the checkpoint first:"
+    if os.path.exists(os.path.join(checkpoint_dir, "tokenizer.pkl")):
+        return (f"{os.path.join(checkpoint_dir, 'tokenizer.pkl')} is a nanochat tokenizer, {fix} "
+                f"NANOCHAT_BASE_DIR=<new folder> python -m scripts.import_nanochat {checkpoint_dir} --phase {phase}")
+    if os.path.exists(os.path.join(base_dir, "tokenizer", "tokenizer.pkl")):
+        return (f"{os.path.join(base_dir, 'tokenizer', 'tokenizer.pkl')} is a nanochat tokenizer (this is a nanochat "
+                f"base dir), {fix} NANOCHAT_BASE_DIR=<new folder> python -m scripts.import_nanochat {base_dir} "
+                f"--phase {phase}")
+    return None

@@ -1,0 +1,372 @@
+"""
+Tests of scripts/import_nanochat.py and nanochat/nanochat_import.py on fixtures written here in nanochat's own
+formats (October 2025): a pickled tiktoken Encoding (tokenizer.pkl), a torch.save'd state dict with nanochat's
+key names (wte in bf16, as the published models), meta_<step>.json with nanochat's keys, nanochat's older
+token_bytes.pt and a single-file optim_<step>.pt.
+- import -> the imported model's logits equal the source weights' exactly; the tokenizer renders
+  conversations exactly as the original tiktoken Encoding; chat_sft trains 2 steps from the import and saves;
+- a malicious tokenizer.pkl is refused and its payload never runs; a 2026-style checkpoint is refused naming
+  its extra parts; the overwrite rules; the loading hints in checkpoint_manager.
+
+    .venv/bin/python -m pytest tests/test_import_nanochat.py
+"""
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nanochat.common import UserError
+from nanochat.gpt import GPT, GPTConfig
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = GPTConfig(sequence_len=128, vocab_size=1024, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
+STEP = 100
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def nanochat_state_dict(seed=0):
+    """Random weights under nanochat's key names, embedding stored in bf16 as in the published checkpoints."""
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = GPT(CONFIG)
+    sd = {k: torch.randn(v.shape) * 0.05 for k, v in model.state_dict().items()}
+    sd["transformer.wte.weight"] = (torch.randn(CONFIG.vocab_size, CONFIG.n_embd)).bfloat16()
+    return sd
+
+
+def write_nanochat_folder(folder, tokenizer, state_dict=None, meta_extra=None, optimizer=True):
+    """A flat folder as published on the hub: model/meta/optim of one step, tokenizer.pkl, token_bytes.pt."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "tokenizer.pkl"), "wb") as f:
+        pickle.dump(tokenizer.enc, f)  # nanochat's RustBPETokenizer.save: pickle.dump(self.enc, f)
+    # nanochat's older tok_train: len(decode([id]).encode("utf-8")), 0 for specials (bytes 128-255 count 3)
+    specials = set(tokenizer.enc._special_tokens.values())
+    old = [0 if i in specials else len(tokenizer.decode([i]).encode("utf-8")) for i in range(CONFIG.vocab_size)]
+    torch.save(torch.tensor(old, dtype=torch.int32), os.path.join(folder, "token_bytes.pt"))
+    sd = state_dict if state_dict is not None else nanochat_state_dict()
+    torch.save(sd, os.path.join(folder, f"model_{STEP:06d}.pt"))
+    meta = {"step": STEP, "val_bpb": 1.2345, "model_config": vars(CONFIG).copy(),
+            "user_config": {"run": "d2", "depth": 2}, "device_batch_size": 4, "max_seq_len": 128}
+    meta.update(meta_extra or {})
+    with open(os.path.join(folder, f"meta_{STEP:06d}.json"), "w") as f:
+        json.dump(meta, f)
+    if optimizer:
+        torch.save([{"state": {0: {"exp_avg": torch.ones(3)}}, "param_groups": []}],
+                   os.path.join(folder, f"optim_{STEP:06d}.pt"))
+    return sd
+
+
+def run_import(base_dir, *args):
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "scripts.import_nanochat", *map(str, args)], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def import_in_process(monkeypatch, base_dir, *args):
+    """Run the script in this process (no interpreter start-up): -> its stdout; a refusal raises UserError."""
+    import contextlib
+    import io
+    import runpy
+
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base_dir))
+    monkeypatch.setattr(sys, "argv", ["import_nanochat", *map(str, args)])
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # the script installs its handler; put it back after
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        runpy.run_module("scripts.import_nanochat", run_name="__main__")
+    return buf.getvalue()
+
+
+def reference_model(state_dict):
+    """The project's GPT with the source weights loaded directly (no import in between)."""
+    with torch.device("meta"):
+        model = GPT(CONFIG)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    model.load_state_dict(state_dict)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("import")
+    src = root / "nanochat-d2"
+    sd = write_nanochat_folder(str(src), tokenizer)
+    out = run_import(root / "base", src, "--phase", "base")
+    assert out.returncode == 0, out.stderr
+    return {"root": root, "src": src, "base": root / "base", "sd": sd, "stdout": out.stdout}
+
+
+def test_import_summary_and_logits_equal_exactly(imported, monkeypatch):
+    from nanochat.checkpoint_manager import find_last_step, load_checkpoint, load_model
+
+    out = imported["stdout"]
+    assert "depth 2, width 64, heads 4 (kv heads 2), vocab 1024, parameters 221,184, step 100" in out
+    assert "python -m scripts.chat_sft --source=base --model_tag=d2 --step=100" in out
+    assert "token_bytes.pt differs at" in out
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(imported["base"]))
+    model, tokenizer, meta = load_model("base", "cpu", "eval")
+    assert meta["source"] == "nanochat import" and meta["step"] == STEP and meta["model_config"] == vars(CONFIG)
+    assert meta["metrics"]["val_bpb"] == 1.2345
+    ref = reference_model(imported["sd"])
+    x = torch.randint(0, CONFIG.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(model(x), ref(x))
+    # the weights are stored as they came (bf16 embedding included)
+    checkpoint_dir = os.path.join(imported["base"], "base_checkpoints", "d2")
+    data, optim, _ = load_checkpoint(checkpoint_dir, find_last_step(checkpoint_dir), "cpu", load_optimizer=True)
+    for k, v in imported["sd"].items():
+        assert data[k].dtype == v.dtype and torch.equal(data[k], v), k
+    assert torch.equal(optim[0]["state"][0]["exp_avg"], torch.ones(3))
+
+
+def test_token_bytes_recomputed_from_raw_bytes(imported, monkeypatch):
+    from nanochat.tokenizer import get_token_bytes
+
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(imported["base"]))
+    new = get_token_bytes()
+    old = torch.load(imported["src"] / "token_bytes.pt", weights_only=True)
+    assert new[200].item() == 1 and old[200].item() == 3  # the single byte 0xC8: 1 byte, not U+FFFD's 3
+    assert new[ord("a")].item() == old[ord("a")].item() == 1
+    assert new[-1].item() == 0  # a special token
+
+
+CONVERSATIONS = [
+    {"messages": [{"role": "user", "content": "Hello there!"}, {"role": "assistant", "content": "Hi! How can I help?"}]},
+    {"messages": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "2+2?"},
+                  {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3*3?"},
+                  {"role": "assistant", "content": "9, obviously."}]},
+    {"messages": [{"role": "user", "content": "What is 12*34? café 日本語 🙂"},
+                  {"role": "assistant", "content": [
+                      {"type": "text", "text": "Let me compute. "},
+                      {"type": "python", "text": "12*34"},
+                      {"type": "python_output", "text": "408"},
+                      {"type": "text", "text": " It is 408."}]}]},
+    {"messages": [{"role": "user", "content": "Print <|assistant_end|> and <|bos|> literally\n\tplease"},
+                  {"role": "assistant", "content": "def f(x):\n    return x ** 2  # done\n"}]},
+]
+
+
+@pytest.mark.parametrize("max_tokens", [2048, 17, None])
+def test_render_conversation_matches_the_original_encoding(imported, tokenizer, monkeypatch, max_tokens):
+    from nanochat.tokenizer import RustBPETokenizer, get_tokenizer
+
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(imported["base"]))
+    imported_tok = get_tokenizer()
+    with open(imported["src"] / "tokenizer.pkl", "rb") as f:
+        original = RustBPETokenizer(pickle.load(f), "<|bos|>")  # trusted here: the test wrote it
+    for conversation in CONVERSATIONS:
+        got = imported_tok.render_conversation(conversation, max_tokens=max_tokens)
+        assert got == original.render_conversation(conversation, max_tokens=max_tokens)
+        assert got == tokenizer.render_conversation(conversation, max_tokens=max_tokens)
+        assert imported_tok.render_for_completion(conversation) == original.render_for_completion(conversation)
+    if max_tokens == 17:
+        assert len(got[0]) == 17
+
+
+@pytest.mark.slow
+def test_chat_sft_runs_two_steps_from_the_import(imported, tmp_path):
+    from nanochat.checkpoint_manager import find_last_step, load_checkpoint
+
+    base = tmp_path / "base"
+    shutil.copytree(imported["base"], base)
+    data = tmp_path / "chat.jsonl"
+    with open(data, "w") as f:
+        for a in range(24):
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"What is {a} plus 1?"},
+                                             {"role": "assistant", "content": f"{a} plus 1 is {a + 1}."}]}) + "\n")
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), WANDB_MODE="disabled", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "scripts.chat_sft", "--source=base", "--model_tag=d2", f"--step={STEP}",
+           "--max_iterations=2", "--device_batch_size=2", "--target_examples_per_step=4", "--max_seq_len=64",
+           "--eval_every=-1", "--eval_metrics_every=-1", f"--train_mixture=['CustomJSON:{data}']",
+           f"--val_mixture=['CustomJSON:{data}:0:8']"]
+    out = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    sft_dir = os.path.join(base, "chatsft_checkpoints", "d2")
+    assert find_last_step(sft_dir) == 2
+    weights, _, meta = load_checkpoint(sft_dir, 2, "cpu")
+    assert meta["step"] == 2
+    changed = [k for k, v in imported["sd"].items() if not torch.equal(weights[k].float(), v.float())]
+    assert changed  # it trained
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# refusals
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):  # what a malicious pickle does: call a global on load (here: create a file)
+        return (open, (self.marker, "w"))
+
+
+def test_malicious_tokenizer_pickle_is_refused(tmp_path, tokenizer):
+    from nanochat.nanochat_import import load_tiktoken_pickle
+
+    src = tmp_path / "evil"
+    write_nanochat_folder(str(src), tokenizer)
+    marker = tmp_path / "PWNED"
+    with open(src / "tokenizer.pkl", "wb") as f:
+        pickle.dump(_Payload(str(marker)), f)
+    out = run_import(tmp_path / "base", src, "--phase", "base")
+    assert out.returncode == 2
+    assert "refused to load this tokenizer pickle" in out.stderr and "not allowed" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+    assert not marker.exists()
+    assert not (tmp_path / "base" / "tokenizer").exists() and not (tmp_path / "base" / "base_checkpoints").exists()
+
+    # the payload hidden inside an otherwise genuine Encoding state is refused too
+    state = dict(tokenizer.enc.__getstate__())
+    state["special_tokens"] = dict(state["special_tokens"], evil=_Payload(str(marker)))
+
+    class FakeEncoding:
+        def __reduce__(self):
+            return (type(tokenizer.enc), (), state)  # pickled as tiktoken.core.Encoding + a state dict
+
+    path = tmp_path / "nested.pkl"
+    path.write_bytes(pickle.dumps(FakeEncoding()))
+    with pytest.raises(UserError, match="not allowed"):
+        load_tiktoken_pickle(str(path))
+    assert not marker.exists()
+    # a registered-encoding reference (tiktoken would fetch it from the network) is refused as well
+    path.write_bytes(pickle.dumps(tiktoken_reference("cl100k_base")))
+    with pytest.raises(UserError, match="registered encoding"):
+        load_tiktoken_pickle(str(path))
+
+
+def tiktoken_reference(name):
+    class Ref:
+        def __reduce__(self):  # tiktoken.core.Encoding with the state tiktoken writes for a registered encoding
+            import tiktoken.core
+
+            return (tiktoken.core.Encoding, (), name)
+
+    return Ref()
+
+
+def test_genuine_pickle_is_read_without_tiktoken_code(tmp_path, tokenizer):
+    from nanochat.nanochat_import import load_tiktoken_pickle
+
+    path = tmp_path / "tokenizer.pkl"
+    path.write_bytes(pickle.dumps(tokenizer.enc))
+    state = load_tiktoken_pickle(str(path))
+    assert state["mergeable_ranks"] == tokenizer.enc._mergeable_ranks
+    assert state["pat_str"] == tokenizer.enc._pat_str and state["special_tokens"] == tokenizer._special_ids
+
+
+def test_2026_checkpoint_is_refused_naming_its_parts(tmp_path, tokenizer, monkeypatch):
+    sd = nanochat_state_dict()
+    for i in range(CONFIG.n_layer):
+        sd[f"value_embeds.{i}.weight"] = torch.zeros(CONFIG.vocab_size, 16)
+    sd.update(resid_lambdas=torch.ones(2), x0_lambdas=torch.zeros(2), backout_lambda=torch.zeros(1))
+    sd["smear_gate.weight"] = torch.zeros(1, 24)
+    src = tmp_path / "new"
+    write_nanochat_folder(str(src), tokenizer, sd)
+    out = run_import(tmp_path / "base", src, "--phase", "base")
+    assert out.returncode == 2, out.stdout
+    err = out.stderr
+    for part in ("value_embeds.*.weight", "resid_lambdas", "x0_lambdas", "smear_gate.weight", "backout_lambda"):
+        assert part in err, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: ")
+    assert not (tmp_path / "base" / "base_checkpoints").exists() and not (tmp_path / "base" / "tokenizer").exists()
+    # nanochat 2026's meta key for sliding-window attention is named too
+    write_nanochat_folder(str(src), tokenizer, sd, meta_extra={"model_config": dict(vars(CONFIG), window_pattern="SSSL")})
+    with pytest.raises(UserError, match="window_pattern"):
+        import_in_process(monkeypatch, tmp_path / "base", src, "--phase", "base")
+
+
+def test_unsupported_parts_of_a_supported_checkpoint_is_empty():
+    from nanochat.nanochat_import import unsupported_parts
+
+    sd = nanochat_state_dict()
+    assert unsupported_parts(sd, vars(CONFIG)) == []
+    del sd["lm_head.weight"]
+    sd["transformer.h.1.attn.c_q.weight"] = torch.zeros(3, 3)
+    problems = unsupported_parts(sd, vars(CONFIG))
+    assert "missing weights lm_head.weight" in problems
+    assert any("transformer.h.1.attn.c_q.weight has shape (3, 3)" in p for p in problems)
+
+
+def test_overwrite_rules(tmp_path, tokenizer, monkeypatch):
+    from nanochat.checkpoint_manager import load_checkpoint
+    from nanochat.tokenizer import RustBPETokenizer
+
+    base = tmp_path / "base"
+    src = tmp_path / "a"
+    write_nanochat_folder(str(src), tokenizer)
+    import_in_process(monkeypatch, base, src, "--phase", "mid")
+    again = import_in_process(monkeypatch, base, src, "--phase", "mid")  # the same import again: nothing to do
+    assert "already holds this import" in again
+
+    # different weights into the same folder: refused, then replaced with --overwrite 1
+    other = tmp_path / "b"
+    sd_b = write_nanochat_folder(str(other), tokenizer, nanochat_state_dict(seed=1))
+    with pytest.raises(UserError, match=r"mid_checkpoints.*--overwrite 1"):
+        import_in_process(monkeypatch, base, other, "--phase", "mid")
+    import_in_process(monkeypatch, base, other, "--phase", "mid", "--output_tag", "other")
+    import_in_process(monkeypatch, base, other, "--phase", "mid", "--overwrite", "1")
+    data, _, _ = load_checkpoint(str(base / "mid_checkpoints" / "d2"), STEP, "cpu")
+    assert torch.equal(data["lm_head.weight"], sd_b["lm_head.weight"])
+
+    # a different tokenizer: refused (the base dir's checkpoints use the existing one)
+    small = RustBPETokenizer.from_ranks({bytes([i]): i for i in range(256)} | {b"ab": 256})
+    third = tmp_path / "c"
+    write_nanochat_folder(str(third), tokenizer)
+    with open(third / "tokenizer.pkl", "wb") as f:
+        pickle.dump(small.enc, f)
+    with pytest.raises(UserError, match="different tokenizer"):
+        import_in_process(monkeypatch, base, third, "--phase", "base")
+    assert RustBPETokenizer.from_directory(str(base / "tokenizer")).get_vocab_size() == tokenizer.get_vocab_size()
+    assert not (base / "base_checkpoints").exists()
+
+
+def test_nanochat_base_dir_layout_and_step_choice(tmp_path, tokenizer, monkeypatch):
+    nano = tmp_path / "nanochat_base"
+    ckpt = nano / "chatsft_checkpoints" / "d2"
+    write_nanochat_folder(str(ckpt), tokenizer)
+    (nano / "tokenizer").mkdir()
+    shutil.move(str(ckpt / "tokenizer.pkl"), str(nano / "tokenizer" / "tokenizer.pkl"))
+    shutil.move(str(ckpt / "token_bytes.pt"), str(nano / "tokenizer" / "token_bytes.pt"))
+    with pytest.raises(UserError, match=r"--step 7: .*steps found: 100"):
+        import_in_process(monkeypatch, tmp_path / "base", nano, "--phase", "sft", "--step", "7")
+    out = import_in_process(monkeypatch, tmp_path / "base", nano, "--phase", "sft", "--output_tag", "mine")
+    assert "python -m scripts.chat_cli -i sft -g mine -s 100" in out
+    assert (tmp_path / "base" / "chatsft_checkpoints" / "mine").is_dir()
+    with pytest.raises(UserError, match="no mid_checkpoints"):
+        import_in_process(monkeypatch, tmp_path / "base", nano, "--phase", "mid")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# loading hints in checkpoint_manager
+
+
+def test_load_model_on_a_nanochat_folder_names_the_import_command(tmp_path, tokenizer, monkeypatch):
+    from nanochat.checkpoint_manager import load_model
+
+    base = tmp_path / "base"
+    folder = base / "base_checkpoints" / "d2"
+    write_nanochat_folder(str(folder), tokenizer)  # nanochat's files copied in as they are
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
+    with pytest.raises(UserError, match=r"python -m scripts\.import_nanochat .*base_checkpoints/d2 --phase base"):
+        load_model("base", "cpu", "eval")
+
+
+def test_load_checkpoint_accepts_nanochat_single_optimizer_file(tmp_path):
+    from nanochat.checkpoint_manager import load_checkpoint, save_checkpoint
+
+    save_checkpoint(str(tmp_path), STEP, nanochat_state_dict(), None, {"step": STEP, "model_config": vars(CONFIG)})
+    torch.save([{"state": {0: {"exp_avg": torch.full((2,), 7.0)}}}], tmp_path / f"optim_{STEP:06d}.pt")
+    _, optim, _ = load_checkpoint(str(tmp_path), STEP, "cpu", load_optimizer=True, rank=0)
+    assert torch.equal(optim[0]["state"][0]["exp_avg"], torch.full((2,), 7.0))
+    with pytest.raises((FileNotFoundError, UserError)):  # rank 1 has no state in nanochat's single file
+        load_checkpoint(str(tmp_path), STEP, "cpu", load_optimizer=True, rank=1)
