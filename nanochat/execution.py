@@ -7,17 +7,19 @@ tests/test_sandbox.py (the adversarial suite; it needs bubblewrap and fails with
     result = judge_function(candidate_code, "add", test_code="def check(f):\\n    assert f(1, 2) == 3",
                             context_code=prompt)  # the verdict comes from a process the candidate cannot touch
 
-Two isolation levels (`ExecutionResult.isolation`):
+Two isolation levels (`ExecutionResult.isolation`; the `isolation` argument: "auto" picks "bwrap" when it works,
+"bwrap" raises where it does not, "guard" forces the fallback):
 
 - "bwrap" (used whenever bubblewrap works here): the interpreter runs under `bwrap` with a read-only root made of
-  /usr, /bin, /lib* and the Python installation only (no /home, /root, /work, /etc: the user's files are not
-  even visible), /dev minimal, a fresh /proc of its own PID namespace (the evaluator and every other process are
-  invisible), its own network (only a down-less loopback: nothing outside is reachable, 127.0.0.1 of the host
-  included), IPC, UTS and cgroup namespaces, and one writable place: a private tmpfs of `WORKDIR_BYTES` at its
-  working directory. `--die-with-parent` and `--new-session`: killing bwrap at the timeout ends the PID
-  namespace and with it every process the program started, setsid() or not. When the evaluator runs as root,
-  the program runs as uid 65534 (nobody) with no capabilities, so RLIMIT_NPROC (`BWRAP_MAX_PROCESSES`, threads
-  included) bounds fork bombs; otherwise bwrap's user namespace gives the same per-sandbox count.
+  /usr, /bin, /lib*, the Python installation and its venv only (no /home, /root, the repository, /etc: the
+  user's files are not even visible), /dev minimal, a fresh /proc of its own PID namespace (the evaluator and
+  every other process are invisible), its own network namespace (only its own loopback: nothing outside is
+  reachable, the host's 127.0.0.1 included), IPC, UTS and cgroup namespaces, and one writable place: a private
+  tmpfs of `WORKDIR_BYTES` at its working directory. `--die-with-parent` and `--new-session`: killing bwrap at
+  the timeout ends the PID namespace and with it every process the program started, setsid() or not. When the
+  evaluator runs as root, the program runs as uid 65534 (nobody) with no capabilities, so RLIMIT_NPROC
+  (`BWRAP_MAX_PROCESSES`, threads included) bounds fork bombs; otherwise bwrap's user namespace gives the same
+  per-sandbox count.
 - "guard" (bwrap missing, or unable to create namespaces, e.g. an unprivileged container without user
   namespaces): a child interpreter with only the in-process guard below. A loud warning is printed once. Hostile
   code escapes it (e.g. `del sys.modules['posix']; import posix` gives back fork/unlink/kill, `_io.open` writes
@@ -40,8 +42,8 @@ failed call), and the verdict is the second process's. Under "bwrap" the candida
 to the judge (separate PID namespaces and filesystems); under "guard" it can, so that verdict is forgeable too.
 What it means for HumanEval: pass@k is measured with `judge_function`; a completion counts only if the values
 its function returns satisfy the tests. It still can be "right for the wrong reason" (e.g. hard-coding the
-tested inputs), as in every HumanEval harness; results that are not plain data (numpy scalars, custom classes)
-fail, where the single-interpreter harness of nanochat/OpenAI would compare them directly.
+tested inputs), as in every HumanEval harness; results that are not plain data (numpy arrays and integers,
+custom classes, generators) fail, where the single-interpreter harness of nanochat/OpenAI would compare them directly.
 """
 
 import dataclasses
@@ -287,9 +289,9 @@ def _interpreter():
     return exe, sorted(dirs)
 
 
-def bwrap_command(workdir, python_dirs, as_root, workdir_bytes=WORKDIR_BYTES):
+def bwrap_command(bwrap, workdir, python_dirs, as_root, workdir_bytes=WORKDIR_BYTES):
     """The bwrap arguments that make the sandbox (pure; see the module docstring for what each part is for)."""
-    cmd = ["bwrap"]
+    cmd = [bwrap]
     for path in ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
         if os.path.islink(path):  # merged /usr: /bin -> usr/bin
             cmd += ["--symlink", os.readlink(path), path]
@@ -318,29 +320,34 @@ def bwrap_command(workdir, python_dirs, as_root, workdir_bytes=WORKDIR_BYTES):
 
 
 PROBE = ("import os, sys\nuid = int(sys.argv[1])\nif uid >= 0:\n    os.setgroups([])\n    os.setgid(uid)\n"
-         "    os.setuid(uid)\nopen('probe', 'w').write('ok')\nprint(open('probe').read(), len(os.listdir('/proc')) > 0)")
+         "    os.setuid(uid)\nopen('probe', 'w').write('ok')\n"
+         "print(open('probe').read(), len(os.listdir('/proc')) > 0)")
 
 
 @functools.lru_cache(maxsize=None)
 def bwrap_status():
-    """(usable, reason): whether bwrap can build the sandbox here, tried once per process with a tiny program."""
-    if shutil.which("bwrap") is None:
-        return False, "bwrap is not installed (Debian/Ubuntu: apt-get install bubblewrap)"
+    """(bwrap path or None, reason): whether bwrap can build the sandbox here, tried once per process with a
+    tiny program (None: not installed, or it cannot create its namespaces; the reason says which)."""
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        return None, "bwrap is not installed (Debian/Ubuntu: apt-get install bubblewrap)"
     workdir = tempfile.mkdtemp(prefix="nanochat_probe_")
     exe, dirs = _interpreter()
     as_root = os.geteuid() == 0
-    cmd = bwrap_command(workdir, dirs, as_root) + [exe, "-I", "-c", PROBE, str(SANDBOX_UID if as_root else -1)]
+    cmd = bwrap_command(bwrap, workdir, dirs, as_root) + [exe, "-I", "-c", PROBE, str(SANDBOX_UID if as_root else -1)]
     try:
         proc = subprocess.run(cmd, capture_output=True, timeout=30, env=_scrubbed_env(workdir),
                               stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired) as e:
-        return False, f"bwrap failed to start: {e}"
+        return None, f"{bwrap} failed to start: {e}"
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     if proc.returncode != 0 or proc.stdout.split() != [b"ok", b"True"]:
         why = (proc.stderr.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
-        return False, f"bwrap cannot create its sandbox here (exit {proc.returncode}: {why})"
-    return True, "bubblewrap: read-only system dirs, private tmpfs, no network, own PID/IPC/UTS namespaces"
+        return None, (f"{bwrap} cannot create its sandbox here (exit {proc.returncode}: {why}; in Docker allow "
+                      "namespaces with --security-opt seccomp=unconfined --security-opt apparmor=unconfined, on "
+                      "Ubuntu 24.04 allow unprivileged user namespaces for bwrap)")
+    return bwrap, f"{bwrap}: read-only system dirs, private tmpfs, no network, own PID/IPC/UTS namespaces"
 
 
 @functools.lru_cache(maxsize=None)
@@ -356,8 +363,8 @@ def resolve_isolation(isolation="auto"):
         raise ValueError(f"isolation must be one of auto, {', '.join(ISOLATION_LEVELS)}; got {isolation!r}")
     if isolation == "guard":
         return "guard"
-    usable, reason = bwrap_status()
-    if usable:
+    bwrap, reason = bwrap_status()
+    if bwrap is not None:
         return "bwrap"
     if isolation == "bwrap":
         raise RuntimeError(f"isolation='bwrap' requested but {reason}")
@@ -416,7 +423,7 @@ class _Child:
                "entry_point": entry_point, "call_fd": call_fd, "reply_fd": reply_fd, "max_reply": MAX_REPLY_BYTES}
         cmd = [exe, "-I", "-B", "-X", "utf8", "-c", HARNESS, json.dumps(cfg)]
         if isolation == "bwrap":
-            cmd = bwrap_command(self.workdir, dirs, as_root) + cmd
+            cmd = bwrap_command(bwrap_status()[0], self.workdir, dirs, as_root) + cmd
         fds = tuple(fd for fd in (status_w, call_fd, reply_fd) if fd is not None)
         try:
             # start_new_session: one killpg ends the child (under bwrap: bwrap, whose death ends the namespace)
@@ -433,7 +440,8 @@ class _Child:
         status_pipe = os.fdopen(status_r, "rb")
         self.readers = [threading.Thread(target=_drain, args=(s, c, n), daemon=True)
                         for s, c, n in ((self.proc.stdout, self.out, max_output_bytes),
-                                        (self.proc.stderr, self.err, max_output_bytes), (status_pipe, self.status, 65536))]
+                                        (self.proc.stderr, self.err, max_output_bytes),
+                                        (status_pipe, self.status, 65536))]
         for t in self.readers:
             t.start()
         try:

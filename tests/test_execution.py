@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from nanochat import execution
 from nanochat.execution import ExecutionResult, execute_code, judge_function
 
 
@@ -150,7 +151,8 @@ TESTS = ("def check(candidate):\n"
          "    assert candidate([3, 1, 3]) == ((1, 3), {1, 3}, {3: 2, 1: 1})\n"
          "    assert type(candidate([2])[0]) is tuple and math.isclose(candidate([0.5])[0][0], 0.5)\n"
          "check(stats)\n")
-RIGHT = "def stats(xs):\n    print('called', flush=True)\n    return (min(xs), max(xs)), set(xs), {x: xs.count(x) for x in xs}\n"
+RIGHT = ("def stats(xs):\n    print('called', flush=True)\n"
+         "    return (min(xs), max(xs)), set(xs), {x: xs.count(x) for x in xs}\n")
 
 
 def test_judge_passes_a_right_function_and_keeps_types(isolation):
@@ -178,3 +180,37 @@ def test_judge_times_out_on_a_hanging_candidate(isolation):
     r = judge_function("def stats(xs):\n    while True:\n        pass\n", "stats", TESTS, CONTEXT, timeout=1.0,
                        isolation=isolation)
     assert r.timeout and not r.success and time.time() - t0 < 4.0, r
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Where bwrap cannot create its namespaces: the guard, said loudly once; isolation="bwrap" refuses to run
+
+
+@pytest.fixture
+def fresh_probe():
+    execution.bwrap_status.cache_clear()
+    execution._warn_guard_only.cache_clear()
+    yield
+    execution.bwrap_status.cache_clear()  # the next tests probe the real bwrap again
+    execution._warn_guard_only.cache_clear()
+
+
+def test_unusable_bwrap_falls_back_to_the_guard_loudly_once(tmp_path, monkeypatch, capsys, fresh_probe):
+    fake = tmp_path / "bwrap"  # what bwrap says in a container that forbids namespaces
+    fake.write_text("#!/bin/sh\necho 'bwrap: Creating new namespace failed: Operation not permitted' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    for _ in range(2):
+        r = execute_code("print(6 * 7)")
+        assert r.success and r.stdout == "42\n" and r.isolation == "guard", r
+    err = capsys.readouterr().err
+    assert err.count("WARNING") == 1 and "Creating new namespace failed" in err and "guard ONLY" in err, err
+    with pytest.raises(RuntimeError, match="Creating new namespace failed"):
+        execute_code("print(1)", isolation="bwrap")
+    assert execution.describe_isolation().startswith("guard (in-process guard only")
+
+
+def test_missing_bwrap_is_named(monkeypatch, fresh_probe):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(RuntimeError, match="bwrap is not installed .*apt-get install bubblewrap"):
+        execute_code("print(1)", isolation="bwrap")

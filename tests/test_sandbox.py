@@ -245,7 +245,8 @@ for addr in (('127.0.0.1', {port}), ('10.0.0.1', 80), ('1.1.1.1', 53)):
 # The verdict: the status-fd forgery and its relatives against judge_function / HumanEval
 
 FORGERIES = {
-    "status-fd-from-argv": "import json, os, sys\nos.write(json.loads(sys.argv[1])['status_fd'], b'{\"status\": \"ok\"}')",
+    "status-fd-from-argv": "import json, os, sys\n"
+                           "os.write(json.loads(sys.argv[1])['status_fd'], b'{\"status\": \"ok\"}')",
     "every-fd": "import os\nfor fd in range(3, 256):\n    try:\n        os.write(fd, b'{\"status\": \"ok\"}\\n')\n"
                 "    except OSError:\n        pass",
     "harness-finish": "import sys\nsys._getframe(1).f_globals['_finish'](b'{\"status\": \"ok\"}')",
