@@ -23,7 +23,7 @@ Two isolation levels (`ExecutionResult.isolation`; the `isolation` argument: "au
 - "guard" (bwrap missing, or unable to create namespaces, e.g. an unprivileged container without user
   namespaces): a child interpreter with only the in-process guard below. A loud warning is printed once. Hostile
   code escapes it (e.g. `del sys.modules['posix']; import posix` gives back fork/unlink/kill, `_io.open` writes
-  anywhere the user can); it only protects against accidents.
+  anywhere the user can; run as root, RLIMIT_NPROC does not apply); it only protects against accidents.
 
 Both levels add, inside the child: a scrubbed environment (a fixed minimal env, nothing of the parent's), stdin
 /dev/null, stdout/stderr captured and capped at `max_output_bytes`, RLIMIT_AS/DATA (`maximum_memory_bytes` ->
@@ -283,13 +283,16 @@ class ExecutionResult:
 
 
 def _interpreter():
-    """The real interpreter binary (a venv's python is a symlink to it) and the directories it needs."""
-    exe = os.path.realpath(sys.executable)
-    dirs = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, os.path.dirname(os.path.dirname(exe)))}
-    return exe, sorted(dirs)
+    """The interpreter to run (this one: a venv's python keeps its packages) and the (source, path) directories
+    the sandbox must show for it: the installation, and the venv at the path the interpreter knows it by."""
+    exe = os.path.abspath(sys.executable)
+    base = os.path.realpath(sys.base_prefix)
+    binds = {base: base, os.path.dirname(os.path.dirname(os.path.realpath(exe))): None}
+    binds[os.path.realpath(sys.prefix)] = os.path.abspath(sys.prefix)  # a venv (may itself be a symlink)
+    return exe, sorted((src, dest or src) for src, dest in binds.items())
 
 
-def bwrap_command(bwrap, workdir, python_dirs, as_root, workdir_bytes=WORKDIR_BYTES):
+def bwrap_command(bwrap, workdir, python_binds, as_root, workdir_bytes=WORKDIR_BYTES):
     """The bwrap arguments that make the sandbox (pure; see the module docstring for what each part is for)."""
     cmd = [bwrap]
     for path in ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
@@ -298,8 +301,8 @@ def bwrap_command(bwrap, workdir, python_dirs, as_root, workdir_bytes=WORKDIR_BY
         elif os.path.isdir(path):
             cmd += ["--ro-bind", path, path]
     made = set()
-    for path in python_dirs:
-        if path.startswith("/usr/"):
+    for src, path in python_binds:
+        if src == path and (path + "/").startswith("/usr/"):  # already visible
             continue
         parts = path.strip("/").split("/")
         for i in range(1, len(parts)):  # traversable parents: bwrap would copy e.g. /root's mode 0700
@@ -307,7 +310,7 @@ def bwrap_command(bwrap, workdir, python_dirs, as_root, workdir_bytes=WORKDIR_BY
             if parent not in made:
                 made.add(parent)
                 cmd += ["--perms", "0755", "--dir", parent]
-        cmd += ["--ro-bind", path, path]
+        cmd += ["--ro-bind", src, path]
     cmd += ["--dev", "/dev", "--proc", "/proc",
             "--perms", "1777", "--size", str(workdir_bytes), "--tmpfs", workdir, "--chdir", workdir,
             "--die-with-parent", "--new-session"]

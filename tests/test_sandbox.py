@@ -89,7 +89,7 @@ def test_writes_outside_the_work_dir_never_land(tmp_path, opener):
 def test_the_users_files_are_invisible(tmp_path):
     secret = tmp_path / "secret.txt"
     secret.write_text("s3cr3t-file-content")
-    paths = [str(secret), os.path.abspath(__file__), REPO, "/etc/passwd"]
+    paths = [str(secret), os.path.abspath(__file__), os.path.join(REPO, "README.md"), "/etc/passwd"]
     code = "import _io, os\n" + f"for p in {paths!r}:\n" + \
            "    try:\n        print('SAW', p, os.listdir(p) if os.path.isdir(p) else _io.open(p).read())\n" \
            "    except OSError as e:\n        print('hidden', p, type(e).__name__)\n"
