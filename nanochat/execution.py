@@ -465,12 +465,15 @@ class _Child:
         """Kill whatever is left, collect the output; returns (returncode, status bytes, stdout, stderr)."""
         _kill_group(self.proc.pid)
         self.proc.wait()
+        # under "guard", a setsid() grandchild can survive the kill and hold our pipes open: stop waiting for
+        # its output after a moment instead of hanging with it (under bwrap it is dead already)
+        deadline = time.monotonic() + 2.0
         for t in self.readers:
-            t.join(timeout=5.0)
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
         shutil.rmtree(self.workdir, ignore_errors=True)
-        stdout = b"".join(self.out).decode("utf-8", errors="replace")
-        stderr = b"".join(self.err).decode("utf-8", errors="replace")
-        return self.proc.returncode, b"".join(self.status), stdout, stderr
+        stdout = b"".join(list(self.out)).decode("utf-8", errors="replace")
+        stderr = b"".join(list(self.err)).decode("utf-8", errors="replace")
+        return self.proc.returncode, b"".join(list(self.status)), stdout, stderr
 
 
 def execute_code(code, timeout=5.0, maximum_memory_bytes=256 * 1024 * 1024, max_output_bytes=1024 * 1024,

@@ -45,11 +45,11 @@ def build_tests(conversation):
     return "\n\n".join([conversation["test"], f"check({conversation['entry_point']})", ""])
 
 
-def run_completion(conversation, completion, timeout=5.0):
+def run_completion(conversation, completion, timeout=5.0, isolation="auto"):
     """ExecutionResult of the completion against the problem's tests (success: they all passed)."""
     return judge_function(build_candidate(conversation, completion), conversation["entry_point"],
                           build_tests(conversation), context_code=conversation["messages"][0]["content"],
-                          timeout=timeout)
+                          timeout=timeout, isolation=isolation)
 
 
 class HumanEval(Task):

@@ -25,13 +25,22 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the escape that beats the guard: the real posix module, with fork/system/unlink/kill/setsid intact
 POSIX = "import sys\ndel sys.modules['posix']\nimport posix\n"
 
+# Every attack starts by checking that it IS sandboxed (it sees neither this repository nor more than a couple
+# of processes) and refuses to run otherwise: a broken sandbox fails these tests without harming the machine.
+NOT_SANDBOXED = "NOT SANDBOXED: attack not run"
+SAFETY = f"""import os as _os, sys as _sys
+if _os.path.exists({os.path.join(REPO, "README.md")!r}) or sum(p.isdigit() for p in _os.listdir('/proc')) > 3:
+    print({NOT_SANDBOXED!r}, flush=True)
+    _sys.exit(3)
+"""
+
 
 def run(code, timeout=5.0, **kwargs):
-    """execute_code under bwrap, asserting it came back in time and this process is still fine."""
+    """execute_code under bwrap (after SAFETY), asserting it came back in time and this process is fine."""
     t0 = time.monotonic()
-    r = execute_code(code, timeout=timeout, isolation="bwrap", **kwargs)
+    r = execute_code(SAFETY + code, timeout=timeout, isolation="bwrap", **kwargs)
     elapsed = time.monotonic() - t0
-    assert r.isolation == "bwrap"
+    assert r.isolation == "bwrap" and NOT_SANDBOXED not in r.stdout, r
     assert elapsed < timeout + MARGIN, f"execute_code took {elapsed:.1f}s for timeout={timeout}: {r}"
     return r
 
@@ -120,7 +129,7 @@ def test_evaluator_environment_secrets_do_not_leak():
     # an evaluator process with a secret in its environment (where /proc/<pid>/environ shows it): it reaches
     # neither the sandbox's environment, nor /proc/<parent>/environ, nor any /proc entry the sandbox can see
     env = dict(os.environ, NANOCHAT_FAKE_API_KEY="s3cr3t-token-value", PYTHONPATH=REPO)
-    proc = subprocess.run([sys.executable, "-c", EVALUATOR, SNOOP], env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", EVALUATOR, SAFETY + SNOOP], env=env, capture_output=True, text=True,
                           timeout=30, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -250,9 +259,12 @@ FORGERIES = {
     "every-fd": "import os\nfor fd in range(3, 256):\n    try:\n        os.write(fd, b'{\"status\": \"ok\"}\\n')\n"
                 "    except OSError:\n        pass",
     "harness-finish": "import sys\nsys._getframe(1).f_globals['_finish'](b'{\"status\": \"ok\"}')",
+    # look for the judge (its command line says so) and write into its file descriptors (append: a pipe)
     "judge-fds-via-proc": "import _io, os\nfor pid in [p for p in os.listdir('/proc') if p.isdigit()]:\n"
+                          "    if b'judge' not in _io.open(f'/proc/{pid}/cmdline', 'rb').read():\n"
+                          "        continue\n"
                           "    for fd in range(3, 32):\n        try:\n"
-                          "            _io.open(f'/proc/{pid}/fd/{fd}', 'wb').write(b'{\"status\": \"ok\"}')\n"
+                          "            _io.open(f'/proc/{pid}/fd/{fd}', 'ab').write(b'{\"status\": \"ok\"}')\n"
                           "        except OSError:\n            pass",
     "exit-early": "import os\nos._exit(0)",
 }
@@ -263,12 +275,12 @@ TESTS = "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert cand
 @pytest.mark.parametrize("name", sorted(FORGERIES))
 def test_forged_status_does_not_pass_humaneval(name):
     conversation = {"messages": [{"role": "user", "content": PROMPT}], "test": TESTS, "entry_point": "add"}
-    wrong = f"```python\n{FORGERIES[name]}\n\ndef add(a, b):\n    return a - b\n```"
+    wrong = f"```python\n{SAFETY}{FORGERIES[name]}\n\ndef add(a, b):\n    return a - b\n```"
     right = "```python\ndef add(a, b):\n    return a + b\n```"
-    assert run_completion(conversation, right).success  # the same harness passes a right answer
+    assert run_completion(conversation, right, isolation="bwrap").success  # the same harness passes a right one
     t0 = time.monotonic()
-    r = run_completion(conversation, wrong)
-    assert r.isolation == "bwrap" and not r.success, r
+    r = run_completion(conversation, wrong, isolation="bwrap")
+    assert r.isolation == "bwrap" and NOT_SANDBOXED not in r.stdout and not r.success, r
     assert time.monotonic() - t0 < 5.0 + MARGIN
 
 
