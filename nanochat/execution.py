@@ -355,9 +355,11 @@ def bwrap_status():
 
 @functools.lru_cache(maxsize=None)
 def _warn_guard_only(reason):
+    who = ("ROOT: every file and process on this machine" if os.geteuid() == 0
+           else "the files, processes and network of this user")
     print(f"WARNING: nanochat.execution: {reason}. Model-written code runs with the in-process guard ONLY, which "
-          "hostile code can escape (files, processes, network of this user are reachable). Install bubblewrap "
-          "(apt-get install bubblewrap) or run in a container/VM you can throw away.", file=sys.stderr, flush=True)
+          f"hostile code can escape, and then reaches {who}. Install bubblewrap (apt-get install bubblewrap) "
+          "or run in a container/VM you can throw away.", file=sys.stderr, flush=True)
 
 
 def resolve_isolation(isolation="auto"):
