@@ -19,6 +19,7 @@ from nanochat.checkpoint_manager import load_model
 from nanochat.common import (autocast_ctx, autodetect_device_type, compute_cleanup, compute_init,
                              install_error_handler, print0)
 from nanochat.engine import Engine
+from nanochat.execution import describe_isolation
 from nanochat.report import get_report
 
 install_error_handler()  # a UserError prints one line `error: ...` and exits with code 2
@@ -65,6 +66,8 @@ def main(argv=None):
     # ------------------------------------------------------------------------------------------------------
     # Evaluate
 
+    if "HumanEval" in task_names:  # model-written code runs on this machine: say how it is isolated
+        print0(f"Code sandbox for HumanEval: {describe_isolation()}")
     results = {}
     for task_name in task_names:
         with autocast_ctx(device_type, args.dtype), torch.no_grad():

@@ -1,14 +1,16 @@
 """
 HumanEval (openai/openai_humaneval, 164 problems, split test): write a Python function from its signature and
 docstring. Generative: the user message is the prompt, the reference assistant message is prompt + canonical
-solution. `evaluate` builds a program from the prompt's imports, the completion's code (its first fenced
-python block if it has one, else the whole completion), the tests and `check(entry_point)`, and runs it in the
-sandbox (nanochat.execution.execute_code). Tests: tests/test_tasks.py.
+solution. `evaluate` runs the candidate program (the prompt's imports + the completion's code: its first fenced
+python block if it has one, else the whole completion) in one sandbox, and the prompt, the tests and
+`check(entry_point)` in another that calls the candidate's function through a pipe; the verdict is the tests'
+process's, which the completion cannot write (nanochat.execution.judge_function; nanochat ran everything in
+one interpreter, where a completion can forge a pass). Tests: tests/test_tasks.py, tests/test_sandbox.py.
 """
 
 import re
 
-from nanochat.execution import execute_code
+from nanochat.execution import judge_function
 from tasks.common import Task, load_rows
 
 FENCED_RE = re.compile(r"```(?:python|py|Python)?[ \t]*\n(.*?)```", re.DOTALL)
@@ -32,11 +34,22 @@ def extract_program(completion):
     return match.group(1) if match else completion
 
 
-def build_program(conversation, completion):
-    """The program evaluate() runs: imports + completion code + tests + check(entry_point)."""
+def build_candidate(conversation, completion):
+    """The untrusted program: the prompt's imports + the completion's code (it must define the entry point)."""
     imports = extract_imports(conversation["messages"][0]["content"])
-    return "\n\n".join([imports, extract_program(completion), conversation["test"],
-                        f"check({conversation['entry_point']})", ""])
+    return "\n\n".join([imports, extract_program(completion), ""])
+
+
+def build_tests(conversation):
+    """The trusted tests: the problem's `check` and the call that runs it on the entry point."""
+    return "\n\n".join([conversation["test"], f"check({conversation['entry_point']})", ""])
+
+
+def run_completion(conversation, completion, timeout=5.0, isolation="auto"):
+    """ExecutionResult of the completion against the problem's tests (success: they all passed)."""
+    return judge_function(build_candidate(conversation, completion), conversation["entry_point"],
+                          build_tests(conversation), context_code=conversation["messages"][0]["content"],
+                          timeout=timeout, isolation=isolation)
 
 
 class HumanEval(Task):
@@ -64,4 +77,4 @@ class HumanEval(Task):
 
     def evaluate(self, conversation, completion):
         """True if the completion's code passes the problem's tests in the sandbox."""
-        return execute_code(build_program(conversation, completion), timeout=self.timeout).success
+        return run_completion(conversation, completion, timeout=self.timeout).success

@@ -215,6 +215,7 @@ def test_chat_eval_script_all_tasks_and_torchrun(tiny_sft_base_dir, data_dir):
     proc = subprocess.run([sys.executable, "-m", "scripts.chat_eval", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Code sandbox for HumanEval: bwrap (" in proc.stdout, proc.stdout[-3000:]  # the isolation it got
     single = {}
     for name in TASK_NAMES:
         m = re.search(ACC_LINE.format(re.escape(name)), proc.stdout)
