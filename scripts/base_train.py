@@ -85,6 +85,7 @@ OPTIONS = [
     Option("resume", str, "0", "0: fresh run; 1: continue the run in the output folder from its last resumable "
                                "checkpoint (fresh if the folder is empty); or a checkpoint folder to continue from"),
 ]
+script_start = time.time()  # the stage's wall-clock time goes into its report section
 config = load_config(OPTIONS, description=__doc__)
 
 # -----------------------------------------------------------------------------
@@ -381,7 +382,7 @@ report.log(section="Base model training", data=[
         "Total training time (min)": loop_state["total_training_time"] / 60,
         "Peak memory usage (MiB)": get_max_memory() / 1024 / 1024,
     },
-])
+], duration_s=time.time() - script_start)
 report.log_series("Base model training", "train_loss", loss_series["train_steps"], loss_series["train_loss"])
 if loss_series["val_steps"]:
     report.log_series("Base model training", "val_bpb", loss_series["val_steps"], loss_series["val_bpb"])

@@ -81,6 +81,7 @@ OPTIONS = [
            "mixture entries that are dropped (with a warning) when their data cannot be loaded"),
     Option("max_conversation_tokens", int, 2048, "longer rendered conversations are truncated"),
 ]
+script_start = time.time()  # the stage's wall-clock time goes into its report section
 config = load_config(OPTIONS, description=__doc__)
 
 # -----------------------------------------------------------------------------
@@ -300,7 +301,7 @@ report.log(section="Midtraining", data=[
     {"Minimum validation bpb": loop_state["min_val_bpb"] if val_bpb is not None else "-",
      "Final validation bpb": val_bpb if val_bpb is not None else "-",
      "Total training time (min)": loop_state["total_training_time"] / 60},
-])
+], duration_s=time.time() - script_start)
 report.log_series("Midtraining", "train_loss", loss_series["train_steps"], loss_series["train_loss"])
 if loss_series["val_steps"]:
     report.log_series("Midtraining", "val_bpb", loss_series["val_steps"], loss_series["val_bpb"])
