@@ -219,8 +219,13 @@ def resolve_checkpoint(source, model_tag=None, step=None, base_dir=None):
 
 
 def default_output_tag(output_tag, model_config):
-    """The output folder name: output_tag if given, else nanochat's d<depth> (depth of the model config)."""
-    return output_tag if output_tag else f"d{model_config['n_layer']}"
+    """The output folder name: output_tag if given (a plain folder name), else nanochat's d<depth>."""
+    if not output_tag:
+        return f"d{model_config['n_layer']}"
+    if output_tag in (".", "..") or "/" in output_tag or os.sep in output_tag:
+        raise UserError(f"output_tag = {output_tag!r}: expected a plain folder name such as 'quokka-sft' (the "
+                        f"folder is created under the phase's checkpoints folder)")
+    return output_tag
 
 
 def describe_checkpoint(checkpoint_dir, step, meta):
@@ -259,7 +264,10 @@ def _run_summary(checkpoint_dir, steps):
             meta = json.load(f)
     except (OSError, ValueError):
         meta = {}
-    saved = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(os.path.getmtime(path)))
+    try:
+        saved = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(os.path.getmtime(path)))
+    except OSError:
+        saved = "at an unknown time"
     return meta, (f"run {meta.get('run_name', 'unknown')!r} (id {meta.get('run_id', 'unknown')}), newest step "
                   f"{step} saved {saved}")
 
@@ -350,10 +358,11 @@ def prepare_run(output_dir, resume="0", overwrite=False, rank=0, world_size=1):
         return plan
 
     if steps:
-        _, who = _run_summary(output_dir, steps)
         if not overwrite:
+            _, who = _run_summary(output_dir, steps)
             raise UserError(f"output folder {output_dir} already holds checkpoints of {who}: {ways_out}")
-        if rank == 0:
+        if rank == 0:  # the other ranks only wait: they must not read files that rank 0 is removing
+            _, who = _run_summary(output_dir, steps)
             removed = remove_checkpoint_files(output_dir)
             print0(f"overwrite = 1: removed {removed} checkpoint files of {who} from {output_dir}")
     if world_size > 1 and dist.is_available() and dist.is_initialized():

@@ -27,10 +27,10 @@ from dataclasses import asdict
 
 import torch
 
-from nanochat.checkpoint_manager import (check_tokenizer, describe_checkpoint, load_checkpoint, load_run_state,
-                                         prepare_run, save_checkpoint, save_run_state, tokenizer_sha256)
-from nanochat.common import (UserError, autocast_ctx, autodetect_device_type, compute_cleanup, compute_init, get_base_dir,
-                             get_git_commit, get_peak_flops, init_wandb, install_error_handler, print0)
+from nanochat.checkpoint_manager import (check_tokenizer, default_output_tag, describe_checkpoint, load_checkpoint,
+                                         load_run_state, prepare_run, save_checkpoint, save_run_state, tokenizer_sha256)
+from nanochat.common import (UserError, autocast_ctx, autodetect_device_type, compute_cleanup, compute_init,
+                             get_base_dir, get_git_commit, get_peak_flops, init_wandb, install_error_handler, print0)
 from nanochat.config import Option, load_config
 from nanochat.core_eval import evaluate_core, find_eval_bundle
 from nanochat.dataloader import tokenizing_distributed_data_loader
@@ -105,7 +105,7 @@ wandb_run = init_wandb(config["run"], "nanochat", config, ddp_rank)
 if config["model_tag"] and config["output_tag"] and config["model_tag"] != config["output_tag"]:
     raise UserError(f"base_train: model_tag ({config['model_tag']!r}) is an alias of output_tag "
                     f"({config['output_tag']!r}); set only one of them")
-output_tag = config["output_tag"] or config["model_tag"] or f"d{config['depth']}"
+output_tag = default_output_tag(config["output_tag"] or config["model_tag"], {"n_layer": config["depth"]})
 checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", output_tag)
 plan = prepare_run(checkpoint_dir, config["resume"], config["overwrite"], ddp_rank, ddp_world_size)
 if plan.resume_dir is not None:

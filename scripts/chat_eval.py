@@ -83,7 +83,8 @@ def main(argv=None):
         print0(f"{task_name} accuracy: {100 * accuracy:.2f}%")
 
     if all(name in results for name in TASK_NAMES):
-        print0(f"ChatCORE metric: {chatcore(results):.4f}" + (f" (-x {args.max_problems})" if args.max_problems else ""))
+        subset = f" (-x {args.max_problems})" if args.max_problems else ""
+        print0(f"ChatCORE metric: {chatcore(results):.4f}{subset}")
 
     # ------------------------------------------------------------------------------------------------------
     # Report: this evaluation's tasks replace their earlier results; the other tasks keep theirs

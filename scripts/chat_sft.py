@@ -250,7 +250,8 @@ def save(step, metrics):
     meta = {"step": step, "model_config": asdict(orig_model.config), "user_config": config,
             "git_commit": get_git_commit(), "run_id": plan.run_id, "run_name": config["run"],
             "tokenizer_sha256": tokenizer_sha, "source": config["source"], "source_dir": source_dir,
-            "source_step": source_step, "num_iterations": num_iterations, "world_size": ddp_world_size, "metrics": metrics, "totals": totals}
+            "source_step": source_step, "num_iterations": num_iterations, "world_size": ddp_world_size,
+            "metrics": metrics, "totals": totals}
     save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), [opt.state_dict() for opt in optimizers],
                     meta, rank=ddp_rank)
 

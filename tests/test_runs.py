@@ -82,8 +82,8 @@ def _run(module, base_dir, args, nproc=1, expect=0, timeout=300):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", module, "--", *args]
     out = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert out.returncode == expect, \
-        f"{module} exited {out.returncode}, expected {expect}:\nSTDOUT\n{out.stdout[-4000:]}\nSTDERR\n{out.stderr[-4000:]}"
+    assert out.returncode == expect, (f"{module} exited {out.returncode}, expected {expect}:\n"
+                                      f"STDOUT\n{out.stdout[-4000:]}\nSTDERR\n{out.stderr[-4000:]}")
     return out
 
 
@@ -215,6 +215,16 @@ def test_tokenizer_hash_check(tmp_path, tokenizer):
     save_checkpoint(str(base / "mid_checkpoints" / "x"), 1, {"w": torch.zeros(1)}, None,
                     {"step": 1, "tokenizer_sha256": new_sha})
     assert checkpoints_trained_with(sha, str(base)) == [os.path.join("base_checkpoints", "d2")]
+
+
+def test_output_tag_is_a_plain_folder_name():
+    from nanochat.checkpoint_manager import default_output_tag
+
+    assert default_output_tag(None, {"n_layer": 4}) == "d4"
+    assert default_output_tag("quokka-sft", {"n_layer": 4}) == "quokka-sft"
+    for bad in ("../elsewhere", "/tmp/x", ".."):
+        with pytest.raises(UserError, match="plain folder name"):
+            default_output_tag(bad, {"n_layer": 4})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -455,3 +465,4 @@ def test_subset_eval_leaves_the_other_tasks_in_the_report(tmp_path, data_dir, to
     assert out.returncode == 0, out.stderr
     assert re.search(r"^\| ARC-Easy \| - \| - \| \d\.\d{4} \(-x 2\) \| - \|$", out.stdout, re.M), out.stdout
     assert re.search(r"^\| ARC-Challenge \| - \| - \| \d\.\d{4} \(-x 4\) \| - \|$", out.stdout, re.M)
+
