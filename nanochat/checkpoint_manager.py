@@ -4,12 +4,20 @@ Saving and loading checkpoints: model weights, per-rank optimizer state and JSON
 Layout of a checkpoint directory (e.g. <base_dir>/base_checkpoints/d20/):
     model_{step:06d}.pt              model state_dict (rank 0)
     optim_{step:06d}_rank{r}.pt      optimizer state of rank r (the distributed optimizers shard their state)
-    meta_{step:06d}.json             metadata: step, model_config, user_config, git_commit, ... (written LAST)
+    state_{step:06d}_rank{r}.pt      run state of rank r (resumable checkpoints: data position, RNG, counters, ...)
+    meta_{step:06d}.json             metadata: step, model_config, user_config, git_commit, run_id, run_name,
+                                     tokenizer_sha256, world_size, ... (written LAST)
 
 Every file is written atomically (temp file + fsync + os.replace), and the meta file is written last (after a
 barrier when a process group is up), so a step counts as complete only once its meta exists: a crash during a
 save leaves the previous step as the latest complete one (`find_last_step`). Loading never executes code:
 torch.load(weights_only=True) for tensors, json for metadata.
+
+Runs (the second half of this file): prepare_run() gives every training script, before it loads any model
+or data, its output folder (created, probed writable, refused if another run's checkpoints are there unless
+overwrite) and what to resume; save_run_state / load_run_state / find_resumable_step are the one resume
+design of base_train, mid_train and chat_sft; tokenizer_sha256 / check_tokenizer tie a checkpoint to its
+tokenizer. Tests: tests/test_runs.py.
 
 Tests: .venv/bin/python -m pytest tests/test_checkpoint.py
 """
