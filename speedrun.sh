@@ -11,6 +11,10 @@
 # Both profiles create the virtual environment .venv (or reuse a working one), write everything under
 # $NANOCHAT_BASE_DIR (default ~/.cache/nanochat), print the time of every stage, and leave the report at
 # $NANOCHAT_BASE_DIR/report/report.md (summary table, loss plots in report/plots/).
+#
+# A speedrun starts from scratch by design: every training stage gets overwrite = 1, so the tokenizer and the
+# checkpoints of an earlier run in the same $NANOCHAT_BASE_DIR are replaced (the script says so in its log)
+# and `bash speedrun.sh cpu` can run twice in a row. To keep an earlier run, use another NANOCHAT_BASE_DIR.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -22,6 +26,9 @@ fi
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
 export WANDB_RUN="${WANDB_RUN:-dummy}"  # 'dummy' disables wandb
 mkdir -p "$NANOCHAT_BASE_DIR"
+OVERWRITE=--overwrite=1  # see the header: a speedrun replaces an earlier run's tokenizer and checkpoints
+echo "speedrun: every training stage runs with overwrite = 1: the tokenizer and checkpoints of an earlier run" \
+     "in $NANOCHAT_BASE_DIR are replaced (use another NANOCHAT_BASE_DIR to keep them)"
 
 # -----------------------------------------------------------------------------
 # Python environment (idempotent: a .venv that already imports everything is reused)
@@ -67,8 +74,10 @@ print_timings() {  # to the terminal, and as a "Stage timings" section of the re
         printf "  %-16s %6ss\n" "${STAGE_NAMES[$i]}" "${STAGE_SECONDS[$i]}"
         printf -- "- %s (s): %s\n" "${STAGE_NAMES[$i]}" "${STAGE_SECONDS[$i]}" >> "$section"
     done
-    printf "  %-16s %6ss\n" "total" "$(( $(date +%s) - RUN_START ))"
-    printf -- "- total (s): %s\n" "$(( $(date +%s) - RUN_START ))" >> "$section"
+    local total=0
+    for i in "${!STAGE_SECONDS[@]}"; do total=$(( total + STAGE_SECONDS[i] )); done
+    printf "  %-16s %6ss (sum of the stages; %ss since the start)\n" "total" "$total" "$(( $(date +%s) - RUN_START ))"
+    printf -- "- total (s): %s\n" "$total" >> "$section"
 }
 
 # -----------------------------------------------------------------------------
@@ -85,7 +94,7 @@ if [ "$PROFILE" = "gpu" ]; then
     stage data_init $PY -m nanochat.dataset -n 8
     $PY -m nanochat.dataset -n 240 &
     DATASET_PID=$!
-    stage tok_train $PY -m scripts.tok_train --max_chars=2000000000
+    stage tok_train $PY -m scripts.tok_train --max_chars=2000000000 $OVERWRITE
     stage tok_eval $PY -m scripts.tok_eval
     if [ ! -d "$NANOCHAT_BASE_DIR/eval_bundle" ]; then
         curl -L -o "$NANOCHAT_BASE_DIR/eval_bundle.zip" https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip
@@ -95,12 +104,12 @@ if [ "$PROFILE" = "gpu" ]; then
     echo "Waiting for the pretraining shards..."
     wait "$DATASET_PID"
 
-    stage base_train "${TORCHRUN[@]}" -m scripts.base_train -- --depth=20 --run="$WANDB_RUN"
+    stage base_train "${TORCHRUN[@]}" -m scripts.base_train -- --depth=20 --run="$WANDB_RUN" $OVERWRITE
     stage base_loss "${TORCHRUN[@]}" -m scripts.base_loss
     stage base_eval "${TORCHRUN[@]}" -m scripts.base_eval
-    stage mid_train "${TORCHRUN[@]}" -m scripts.mid_train -- --run="$WANDB_RUN"
+    stage mid_train "${TORCHRUN[@]}" -m scripts.mid_train -- --run="$WANDB_RUN" $OVERWRITE
     stage chat_eval_mid "${TORCHRUN[@]}" -m scripts.chat_eval -- -i mid
-    stage chat_sft "${TORCHRUN[@]}" -m scripts.chat_sft -- --run="$WANDB_RUN"
+    stage chat_sft "${TORCHRUN[@]}" -m scripts.chat_sft -- --run="$WANDB_RUN" $OVERWRITE
     stage chat_eval_sft "${TORCHRUN[@]}" -m scripts.chat_eval -- -i sft
     print_timings
     $PY -m nanochat.report generate
@@ -139,23 +148,23 @@ fi
 CHAT_TASKS="ARC-Easy|ARC-Challenge|MMLU|GSM8K|HumanEval"
 
 stage report_reset $PY -m nanochat.report reset
-stage tok_train $PY -m scripts.tok_train --max_chars=$TOK_CHARS --vocab_size=$VOCAB
+stage tok_train $PY -m scripts.tok_train --max_chars=$TOK_CHARS --vocab_size=$VOCAB $OVERWRITE
 stage tok_eval $PY -m scripts.tok_eval
 stage base_train $PY -m scripts.base_train --depth=$DEPTH --aspect_ratio=$ASPECT --head_dim=$HEAD_DIM \
     --max_seq_len=$SEQ --device_batch_size=$BASE_BS --total_batch_size=$BASE_TOTAL --num_iterations=$BASE_ITERS \
     --eval_every=$(( BASE_ITERS / 5 )) --eval_tokens=$EVAL_TOKENS --sample_every=-1 --core_metric_every=-1 \
-    --run="$WANDB_RUN"
+    --run="$WANDB_RUN" $OVERWRITE
 stage base_loss $PY -m scripts.base_loss --device_batch_size=$BASE_BS --split_tokens=$SPLIT_TOKENS
 stage base_eval $PY -m scripts.base_eval --max_per_task=16
 stage mid_train $PY -m scripts.mid_train --device_batch_size=$MID_BS --total_batch_size=$MID_TOTAL \
     --num_iterations=$MID_ITERS --eval_every=$(( MID_ITERS / 3 )) --eval_tokens=$EVAL_TOKENS \
     --train_mixture='["ChitChat:train", "GSM8K:main:train"]' --val_mixture='["ChitChat:test", "GSM8K:main:test:0:100"]' \
-    --run="$WANDB_RUN"
+    --run="$WANDB_RUN" $OVERWRITE
 stage chat_eval_mid $PY -m scripts.chat_eval -i mid -a "$CHAT_TASKS" -x $EVAL_PROBLEMS -m $EVAL_TOKENS_GEN
 stage chat_sft $PY -m scripts.chat_sft --source=mid --device_batch_size=$SFT_BS \
     --target_examples_per_step=$SFT_EXAMPLES --max_iterations=$SFT_ITERS --max_seq_len=$SEQ \
     --train_mixture="$SFT_TRAIN" --val_mixture='["ChitChat:test"]' --eval_every=$(( SFT_ITERS / 2 )) --eval_steps=4 \
-    --eval_metrics_every=-1 --run="$WANDB_RUN"
+    --eval_metrics_every=-1 --run="$WANDB_RUN" $OVERWRITE
 stage chat_eval_sft $PY -m scripts.chat_eval -i sft -a "$CHAT_TASKS" -x $EVAL_PROBLEMS -m $EVAL_TOKENS_GEN
 print_timings
 $PY -m nanochat.report generate

@@ -14,8 +14,13 @@ From a script (rank 0 writes, other ranks get a DummyReport whose methods do not
     report.log_series("Base model training", "train_loss", steps, values)   # for the plots
     report.log_series("Base model training", "val_bpb", val_steps, val_values)
 
-`log(section, data)`: data is a list of dicts (written as `- key: value` lines, floats to 4 decimals) and
-strings (written as they are). Logging the same section again replaces it.
+`log(section, data, duration_s=None)`: data is a list of dicts (written as `- key: value` lines, floats to 4
+decimals) and strings (written as they are); duration_s (the stage's wall-clock seconds) is written as a
+`duration: ...` line. Logging the same section again replaces it.
+`merge_task_results(section, results)`: evaluation results are kept per task in <slug>.results.json, so an
+evaluation of a subset of the tasks updates those and keeps the others; format_task_results() renders them
+as `- Task: value` lines, a result on a subset of the problems (`-x N`) marked `(-x N)`, which the summary
+table shows too.
 `log_series(section, name, steps, values)`: stores one curve (two equal-length lists of numbers) for the
 section in <slug>.series.json; `generate` draws one PNG per section with all its curves, in
 report/plots/<slug>.png, linked from report.md. Names starting with "train" go on the left panel, the
@@ -26,6 +31,10 @@ Summary table rows (CORE, ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval, ChatC
 "metric" ("ARC-Easy", "arc_easy_acc" and "ChatCORE metric" all match). Columns read, first hit wins:
 BASE <- "Base model evaluation", "Base model training"; MID <- "Chat evaluation mid", "Midtraining";
 SFT <- "Chat evaluation sft", "Chat SFT"; RL <- "Chat evaluation rl", "Chat RL". Missing values show "-".
+
+"Total wall clock time" is the sum of the stages' times: the entries of the "Stage timings" section that
+speedrun.sh writes when there is one, else the `duration:` lines of the sections (not the time from the
+reset to the report's generation, which counts idle time between stages).
 
 Tests: tests/test_report.py.
 """
@@ -92,9 +101,13 @@ def format_value(value):
     return str(value)
 
 
-def render_section(section, data, timestamp):
-    """Markdown of one section: title, timestamp, then each item (dict -> '- key: value' lines, str as is)."""
-    lines = [f"## {section}", f"timestamp: {timestamp}", ""]
+def render_section(section, data, timestamp, duration_s=None):
+    """Markdown of one section: title, timestamp (and duration), then each item (dict -> '- key: value'
+    lines, str as is)."""
+    lines = [f"## {section}", f"timestamp: {timestamp}"]
+    if duration_s is not None:
+        lines.append(f"duration: {duration_s:.1f}s")
+    lines.append("")
     for item in data:
         if isinstance(item, dict):
             lines.extend(f"- {k}: {format_value(v)}" for k, v in item.items())
@@ -117,16 +130,59 @@ def parse_section(text):
     return timestamp, values
 
 
-def find_metric(values, metric):
-    """The float value of `metric` among a section's parsed values, or None."""
+def parse_duration(text):
+    """The `duration: 12.3s` line of a section's markdown, in seconds, or None."""
+    m = re.search(r"^duration: ([0-9.]+)s$", text, flags=re.M)
+    return float(m.group(1)) if m else None
+
+
+def parse_metric_value(text):
+    """'0.2500' -> (0.25, None); '0.2500 (-x 20)' -> (0.25, '-x 20'); not a number -> (None, None)."""
+    m = re.fullmatch(r"\s*([-+]?[0-9.]+(?:[eE][-+]?\d+)?)\s*(?:\((.*)\))?\s*", text)
+    if not m:
+        return None, None
+    try:
+        value = float(m.group(1))
+    except ValueError:
+        return None, None
+    subset = re.search(r"-x \d+", m.group(2) or "")
+    return value, (subset.group(0) if subset else None)
+
+
+def find_metric_cell(values, metric):
+    """(value, subset note or None) of `metric` among a section's parsed values, or (None, None)."""
     want = metric_name_key(metric)
     for key, value in values.items():
         if metric_name_key(key) == want:
-            try:
-                return float(value)
-            except ValueError:
-                return None
-    return None
+            return parse_metric_value(value)
+    return None, None
+
+
+def find_metric(values, metric):
+    """The float value of `metric` among a section's parsed values, or None."""
+    return find_metric_cell(values, metric)[0]
+
+
+def merge_task_results(old, new):
+    """Per-task results {task: {"value", "max_problems", "checkpoint"}}: the new ones replace the old ones of
+    the same task; tasks not evaluated again keep their old result."""
+    merged = dict(old)
+    merged.update(new)
+    return merged
+
+
+def format_task_results(results, checkpoint=None):
+    """{task: '0.2500'} lines for a section; a result on a subset is marked '(-x N)', one from another
+    checkpoint than `checkpoint` (the one just evaluated) names its own."""
+    lines = {}
+    for task, r in results.items():
+        notes = []
+        if r.get("max_problems") is not None:
+            notes.append(f"-x {r['max_problems']}")
+        if checkpoint is not None and r.get("checkpoint") not in (None, checkpoint):
+            notes.append(f"from {r['checkpoint']}")
+        lines[task] = f"{r['value']:.4f}" + (f" ({', '.join(notes)})" if notes else "")
+    return lines
 
 
 def summary_table(section_values):
@@ -135,15 +191,27 @@ def summary_table(section_values):
     for metric in SUMMARY_METRICS:
         cells = []
         for sections in SUMMARY_COLUMNS.values():
-            value = None
+            value, subset = None, None
             for section in sections:
                 if section in section_values:
-                    value = find_metric(section_values[section], metric)
+                    value, subset = find_metric_cell(section_values[section], metric)
                     if value is not None:
                         break
-            cells.append("-" if value is None else f"{value:.4f}")
+            cells.append("-" if value is None else f"{value:.4f}" + (f" ({subset})" if subset else ""))
         lines.append(f"| {metric} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def total_stage_seconds(sections):
+    """The sum of the stages' times: the "Stage timings" section's entries (speedrun.sh) except its total,
+    else the sections' `duration:` lines; None when no stage recorded its time."""
+    if "Stage timings" in sections:
+        _, values = parse_section(sections["Stage timings"])
+        times = [float(v) for k, v in values.items() if k != "total (s)" and re.fullmatch(r"[0-9.]+", v)]
+        if times:
+            return sum(times)
+    durations = [d for d in (parse_duration(text) for text in sections.values()) if d is not None]
+    return sum(durations) if durations else None
 
 
 def format_duration(seconds):
@@ -256,12 +324,24 @@ class Report:
     def _now(self):
         return datetime.datetime.now().strftime(TIME_FORMAT)
 
-    def log(self, section, data):
+    def log(self, section, data, duration_s=None):
         """Write (or replace) the markdown section; returns its path."""
         os.makedirs(self.report_dir, exist_ok=True)
         path = os.path.join(self.report_dir, slugify(section) + ".md")
-        atomic_write_text(path, render_section(section, data, self._now()))
+        atomic_write_text(path, render_section(section, data, self._now(), duration_s))
         return path
+
+    def merge_task_results(self, section, results):
+        """Merge per-task results into the section's stored ones (<slug>.results.json); returns all of them."""
+        os.makedirs(self.report_dir, exist_ok=True)
+        path = os.path.join(self.report_dir, slugify(section) + ".results.json")
+        old = {}
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                old = json.load(f)
+        merged = merge_task_results(old, results)
+        atomic_write_text(path, json.dumps(merged, indent=2))
+        return merged
 
     def log_series(self, section, name, steps, values):
         """Store one curve of `section` (for the plots); returns the series file's path."""
@@ -318,25 +398,20 @@ class Report:
         """Write report.md (header, summary table, wall-clock time, plots, sections); returns its path."""
         os.makedirs(self.report_dir, exist_ok=True)
         header_path = os.path.join(self.report_dir, HEADER_FILE)
-        start = None
         if os.path.exists(header_path):
             with open(header_path, encoding="utf-8") as f:
                 header = f.read()
-            m = re.search(r"^Run started: (.+)$", header, flags=re.M)
-            start = m.group(1).strip() if m else None
         else:
             header = "# nanochat training report\n\n(no header: run `python -m nanochat.report reset` at the start)\n"
         sections = self._sections()
         parsed = {title: parse_section(text) for title, text in sections.items()}
-        stamps = [datetime.datetime.strptime(t, TIME_FORMAT) for t, _ in parsed.values() if t]
-        if start is not None:
-            stamps.append(datetime.datetime.strptime(start, TIME_FORMAT))
 
         out = [header.rstrip(), "", f"Report generated: {self._now()}", "", "## Summary", "", summary_table({k: v for k, (_, v) in parsed.items()}), ""]
-        if len(stamps) >= 2:
-            out.append(f"Total wall clock time: {format_duration((max(stamps) - min(stamps)).total_seconds())}")
+        total = total_stage_seconds(sections)
+        if total is not None:
+            out.append(f"Total wall clock time: {format_duration(total)} (sum of the stages' times)")
         else:
-            out.append("Total wall clock time: unknown")
+            out.append("Total wall clock time: unknown (no stage recorded its time)")
         out.append("")
 
         series = self._series()
@@ -359,6 +434,9 @@ class DummyReport:
     """What non-zero ranks get: every method does nothing."""
 
     def log(self, *args, **kwargs):
+        return None
+
+    def merge_task_results(self, *args, **kwargs):
         return None
 
     def log_series(self, *args, **kwargs):

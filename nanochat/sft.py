@@ -10,7 +10,6 @@ so each off-by-one risk has a unit test: tests/test_sft.py (`python -m pytest te
 - micro_batch_loss_scale: per-token vs per-micro-batch loss normalisation (see below)
 - grad_accum_steps_for / num_sft_iterations / count_steps_bestfit: step arithmetic with clear errors
 - skip_reason: the (rank-agreed) decision to skip a NaN / out-of-memory step
-- resume_state_path / find_resumable_step / get_rng_state / set_rng_state: the per-rank resume state
 
 Mixture specs (config keys train_mixture / val_mixture, lists of strings):
 
@@ -43,14 +42,9 @@ Loss normalisation (config key loss_normalization):
 
 import dataclasses
 import difflib
-import glob
 import importlib
 import math
-import os
-import random
-import re
 
-import numpy as np
 import torch
 
 # ----------------------------------------------------------------------------------------------------------
@@ -328,46 +322,6 @@ def skip_reason(step_loss, oom_count):
     if not math.isfinite(step_loss):
         return f"non-finite loss ({step_loss})"
     return None
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Resume state files (next to the checkpoint_manager files of the same step)
-
-
-def resume_state_path(checkpoint_dir, step, rank):
-    """Per-rank resume state: data position, step, RNG states, counters."""
-    return os.path.join(checkpoint_dir, f"sft_state_{step:06d}_rank{rank}.pt")
-
-
-def find_resumable_step(checkpoint_dir, rank):
-    """The largest step in checkpoint_dir with this rank's resume state, or None."""
-    steps = []
-    for path in glob.glob(os.path.join(checkpoint_dir, f"sft_state_*_rank{rank}.pt")):
-        match = re.fullmatch(rf"sft_state_(\d+)_rank{rank}\.pt", os.path.basename(path))
-        if match:
-            steps.append(int(match.group(1)))
-    return max(steps) if steps else None
-
-
-def get_rng_state(device):
-    """torch (CPU and, on CUDA, the device's), python and numpy RNG states, for a bit-exact resume. Only
-    tensors, ints, floats and strings, so torch.load(weights_only=True) reads it back (no pickled code)."""
-    device = torch.device(device)
-    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached_gaussian],
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-
-
-def set_rng_state(state, device):
-    device = torch.device(device)
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached_gaussian = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
-    if device.type == "cuda" and state["cuda"] is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -13,9 +13,11 @@ Launch:
         --device_batch_size=16 --total_batch_size=4096 --num_iterations=250 --eval_every=50 \\
         --eval_tokens=32768 --sample_every=-1 --core_metric_every=-1                # CPU profile (~4 min)
 
-Outputs: <base_dir>/base_checkpoints/<model_tag or d<depth>>/ (model, optimizer state per rank, meta with the
-resolved config, loop state and every rank's data-loader state), the "Base model training" report section
-with the loss curves, wandb. Resume with --resume_from_step=<step of a saved checkpoint>.
+Outputs: <base_dir>/base_checkpoints/<output_tag or d<depth>>/ (model, optimizer state per rank, meta with the
+resolved config and run id, per-rank run state: data position, counters, loss series), the "Base model training" report section
+with the loss curves, wandb. With save_every = N every N-th step is resumable: resume = 1 continues the run in
+the output folder from its last one (bit-exact; same options and world size). A folder holding another run's
+checkpoints is refused before anything is loaded (resume = 1, another output_tag, or overwrite = 1).
 Tests: tests/test_pipeline.py (end to end); the pieces: tests/test_dataloader.py, tests/test_loss_eval.py.
 """
 
@@ -24,11 +26,11 @@ import time
 from dataclasses import asdict
 
 import torch
-import torch.distributed as dist
 
-from nanochat.checkpoint_manager import load_checkpoint, save_checkpoint
-from nanochat.common import (autocast_ctx, autodetect_device_type, compute_cleanup, compute_init, get_base_dir,
-                             get_git_commit, get_peak_flops, init_wandb, install_error_handler, print0)
+from nanochat.checkpoint_manager import (check_tokenizer, default_output_tag, describe_checkpoint, load_checkpoint,
+                                         load_run_state, prepare_run, save_checkpoint, save_run_state, tokenizer_sha256)
+from nanochat.common import (UserError, autocast_ctx, autodetect_device_type, compute_cleanup, compute_init,
+                             get_base_dir, get_git_commit, get_peak_flops, init_wandb, install_error_handler, print0)
 from nanochat.config import Option, load_config
 from nanochat.core_eval import evaluate_core, find_eval_bundle
 from nanochat.dataloader import tokenizing_distributed_data_loader
@@ -75,10 +77,15 @@ OPTIONS = [
     Option("core_metric_every", int, 2000, "CORE metric every this many steps and at the end, if the eval bundle exists (-1 disables)"),
     Option("core_metric_max_per_task", int, 500, "examples per CORE task (-1: all)"),
     Option("sample_every", int, 2000, "greedy samples every this many steps and at the end (-1 disables)"),
-    Option("save_every", int, -1, "checkpoint every this many steps (-1: only the final one)"),
-    Option("resume_from_step", int, -1, "resume from the checkpoint of this step (-1: fresh start)"),
-    Option("model_tag", str, None, "checkpoint directory name (default: d<depth>)"),
+    Option("save_every", int, -1, "resumable checkpoint every this many steps (-1 disables; the final one is always)"),
+    # output folder and resume
+    Option("output_tag", str, None, "output folder name under base_checkpoints/ (default: d<depth>)"),
+    Option("model_tag", str, None, "nanochat's name for output_tag in base_train (an alias; set one of the two)"),
+    Option("overwrite", int, 0, "1: replace the checkpoints of another run in the output folder", choices=(0, 1)),
+    Option("resume", str, "0", "0: fresh run; 1: continue the run in the output folder from its last resumable "
+                               "checkpoint (fresh if the folder is empty); or a checkpoint folder to continue from"),
 ]
+script_start = time.time()  # the stage's wall-clock time goes into its report section
 config = load_config(OPTIONS, description=__doc__)
 
 # -----------------------------------------------------------------------------
@@ -91,6 +98,21 @@ autocast = lambda: autocast_ctx(device_type, config["dtype"])  # noqa: E731  (a 
 synchronize = torch.cuda.synchronize if device_type == "cuda" else lambda: None
 get_max_memory = torch.cuda.max_memory_allocated if device_type == "cuda" else lambda: 0
 wandb_run = init_wandb(config["run"], "nanochat", config, ddp_rank)
+
+# -----------------------------------------------------------------------------
+# Output folder and resume, decided before the tokenizer, model or data are loaded
+
+if config["model_tag"] and config["output_tag"] and config["model_tag"] != config["output_tag"]:
+    raise UserError(f"base_train: model_tag ({config['model_tag']!r}) is an alias of output_tag "
+                    f"({config['output_tag']!r}); set only one of them")
+output_tag = default_output_tag(config["output_tag"] or config["model_tag"], {"n_layer": config["depth"]})
+checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", output_tag)
+plan = prepare_run(checkpoint_dir, config["resume"], config["overwrite"], ddp_rank, ddp_world_size)
+if plan.resume_dir is not None:
+    check_tokenizer(plan.resume_dir, plan.resume_step, plan.resume_meta)
+    print0(f"Resuming from {describe_checkpoint(plan.resume_dir, plan.resume_step, plan.resume_meta)}")
+tokenizer_sha = tokenizer_sha256()
+print0(f"Output folder: {checkpoint_dir} | run id {plan.run_id}")
 
 # -----------------------------------------------------------------------------
 # Tokenizer
@@ -117,9 +139,6 @@ if config["compile"] and device_type == "cuda":
 num_params = orig_model.num_params()
 num_flops_per_token = orig_model.estimate_flops()
 print0(f"Number of parameters: {num_params:,} | FLOPs per token: {num_flops_per_token:e}")
-
-model_tag = config["model_tag"] or f"d{depth}"
-checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag)
 
 # Batch arithmetic: rows of max_seq_len tokens; gradient accumulation makes up total_batch_size.
 device_batch_size, total_batch_size = config["device_batch_size"], config["total_batch_size"]
@@ -151,22 +170,21 @@ optimizers = orig_model.setup_optimizers(unembedding_lr=config["unembedding_lr"]
                                          matrix_lr=config["matrix_lr"], weight_decay=config["weight_decay"])
 adamw_optimizer, muon_optimizer = optimizers
 
-# Resume: model, optimizer states, loop state and this rank's data position
-resume_step = config["resume_from_step"]
-loop_state = {"min_val_bpb": float("inf"), "smooth_train_loss": 0.0, "total_training_time": 0.0,
-              "train_series": [[], []], "val_series": [[], []]}
+# Resume: model, optimizer states, counters, loss series and this rank's data position
+start_step = 0  # a checkpoint of step s holds the model before update s
+loop_state = {"min_val_bpb": float("inf"), "smooth_train_loss": 0.0, "total_training_time": 0.0}
+loss_series = {"train_steps": [], "train_loss": [], "val_steps": [], "val_bpb": []}
 loader_resume_state = None
-if resume_step >= 0:
-    model_data, optimizer_data, meta = load_checkpoint(checkpoint_dir, resume_step, device, load_optimizer=True,
-                                                       rank=ddp_rank)
+if plan.resume_dir is not None:
+    run_state = load_run_state(plan.resume_dir, plan.resume_step, ddp_rank, ddp_world_size, num_iterations, device)
+    model_data, optimizer_data, _ = load_checkpoint(plan.resume_dir, plan.resume_step, device, load_optimizer=True,
+                                                    rank=ddp_rank)
     orig_model.load_state_dict(model_data)
     for opt, opt_data in zip(optimizers, optimizer_data):
         opt.load_state_dict(opt_data)
-    assert len(meta["loader_states"]) == ddp_world_size, "resume with the same number of ranks as the saved run"
-    loader_resume_state = meta["loader_states"][ddp_rank]
-    loop_state = meta["loop_state"]
+    start_step, loader_resume_state = run_state["step"], run_state["data_state"]
+    loop_state, loss_series = run_state["counters"], run_state["loss_series"]
     del model_data, optimizer_data
-    print0(f"Resumed from {checkpoint_dir} step {resume_step}")
 
 # -----------------------------------------------------------------------------
 # Data
@@ -197,27 +215,24 @@ def every(step, period, last_step):
     return period > 0 and (last_step or step % period == 0)
 
 
-def gather_loader_states(state):
-    """Every rank's data-loader state, in rank order (collective: all ranks call it)."""
-    if ddp_world_size == 1:
-        return [state]
-    states = [None] * ddp_world_size
-    dist.all_gather_object(states, state)
-    return states
-
-
 def save(step, val_bpb):
-    loader_states = gather_loader_states(loader_state)
+    """This rank's run state (data position of the batch in hand, counters, loss series, RNG), then the model,
+    optimizer states and, last, the meta."""
+    save_run_state(checkpoint_dir, step, ddp_rank, ddp_world_size, num_iterations, loader_state, loop_state,
+                   loss_series, device)
     meta = {
         "step": step,
         "model_config": asdict(model_config),
         "user_config": config,
         "git_commit": get_git_commit(),
+        "run_id": plan.run_id,
+        "run_name": config["run"],
+        "tokenizer_sha256": tokenizer_sha,
+        "world_size": ddp_world_size,
+        "num_iterations": num_iterations,
         "val_bpb": val_bpb,
         "device_batch_size": device_batch_size,
         "max_seq_len": max_seq_len,
-        "loop_state": loop_state,
-        "loader_states": loader_states,
     }
     save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), [opt.state_dict() for opt in optimizers], meta,
                     rank=ddp_rank)
@@ -238,22 +253,22 @@ SAMPLE_PROMPTS = [
 # Training loop
 
 peak_flops = get_peak_flops(device)
-start_step = max(resume_step, 0)  # a checkpoint of step s holds the model before update s
-val_bpb = None
+val_bpb = loss_series["val_bpb"][-1] if loss_series["val_bpb"] else None  # the latest evaluation
 core_results = None
 for step in range(start_step, num_iterations + 1):
     last_step = step == num_iterations
     flops_so_far = num_flops_per_token * total_batch_size * step
 
     # once in a while: validation bits per byte
-    if every(step, config["eval_every"], last_step):
+    resumed_here = plan.resume_dir is not None and step == start_step  # evaluated before that save already
+    if every(step, config["eval_every"], last_step) and not resumed_here:
         model.eval()
         with autocast():
             val_bpb = evaluate_bpb(model, build_val_loader(), eval_steps, token_bytes)
         print0(f"Step {step:05d} | Validation bpb: {val_bpb:.4f}")
         loop_state["min_val_bpb"] = min(loop_state["min_val_bpb"], val_bpb)
-        loop_state["val_series"][0].append(step)
-        loop_state["val_series"][1].append(val_bpb)
+        loss_series["val_steps"].append(step)
+        loss_series["val_bpb"].append(val_bpb)
         wandb_run.log({"step": step, "total_training_flops": flops_so_far, "val/bpb": val_bpb})
         model.train()
 
@@ -330,8 +345,8 @@ for step in range(start_step, num_iterations + 1):
     print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.2f}%) | loss: {debiased:.6f} | "
            f"lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,}{mfu_str} | "
            f"total time: {loop_state['total_training_time'] / 60:.2f}m")
-    loop_state["train_series"][0].append(step)
-    loop_state["train_series"][1].append(train_loss_f)
+    loss_series["train_steps"].append(step)
+    loss_series["train_loss"].append(train_loss_f)
     log = {"step": step, "total_training_flops": flops_so_far, "train/loss": debiased, "train/lrm": lrm,
            "train/dt": dt, "train/tok_per_sec": tok_per_sec}
     if mfu is not None:
@@ -367,10 +382,10 @@ report.log(section="Base model training", data=[
         "Total training time (min)": loop_state["total_training_time"] / 60,
         "Peak memory usage (MiB)": get_max_memory() / 1024 / 1024,
     },
-])
-report.log_series("Base model training", "train_loss", *loop_state["train_series"])
-if loop_state["val_series"][0]:
-    report.log_series("Base model training", "val_bpb", *loop_state["val_series"])
+], duration_s=time.time() - script_start)
+report.log_series("Base model training", "train_loss", loss_series["train_steps"], loss_series["train_loss"])
+if loss_series["val_steps"]:
+    report.log_series("Base model training", "val_bpb", loss_series["val_steps"], loss_series["val_bpb"])
 
 # -----------------------------------------------------------------------------
 # Cleanup

@@ -7,20 +7,25 @@ one GPU:    python -m scripts.chat_eval -i sft -a 'ARC-Easy|GSM8K'
 tiny, CPU:  python -m scripts.chat_eval -i sft -a 'ARC-Easy|GSM8K' -x 16 -m 64
 CPU, 2 processes (gloo): torchrun --standalone --nproc_per_node=2 -m scripts.chat_eval -- -i sft -x 16
 
-The evaluation itself lives in nanochat/chat_eval.py (re-exported here as run_chat_eval).
+The evaluation itself lives in nanochat/chat_eval.py (re-exported here as run_chat_eval). Results are kept
+per task in the "Chat evaluation <source>" report section: evaluating a subset of the tasks updates those and
+keeps the others; a result on a subset of the problems (-x N) is marked "(-x N)" there and in the summary.
+ChatCORE is reported when all five tasks have a result from the same checkpoint.
 """
 
 import argparse
+import os
+import time
 
 import torch
 
 from nanochat.chat_eval import TASK_NAMES, chatcore, run_chat_eval  # noqa: F401  (re-exported)
-from nanochat.checkpoint_manager import load_model
+from nanochat.checkpoint_manager import SOURCE_DIRS, load_model, resolve_checkpoint
 from nanochat.common import (autocast_ctx, autodetect_device_type, compute_cleanup, compute_init,
                              install_error_handler, print0)
 from nanochat.engine import Engine
 from nanochat.execution import describe_isolation
-from nanochat.report import get_report
+from nanochat.report import format_task_results, get_report
 
 install_error_handler()  # a UserError prints one line `error: ...` and exits with code 2
 
@@ -29,6 +34,7 @@ def main(argv=None):
     # ------------------------------------------------------------------------------------------------------
     # Config
 
+    t_start = time.time()
     parser = argparse.ArgumentParser(description="Evaluate a chat model (ChatCORE tasks)")
     parser.add_argument("-i", "--source", type=str, required=True, choices=["base", "mid", "sft", "rl"],
                         help="which checkpoint family to load")
@@ -59,9 +65,11 @@ def main(argv=None):
     # ------------------------------------------------------------------------------------------------------
     # Model and tokenizer
 
-    model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
+    checkpoint_dir, step = resolve_checkpoint(args.source, args.model_tag, args.step)
+    model_tag = os.path.basename(checkpoint_dir)
+    model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=model_tag, step=step)
     engine = Engine(model, tokenizer)
-    print0(f"Loaded {args.source} model (step {meta.get('step')}) on {device}")
+    checkpoint = f"{SOURCE_DIRS[args.source]}/{model_tag} step {step}"  # names the results in the report
 
     # ------------------------------------------------------------------------------------------------------
     # Evaluate
@@ -77,21 +85,29 @@ def main(argv=None):
         results[task_name] = accuracy
         print0(f"{task_name} accuracy: {100 * accuracy:.2f}%")
 
-    chatcore_metric = None
     if all(name in results for name in TASK_NAMES):
-        chatcore_metric = chatcore(results)
-        print0(f"ChatCORE metric: {chatcore_metric:.4f}")
+        subset = f" (-x {args.max_problems})" if args.max_problems else ""
+        print0(f"ChatCORE metric: {chatcore(results):.4f}{subset}")
 
     # ------------------------------------------------------------------------------------------------------
-    # Report
+    # Report: this evaluation's tasks replace their earlier results; the other tasks keep theirs
 
-    settings = {"source": args.source, "model_tag": args.model_tag, "step": meta.get("step"),
-                "temperature": args.temperature, "num_samples": args.num_samples,
-                "max_new_tokens": args.max_new_tokens, "max_problems": args.max_problems}
-    data = [settings, dict(results)]
-    if chatcore_metric is not None:
-        data.append({"ChatCORE metric": chatcore_metric})
-    get_report().log(section=f"Chat evaluation {args.source}", data=data)
+    section = f"Chat evaluation {args.source}"
+    report = get_report()
+    new = {name: {"value": value, "max_problems": args.max_problems, "checkpoint": checkpoint}
+           for name, value in results.items()}
+    merged = report.merge_task_results(section, new)
+    if merged is not None:  # rank 0
+        settings = {"source": args.source, "checkpoint": checkpoint, "run": meta.get("run_name", "unknown"),
+                    "temperature": args.temperature, "num_samples": args.num_samples,
+                    "max_new_tokens": args.max_new_tokens, "max_problems": args.max_problems}
+        data = [settings, format_task_results(merged, checkpoint)]
+        same_checkpoint = {merged[n]["checkpoint"] for n in TASK_NAMES if n in merged} == {checkpoint}
+        if all(name in merged for name in TASK_NAMES) and same_checkpoint:
+            subsets = sorted({merged[n]["max_problems"] for n in TASK_NAMES} - {None})
+            note = f" (-x {', '.join(map(str, subsets))})" if subsets else ""
+            data.append({"ChatCORE metric": f"{chatcore({n: merged[n]['value'] for n in TASK_NAMES}):.4f}{note}"})
+        report.log(section=section, data=data, duration_s=time.time() - t_start)
 
     # ------------------------------------------------------------------------------------------------------
     # Cleanup

@@ -29,12 +29,12 @@ Differences from the guide, on purpose:
 - packing = "bestfit": a step is target_examples_per_step ROWS of max_seq_len + 1 tokens, each holding as
   many whole conversations as fit; num_iterations then counts the steps that cover num_epochs epochs.
 
-Outputs: <base_dir>/chatsft_checkpoints/<model_tag or d<depth>>/ (model, per-rank optimizer state, meta with
-the resolved config and final metrics, per-rank resume state), the "Chat SFT" report section, wandb.
+Outputs: <base_dir>/chatsft_checkpoints/<output_tag or d<depth>>/ (model, per-rank optimizer state, meta with
+the resolved config, run id and final metrics, per-rank run state), the "Chat SFT" report section, wandb.
+A folder holding another run's checkpoints is refused (resume = 1, another output_tag, or overwrite = 1).
 Tests: tests/test_chat_sft.py (end to end, subprocesses) and tests/test_sft.py (the pure functions).
 """
 
-import io
 import os
 import random
 import time
@@ -45,17 +45,18 @@ import torch
 import torch.distributed as dist
 
 from nanochat.chat_eval import CATEGORICAL_TASKS, TASK_NAMES, run_chat_eval
-from nanochat.checkpoint_manager import build_model, load_checkpoint, load_model, save_checkpoint
-from nanochat.common import (atomic_write_bytes, autocast_ctx, autodetect_device_type, compute_cleanup, compute_init,
+from nanochat.checkpoint_manager import (build_model, check_tokenizer, default_output_tag, describe_checkpoint,
+                                         load_checkpoint, load_run_state, prepare_run, read_meta, resolve_checkpoint,
+                                         save_checkpoint, save_run_state, tokenizer_sha256)
+from nanochat.common import (autocast_ctx, autodetect_device_type, compute_cleanup, compute_init,
                              get_base_dir, get_git_commit, get_peak_flops, init_wandb, install_error_handler, print0)
 from nanochat.config import Option, load_config
 from nanochat.engine import Engine
 from nanochat.report import get_report
 from nanochat.schedules import lr_multiplier
-from nanochat.sft import (LOSS_NORMALIZATIONS, build_mixture, count_steps_bestfit,
-                          find_resumable_step, get_rng_state, grad_accum_steps_for, initial_data_state, metric_key,
-                          micro_batch_loss_scale, num_sft_iterations, padding_fraction, parse_eval_spec,
-                          resume_state_path, set_rng_state, sft_batches, skip_reason)
+from nanochat.sft import (LOSS_NORMALIZATIONS, build_mixture, count_steps_bestfit, grad_accum_steps_for,
+                          initial_data_state, metric_key, micro_batch_loss_scale, num_sft_iterations,
+                          padding_fraction, parse_eval_spec, sft_batches, skip_reason)
 
 install_error_handler()  # a UserError prints one line `error: ...` and exits with code 2
 
@@ -66,8 +67,10 @@ OPTIONS = [
     # the guide's keys and defaults
     Option("run", str, "dummy", "wandb run name ('dummy' disables wandb)"),
     Option("source", str, "mid", "checkpoint to start from: base|mid"),
-    Option("model_tag", str, None, "model tag to load and save under (default: largest d<depth>)"),
+    Option("model_tag", str, None, "model tag of the source checkpoint to load (default: largest d<depth>)"),
     Option("step", int, None, "checkpoint step to load (default: last)"),
+    Option("output_tag", str, None, "output folder name under chatsft_checkpoints/ (default: d<depth>)"),
+    Option("overwrite", int, 0, "1: replace the checkpoints of another run in the output folder", choices=(0, 1)),
     Option("dtype", str, "bfloat16", "autocast dtype on CUDA: bfloat16|float32"),
     Option("device_batch_size", int, 4, "conversations (pad) or rows (bestfit) per device per micro-step"),
     Option("num_epochs", int, 1, "passes over the training mixture"),
@@ -96,8 +99,8 @@ OPTIONS = [
            "run_chat_eval tasks as Name[:max_problems]"),
     Option("eval_max_new_tokens", int, 512, "generation budget of the generative task metrics"),
     Option("save_every", int, -1, "resumable checkpoint every this many steps (-1 disables; the final one is always)"),
-    Option("resume", str, "0", "'0': fresh run; '1': continue from the last resumable checkpoint in the output dir "
-                               "(fresh if none); or a checkpoint directory"),
+    Option("resume", str, "0", "0: fresh run; 1: continue the run in the output folder from its last resumable "
+                               "checkpoint (fresh if the folder is empty); or a checkpoint folder to continue from"),
     Option("debug_nan_step", int, -1, "testing: make this step's loss NaN (-1 disables)"),
     Option("debug_oom_step", int, -1, "testing: raise a CUDA out-of-memory error in this step (-1 disables)"),
     Option("debug_dump_grads", str, "", "testing: write the first step's rank-averaged gradients to this .pt file"),
@@ -133,37 +136,27 @@ def all_reduce_sum(values):
 
 
 # -----------------------------------------------------------------------------
-# Model and tokenizer (from the source checkpoint, or from the checkpoint being resumed)
+# Output folder and resume, decided before any model or data is loaded (the source meta gives the depth)
 
 base_dir = get_base_dir()
-model, tokenizer, source_meta = load_model(config["source"], device, phase="train", model_tag=config["model_tag"],
-                                           step=config["step"])
+source_dir, source_step = resolve_checkpoint(config["source"], config["model_tag"], config["step"])
+source_meta = read_meta(source_dir, source_step)
+check_tokenizer(source_dir, source_step, source_meta)
+output_tag = default_output_tag(config["output_tag"], source_meta["model_config"])
+checkpoint_dir = os.path.join(base_dir, "chatsft_checkpoints", output_tag)
+plan = prepare_run(checkpoint_dir, config["resume"], config["overwrite"], ddp_rank, ddp_world_size)
+tokenizer_sha = tokenizer_sha256()
+print0(f"Output folder: {checkpoint_dir} | run id {plan.run_id}")
+
+# -----------------------------------------------------------------------------
+# Model and tokenizer (from the source checkpoint, or from the checkpoint being resumed)
+
+load_dir, load_step = (plan.resume_dir, plan.resume_step) if plan.resume_dir else (source_dir, source_step)
+model, tokenizer, load_meta = build_model(load_dir, load_step, device, phase="train")
+print0(f"{'Resuming from' if plan.resume_dir else 'Loaded checkpoint:'} "
+       f"{describe_checkpoint(load_dir, load_step, load_meta)}")
 orig_model = model  # SFT runs uncompiled (every batch has a different shape in pad mode)
 depth = model.config.n_layer
-output_tag = config["model_tag"] if config["model_tag"] else f"d{depth}"
-checkpoint_dir = os.path.join(base_dir, "chatsft_checkpoints", output_tag)
-
-resume_dir, resume_step = None, None
-if config["resume"] not in ("0", ""):
-    resume_dir = checkpoint_dir if config["resume"] == "1" else config["resume"]
-    resume_step = find_resumable_step(resume_dir, ddp_rank)
-    # every rank resumes from the same step: the newest one whose state every rank has (a save may have
-    # been cut short on some ranks); rank 0 writes its state after the model, so the model is there too
-    step_t = torch.tensor([-1 if resume_step is None else resume_step], dtype=torch.int64, device=device)
-    if ddp_world_size > 1:
-        dist.all_reduce(step_t, op=dist.ReduceOp.MIN)
-    resume_step = None if step_t.item() < 0 else int(step_t.item())
-    if resume_step is None and config["resume"] == "1":
-        print0(f"resume=1: no resumable checkpoint in {resume_dir}, starting fresh")
-        resume_dir = None
-    elif resume_step is None:
-        raise FileNotFoundError(f"resume={config['resume']!r}: no resumable SFT checkpoint there "
-                                f"(sft_state_<step>_rank<r>.pt files written with save_every)")
-if resume_dir is not None:
-    del model
-    model, tokenizer, _ = build_model(resume_dir, resume_step, device, phase="train")
-    orig_model = model
-    print0(f"Resuming from {resume_dir} at step {resume_step}")
 num_flops_per_token = model.estimate_flops()
 print0(f"Model: depth {depth}, {model.num_params():,} parameters, from {config['source']} ({source_meta.get('step')})")
 
@@ -235,38 +228,32 @@ start_step, train_state = 0, initial_data_state()
 val_loss, metrics = None, {}  # the latest evaluation, saved in checkpoint meta
 totals = {"skipped_nonfinite": 0, "skipped_oom": 0, "truncated": 0, "dropped": 0, "examples": 0}
 loss_series = {"train_steps": [], "train_loss": [], "val_steps": [], "val_loss": []}
-if resume_dir is not None:
-    _, optimizer_data, _ = load_checkpoint(resume_dir, resume_step, device, load_optimizer=True, rank=ddp_rank)
+if plan.resume_dir is not None:
+    run_state = load_run_state(plan.resume_dir, plan.resume_step, ddp_rank, ddp_world_size, num_iterations, device)
+    _, optimizer_data, _ = load_checkpoint(plan.resume_dir, plan.resume_step, device, load_optimizer=True,
+                                           rank=ddp_rank)
     for opt, opt_state in zip(optimizers, optimizer_data):
         opt.load_state_dict(opt_state)
-    sft_state = torch.load(resume_state_path(resume_dir, resume_step, ddp_rank), map_location="cpu",
-                           weights_only=True)  # plain data (tensors, numbers, strings): loading runs no code
-    assert sft_state["world_size"] == ddp_world_size, \
-        f"resuming needs the same world size ({sft_state['world_size']}), got {ddp_world_size}"
-    assert sft_state["num_iterations"] == num_iterations, \
-        f"resuming needs the same schedule: {sft_state['num_iterations']} iterations then, {num_iterations} now"
-    start_step, train_state = sft_state["step"], sft_state["data_state"]
-    totals, loss_series = sft_state["totals"], sft_state["loss_series"]
-    val_loss, metrics = sft_state["metrics"].pop("val_loss"), sft_state["metrics"]
-    set_rng_state(sft_state["rng"], device)
+    start_step, train_state = run_state["step"], run_state["data_state"]
+    totals, loss_series = run_state["counters"]["totals"], run_state["loss_series"]
+    metrics = run_state["counters"]["metrics"]
+    val_loss = metrics.pop("val_loss")
     del optimizer_data
 train_iter = batches(train_ds, train_state)
 
 
 def save(step, metrics):
-    """Model (rank 0), optimizer state (every rank) and meta via checkpoint_manager; plus this rank's resume
-    state (data position, step, RNG, counters) next to them."""
+    """This rank's run state (data position, step, RNG, counters, loss series), then model (rank 0), optimizer
+    state (every rank) and, last, the meta via checkpoint_manager."""
+    save_run_state(checkpoint_dir, step, ddp_rank, ddp_world_size, num_iterations, train_state,
+                   {"totals": totals, "metrics": dict(metrics)}, loss_series, device)
     meta = {"step": step, "model_config": asdict(orig_model.config), "user_config": config,
-            "git_commit": get_git_commit(), "source": config["source"], "source_step": source_meta.get("step"),
-            "num_iterations": num_iterations, "world_size": ddp_world_size, "metrics": metrics, "totals": totals}
+            "git_commit": get_git_commit(), "run_id": plan.run_id, "run_name": config["run"],
+            "tokenizer_sha256": tokenizer_sha, "source": config["source"], "source_dir": source_dir,
+            "source_step": source_step, "num_iterations": num_iterations, "world_size": ddp_world_size,
+            "metrics": metrics, "totals": totals}
     save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), [opt.state_dict() for opt in optimizers],
                     meta, rank=ddp_rank)
-    sft_state = {"step": step, "data_state": train_state, "rng": get_rng_state(device), "world_size": ddp_world_size,
-                 "num_iterations": num_iterations, "totals": totals, "loss_series": loss_series,
-                 "metrics": dict(metrics)}
-    buffer = io.BytesIO()
-    torch.save(sft_state, buffer)
-    atomic_write_bytes(resume_state_path(checkpoint_dir, step, ddp_rank), buffer.getvalue())
 
 
 # -----------------------------------------------------------------------------
@@ -278,7 +265,7 @@ peak_flops = get_peak_flops(device)
 train_time = 0.0
 for step in range(start_step, num_iterations + 1):
     last_step = step == num_iterations
-    resumed_here = resume_dir is not None and step == start_step  # evaluated and saved before the interruption
+    resumed_here = plan.resume_dir is not None and step == start_step  # evaluated and saved before the interruption
 
     # once in a while: validation loss, over eval_steps batches per rank, averaged over ranks
     if config["eval_every"] > 0 and (last_step or step % config["eval_every"] == 0) and not resumed_here:

@@ -16,8 +16,11 @@ Mixtures are lists of spec strings, as in chat_sft ("Name[:arg...][:start[:stop[
 see nanochat/sft.py). Entries in `skip_unavailable` are dropped with a warning when their data cannot be
 loaded (the local mirror has no MMLU auxiliary_train and no SmolTalk: the CPU profile uses ChitChat).
 
-Outputs: <base_dir>/mid_checkpoints/<model_tag or d<depth>>/, the "Midtraining" report section with the loss
-curves, wandb. Tests: tests/test_pipeline.py (end to end); the loader: tests/test_dataloader.py.
+Outputs: <base_dir>/mid_checkpoints/<output_tag or d<depth>>/ (model, per-rank optimizer and run state, meta
+with the run id), the "Midtraining" report section with the loss curves, wandb. model_tag / step choose the
+base checkpoint to load. With save_every = N every N-th step is resumable: resume = 1 continues the run in the
+output folder (bit-exact; same options and world size). A folder holding another run's checkpoints is
+refused before anything is loaded (resume = 1, another output_tag, or overwrite = 1). Tests: tests/test_pipeline.py (end to end); the loader: tests/test_dataloader.py.
 """
 
 import os
@@ -27,7 +30,9 @@ from dataclasses import asdict
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint_manager import load_model, save_checkpoint
+from nanochat.checkpoint_manager import (build_model, check_tokenizer, default_output_tag, describe_checkpoint,
+                                         load_checkpoint, load_run_state, prepare_run, read_meta, resolve_checkpoint,
+                                         save_checkpoint, save_run_state, tokenizer_sha256)
 from nanochat.common import (autocast_ctx, autodetect_device_type, compute_cleanup, compute_init, get_base_dir,
                              get_git_commit, init_wandb, install_error_handler, print0)
 from nanochat.config import Option, load_config
@@ -48,8 +53,13 @@ OPTIONS = [
     Option("device_type", str, "", "cuda|cpu|mps (empty: autodetect)"),
     Option("dtype", str, "bfloat16", "autocast dtype on CUDA: bfloat16|float32 (CPU runs in fp32)"),
     Option("compile", bool, True, "torch.compile the model (CUDA only)"),
-    Option("model_tag", str, None, "base checkpoint tag to start from, and the tag saved under (default: largest)"),
+    Option("model_tag", str, None, "base checkpoint tag to start from (default: largest)"),
     Option("step", int, None, "base checkpoint step (default: last)"),
+    Option("output_tag", str, None, "output folder name under mid_checkpoints/ (default: d<depth>)"),
+    Option("overwrite", int, 0, "1: replace the checkpoints of another run in the output folder", choices=(0, 1)),
+    Option("save_every", int, -1, "resumable checkpoint every this many steps (-1 disables; the final one is always)"),
+    Option("resume", str, "0", "0: fresh run; 1: continue the run in the output folder from its last resumable "
+                               "checkpoint (fresh if the folder is empty); or a checkpoint folder to continue from"),
     Option("max_seq_len", int, None, "row length (default: the model's sequence_len)"),
     Option("device_batch_size", int, 32, "rows per device per micro-step"),
     Option("total_batch_size", int, 524288, "tokens per optimizer step over all ranks (-> gradient accumulation)"),
@@ -71,6 +81,7 @@ OPTIONS = [
            "mixture entries that are dropped (with a warning) when their data cannot be loaded"),
     Option("max_conversation_tokens", int, 2048, "longer rendered conversations are truncated"),
 ]
+script_start = time.time()  # the stage's wall-clock time goes into its report section
 config = load_config(OPTIONS, description=__doc__)
 
 # -----------------------------------------------------------------------------
@@ -84,10 +95,24 @@ synchronize = torch.cuda.synchronize if device_type == "cuda" else lambda: None
 wandb_run = init_wandb(config["run"], "nanochat-mid", config, ddp_rank)
 
 # -----------------------------------------------------------------------------
-# Model and tokenizer (from the base checkpoint)
+# Output folder and resume, decided before any model or data is loaded (the base meta gives the depth)
 
-model, tokenizer, base_meta = load_model("base", device, phase="train", model_tag=config["model_tag"],
-                                         step=config["step"])
+source_dir, source_step = resolve_checkpoint("base", config["model_tag"], config["step"])
+base_meta = read_meta(source_dir, source_step)
+check_tokenizer(source_dir, source_step, base_meta)
+output_tag = default_output_tag(config["output_tag"], base_meta["model_config"])
+checkpoint_dir = os.path.join(get_base_dir(), "mid_checkpoints", output_tag)
+plan = prepare_run(checkpoint_dir, config["resume"], config["overwrite"], ddp_rank, ddp_world_size)
+tokenizer_sha = tokenizer_sha256()
+print0(f"Output folder: {checkpoint_dir} | run id {plan.run_id}")
+
+# -----------------------------------------------------------------------------
+# Model and tokenizer (from the base checkpoint, or from the checkpoint being resumed)
+
+load_dir, load_step = (plan.resume_dir, plan.resume_step) if plan.resume_dir else (source_dir, source_step)
+model, tokenizer, load_meta = build_model(load_dir, load_step, device, phase="train")
+print0(f"{'Resuming from' if plan.resume_dir else 'Loaded checkpoint:'} "
+       f"{describe_checkpoint(load_dir, load_step, load_meta)}")
 orig_model = model  # the uncompiled model, for saving
 if config["compile"] and device_type == "cuda":
     model = torch.compile(model, dynamic=False)
@@ -95,9 +120,7 @@ model_config_dict = asdict(orig_model.config)
 depth = orig_model.config.n_layer
 max_seq_len = config["max_seq_len"] or orig_model.config.sequence_len
 token_bytes = get_token_bytes(device=device)
-model_tag = config["model_tag"] or f"d{depth}"
-checkpoint_dir = os.path.join(get_base_dir(), "mid_checkpoints", model_tag)
-print0(f"Loaded base model {model_tag} (step {base_meta.get('step')}) | max_seq_len {max_seq_len}")
+print0(f"Base model: {source_dir} step {source_step} | max_seq_len {max_seq_len}")
 
 device_batch_size, total_batch_size = config["device_batch_size"], config["total_batch_size"]
 world_tokens_per_fwdbwd = device_batch_size * max_seq_len * ddp_world_size
@@ -143,8 +166,6 @@ val_dataset = build_mixture(val_specs)
 print0(f"Training conversations: {len(train_dataset):,} ({', '.join(train_specs)}) | "
        f"validation conversations: {len(val_dataset):,}")
 max_tokens = config["max_conversation_tokens"]
-train_loader = conversation_data_loader(train_dataset, tokenizer, device_batch_size, max_seq_len, device=device,
-                                        max_tokens=max_tokens)
 build_val_loader = lambda: conversation_data_loader(  # noqa: E731  (a fresh pass over val each time)
     val_dataset, tokenizer, device_batch_size, max_seq_len, device=device, max_tokens=max_tokens)
 eval_steps = max(config["eval_tokens"] // world_tokens_per_fwdbwd, 1)
@@ -159,7 +180,24 @@ else:
         dist.all_reduce(rank_steps, op=dist.ReduceOp.MIN)
     num_iterations = max(int(rank_steps.item()), 1)
     print0(f"One epoch: {rank_tokens:,} tokens on rank 0 -> {num_iterations} steps")
-x, y, _ = next(train_loader)  # prefetch the first batch
+
+# Resume: optimizer states, counters, loss series and this rank's data position (the weights came above)
+start_step = 0  # a checkpoint of step s holds the model before update s
+loop_state = {"min_val_bpb": float("inf"), "smooth_train_loss": 0.0, "total_training_time": 0.0}
+loss_series = {"train_steps": [], "train_loss": [], "val_steps": [], "val_bpb": []}
+loader_state = None  # where the batch in hand starts: what a checkpoint must store
+if plan.resume_dir is not None:
+    run_state = load_run_state(plan.resume_dir, plan.resume_step, ddp_rank, ddp_world_size, num_iterations, device)
+    _, optimizer_data, _ = load_checkpoint(plan.resume_dir, plan.resume_step, device, load_optimizer=True,
+                                           rank=ddp_rank)
+    for opt, opt_data in zip(optimizers, optimizer_data):
+        opt.load_state_dict(opt_data)
+    start_step, loader_state = run_state["step"], run_state["data_state"]
+    loop_state, loss_series = run_state["counters"], run_state["loss_series"]
+    del optimizer_data
+train_loader = conversation_data_loader(train_dataset, tokenizer, device_batch_size, max_seq_len, device=device,
+                                        max_tokens=max_tokens, resume_state=loader_state)
+x, y, data_state = next(train_loader)  # prefetch the first batch
 
 # -----------------------------------------------------------------------------
 # Schedules
@@ -169,26 +207,42 @@ def get_lr_multiplier(step):
     return lr_multiplier(step, num_iterations, warmdown_frac=config["warmdown_ratio"])  # constant, then to 0
 
 
+def save(step):
+    """This rank's run state (data position of the batch in hand, counters, loss series, RNG), then the model,
+    optimizer states and, last, the meta."""
+    save_run_state(checkpoint_dir, step, ddp_rank, ddp_world_size, num_iterations, loader_state, loop_state,
+                   loss_series, device)
+    meta = {"step": step, "model_config": model_config_dict, "user_config": config, "git_commit": get_git_commit(),
+            "run_id": plan.run_id, "run_name": config["run"], "tokenizer_sha256": tokenizer_sha,
+            "world_size": ddp_world_size, "num_iterations": num_iterations, "val_bpb": val_bpb,
+            "source_dir": source_dir, "base_step": source_step}
+    save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), [opt.state_dict() for opt in optimizers], meta,
+                    rank=ddp_rank)
+
+
 # -----------------------------------------------------------------------------
 # Training loop
 
-train_series, val_series = ([], []), ([], [])
-val_bpb, min_val_bpb = None, float("inf")
-smooth_train_loss, total_training_time = 0.0, 0.0
-for step in range(num_iterations + 1):
+val_bpb = loss_series["val_bpb"][-1] if loss_series["val_bpb"] else None  # the latest evaluation
+for step in range(start_step, num_iterations + 1):
     last_step = step == num_iterations
 
     # once in a while: validation bits per byte on the validation conversations
-    if config["eval_every"] > 0 and (last_step or step % config["eval_every"] == 0):
+    resumed_here = plan.resume_dir is not None and step == start_step  # evaluated before that save already
+    if config["eval_every"] > 0 and (last_step or step % config["eval_every"] == 0) and not resumed_here:
         model.eval()
         with autocast():
             val_bpb = evaluate_bpb(model, build_val_loader(), eval_steps, token_bytes)
-        min_val_bpb = min(min_val_bpb, val_bpb)
+        loop_state["min_val_bpb"] = min(loop_state["min_val_bpb"], val_bpb)
         print0(f"Step {step:05d} | Validation bpb: {val_bpb:.4f}")
-        val_series[0].append(step)
-        val_series[1].append(val_bpb)
+        loss_series["val_steps"].append(step)
+        loss_series["val_bpb"].append(val_bpb)
         wandb_run.log({"step": step, "val/bpb": val_bpb})
         model.train()
+
+    # checkpoints: periodic resumable ones (the final one is written after the loop)
+    if config["save_every"] > 0 and start_step < step < num_iterations and step % config["save_every"] == 0:
+        save(step)
 
     if last_step:
         break
@@ -201,7 +255,8 @@ for step in range(num_iterations + 1):
             loss = model(x, y)
         train_loss = loss.detach()
         (loss / grad_accum_steps).backward()  # the optimizers average gradients over ranks in step()
-        x, y, _ = next(train_loader)
+        loader_state = data_state
+        x, y, data_state = next(train_loader)
     if config["grad_clip"] > 0:  # per rank, before the cross-rank average (which keeps the bound)
         torch.nn.utils.clip_grad_norm_(orig_model.parameters(), config["grad_clip"])
     lrm = get_lr_multiplier(step)
@@ -217,16 +272,16 @@ for step in range(num_iterations + 1):
     dt = time.time() - t0
 
     train_loss_f = train_loss.item()
-    smooth_train_loss = 0.9 * smooth_train_loss + 0.1 * train_loss_f
-    debiased = smooth_train_loss / (1 - 0.9 ** (step + 1))
-    if step > 10 or num_iterations <= 20:  # the first steps include compilation
-        total_training_time += dt
+    loop_state["smooth_train_loss"] = 0.9 * loop_state["smooth_train_loss"] + 0.1 * train_loss_f
+    debiased = loop_state["smooth_train_loss"] / (1 - 0.9 ** (step + 1))
+    if step > start_step + 10 or num_iterations - start_step <= 20:  # the first steps include compilation
+        loop_state["total_training_time"] += dt
     tok_per_sec = int(total_batch_size / dt)
     print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.2f}%) | loss: {debiased:.6f} | "
            f"lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,} | "
-           f"total time: {total_training_time / 60:.2f}m")
-    train_series[0].append(step)
-    train_series[1].append(train_loss_f)
+           f"total time: {loop_state['total_training_time'] / 60:.2f}m")
+    loss_series["train_steps"].append(step)
+    loss_series["train_loss"].append(train_loss_f)
     if step % 10 == 0:
         wandb_run.log({"step": step, "train/loss": debiased, "train/lrm": lrm, "train/dt": dt,
                        "train/tok_per_sec": tok_per_sec})
@@ -234,31 +289,22 @@ for step in range(num_iterations + 1):
 # -----------------------------------------------------------------------------
 # Save and report
 
-meta = {
-    "step": num_iterations,
-    "model_config": model_config_dict,
-    "user_config": config,
-    "git_commit": get_git_commit(),
-    "val_bpb": val_bpb,
-    "base_step": base_meta.get("step"),
-}
-save_checkpoint(checkpoint_dir, num_iterations, orig_model.state_dict(), [opt.state_dict() for opt in optimizers], meta,
-                rank=ddp_rank)
-print0(f"Saved checkpoint: {checkpoint_dir} step {num_iterations}")
-print0(f"Total training time: {total_training_time / 60:.2f}m | minimum validation bpb: {min_val_bpb:.4f}")
+save(num_iterations)
+print0(f"Total training time: {loop_state['total_training_time'] / 60:.2f}m | "
+       f"minimum validation bpb: {loop_state['min_val_bpb']:.4f}")
 
 report = get_report()
 report.log(section="Midtraining", data=[
     config,
     {"Training mixture": ", ".join(train_specs), "Training conversations": len(train_dataset),
      "Number of iterations": num_iterations, "DDP world size": ddp_world_size},
-    {"Minimum validation bpb": min_val_bpb if val_bpb is not None else "-",
+    {"Minimum validation bpb": loop_state["min_val_bpb"] if val_bpb is not None else "-",
      "Final validation bpb": val_bpb if val_bpb is not None else "-",
-     "Total training time (min)": total_training_time / 60},
-])
-report.log_series("Midtraining", "train_loss", *train_series)
-if val_series[0]:
-    report.log_series("Midtraining", "val_bpb", *val_series)
+     "Total training time (min)": loop_state["total_training_time"] / 60},
+], duration_s=time.time() - script_start)
+report.log_series("Midtraining", "train_loss", loss_series["train_steps"], loss_series["train_loss"])
+if loss_series["val_steps"]:
+    report.log_series("Midtraining", "val_bpb", loss_series["val_steps"], loss_series["val_bpb"])
 
 # -----------------------------------------------------------------------------
 # Cleanup

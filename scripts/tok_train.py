@@ -7,14 +7,17 @@ Launch:
     python -m scripts.tok_train --max_chars=100000000 --vocab_size=4096
     python -m scripts.tok_train --max_chars=200000 --vocab_size=512    # tiny, seconds on CPU
 
-The tokenizer is CPU-only (rustbpe uses all cores); no process group is involved.
+The tokenizer is CPU-only (rustbpe uses all cores); no process group is involved. Checkpoints record the
+sha256 of the tokenizer they were trained with, so replacing a tokenizer that checkpoints under the base dir
+use is refused (before training) unless overwrite = 1.
 Writes the "Tokenizer training" report section. Tests: tests/test_tokenizer.py (end to end, subprocess).
 """
 
 import os
 import time
 
-from nanochat.common import get_base_dir, print0, install_error_handler
+from nanochat.checkpoint_manager import checkpoints_trained_with, probe_writable, tokenizer_sha256
+from nanochat.common import UserError, get_base_dir, install_error_handler, print0
 from nanochat.config import Option, load_config
 from nanochat.dataset import list_parquet_files, parquets_iter_batched
 from nanochat.report import get_report
@@ -30,9 +33,26 @@ OPTIONS = [
     Option("doc_cap", int, 10_000, "characters kept per document, so a few huge documents don't dominate"),
     Option("vocab_size", int, 65536, "vocabulary size including the 9 special tokens (2**16)"),
     Option("data_dir", str, "", "parquet folder (empty: $NANOCHAT_DATA_DIR/pretrain, else <base_dir>/base_data)"),
+    Option("overwrite", int, 0, "1: replace a tokenizer that existing checkpoints were trained with", choices=(0, 1)),
 ]
+script_start = time.time()  # the stage's wall-clock time goes into its report section
 config = load_config(OPTIONS, description=__doc__)
 data_dir = config["data_dir"] or None
+
+# -----------------------------------------------------------------------------
+# Output: refuse to replace the tokenizer of existing checkpoints (before spending time on training)
+
+tokenizer_dir = os.path.join(get_base_dir(), "tokenizer")
+old_sha = tokenizer_sha256(tokenizer_dir)
+users = checkpoints_trained_with(old_sha) if old_sha else []
+if users and not config["overwrite"]:
+    raise UserError(f"{tokenizer_dir} holds the tokenizer (sha256 {old_sha[:16]}...) that {len(users)} checkpoint "
+                    f"folder(s) were trained with ({', '.join(users)}); a new one would make them print garbage: "
+                    f"pass overwrite = 1 to replace it anyway (those checkpoints then refuse to load), or train into "
+                    f"another NANOCHAT_BASE_DIR")
+if users:
+    print0(f"overwrite = 1: replacing the tokenizer of {', '.join(users)} (sha256 {old_sha[:16]}...)")
+probe_writable(tokenizer_dir)
 
 # -----------------------------------------------------------------------------
 # Data: documents from the train split, each capped, until max_chars
@@ -66,9 +86,8 @@ print0(f"training time: {train_time:.2f}s on {seen['docs']:,} documents, {seen['
 # -----------------------------------------------------------------------------
 # Save, round-trip check, report
 
-tokenizer_dir = os.path.join(get_base_dir(), "tokenizer")
 tokenizer.save(tokenizer_dir)
-print0(f"saved tokenizer to {tokenizer_dir}")
+print0(f"saved tokenizer to {tokenizer_dir} (sha256 {tokenizer_sha256(tokenizer_dir)})")
 
 reloaded = RustBPETokenizer.from_directory(tokenizer_dir)
 test_text = ("Hello world! This is a test.\nNumbers: 123, 4567, 89.\nContractions: I'm, you're, it's.\n"
@@ -95,4 +114,4 @@ get_report().log(section="Tokenizer training", data=[
         "token_bytes_max": int(regular.max()),
         "token_bytes_mean": round(float(regular.mean()), 3),
     },
-])
+], duration_s=time.time() - script_start)

@@ -8,7 +8,6 @@ normalisation, step arithmetic and the mixture spec syntax. Fast, CPU only, no d
 import json
 import random
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -30,10 +29,6 @@ from nanochat.sft import (
     padding_fraction,
     parse_eval_spec,
     parse_task_spec,
-    find_resumable_step,
-    get_rng_state,
-    resume_state_path,
-    set_rng_state,
     sft_batches,
     skip_reason,
 )
@@ -351,21 +346,6 @@ def test_skip_reason():
     assert skip_reason(float("inf"), 0).startswith("non-finite")
     assert skip_reason(1.0, 1) == "out of memory"
     assert skip_reason(float("nan"), 2) == "out of memory"
-
-
-def test_resume_state_files_and_rng(tmp_path):
-    assert find_resumable_step(str(tmp_path), 0) is None
-    for step, rank in [(3, 0), (12, 0), (12, 1), (20, 1)]:
-        open(resume_state_path(str(tmp_path), step, rank), "w").close()
-    open(tmp_path / "sft_state_000030_rank0.pt.tmp", "w").close()  # a half-written file is not a state
-    assert find_resumable_step(str(tmp_path), 0) == 12
-    assert find_resumable_step(str(tmp_path), 1) == 20
-    torch.save(get_rng_state("cpu"), tmp_path / "rng.pt")
-    a = (torch.rand(3), random.random(), np.random.rand())
-    state = torch.load(tmp_path / "rng.pt", weights_only=True)  # plain data: no pickled code
-    set_rng_state(state, "cpu")
-    b = (torch.rand(3), random.random(), np.random.rand())
-    assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
 
 
 # ---------------------------------------------------------------------------------------------------------

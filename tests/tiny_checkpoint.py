@@ -5,7 +5,7 @@ import os
 
 import torch
 
-from nanochat.checkpoint_manager import SOURCE_DIRS, save_checkpoint
+from nanochat.checkpoint_manager import SOURCE_DIRS, save_checkpoint, tokenizer_sha256
 from nanochat.gpt import GPT, GPTConfig
 
 
@@ -29,6 +29,7 @@ def make_tiny_checkpoint(base_dir, tokenizer, source="base", depth=2, n_embd=64,
                 p.normal_(0.0, 0.02)
     checkpoint_dir = os.path.join(base_dir, SOURCE_DIRS[source], model_tag or f"d{depth}")
     meta = {"step": step, "model_config": vars(config).copy(), "user_config": {"depth": depth},
-            "git_commit": "unknown"}
+            "git_commit": "unknown", "run_id": f"tiny-{source}-{seed}", "run_name": "tiny_checkpoint",
+            "tokenizer_sha256": tokenizer_sha256(os.path.join(base_dir, "tokenizer"))}
     save_checkpoint(checkpoint_dir, step, model.state_dict(), None, meta)
     return checkpoint_dir
