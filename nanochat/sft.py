@@ -53,6 +53,9 @@ import re
 import numpy as np
 import torch
 
+from nanochat.common import UserError
+from nanochat.config import ConfigError
+
 # ----------------------------------------------------------------------------------------------------------
 # Collation
 
@@ -200,7 +203,7 @@ def sft_batches(dataset, render_fn, batch_size, pad_id, packing="pad", row_capac
         item = render(next_index())
         skipped["run"] = 0 if item is not None else skipped["run"] + 1
         if skipped["run"] > per_rank:
-            raise ValueError(f"every conversation of rank {rank} is dropped (longer than row_capacity="
+            raise ConfigError(f"every conversation of rank {rank} is dropped (longer than row_capacity="
                              f"{row_capacity} with drop_long, or shorter than 2 tokens)")
         return item
 
@@ -287,7 +290,7 @@ def grad_accum_steps_for(target_examples_per_step, device_batch_size, world_size
     """target_examples_per_step // (device_batch_size * world_size), refusing settings that do not divide."""
     examples_per_micro_step = device_batch_size * world_size
     if target_examples_per_step <= 0 or target_examples_per_step % examples_per_micro_step != 0:
-        raise ValueError(
+        raise ConfigError(
             f"target_examples_per_step={target_examples_per_step} must be a positive multiple of "
             f"device_batch_size * world_size = {device_batch_size} * {world_size} = {examples_per_micro_step}; "
             f"change target_examples_per_step or device_batch_size")
@@ -385,7 +388,7 @@ TASK_ARGS = {
 }
 
 
-class MixtureSpecError(ValueError):
+class MixtureSpecError(UserError, ValueError):
     """A train_mixture / val_mixture entry that does not follow the spec syntax."""
 
 
