@@ -190,7 +190,8 @@ def use_calculator(expr):
 
 def sample_next_token(logits, rng, temperature=1.0, top_k=None):
     """logits (B, V) -> token ids (B, 1); every row is sampled independently. temperature 0 = argmax."""
-    assert temperature >= 0.0, "temperature must be >= 0"
+    if not temperature >= 0.0:  # also refuses NaN
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
     if temperature == 0.0:
         return torch.argmax(logits, dim=-1, keepdim=True)
     logits = logits.float() / temperature
