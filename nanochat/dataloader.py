@@ -35,7 +35,7 @@ from collections import deque
 import pyarrow.parquet as pq
 import torch
 
-from nanochat.common import dist_rank_world
+from nanochat.common import UserError, dist_rank_world
 from nanochat.dataset import list_parquet_files, split_paths
 
 
@@ -145,7 +145,8 @@ def iter_conversations(dataset, rank=0, world_size=1, start=None):
     """Yield ((epoch, index), conversation) for this rank (indices rank, rank + world_size, ...), forever.
     dataset: anything with len() and [i] (a Task / TaskMixture, or a list)."""
     n = len(dataset)
-    assert n > rank, f"rank {rank} gets no conversations from a dataset of {n}"
+    if n <= rank:
+        raise UserError(f"rank {rank} gets no conversations from a dataset of {n}: use more data or fewer processes")
     epoch, index = start if start is not None else (0, rank)
     while True:
         for i in range(index, n, world_size):

@@ -171,7 +171,9 @@ def sft_batches(dataset, render_fn, batch_size, pad_id, packing="pad", row_capac
     assert batch_size > 0 and row_capacity >= 2
     num_examples = len(dataset)
     per_rank = len(range(rank, num_examples, world_size))
-    assert per_rank > 0, f"rank {rank} of {world_size} gets no conversations from a dataset of {num_examples}"
+    if per_rank <= 0:
+        raise UserError(f"rank {rank} of {world_size} gets no conversations from a dataset of {num_examples}: "
+                        f"use more data or fewer processes")
     state = dict(initial_data_state() if state is None else state)
     epoch, cursor = state["epoch"], state["cursor"]
     counts = {"truncated": 0, "dropped": 0}
