@@ -22,6 +22,7 @@ import io
 import json
 import os
 import re
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -77,9 +78,12 @@ def _torch_load(path, device, what):
         raise CheckpointError(f"{what} file {path} is empty (0 bytes); the checkpoint is corrupt: re-save it or "
                               f"load another step")
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of garbage before failing on it
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # noqa: BLE001  (any parse failure of the file means it is corrupt)
-        problem = " ".join(str(e).split())[:200] or type(e).__name__
+        # torch's own advice (retry with weights_only=False, i.e. run the file's code) is cut: never for a user
+        problem = " ".join(str(e).split()).split(" In PyTorch 2.6")[0][:200] or type(e).__name__
         raise CheckpointError(f"{what} file {path} is corrupt or truncated ({type(e).__name__}: {problem}); "
                               f"re-save it or load another step") from e
 
