@@ -242,7 +242,8 @@ def build_model(checkpoint_dir, step, device, phase):
     model.train() if phase == "train" else model.eval()
     tokenizer = get_tokenizer()
     if tokenizer.get_vocab_size() > config.vocab_size:
-        raise CheckpointError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model of {checkpoint_dir} "
+        raise CheckpointError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model of "
+                              f"{checkpoint_dir} "
                               f"only {config.vocab_size}: this tokenizer was not the one the model was trained with")
     return model, tokenizer, meta_data
 

@@ -34,14 +34,18 @@ def main(argv=None):
                         help="'|'-separated tasks (default: all five)")
     parser.add_argument("-d", "--dtype", type=str, default="bfloat16", choices=["float32", "bfloat16"],
                         help="autocast dtype (bf16 autocast applies on CUDA only)")
-    parser.add_argument("-t", "--temperature", type=bounded(float, min=0.0), default=0.0, help="sampling temperature (0 = greedy)")
-    parser.add_argument("-m", "--max-new-tokens", type=bounded(int, min=1), default=512, help="generation budget per sample")
+    parser.add_argument("-t", "--temperature", type=bounded(float, min=0.0), default=0.0,
+                        help="sampling temperature (0 = greedy)")
+    parser.add_argument("-m", "--max-new-tokens", type=bounded(int, min=1), default=512,
+                        help="generation budget per sample")
     parser.add_argument("-n", "--num-samples", type=bounded(int, min=1), default=1, help="samples per problem (pass@n)")
     parser.add_argument("-k", "--top-k", type=bounded(int, min=0), default=50, help="top-k sampling")
-    parser.add_argument("-b", "--batch-size", type=bounded(int, min=1), default=8, help="batch size for categorical tasks")
+    parser.add_argument("-b", "--batch-size", type=bounded(int, min=1), default=8,
+                        help="batch size for categorical tasks")
     parser.add_argument("-g", "--model-tag", type=str, default=None, help="model tag, e.g. d20 (default: largest)")
     parser.add_argument("-s", "--step", type=bounded(int, min=0), default=None, help="checkpoint step (default: last)")
-    parser.add_argument("-x", "--max-problems", type=bounded(int, min=1), default=None, help="evaluate at most this many problems")
+    parser.add_argument("-x", "--max-problems", type=bounded(int, min=1), default=None,
+                        help="evaluate at most this many problems")
     args = parser.parse_args(argv)
     task_names = [name.strip() for name in args.task_name.split("|") if name.strip()]
     unknown = [name for name in task_names if name not in TASK_NAMES]

@@ -56,7 +56,8 @@ from nanochat.report import get_report
 from nanochat.schedules import lr_multiplier
 from nanochat.sft import (LOSS_NORMALIZATIONS, build_mixture, count_steps_bestfit,
                           find_resumable_step, get_rng_state, grad_accum_steps_for, initial_data_state, metric_key,
-                          micro_batch_loss_scale, num_sft_iterations, padding_fraction, parse_eval_spec, parse_task_spec,
+                          micro_batch_loss_scale, num_sft_iterations, padding_fraction, parse_eval_spec,
+                          parse_task_spec,
                           resume_state_path, set_rng_state, sft_batches, skip_reason)
 
 install_error_handler()  # a UserError prints one line `error: ...` and exits with code 2

@@ -69,7 +69,7 @@ CONFIG_CASES = [
     ("scripts.chat_sft", ["--target_examples_per_step=6"], ["target_examples_per_step=6", "device_batch_size"]),
     ("scripts.chat_sft", ["--eval_metrics_tasks=['Nope']"], ["eval_metrics_tasks", "'Nope'"]),
     ("scripts.chat_sft", ["--train_mixture=['Nope:train']"], ["Nope"]),
-    ("scripts.chat_sft", ["--init_lr_frac=nan"], ["'init_lr_frac'", "finite"]),
+    ("scripts.chat_sft", ["--init_lr_frac=-0.5"], ["'init_lr_frac'", ">= 0.0"]),
     ("scripts.mid_train", ["--warmdown_ratio=2"], ["'warmdown_ratio'", "<= 1"]),
     ("scripts.mid_train", ["--device_batch_size=0"], ["'device_batch_size'"]),
     ("scripts.base_loss", ["--split_tokens=0"], ["'split_tokens'"]),
@@ -87,7 +87,8 @@ CONFIG_CASES = [
 ]
 
 
-@pytest.mark.parametrize("module,args,needles", CONFIG_CASES, ids=[f"{m[8:]} {' '.join(a)}" for m, a, _ in CONFIG_CASES])
+@pytest.mark.parametrize("module,args,needles", CONFIG_CASES,
+                         ids=[f"{m[8:]} {' '.join(a)}" for m, a, _ in CONFIG_CASES])
 def test_bad_option_is_one_line_error(tmp_path, module, args, needles):
     assert_one_line_error(run_script(module, *args, base_dir=tmp_path / "base"), *needles)
 
