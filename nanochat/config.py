@@ -179,6 +179,10 @@ def format_help(options, description=None):
     lines.append("Options (--config FILE with `key = value` lines, then --key=value overrides):")
     for o in options:
         allowed = f" [{'|'.join(str(c) for c in o.choices)}]" if o.choices else ""
+        bounds = [f">= {o.min}"] if o.min is not None else []
+        bounds += [f"<= {o.max}"] if o.max is not None else []
+        bounds += [f"or {o.disabled} to disable"] if o.disabled is not None and bounds else []
+        allowed += f" [{' '.join(bounds)}]" if bounds else ""
         lines.append(f"  --{o.name:<28} {o.type.__name__:<6} default {o.default!r:<14} {o.help}{allowed}")
     return "\n".join(lines)
 
