@@ -32,11 +32,10 @@ Tests: tests/test_dataloader.py.
 
 from collections import deque
 
-import pyarrow.parquet as pq
 import torch
 
 from nanochat.common import UserError, dist_rank_world
-from nanochat.dataset import list_parquet_files, split_paths
+from nanochat.dataset import list_parquet_files, open_parquet, split_paths
 
 
 def iter_documents(files, rank=0, world_size=1, start=None):
@@ -45,7 +44,7 @@ def iter_documents(files, rank=0, world_size=1, start=None):
     epoch, shard0, rg0, doc0 = start if start is not None else (0, 0, 0, 0)
     while True:
         for shard in range(shard0, len(files)):
-            pf = pq.ParquetFile(files[shard])
+            pf = open_parquet(files[shard])
             for rg in range(rg0 if shard == shard0 else 0, pf.num_row_groups):
                 texts = pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
                 first = doc0 if (shard == shard0 and rg == rg0) else 0

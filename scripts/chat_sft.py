@@ -120,8 +120,11 @@ eval_specs = [parse_eval_spec(s) for s in config["eval_metrics_tasks"]]
 for task_name, _ in eval_specs:
     if task_name not in TASK_NAMES:
         raise ConfigError(f"eval_metrics_tasks: unknown task {task_name!r}, expected one of {', '.join(TASK_NAMES)}")
-for spec in config["train_mixture"] + config["val_mixture"]:
-    parse_task_spec(spec)  # MixtureSpecError naming the spec; data is loaded later
+for key in ("train_mixture", "val_mixture"):
+    if not config[key]:
+        raise ConfigError(f"{key} is empty: give at least one mixture spec, e.g. [\"ChitChat:train\"]")
+    for spec in config[key]:
+        parse_task_spec(spec)  # MixtureSpecError naming the spec; data is loaded later
 grad_accum_steps_for(config["target_examples_per_step"], config["device_batch_size"], get_dist_info()[3])
 
 # -----------------------------------------------------------------------------

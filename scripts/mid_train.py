@@ -31,7 +31,7 @@ from nanochat.checkpoint_manager import load_model, save_checkpoint
 from nanochat.checks import check_finite_parameters, grad_accum_steps_for_tokens
 from nanochat.common import (UserError, autocast_ctx, autodetect_device_type, compute_cleanup, compute_init,
                              get_base_dir, get_dist_info, get_git_commit, init_wandb, install_error_handler, print0)
-from nanochat.config import Option, load_config
+from nanochat.config import ConfigError, Option, load_config
 from nanochat.dataloader import conversation_data_loader, count_conversation_tokens
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
@@ -82,8 +82,11 @@ config = load_config(OPTIONS, description=__doc__)
 if config["max_seq_len"] is not None:  # else it is the model's sequence_len, checked once the model is loaded
     grad_accum_steps_for_tokens(config["total_batch_size"], config["device_batch_size"], config["max_seq_len"],
                                 get_dist_info()[3])
-for spec in config["train_mixture"] + config["val_mixture"]:
-    parse_task_spec(spec)  # MixtureSpecError naming the spec; data is loaded later
+for key in ("train_mixture", "val_mixture"):
+    if not config[key]:
+        raise ConfigError(f"{key} is empty: give at least one mixture spec, e.g. [\"ChitChat:train\"]")
+    for spec in config[key]:
+        parse_task_spec(spec)  # MixtureSpecError naming the spec; data is loaded later
 
 # -----------------------------------------------------------------------------
 # Compute init

@@ -72,6 +72,7 @@ CONFIG_CASES = [
     ("scripts.chat_sft", ["--init_lr_frac=-0.5"], ["'init_lr_frac'", ">= 0.0"]),
     ("scripts.mid_train", ["--warmdown_ratio=2"], ["'warmdown_ratio'", "<= 1"]),
     ("scripts.mid_train", ["--device_batch_size=0"], ["'device_batch_size'"]),
+    ("scripts.mid_train", ["--train_mixture=[]"], ["train_mixture is empty"]),
     ("scripts.base_loss", ["--split_tokens=0"], ["'split_tokens'"]),
     ("scripts.base_eval", ["--max_per_task=0"], ["'max_per_task'", "-1 to disable"]),
     ("scripts.tok_train", ["--vocab_size=100"], ["'vocab_size'", ">= 265"]),
@@ -103,6 +104,16 @@ def test_bad_value_in_config_file_names_file_and_line(tmp_path):
 def test_missing_checkpoint_is_one_line_error(tmp_path):
     assert_one_line_error(run_script("scripts.chat_eval", "-i", "sft", base_dir=tmp_path / "base"),
                           "chatsft_checkpoints")
+
+
+def test_garbage_parquet_shard_is_one_line_error(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for name in ("shard_00000.parquet", "shard_00001.parquet"):
+        (shards / name).write_bytes(os.urandom(1000))
+    result = run_script("scripts.tok_train", f"--data_dir={shards}", "--max_chars=1000", "--vocab_size=300",
+                        base_dir=tmp_path / "base")
+    assert_one_line_error(result, f"{shards / 'shard_00000.parquet'}", "cannot be read")
 
 
 # ----------------------------------------------------------------------------------------------------------
