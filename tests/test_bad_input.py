@@ -364,3 +364,36 @@ def test_pure_config_checks():
                          (["-t", "3"], "<= 2.0"), (["--nope"], "unrecognized arguments")]:
         with pytest.raises(ConfigError, match=needle):
             parser.parse_args(argv)
+
+
+def test_chat_cli_ctrl_c_stops_the_answer_and_keeps_the_session(tmp_path, tokenizer):
+    """A real SIGINT while the answer streams: that answer stops, the next message is answered, exit 0.
+    The model's context (2048) and -m 2000 make the first answer last seconds; SIGINT goes right after the
+    first answer token is printed."""
+    import signal
+    import time
+
+    base = tmp_path / "base"
+    make_tiny_checkpoint(str(base), tokenizer, source="sft", depth=2, n_embd=64, sequence_len=2048, step=0)
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "scripts.chat_cli", "-i", "sft", "-m", "2000", "-t", "0"],
+                            cwd=REPO_ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        proc.stdin.write(b"hello\n")
+        proc.stdin.flush()
+        seen, deadline = b"", time.time() + 90
+        while b"Assistant: " not in seen or len(seen.split(b"Assistant: ", 1)[1]) < 1:
+            assert time.time() < deadline, seen
+            chunk = os.read(proc.stdout.fileno(), 1)
+            assert chunk, seen  # the process ended before answering
+            seen += chunk
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(b"second message\nquit\n", timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = (seen + out).decode("utf-8", "replace")
+    assert proc.returncode == 0 and b"Traceback" not in err, err.decode()[-2000:]
+    assert "(answer stopped)" in out
+    assert out.count("Assistant:") == 2  # the session went on and answered the second message
