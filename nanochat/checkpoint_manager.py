@@ -154,7 +154,7 @@ def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data,
     model_data: a state_dict, written as safetensors with meta_data["model_config"] in the file's metadata.
     optimizer_data: anything torch.save can store with plain tensors/containers (e.g. [opt.state_dict(), ...]).
     Weights with a NaN/inf are refused (NonFiniteWeightsError): a poisoned checkpoint is never written."""
-    if rank == 0 and model_data is not None:
+    if model_data is not None:  # every rank that holds the weights checks, so no rank waits alone at the barrier
         bad = first_nonfinite(model_data.items())
         if bad is not None:
             raise NonFiniteWeightsError(f"refusing to save step {step} to {checkpoint_dir}: parameter '{bad}' is "
