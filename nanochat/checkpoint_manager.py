@@ -125,7 +125,7 @@ def _read_meta(meta_path):
     except UnicodeDecodeError as e:
         raise CheckpointError(f"meta file {meta_path} is not UTF-8 text (byte {e.start}); it is corrupt") from e
     except json.JSONDecodeError as e:
-        problem = "empty" if not raw.strip() else f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
+        problem = "empty" if not raw.strip() else f"not valid JSON ({e.msg}, line {e.lineno} column {e.colno})"
         raise CheckpointError(f"meta file {meta_path} is {problem}; it is corrupt or truncated") from e
     if not isinstance(meta_data, dict):
         raise CheckpointError(f"meta file {meta_path} holds a JSON {type(meta_data).__name__}, expected an object")
