@@ -83,7 +83,9 @@ def token_batches(documents, encode, bos_id, B, T, start_token=0, encode_batch_s
                     break
                 chunk.append(item)
             if not chunk:
-                raise ValueError("the document stream ended before a full batch could be made")
+                raise UserError("the document stream ended before a full batch could be made: the data holds fewer "
+                                "tokens than one batch (device_batch_size * max_seq_len); use more data or smaller "
+                                "batches")
             for (position, _), ids in zip(chunk, encode([doc for _, doc in chunk])):
                 tokens = ([bos_id] if bos_id is not None else []) + list(ids)
                 offset = min(skip, len(tokens))

@@ -27,11 +27,11 @@ from tiny_checkpoint import make_tiny_checkpoint  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def run_script(module, *args, base_dir, stdin=None, timeout=120):
+def run_script(module, *args, base_dir, stdin=None, timeout=120, python_flags=()):
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), OMP_NUM_THREADS="1", WANDB_MODE="disabled")
     env.pop("NANOCHAT_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO_ROOT, env=env, input=stdin,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, *python_flags, "-m", module, *args], cwd=REPO_ROOT, env=env,
+                          input=stdin, capture_output=True, text=True, timeout=timeout)
 
 
 def assert_one_line_error(result, *needles):
@@ -94,6 +94,12 @@ def test_bad_value_in_config_file_names_file_and_line(tmp_path):
     config.write_text('depth = 4\nmatrix_lr = 1e999\n')
     assert_one_line_error(run_script("scripts.base_train", "--config", str(config), base_dir=tmp_path / "base"),
                           f"{config}:2", "'matrix_lr'", "finite")
+
+
+def test_checks_survive_python_O(tmp_path):
+    """Validation is not done with assert: `python -O` (which strips asserts) still refuses bad values."""
+    result = run_script("scripts.chat_sft", "--source=sft", base_dir=tmp_path / "base", python_flags=("-O",))
+    assert_one_line_error(result, "'source'")
 
 
 def test_missing_checkpoint_is_one_line_error(tmp_path):
