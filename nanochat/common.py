@@ -98,11 +98,12 @@ def dist_rank_world():
 def compute_init(device_type="cuda"):
     """Seed, set precision, and (under torchrun) initialise the process group: nccl on CUDA, gloo on CPU.
     Returns (ddp, ddp_rank, ddp_local_rank, ddp_world_size, device)."""
-    assert device_type in ("cuda", "mps", "cpu"), f"unknown device_type {device_type!r}"
-    if device_type == "cuda":
-        assert torch.cuda.is_available(), "device_type='cuda' but CUDA is not available"
-    if device_type == "mps":
-        assert torch.backends.mps.is_available(), "device_type='mps' but MPS is not available"
+    if device_type not in ("cuda", "mps", "cpu"):
+        raise UserError(f"device_type must be cuda, mps or cpu, got {device_type!r}")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise UserError("device_type='cuda' but CUDA is not available; use device_type=cpu (or leave it empty)")
+    if device_type == "mps" and not torch.backends.mps.is_available():
+        raise UserError("device_type='mps' but MPS is not available; use device_type=cpu (or leave it empty)")
     torch.manual_seed(42)
     if device_type == "cuda":
         torch.cuda.manual_seed(42)
@@ -155,7 +156,8 @@ _autocast_announced = set()
 def autocast_ctx(device_type, dtype="bfloat16", cpu_bf16=False):
     """The autocast context for forward passes: bf16 on CUDA when dtype == 'bfloat16'; on CPU bf16 only
     when asked (cpu_bf16=True), otherwise plain fp32. The choice is printed once per configuration."""
-    assert dtype in ("bfloat16", "float32"), f"dtype must be 'bfloat16' or 'float32', got {dtype!r}"
+    if dtype not in ("bfloat16", "float32"):
+        raise UserError(f"dtype must be 'bfloat16' or 'float32', got {dtype!r}")
     use_bf16 = dtype == "bfloat16" and (device_type == "cuda" or (device_type == "cpu" and cpu_bf16))
     key = (device_type, use_bf16)
     if key not in _autocast_announced:

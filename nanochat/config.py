@@ -21,6 +21,7 @@ Precedence: command line > config file > defaults.
 Tests: tests/test_config.py.
 """
 
+import argparse
 import ast
 import difflib
 import math
@@ -178,6 +179,10 @@ def format_help(options, description=None):
     lines.append("Options (--config FILE with `key = value` lines, then --key=value overrides):")
     for o in options:
         allowed = f" [{'|'.join(str(c) for c in o.choices)}]" if o.choices else ""
+        bounds = [f">= {o.min}"] if o.min is not None else []
+        bounds += [f"<= {o.max}"] if o.max is not None else []
+        bounds += [f"or {o.disabled} to disable"] if o.disabled is not None and bounds else []
+        allowed += f" [{' '.join(bounds)}]" if bounds else ""
         lines.append(f"  --{o.name:<28} {o.type.__name__:<6} default {o.default!r:<14} {o.help}{allowed}")
     return "\n".join(lines)
 
@@ -225,3 +230,35 @@ def load_config(options, argv=None, description=None, verbose=True):
         for key, value in config.items():
             print0(f"  {key} = {value!r}")
     return config
+
+
+# ----------------------------------------------------------------------------------------------------------
+# argparse scripts (chat_eval, chat_cli): the same one-line errors and bounds
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad command line raises ConfigError (one line `error: ...`, exit code 2, no usage dump)."""
+
+    def error(self, message):
+        raise ConfigError(f"{self.prog}: {message} (see --help)")
+
+
+def bounded(type_, min=None, max=None):
+    """An argparse `type=` that also checks inclusive bounds and (for float) finiteness, e.g.
+    parser.add_argument("-x", type=bounded(int, min=1))."""
+
+    def parse(text):
+        try:
+            value = type_(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {type_.__name__}, got {text!r}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        if min is not None and value < min:
+            raise argparse.ArgumentTypeError(f"must be >= {min}, got {text!r}")
+        if max is not None and value > max:
+            raise argparse.ArgumentTypeError(f"must be <= {max}, got {text!r}")
+        return value
+
+    parse.__name__ = type_.__name__  # argparse names the type in its messages
+    return parse

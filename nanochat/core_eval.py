@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from nanochat.common import dist_rank_world
+from nanochat.common import UserError, dist_rank_world
 
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 
@@ -52,7 +52,9 @@ def load_bundle(bundle_dir):
             baselines[row["Eval Task"]] = float(row["Random baseline"]) / 100.0
     out = []
     for task in tasks:
-        assert task["icl_task_type"] in TASK_TYPES, f"unknown icl_task_type {task['icl_task_type']!r}"
+        if task.get("icl_task_type") not in TASK_TYPES:
+            raise UserError(f"{os.path.join(bundle_dir, 'core.yaml')}: task {task.get('label')!r} has unknown "
+                            f"icl_task_type {task.get('icl_task_type')!r}, expected one of {', '.join(TASK_TYPES)}")
         with open(os.path.join(bundle_dir, "eval_data", task["dataset_uri"]), encoding="utf-8") as f:
             rows = [json.loads(line) for line in f if line.strip()]
         out.append((task, rows, baselines.get(task["label"], 0.0)))
@@ -122,7 +124,9 @@ def truncate_left(token_lists, spans, max_len):
     out_tokens, out_spans = [], []
     for t, (start, end) in zip(token_lists, spans):
         cut = max(0, len(t) - max_len)
-        assert end - cut > 1 and start - cut >= 1, "continuation longer than the model's context"
+        if not (end - cut > 1 and start - cut >= 1):
+            raise UserError(f"a CORE example's continuation ({end - start} tokens) does not fit the model's context "
+                            f"of {max_len} tokens")
         out_tokens.append(t[cut:])
         out_spans.append((start - cut, end - cut))
     return out_tokens, out_spans

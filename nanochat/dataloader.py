@@ -32,11 +32,10 @@ Tests: tests/test_dataloader.py.
 
 from collections import deque
 
-import pyarrow.parquet as pq
 import torch
 
-from nanochat.common import dist_rank_world
-from nanochat.dataset import list_parquet_files, split_paths
+from nanochat.common import UserError, dist_rank_world
+from nanochat.dataset import list_parquet_files, open_parquet, split_paths
 
 
 def iter_documents(files, rank=0, world_size=1, start=None):
@@ -45,7 +44,7 @@ def iter_documents(files, rank=0, world_size=1, start=None):
     epoch, shard0, rg0, doc0 = start if start is not None else (0, 0, 0, 0)
     while True:
         for shard in range(shard0, len(files)):
-            pf = pq.ParquetFile(files[shard])
+            pf = open_parquet(files[shard])
             for rg in range(rg0 if shard == shard0 else 0, pf.num_row_groups):
                 texts = pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
                 first = doc0 if (shard == shard0 and rg == rg0) else 0
@@ -84,7 +83,9 @@ def token_batches(documents, encode, bos_id, B, T, start_token=0, encode_batch_s
                     break
                 chunk.append(item)
             if not chunk:
-                raise ValueError("the document stream ended before a full batch could be made")
+                raise UserError("the document stream ended before a full batch could be made: the data holds fewer "
+                                "tokens than one batch (device_batch_size * max_seq_len); use more data or smaller "
+                                "batches")
             for (position, _), ids in zip(chunk, encode([doc for _, doc in chunk])):
                 tokens = ([bos_id] if bos_id is not None else []) + list(ids)
                 offset = min(skip, len(tokens))
@@ -145,7 +146,8 @@ def iter_conversations(dataset, rank=0, world_size=1, start=None):
     """Yield ((epoch, index), conversation) for this rank (indices rank, rank + world_size, ...), forever.
     dataset: anything with len() and [i] (a Task / TaskMixture, or a list)."""
     n = len(dataset)
-    assert n > rank, f"rank {rank} gets no conversations from a dataset of {n}"
+    if n <= rank:
+        raise UserError(f"rank {rank} gets no conversations from a dataset of {n}: use more data or fewer processes")
     epoch, index = start if start is not None else (0, rank)
     while True:
         for i in range(index, n, world_size):

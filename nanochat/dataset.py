@@ -18,7 +18,15 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-from nanochat.common import get_base_dir, get_data_dir
+from nanochat.common import UserError, get_base_dir, get_data_dir
+
+
+class DataError(UserError, ValueError):
+    """Pretraining shards that are missing, too few, or not parquet (the message names the path)."""
+
+
+class DataMissing(UserError, FileNotFoundError):
+    """No parquet folder where one is expected."""
 
 BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
 MAX_SHARD = 1822  # the last shard index of fineweb-edu-100b-shuffle
@@ -40,10 +48,22 @@ def list_parquet_files(data_dir=None):
     """Sorted full paths of the *.parquet files in data_dir (temp files of unfinished downloads excluded)."""
     data_dir = data_dir or default_data_dir()
     if not os.path.isdir(data_dir):
-        raise FileNotFoundError(f"parquet folder {data_dir} does not exist: set NANOCHAT_DATA_DIR to the local "
+        raise DataMissing(f"parquet folder {data_dir} does not exist: set NANOCHAT_DATA_DIR to the local "
                                 "mirror or download shards with `python -m nanochat.dataset -n 8`")
     names = sorted(n for n in os.listdir(data_dir) if n.endswith(".parquet") and not n.startswith("."))
     return [os.path.join(data_dir, n) for n in names]
+
+
+def open_parquet(path):
+    """pyarrow's ParquetFile, with a one-line DataError naming the path for an empty, truncated or non-parquet
+    file (pyarrow raises ArrowInvalid / OSError)."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path)
+    except Exception as e:  # noqa: BLE001  (pyarrow's errors for a bad file vary by version)
+        raise DataError(f"parquet shard {path} cannot be read ({' '.join(str(e).split())[:200]}); it is corrupt "
+                        f"or truncated: delete it and download it again") from e
 
 
 def split_paths(paths, split):
@@ -51,7 +71,7 @@ def split_paths(paths, split):
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if len(paths) < 2:
-        raise ValueError(f"need at least 2 parquet shards (train + val), found {len(paths)}")
+        raise DataError(f"need at least 2 parquet shards (train + val), found {len(paths)}")
     return paths[:-1] if split == "train" else paths[-1:]
 
 
@@ -64,10 +84,10 @@ def parquets_iter_batched(split, start=0, step=1, data_dir=None):
         raise ValueError(f"need 0 <= start < step, got start={start} step={step}")
     paths = list_parquet_files(data_dir)
     if len(paths) < 2:
-        raise ValueError(f"need at least 2 parquet shards (train + val) in {data_dir or default_data_dir()}, "
+        raise DataError(f"need at least 2 parquet shards (train + val) in {data_dir or default_data_dir()}, "
                          f"found {len(paths)}")
     for path in split_paths(paths, split):
-        pf = pq.ParquetFile(path)
+        pf = open_parquet(path)
         for rg_idx in range(start, pf.num_row_groups, step):
             yield pf.read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
 

@@ -192,7 +192,8 @@ def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
     """logits (B, V) -> token ids (B, 1); every row is sampled independently. temperature 0 = argmax.
     top_k keeps the k most likely tokens (None or 0: all); top_p (nucleus sampling, Holtzman et al. 2019)
     then keeps the smallest set of most likely tokens whose probability reaches top_p (None or 1.0: all)."""
-    assert temperature >= 0.0, "temperature must be >= 0"
+    if not temperature >= 0.0:  # also refuses NaN
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
     if temperature == 0.0:
         return torch.argmax(logits, dim=-1, keepdim=True)
     logits = logits.float() / temperature

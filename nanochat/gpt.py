@@ -24,8 +24,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat.adamw import DistAdamW
-from nanochat.common import dist_rank_world
+from nanochat.common import UserError, dist_rank_world
+from nanochat.config import ConfigError
 from nanochat.muon import DistMuon, Muon
+
+
+class ContextLengthError(UserError, ValueError):
+    """A sequence longer than the model's rotary table (a prompt or conversation too long for the model)."""
 
 
 @dataclass
@@ -42,8 +47,12 @@ def config_from_depth(depth, vocab_size, sequence_len, head_dim=128, aspect_rati
     """The depth dial: n_embd = aspect_ratio * depth, heads of (about) head_dim, as many kv heads as heads."""
     n_embd = depth * aspect_ratio
     n_head = max(1, (n_embd + head_dim - 1) // head_dim)  # ceil: a model narrower than one head gets one head
-    assert n_embd % n_head == 0, f"n_embd={n_embd} not divisible by n_head={n_head}"
-    assert (n_embd // n_head) % 2 == 0, f"head dim {n_embd // n_head} must be even for rotary embeddings"
+    if depth < 1 or aspect_ratio < 1 or head_dim < 1:
+        raise ConfigError(f"depth ({depth}), aspect_ratio ({aspect_ratio}) and head_dim ({head_dim}) must be >= 1")
+    if n_embd % n_head != 0 or (n_embd // n_head) % 2 != 0:  # user input (depth/aspect_ratio/head_dim): no assert
+        raise ConfigError(f"width depth * aspect_ratio = {depth} * {aspect_ratio} = {n_embd} does not split into "
+                          f"{n_head} heads of an even size (head_dim={head_dim}); choose aspect_ratio and head_dim "
+                          f"so that the width is a multiple of an even head_dim")
     return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
                      n_kv_head=n_head, n_embd=n_embd)
 
@@ -267,7 +276,9 @@ class GPT(nn.Module):
         if segment_ids is not None:
             assert kv_cache is None, "segment_ids are for training/eval on packed rows, not KV-cache decoding"
             assert segment_ids.shape == idx.shape, f"segment_ids {tuple(segment_ids.shape)} vs idx {tuple(idx.shape)}"
-            assert T <= self.cos.size(0), f"sequence length {T} exceeds the rotary table {self.cos.size(0)}"
+            if T > self.cos.size(0):
+                raise ContextLengthError(f"sequence of {T} tokens exceeds the model's rotary table of "
+                                         f"{self.cos.size(0)} positions")
             pos = segment_positions(segment_ids)
             cos_sin = self.cos[pos][:, :, None, :], self.sin[pos][:, :, None, :]  # (B, T, 1, D/2)
             if idx.device.type == "cuda":
@@ -276,7 +287,9 @@ class GPT(nn.Module):
                 seg = ("sdpa", segment_mask(segment_ids))
         else:
             T0 = 0 if kv_cache is None else kv_cache.get_pos()
-            assert T0 + T <= self.cos.size(0), f"position {T0 + T} exceeds the rotary table {self.cos.size(0)}"
+            if T0 + T > self.cos.size(0):
+                raise ContextLengthError(f"sequence of {T0 + T} tokens exceeds the model's rotary table of "
+                                         f"{self.cos.size(0)} positions; shorten the prompt or max_tokens")
             cos_sin = self.cos[None, T0:T0 + T, None, :], self.sin[None, T0:T0 + T, None, :]  # (1, T, 1, D/2)
 
         x = self.transformer.wte(idx)

@@ -47,6 +47,9 @@ import math
 
 import torch
 
+from nanochat.common import UserError
+from nanochat.config import ConfigError
+
 # ----------------------------------------------------------------------------------------------------------
 # Collation
 
@@ -162,7 +165,9 @@ def sft_batches(dataset, render_fn, batch_size, pad_id, packing="pad", row_capac
     assert batch_size > 0 and row_capacity >= 2
     num_examples = len(dataset)
     per_rank = len(range(rank, num_examples, world_size))
-    assert per_rank > 0, f"rank {rank} of {world_size} gets no conversations from a dataset of {num_examples}"
+    if per_rank <= 0:
+        raise UserError(f"rank {rank} of {world_size} gets no conversations from a dataset of {num_examples}: "
+                        f"use more data or fewer processes")
     state = dict(initial_data_state() if state is None else state)
     epoch, cursor = state["epoch"], state["cursor"]
     counts = {"truncated": 0, "dropped": 0}
@@ -194,7 +199,7 @@ def sft_batches(dataset, render_fn, batch_size, pad_id, packing="pad", row_capac
         item = render(next_index())
         skipped["run"] = 0 if item is not None else skipped["run"] + 1
         if skipped["run"] > per_rank:
-            raise ValueError(f"every conversation of rank {rank} is dropped (longer than row_capacity="
+            raise ConfigError(f"every conversation of rank {rank} is dropped (longer than row_capacity="
                              f"{row_capacity} with drop_long, or shorter than 2 tokens)")
         return item
 
@@ -281,7 +286,7 @@ def grad_accum_steps_for(target_examples_per_step, device_batch_size, world_size
     """target_examples_per_step // (device_batch_size * world_size), refusing settings that do not divide."""
     examples_per_micro_step = device_batch_size * world_size
     if target_examples_per_step <= 0 or target_examples_per_step % examples_per_micro_step != 0:
-        raise ValueError(
+        raise ConfigError(
             f"target_examples_per_step={target_examples_per_step} must be a positive multiple of "
             f"device_batch_size * world_size = {device_batch_size} * {world_size} = {examples_per_micro_step}; "
             f"change target_examples_per_step or device_batch_size")
@@ -339,7 +344,7 @@ TASK_ARGS = {
 }
 
 
-class MixtureSpecError(ValueError):
+class MixtureSpecError(UserError, ValueError):
     """A train_mixture / val_mixture entry that does not follow the spec syntax."""
 
 

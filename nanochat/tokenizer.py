@@ -31,7 +31,15 @@ import warnings
 import numpy as np
 import torch
 
-from nanochat.common import atomic_write_bytes, atomic_write_text, get_base_dir
+from nanochat.common import UserError, atomic_write_bytes, atomic_write_text, get_base_dir
+
+class TokenizerFileError(UserError, ValueError):
+    """A tokenizer file that is corrupt, truncated or of another format (the message names the path)."""
+
+
+class TokenizerFileMissing(UserError, FileNotFoundError):
+    """No trained tokenizer where one is expected."""
+
 
 SPECIAL_TOKENS = [
     "<|bos|>",  # every document / conversation starts with it
@@ -196,27 +204,45 @@ class RustBPETokenizer:
         ranks_path = os.path.join(tokenizer_dir, RANKS_FILE)
         for path in (meta_path, ranks_path):
             if not os.path.exists(path):
-                raise FileNotFoundError(f"tokenizer file {path} not found: "
-                                        "train one with `python -m scripts.tok_train`")
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{meta_path}: unsupported tokenizer format_version {meta.get('format_version')!r}")
+                raise TokenizerFileMissing(f"tokenizer file {path} not found: "
+                                           "train one with `python -m scripts.tok_train`")
+        try:
+            with open(meta_path, encoding="utf-8") as f:
+                meta = json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise TokenizerFileError(f"tokenizer file {meta_path} is not valid JSON ({e}); it is corrupt: retrain "
+                                     f"with `python -m scripts.tok_train`") from None
+        if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+            version = meta.get("format_version") if isinstance(meta, dict) else None
+            raise TokenizerFileError(f"{meta_path}: unsupported tokenizer format_version {version!r}")
         mergeable_ranks = {}
-        with open(ranks_path, encoding="ascii") as f:
-            for lineno, line in enumerate(f, 1):
+        with open(ranks_path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("ascii")
+                except UnicodeDecodeError:
+                    raise TokenizerFileError(f"{ranks_path}:{lineno}: not ASCII (a corrupt tokenizer file): "
+                                             f"{raw[:40]!r}") from None
                 if not line.strip():
                     continue
                 try:
                     token_b64, rank = line.split()
                     mergeable_ranks[base64.b64decode(token_b64, validate=True)] = int(rank)
-                except ValueError as e:
-                    raise ValueError(f"{ranks_path}:{lineno}: expected '<base64 token> <rank>', got {line!r}") from e
-        enc_specials = {name: int(i) for name, i in meta["special_tokens"].items()}
-        import tiktoken
+                except ValueError:
+                    raise TokenizerFileError(f"{ranks_path}:{lineno}: expected '<base64 token> <rank>', "
+                                             f"got {line!r}") from None
+        if not mergeable_ranks:
+            raise TokenizerFileError(f"tokenizer file {ranks_path} holds no ranks (empty or truncated)")
+        try:
+            enc_specials = {name: int(i) for name, i in meta["special_tokens"].items()}
+            pattern = meta["pattern"]
+            import tiktoken
 
-        enc = tiktoken.Encoding(name="rustbpe", pat_str=meta["pattern"], mergeable_ranks=mergeable_ranks,
-                                special_tokens=enc_specials)
+            enc = tiktoken.Encoding(name="rustbpe", pat_str=pattern, mergeable_ranks=mergeable_ranks,
+                                    special_tokens=enc_specials)
+        except (KeyError, AttributeError, TypeError, ValueError) as e:
+            raise TokenizerFileError(f"tokenizer files in {tokenizer_dir} do not make a tokenizer "
+                                     f"({type(e).__name__}: {e}); retrain with `python -m scripts.tok_train`") from None
         return cls(enc, meta.get("bos_token", "<|bos|>"))
 
     def save(self, tokenizer_dir):
@@ -398,6 +424,13 @@ def get_token_bytes(device="cpu"):
     """The int32 tensor of per-token byte lengths saved next to the tokenizer (0 for specials)."""
     path = os.path.join(get_base_dir(), "tokenizer", TOKEN_BYTES_FILE)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: train a tokenizer with `python -m scripts.tok_train`")
-    array = np.load(path, allow_pickle=False)
+        raise TokenizerFileMissing(f"{path} not found: train a tokenizer with `python -m scripts.tok_train`")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise TokenizerFileError(f"tokenizer file {path} is not a valid .npy array ({e}); it is corrupt: retrain "
+                                 f"with `python -m scripts.tok_train`") from None
+    if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
+        raise TokenizerFileError(f"tokenizer file {path} holds a {array.dtype} array of shape {array.shape}, "
+                                 f"expected a 1-D integer array of token byte lengths")
     return torch.from_numpy(array.astype(np.int32)).to(device)

@@ -28,11 +28,11 @@ EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundl
 # Config
 
 OPTIONS = [
-    Option("device_type", str, "", "cuda|cpu|mps (empty: autodetect)"),
-    Option("dtype", str, "bfloat16", "autocast dtype on CUDA: bfloat16|float32"),
-    Option("max_per_task", int, -1, "examples per task (-1: all)"),
+    Option("device_type", str, "", "cuda|cpu|mps (empty: autodetect)", choices=("", "cuda", "cpu", "mps")),
+    Option("dtype", str, "bfloat16", "autocast dtype on CUDA: bfloat16|float32", choices=("bfloat16", "float32")),
+    Option("max_per_task", int, -1, "examples per task (-1: all)", min=1, disabled=-1),
     Option("model_tag", str, None, "base checkpoint tag (default: largest d<depth>)"),
-    Option("step", int, None, "checkpoint step (default: last)"),
+    Option("step", int, None, "checkpoint step (default: last)", min=0),
 ]
 config = load_config(OPTIONS, description=__doc__)
 

@@ -29,9 +29,11 @@ import torch
 
 from nanochat.checkpoint_manager import (check_tokenizer, default_output_tag, describe_checkpoint, load_checkpoint,
                                          load_run_state, prepare_run, save_checkpoint, save_run_state, tokenizer_sha256)
+from nanochat.checks import check_finite_parameters, grad_accum_steps_for_tokens
 from nanochat.common import (UserError, autocast_ctx, autodetect_device_type, compute_cleanup, compute_init,
-                             get_base_dir, get_git_commit, get_peak_flops, init_wandb, install_error_handler, print0)
-from nanochat.config import Option, load_config
+                             get_base_dir, get_dist_info, get_git_commit, get_peak_flops, init_wandb,
+                             install_error_handler, print0)
+from nanochat.config import ConfigError, Option, load_config
 from nanochat.core_eval import evaluate_core, find_eval_bundle
 from nanochat.dataloader import tokenizing_distributed_data_loader
 from nanochat.gpt import GPT, config_from_depth
@@ -47,37 +49,48 @@ install_error_handler()  # a UserError prints one line `error: ...` and exits wi
 
 OPTIONS = [
     Option("run", str, "dummy", "wandb run name ('dummy' disables wandb)"),
-    Option("device_type", str, "", "cuda|cpu|mps (empty: autodetect)"),
-    Option("dtype", str, "bfloat16", "autocast dtype on CUDA: bfloat16|float32 (CPU runs in fp32)"),
+    Option("device_type", str, "", "cuda|cpu|mps (empty: autodetect)", choices=("", "cuda", "cpu", "mps")),
+    Option("dtype", str, "bfloat16", "autocast dtype on CUDA: bfloat16|float32 (CPU runs in fp32)",
+           choices=("bfloat16", "float32")),
     Option("compile", bool, True, "torch.compile the model (CUDA only)"),
     # model
-    Option("depth", int, 20, "number of transformer layers; sets width and heads"),
-    Option("aspect_ratio", int, 64, "model width = depth * aspect_ratio"),
-    Option("head_dim", int, 128, "attention head size (heads = width / head_dim); small for tiny CPU models"),
-    Option("max_seq_len", int, 2048, "context length"),
+    Option("depth", int, 20, "number of transformer layers; sets width and heads", min=1),
+    Option("aspect_ratio", int, 64, "model width = depth * aspect_ratio", min=1),
+    Option("head_dim", int, 128, "attention head size (heads = width / head_dim); small for tiny CPU models",
+           min=2),
+    Option("max_seq_len", int, 2048, "context length", min=1),
     # horizon: the first of these that is > 0 wins
-    Option("num_iterations", int, -1, "optimizer steps (-1: derive from target_flops or the data:param ratio)"),
-    Option("target_flops", float, -1.0, "training FLOPs budget (-1: unused)"),
-    Option("target_param_data_ratio", float, 20.0, "training tokens per parameter (Chinchilla: 20)"),
+    Option("num_iterations", int, -1, "optimizer steps (-1: derive from target_flops or the data:param ratio)",
+           min=1, disabled=-1),
+    Option("target_flops", float, -1.0, "training FLOPs budget (-1: unused)", min=1.0, disabled=-1.0),
+    Option("target_param_data_ratio", float, 20.0, "training tokens per parameter (Chinchilla: 20)", min=0.0,
+           disabled=-1.0),
     # batch
-    Option("device_batch_size", int, 32, "rows per device per micro-step"),
-    Option("total_batch_size", int, 524288, "tokens per optimizer step over all ranks (-> gradient accumulation)"),
+    Option("device_batch_size", int, 32, "rows per device per micro-step", min=1),
+    Option("total_batch_size", int, 524288, "tokens per optimizer step over all ranks (-> gradient accumulation)",
+           min=1),
     # optimization (nanochat's values)
-    Option("embedding_lr", float, 0.2, "AdamW lr of the token embedding"),
-    Option("unembedding_lr", float, 0.004, "AdamW lr of the lm_head"),
-    Option("matrix_lr", float, 0.02, "Muon lr of the transformer matrices"),
-    Option("weight_decay", float, 0.0, "AdamW weight decay"),
-    Option("grad_clip", float, 1.0, "clip each rank's gradient norm to this (0: off)"),
-    Option("warmup_ratio", float, 0.0, "fraction of steps of linear LR warm-up"),
-    Option("warmdown_ratio", float, 0.2, "fraction of steps of linear LR warm-down at the end"),
-    Option("final_lr_frac", float, 0.0, "LR multiplier reached at the last step"),
+    Option("embedding_lr", float, 0.2, "AdamW lr of the token embedding", min=0.0),
+    Option("unembedding_lr", float, 0.004, "AdamW lr of the lm_head", min=0.0),
+    Option("matrix_lr", float, 0.02, "Muon lr of the transformer matrices", min=0.0),
+    Option("weight_decay", float, 0.0, "AdamW weight decay", min=0.0),
+    Option("grad_clip", float, 1.0, "clip each rank's gradient norm to this (0: off)", min=0.0),
+    Option("warmup_ratio", float, 0.0, "fraction of steps of linear LR warm-up", min=0.0, max=1.0),
+    Option("warmdown_ratio", float, 0.2, "fraction of steps of linear LR warm-down at the end", min=0.0,
+           max=1.0),
+    Option("final_lr_frac", float, 0.0, "LR multiplier reached at the last step", min=0.0, max=1.0),
     # evaluation and saving
-    Option("eval_every", int, 250, "val bpb every this many steps and at the end (-1 disables)"),
-    Option("eval_tokens", int, 20 * 524288, "validation tokens per evaluation (all ranks)"),
-    Option("core_metric_every", int, 2000, "CORE metric every this many steps and at the end, if the eval bundle exists (-1 disables)"),
-    Option("core_metric_max_per_task", int, 500, "examples per CORE task (-1: all)"),
-    Option("sample_every", int, 2000, "greedy samples every this many steps and at the end (-1 disables)"),
-    Option("save_every", int, -1, "resumable checkpoint every this many steps (-1 disables; the final one is always)"),
+    Option("eval_every", int, 250, "val bpb every this many steps and at the end (-1 disables)", min=1,
+           disabled=-1),
+    Option("eval_tokens", int, 20 * 524288, "validation tokens per evaluation (all ranks)", min=1),
+    Option("core_metric_every", int, 2000,
+           "CORE metric every this many steps and at the end, if the eval bundle exists (-1 disables)",
+           min=1, disabled=-1),
+    Option("core_metric_max_per_task", int, 500, "examples per CORE task (-1: all)", min=1, disabled=-1),
+    Option("sample_every", int, 2000, "greedy samples every this many steps and at the end (-1 disables)", min=1,
+           disabled=-1),
+    Option("save_every", int, -1, "resumable checkpoint every this many steps (-1 disables; the final one is always)",
+           min=1, disabled=-1),
     # output folder and resume
     Option("output_tag", str, None, "output folder name under base_checkpoints/ (default: d<depth>)"),
     Option("model_tag", str, None, "nanochat's name for output_tag in base_train (an alias; set one of the two)"),
@@ -87,6 +100,16 @@ OPTIONS = [
 ]
 script_start = time.time()  # the stage's wall-clock time goes into its report section
 config = load_config(OPTIONS, description=__doc__)
+# cross-option checks, before anything is loaded (the world size comes from the torchrun environment)
+grad_accum_steps_for_tokens(config["total_batch_size"], config["device_batch_size"], config["max_seq_len"],
+                            get_dist_info()[3])
+config_from_depth(config["depth"], 1, config["max_seq_len"], head_dim=config["head_dim"],
+                  aspect_ratio=config["aspect_ratio"])  # the width must split into heads of an even size
+if config["warmup_ratio"] + config["warmdown_ratio"] > 1.0:
+    raise ConfigError(f"warmup_ratio + warmdown_ratio = {config['warmup_ratio']} + {config['warmdown_ratio']} "
+                      f"must be <= 1")
+if config["num_iterations"] <= 0 and config["target_flops"] <= 0 and config["target_param_data_ratio"] <= 0:
+    raise ConfigError("no training horizon: set num_iterations, target_flops or target_param_data_ratio > 0")
 
 # -----------------------------------------------------------------------------
 # Compute init
@@ -143,10 +166,7 @@ print0(f"Number of parameters: {num_params:,} | FLOPs per token: {num_flops_per_
 # Batch arithmetic: rows of max_seq_len tokens; gradient accumulation makes up total_batch_size.
 device_batch_size, total_batch_size = config["device_batch_size"], config["total_batch_size"]
 world_tokens_per_fwdbwd = device_batch_size * max_seq_len * ddp_world_size
-assert total_batch_size % world_tokens_per_fwdbwd == 0, (
-    f"total_batch_size ({total_batch_size}) must be a multiple of device_batch_size * max_seq_len * world_size "
-    f"({world_tokens_per_fwdbwd})")
-grad_accum_steps = total_batch_size // world_tokens_per_fwdbwd
+grad_accum_steps = grad_accum_steps_for_tokens(total_batch_size, device_batch_size, max_seq_len, ddp_world_size)
 print0(f"Tokens per micro-step (all ranks): {world_tokens_per_fwdbwd:,} | gradient accumulation steps: {grad_accum_steps}")
 
 # Horizon
@@ -157,7 +177,7 @@ elif config["target_flops"] > 0:
 elif config["target_param_data_ratio"] > 0:
     num_iterations = int(config["target_param_data_ratio"] * num_params) // total_batch_size
 else:
-    raise ValueError("set one of num_iterations, target_flops or target_param_data_ratio")
+    raise ConfigError("set one of num_iterations, target_flops or target_param_data_ratio")
 num_iterations = max(num_iterations, 1)
 total_tokens = total_batch_size * num_iterations
 print0(f"Iterations: {num_iterations:,} | training tokens: {total_tokens:,} | "
@@ -327,6 +347,7 @@ for step in range(start_step, num_iterations + 1):
         group["momentum"] = momentum
     for opt in optimizers:
         opt.step()
+    check_finite_parameters(orig_model, step)  # stop before NaN/inf weights are trained on or saved
     model.zero_grad(set_to_none=True)
     synchronize()
     dt = time.time() - t0

@@ -6,15 +6,20 @@ one GPU / CPU:  python -m scripts.chat_cli -i sft
 one answer:     python -m scripts.chat_cli -i sft -p "Why is the sky blue?"
 tiny, CPU:      python -m scripts.chat_cli -i sft -p "hello" -m 32
 
-Commands: `clear` starts a new conversation, `quit` or `exit` leaves.
+Commands: `clear` starts a new conversation, `quit` or `exit` leaves. Line editing and history (readline,
+kept in <base_dir>/chat_cli_history); Ctrl-C during an answer stops that answer, Ctrl-C or Ctrl-D at the prompt
+leaves. A message that does not fit the model's context is refused and the session goes on.
 """
 
-import argparse
+import os
 
 import torch
 
+from nanochat.chat_turn import reply_budget, stream_reply
 from nanochat.checkpoint_manager import load_model
-from nanochat.common import autocast_ctx, autodetect_device_type, compute_cleanup, compute_init, install_error_handler
+from nanochat.common import (UserError, autocast_ctx, autodetect_device_type, compute_cleanup, compute_init,
+                             get_base_dir, install_error_handler)
+from nanochat.config import ArgumentParser, bounded
 from nanochat.engine import Engine
 
 install_error_handler()  # a UserError prints one line `error: ...` and exits with code 2
@@ -62,15 +67,15 @@ def main(argv=None):
     # ------------------------------------------------------------------------------------------------------
     # Config
 
-    parser = argparse.ArgumentParser(description="Chat with the model")
+    parser = ArgumentParser(description="Chat with the model")
     parser.add_argument("-i", "--source", type=str, default="sft", choices=["base", "mid", "sft", "rl"],
                         help="which checkpoint family to load")
     parser.add_argument("-g", "--model-tag", type=str, default=None, help="model tag, e.g. d20 (default: largest)")
-    parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: last)")
+    parser.add_argument("-s", "--step", type=bounded(int, min=0), default=None, help="checkpoint step (default: last)")
     parser.add_argument("-p", "--prompt", type=str, default="", help="answer this one prompt and exit")
-    parser.add_argument("-t", "--temperature", type=float, default=0.6, help="sampling temperature")
-    parser.add_argument("-k", "--top-k", type=int, default=50, help="top-k sampling")
-    parser.add_argument("-m", "--max-tokens", type=int, default=256, help="most tokens per answer")
+    parser.add_argument("-t", "--temperature", type=bounded(float, min=0.0), default=0.6, help="sampling temperature")
+    parser.add_argument("-k", "--top-k", type=bounded(int, min=0), default=50, help="top-k sampling")
+    parser.add_argument("-m", "--max-tokens", type=bounded(int, min=1), default=256, help="most tokens per answer")
     parser.add_argument("-d", "--dtype", type=str, default="bfloat16", choices=["float32", "bfloat16"],
                         help="autocast dtype (bf16 autocast applies on CUDA only)")
     args = parser.parse_args(argv)
@@ -91,8 +96,18 @@ def main(argv=None):
     # ------------------------------------------------------------------------------------------------------
     # Chat loop: the conversation is kept as tokens, rendered as render_conversation does
 
+    sequence_len = model.config.sequence_len
+    history_file = os.path.join(get_base_dir(), "chat_cli_history")
     if not args.prompt:
-        print("nanochat — type `clear` to start over, `quit` or `exit` to leave.")
+        try:
+            import readline  # line editing and history for input()
+
+            readline.set_history_length(1000)
+            if os.path.exists(history_file):
+                readline.read_history_file(history_file)
+        except (ImportError, OSError):
+            readline = None
+        print("nanochat — type `clear` to start over, `quit` or `exit` to leave; Ctrl-C stops an answer.")
     conversation_tokens = [bos]
     while True:
         if args.prompt:
@@ -111,22 +126,26 @@ def main(argv=None):
                 continue
             if not user_input:
                 continue
+        message = [user_start, *tokenizer.encode(user_input), user_end, assistant_start]
+        budget, refusal = reply_budget(len(conversation_tokens), len(message), sequence_len, args.max_tokens)
+        if refusal is not None:
+            if args.prompt:
+                raise UserError(f"-p/--prompt: {refusal}")
+            print(f"({refusal})")
+            continue
         if not args.prompt:
             print()
-        conversation_tokens += [user_start, *tokenizer.encode(user_input), user_end, assistant_start]
+        conversation_tokens += message
 
         print("Assistant: ", end="", flush=True)
         printer = StreamPrinter(tokenizer)
-        response_tokens = []
         with autocast, torch.no_grad():
-            for token_column, _ in engine.generate(conversation_tokens, num_samples=1, max_tokens=args.max_tokens,
-                                                   temperature=args.temperature, top_k=args.top_k):
-                token = token_column[0]
-                if token == assistant_end or token == bos:
-                    break
-                response_tokens.append(token)
-                printer.add(token)
+            stream = engine.generate(conversation_tokens, num_samples=1, max_tokens=budget,
+                                     temperature=args.temperature, top_k=args.top_k)
+            response_tokens, interrupted = stream_reply(stream, {assistant_end, bos}, printer.add)
         printer.finish()
+        if interrupted:
+            print("(answer stopped)")
         conversation_tokens += response_tokens + [assistant_end]
         if args.prompt:
             break
@@ -134,6 +153,11 @@ def main(argv=None):
     # ------------------------------------------------------------------------------------------------------
     # Cleanup
 
+    if not args.prompt and readline is not None:
+        try:
+            readline.write_history_file(history_file)
+        except OSError:
+            pass  # history is a convenience: an unwritable base dir must not fail the session
     compute_cleanup()
 
 

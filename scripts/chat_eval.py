@@ -13,7 +13,6 @@ keeps the others; a result on a subset of the problems (-x N) is marked "(-x N)"
 ChatCORE is reported when all five tasks have a result from the same checkpoint.
 """
 
-import argparse
 import os
 import time
 
@@ -23,6 +22,7 @@ from nanochat.chat_eval import TASK_NAMES, chatcore, run_chat_eval  # noqa: F401
 from nanochat.checkpoint_manager import SOURCE_DIRS, load_model, resolve_checkpoint
 from nanochat.common import (autocast_ctx, autodetect_device_type, compute_cleanup, compute_init,
                              install_error_handler, print0)
+from nanochat.config import ArgumentParser, bounded
 from nanochat.engine import Engine
 from nanochat.execution import describe_isolation
 from nanochat.report import format_task_results, get_report
@@ -35,26 +35,32 @@ def main(argv=None):
     # Config
 
     t_start = time.time()
-    parser = argparse.ArgumentParser(description="Evaluate a chat model (ChatCORE tasks)")
+    parser = ArgumentParser(description="Evaluate a chat model (ChatCORE tasks)")
     parser.add_argument("-i", "--source", type=str, required=True, choices=["base", "mid", "sft", "rl"],
                         help="which checkpoint family to load")
     parser.add_argument("-a", "--task-name", type=str, default="|".join(TASK_NAMES),
                         help="'|'-separated tasks (default: all five)")
     parser.add_argument("-d", "--dtype", type=str, default="bfloat16", choices=["float32", "bfloat16"],
                         help="autocast dtype (bf16 autocast applies on CUDA only)")
-    parser.add_argument("-t", "--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
-    parser.add_argument("-m", "--max-new-tokens", type=int, default=512, help="generation budget per sample")
-    parser.add_argument("-n", "--num-samples", type=int, default=1, help="samples per problem (pass@n)")
-    parser.add_argument("-k", "--top-k", type=int, default=50, help="top-k sampling")
-    parser.add_argument("-b", "--batch-size", type=int, default=8, help="batch size for categorical tasks")
+    parser.add_argument("-t", "--temperature", type=bounded(float, min=0.0), default=0.0,
+                        help="sampling temperature (0 = greedy)")
+    parser.add_argument("-m", "--max-new-tokens", type=bounded(int, min=1), default=512,
+                        help="generation budget per sample")
+    parser.add_argument("-n", "--num-samples", type=bounded(int, min=1), default=1, help="samples per problem (pass@n)")
+    parser.add_argument("-k", "--top-k", type=bounded(int, min=0), default=50, help="top-k sampling")
+    parser.add_argument("-b", "--batch-size", type=bounded(int, min=1), default=8,
+                        help="batch size for categorical tasks")
     parser.add_argument("-g", "--model-tag", type=str, default=None, help="model tag, e.g. d20 (default: largest)")
-    parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: last)")
-    parser.add_argument("-x", "--max-problems", type=int, default=None, help="evaluate at most this many problems")
+    parser.add_argument("-s", "--step", type=bounded(int, min=0), default=None, help="checkpoint step (default: last)")
+    parser.add_argument("-x", "--max-problems", type=bounded(int, min=1), default=None,
+                        help="evaluate at most this many problems")
     args = parser.parse_args(argv)
     task_names = [name.strip() for name in args.task_name.split("|") if name.strip()]
     unknown = [name for name in task_names if name not in TASK_NAMES]
     if unknown:
         parser.error(f"unknown task(s) {unknown}; choose from {'|'.join(TASK_NAMES)}")
+    if not task_names:
+        parser.error(f"-a/--task-name names no task; choose from {'|'.join(TASK_NAMES)}")
 
     # ------------------------------------------------------------------------------------------------------
     # Compute init

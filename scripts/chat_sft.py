@@ -48,15 +48,17 @@ from nanochat.chat_eval import CATEGORICAL_TASKS, TASK_NAMES, run_chat_eval
 from nanochat.checkpoint_manager import (build_model, check_tokenizer, default_output_tag, describe_checkpoint,
                                          load_checkpoint, load_run_state, prepare_run, read_meta, resolve_checkpoint,
                                          save_checkpoint, save_run_state, tokenizer_sha256)
-from nanochat.common import (autocast_ctx, autodetect_device_type, compute_cleanup, compute_init,
-                             get_base_dir, get_git_commit, get_peak_flops, init_wandb, install_error_handler, print0)
-from nanochat.config import Option, load_config
+from nanochat.checks import check_finite_parameters
+from nanochat.common import (UserError, autocast_ctx, autodetect_device_type, compute_cleanup, compute_init,
+                             get_base_dir, get_dist_info, get_git_commit, get_peak_flops, init_wandb,
+                             install_error_handler, print0)
+from nanochat.config import ConfigError, Option, load_config
 from nanochat.engine import Engine
 from nanochat.report import get_report
 from nanochat.schedules import lr_multiplier
 from nanochat.sft import (LOSS_NORMALIZATIONS, build_mixture, count_steps_bestfit, grad_accum_steps_for,
                           initial_data_state, metric_key, micro_batch_loss_scale, num_sft_iterations,
-                          padding_fraction, parse_eval_spec, sft_batches, skip_reason)
+                          padding_fraction, parse_eval_spec, parse_task_spec, sft_batches, skip_reason)
 
 install_error_handler()  # a UserError prints one line `error: ...` and exits with code 2
 
@@ -66,52 +68,66 @@ install_error_handler()  # a UserError prints one line `error: ...` and exits wi
 OPTIONS = [
     # the guide's keys and defaults
     Option("run", str, "dummy", "wandb run name ('dummy' disables wandb)"),
-    Option("source", str, "mid", "checkpoint to start from: base|mid"),
+    Option("source", str, "mid", "checkpoint to start from: base|mid", choices=("base", "mid")),
     Option("model_tag", str, None, "model tag of the source checkpoint to load (default: largest d<depth>)"),
-    Option("step", int, None, "checkpoint step to load (default: last)"),
+    Option("step", int, None, "checkpoint step to load (default: last)", min=0),
     Option("output_tag", str, None, "output folder name under chatsft_checkpoints/ (default: d<depth>)"),
     Option("overwrite", int, 0, "1: replace the checkpoints of another run in the output folder", choices=(0, 1)),
-    Option("dtype", str, "bfloat16", "autocast dtype on CUDA: bfloat16|float32"),
-    Option("device_batch_size", int, 4, "conversations (pad) or rows (bestfit) per device per micro-step"),
-    Option("num_epochs", int, 1, "passes over the training mixture"),
-    Option("max_iterations", int, -1, "cap on optimizer steps (-1: no cap)"),
-    Option("target_examples_per_step", int, 32, "examples (pad) or rows (bestfit) per optimizer step, all ranks"),
-    Option("unembedding_lr", float, 0.004, "AdamW lr of the lm_head"),
-    Option("embedding_lr", float, 0.2, "AdamW lr of the token embedding"),
-    Option("matrix_lr", float, 0.02, "Muon lr of the transformer matrices"),
-    Option("weight_decay", float, 0.0, "AdamW weight decay"),
-    Option("init_lr_frac", float, 0.02, "every lr is multiplied by this (SFT starts from a trained model)"),
-    Option("eval_every", int, 100, "validation loss every this many steps and at the end (-1 disables)"),
-    Option("eval_steps", int, 100, "validation batches per rank per evaluation"),
-    Option("eval_metrics_every", int, 200, "task metrics every this many steps and at the end (-1 disables)"),
+    Option("dtype", str, "bfloat16", "autocast dtype on CUDA: bfloat16|float32", choices=("bfloat16", "float32")),
+    Option("device_batch_size", int, 4, "conversations (pad) or rows (bestfit) per device per micro-step",
+           min=1),
+    Option("num_epochs", int, 1, "passes over the training mixture", min=1),
+    Option("max_iterations", int, -1, "cap on optimizer steps (-1: no cap)", min=1, disabled=-1),
+    Option("target_examples_per_step", int, 32, "examples (pad) or rows (bestfit) per optimizer step, all ranks",
+           min=1),
+    Option("unembedding_lr", float, 0.004, "AdamW lr of the lm_head", min=0.0),
+    Option("embedding_lr", float, 0.2, "AdamW lr of the token embedding", min=0.0),
+    Option("matrix_lr", float, 0.02, "Muon lr of the transformer matrices", min=0.0),
+    Option("weight_decay", float, 0.0, "AdamW weight decay", min=0.0),
+    Option("init_lr_frac", float, 0.02, "every lr is multiplied by this (SFT starts from a trained model)",
+           min=0.0),
+    Option("eval_every", int, 100, "validation loss every this many steps and at the end (-1 disables)",
+           min=1, disabled=-1),
+    Option("eval_steps", int, 100, "validation batches per rank per evaluation", min=1),
+    Option("eval_metrics_every", int, 200, "task metrics every this many steps and at the end (-1 disables)",
+           min=1, disabled=-1),
     # beyond the guide
-    Option("device_type", str, "", "cuda|cpu|mps (empty: autodetect)"),
-    Option("seed", int, 42, "torch/python/numpy seed"),
+    Option("device_type", str, "", "cuda|cpu|mps (empty: autodetect)", choices=("", "cuda", "cpu", "mps")),
+    Option("seed", int, 42, "torch/python/numpy seed", min=0),
     Option("train_mixture", list, ["ARC:ARC-Easy:train", "ARC:ARC-Challenge:train", "GSM8K:main:train",
                                    "SmolTalk:train:0:10000"], "training mixture specs (see nanochat/sft.py)"),
     Option("val_mixture", list, ["SmolTalk:test"], "validation mixture specs"),
     Option("loss_normalization", str, "token",
-           "token (per supervised token of the whole step) | micro_batch_mean (the guide)"),
-    Option("packing", str, "pad", "pad (the guide: pad to the longest) | bestfit (pack whole conversations into rows)"),
-    Option("max_seq_len", int, 2048, "longest conversation / packed row, in input positions"),
+           "token (per supervised token of the whole step) | micro_batch_mean (the guide)",
+           choices=LOSS_NORMALIZATIONS),
+    Option("packing", str, "pad", "pad (the guide: pad to the longest) | bestfit (pack whole conversations into rows)",
+           choices=("pad", "bestfit")),
+    Option("max_seq_len", int, 2048, "longest conversation / packed row, in input positions", min=1),
     Option("drop_long", bool, False, "drop conversations longer than max_seq_len + 1 tokens instead of truncating"),
     Option("eval_metrics_tasks", list, ["MMLU:1024", "ARC-Easy:1024", "GSM8K:64", "HumanEval:64"],
            "run_chat_eval tasks as Name[:max_problems]"),
-    Option("eval_max_new_tokens", int, 512, "generation budget of the generative task metrics"),
-    Option("save_every", int, -1, "resumable checkpoint every this many steps (-1 disables; the final one is always)"),
+    Option("eval_max_new_tokens", int, 512, "generation budget of the generative task metrics", min=1),
+    Option("save_every", int, -1, "resumable checkpoint every this many steps (-1 disables; the final one is always)",
+           min=1, disabled=-1),
     Option("resume", str, "0", "0: fresh run; 1: continue the run in the output folder from its last resumable "
                                "checkpoint (fresh if the folder is empty); or a checkpoint folder to continue from"),
-    Option("debug_nan_step", int, -1, "testing: make this step's loss NaN (-1 disables)"),
-    Option("debug_oom_step", int, -1, "testing: raise a CUDA out-of-memory error in this step (-1 disables)"),
+    Option("debug_nan_step", int, -1, "testing: make this step's loss NaN (-1 disables)", min=0, disabled=-1),
+    Option("debug_oom_step", int, -1, "testing: raise a CUDA out-of-memory error in this step (-1 disables)",
+           min=0, disabled=-1),
     Option("debug_dump_grads", str, "", "testing: write the first step's rank-averaged gradients to this .pt file"),
 ]
 config = load_config(OPTIONS, description=__doc__)
-assert config["source"] in ("base", "mid"), f"source must be base or mid, got {config['source']!r}"
-assert config["loss_normalization"] in LOSS_NORMALIZATIONS, f"loss_normalization must be one of {LOSS_NORMALIZATIONS}"
-assert config["packing"] in ("pad", "bestfit"), f"packing must be pad or bestfit, got {config['packing']!r}"
+# cross-option checks, before anything is loaded (the world size comes from the torchrun environment)
 eval_specs = [parse_eval_spec(s) for s in config["eval_metrics_tasks"]]
 for task_name, _ in eval_specs:
-    assert task_name in TASK_NAMES, f"eval_metrics_tasks: unknown task {task_name!r}, expected one of {TASK_NAMES}"
+    if task_name not in TASK_NAMES:
+        raise ConfigError(f"eval_metrics_tasks: unknown task {task_name!r}, expected one of {', '.join(TASK_NAMES)}")
+for key in ("train_mixture", "val_mixture"):
+    if not config[key]:
+        raise ConfigError(f"{key} is empty: give at least one mixture spec, e.g. [\"ChitChat:train\"]")
+    for spec in config[key]:
+        parse_task_spec(spec)  # MixtureSpecError naming the spec; data is loaded later
+grad_accum_steps_for(config["target_examples_per_step"], config["device_batch_size"], get_dist_info()[3])
 
 # -----------------------------------------------------------------------------
 # Compute init
@@ -214,8 +230,9 @@ else:
     num_iterations = int(steps_t.item())
     if config["max_iterations"] >= 0:
         num_iterations = min(num_iterations, config["max_iterations"])
-assert num_iterations > 0, f"no optimizer steps: {len(train_ds)} training conversations, " \
-                           f"target_examples_per_step={config['target_examples_per_step']}"
+if num_iterations <= 0:
+    raise UserError(f"no optimizer steps: {len(train_ds)} training conversations are fewer than "
+                    f"target_examples_per_step={config['target_examples_per_step']}; add data or lower it")
 print0(f"Training conversations: {len(train_ds):,} | validation: {len(val_ds):,} | packing: {config['packing']}")
 print0(f"Target examples per step: {config['target_examples_per_step']} = device_batch_size {device_batch_size} "
        f"x world_size {ddp_world_size} x grad_accum_steps {grad_accum_steps}")
@@ -378,6 +395,7 @@ for step in range(start_step, num_iterations + 1):
             group["lr"] = group["initial_lr"] * lrm
     for opt in optimizers:
         opt.step()  # averages gradients across ranks inside
+    check_finite_parameters(orig_model, step)  # stop before NaN/inf weights are trained on or saved
     model.zero_grad(set_to_none=True)
     synchronize()
     dt = time.time() - t0

@@ -33,9 +33,10 @@ import torch.distributed as dist
 from nanochat.checkpoint_manager import (build_model, check_tokenizer, default_output_tag, describe_checkpoint,
                                          load_checkpoint, load_run_state, prepare_run, read_meta, resolve_checkpoint,
                                          save_checkpoint, save_run_state, tokenizer_sha256)
-from nanochat.common import (autocast_ctx, autodetect_device_type, compute_cleanup, compute_init, get_base_dir,
-                             get_git_commit, init_wandb, install_error_handler, print0)
-from nanochat.config import Option, load_config
+from nanochat.checks import check_finite_parameters, grad_accum_steps_for_tokens
+from nanochat.common import (UserError, autocast_ctx, autodetect_device_type, compute_cleanup, compute_init,
+                             get_base_dir, get_dist_info, get_git_commit, init_wandb, install_error_handler, print0)
+from nanochat.config import ConfigError, Option, load_config
 from nanochat.dataloader import conversation_data_loader, count_conversation_tokens
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
@@ -50,39 +51,54 @@ install_error_handler()  # a UserError prints one line `error: ...` and exits wi
 
 OPTIONS = [
     Option("run", str, "dummy", "wandb run name ('dummy' disables wandb)"),
-    Option("device_type", str, "", "cuda|cpu|mps (empty: autodetect)"),
-    Option("dtype", str, "bfloat16", "autocast dtype on CUDA: bfloat16|float32 (CPU runs in fp32)"),
+    Option("device_type", str, "", "cuda|cpu|mps (empty: autodetect)", choices=("", "cuda", "cpu", "mps")),
+    Option("dtype", str, "bfloat16", "autocast dtype on CUDA: bfloat16|float32 (CPU runs in fp32)",
+           choices=("bfloat16", "float32")),
     Option("compile", bool, True, "torch.compile the model (CUDA only)"),
     Option("model_tag", str, None, "base checkpoint tag to start from (default: largest)"),
-    Option("step", int, None, "base checkpoint step (default: last)"),
+    Option("step", int, None, "base checkpoint step (default: last)", min=0),
     Option("output_tag", str, None, "output folder name under mid_checkpoints/ (default: d<depth>)"),
     Option("overwrite", int, 0, "1: replace the checkpoints of another run in the output folder", choices=(0, 1)),
-    Option("save_every", int, -1, "resumable checkpoint every this many steps (-1 disables; the final one is always)"),
+    Option("save_every", int, -1, "resumable checkpoint every this many steps (-1 disables; the final one is always)",
+           min=1, disabled=-1),
     Option("resume", str, "0", "0: fresh run; 1: continue the run in the output folder from its last resumable "
                                "checkpoint (fresh if the folder is empty); or a checkpoint folder to continue from"),
-    Option("max_seq_len", int, None, "row length (default: the model's sequence_len)"),
-    Option("device_batch_size", int, 32, "rows per device per micro-step"),
-    Option("total_batch_size", int, 524288, "tokens per optimizer step over all ranks (-> gradient accumulation)"),
-    Option("num_iterations", int, -1, "optimizer steps (-1: one epoch of the training mixture)"),
-    Option("embedding_lr", float, 0.2, "AdamW lr of the token embedding"),
-    Option("unembedding_lr", float, 0.004, "AdamW lr of the lm_head"),
-    Option("matrix_lr", float, 0.02, "Muon lr of the transformer matrices"),
-    Option("weight_decay", float, 0.0, "AdamW weight decay"),
-    Option("init_lr_frac", float, 1.0, "every lr is multiplied by this"),
-    Option("warmdown_ratio", float, 0.2, "fraction of steps over which the LR decays linearly to 0"),
-    Option("grad_clip", float, 1.0, "clip each rank's gradient norm to this (0: off)"),
-    Option("eval_every", int, 150, "val bpb every this many steps and at the end (-1 disables)"),
-    Option("eval_tokens", int, 20 * 524288, "validation tokens per evaluation (all ranks)"),
+    Option("max_seq_len", int, None, "row length (default: the model's sequence_len)", min=1),
+    Option("device_batch_size", int, 32, "rows per device per micro-step", min=1),
+    Option("total_batch_size", int, 524288, "tokens per optimizer step over all ranks (-> gradient accumulation)",
+           min=1),
+    Option("num_iterations", int, -1, "optimizer steps (-1: one epoch of the training mixture)", min=1,
+           disabled=-1),
+    Option("embedding_lr", float, 0.2, "AdamW lr of the token embedding", min=0.0),
+    Option("unembedding_lr", float, 0.004, "AdamW lr of the lm_head", min=0.0),
+    Option("matrix_lr", float, 0.02, "Muon lr of the transformer matrices", min=0.0),
+    Option("weight_decay", float, 0.0, "AdamW weight decay", min=0.0),
+    Option("init_lr_frac", float, 1.0, "every lr is multiplied by this", min=0.0),
+    Option("warmdown_ratio", float, 0.2, "fraction of steps over which the LR decays linearly to 0", min=0.0,
+           max=1.0),
+    Option("grad_clip", float, 1.0, "clip each rank's gradient norm to this (0: off)", min=0.0),
+    Option("eval_every", int, 150, "val bpb every this many steps and at the end (-1 disables)", min=1,
+           disabled=-1),
+    Option("eval_tokens", int, 20 * 524288, "validation tokens per evaluation (all ranks)", min=1),
     Option("train_mixture", list, ["SmolTalk:train", "MMLU:auxiliary_train:train", "GSM8K:main:train"],
            "training conversations (mixture specs)"),
     Option("val_mixture", list, ["SmolTalk:test", "MMLU:all:test:0:5200", "GSM8K:main:test:0:420"],
            "validation conversations (mixture specs)"),
     Option("skip_unavailable", list, ["MMLU:auxiliary_train:train"],
            "mixture entries that are dropped (with a warning) when their data cannot be loaded"),
-    Option("max_conversation_tokens", int, 2048, "longer rendered conversations are truncated"),
+    Option("max_conversation_tokens", int, 2048, "longer rendered conversations are truncated", min=2),
 ]
 script_start = time.time()  # the stage's wall-clock time goes into its report section
 config = load_config(OPTIONS, description=__doc__)
+# cross-option checks, before anything is loaded (the world size comes from the torchrun environment)
+if config["max_seq_len"] is not None:  # else it is the model's sequence_len, checked once the model is loaded
+    grad_accum_steps_for_tokens(config["total_batch_size"], config["device_batch_size"], config["max_seq_len"],
+                                get_dist_info()[3])
+for key in ("train_mixture", "val_mixture"):
+    if not config[key]:
+        raise ConfigError(f"{key} is empty: give at least one mixture spec, e.g. [\"ChitChat:train\"]")
+    for spec in config[key]:
+        parse_task_spec(spec)  # MixtureSpecError naming the spec; data is loaded later
 
 # -----------------------------------------------------------------------------
 # Compute init
@@ -124,10 +140,7 @@ print0(f"Base model: {source_dir} step {source_step} | max_seq_len {max_seq_len}
 
 device_batch_size, total_batch_size = config["device_batch_size"], config["total_batch_size"]
 world_tokens_per_fwdbwd = device_batch_size * max_seq_len * ddp_world_size
-assert total_batch_size % world_tokens_per_fwdbwd == 0, (
-    f"total_batch_size ({total_batch_size}) must be a multiple of device_batch_size * max_seq_len * world_size "
-    f"({world_tokens_per_fwdbwd})")
-grad_accum_steps = total_batch_size // world_tokens_per_fwdbwd
+grad_accum_steps = grad_accum_steps_for_tokens(total_batch_size, device_batch_size, max_seq_len, ddp_world_size)
 print0(f"Tokens per micro-step (all ranks): {world_tokens_per_fwdbwd:,} | gradient accumulation steps: {grad_accum_steps}")
 
 # -----------------------------------------------------------------------------
@@ -155,7 +168,8 @@ def available_specs(specs, optional):
                 print0(f"Skipping mixture entry {spec!r}: its data is not available ({type(e).__name__}: {e})")
                 continue
         kept.append(spec)
-    assert kept, f"no training data left out of {specs}"
+    if not kept:
+        raise UserError(f"no data left out of {specs}: every entry was skipped as unavailable (skip_unavailable)")
     return kept
 
 
@@ -267,6 +281,7 @@ for step in range(start_step, num_iterations + 1):
         group["momentum"] = muon_momentum(step)
     for opt in optimizers:
         opt.step()
+    check_finite_parameters(orig_model, step)  # stop before NaN/inf weights are trained on or saved
     model.zero_grad(set_to_none=True)
     synchronize()
     dt = time.time() - t0

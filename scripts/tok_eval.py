@@ -24,7 +24,7 @@ install_error_handler()  # a UserError prints one line `error: ...` and exits wi
 # Config
 
 OPTIONS = [
-    Option("shard_chars", int, 1_000_000, "characters of train / val shard text to evaluate on"),
+    Option("shard_chars", int, 1_000_000, "characters of train / val shard text to evaluate on", min=0),
     Option("data_dir", str, "", "parquet folder (empty: $NANOCHAT_DATA_DIR/pretrain, else <base_dir>/base_data)"),
 ]
 config = load_config(OPTIONS, description=__doc__)
@@ -93,7 +93,8 @@ samples["val shard"] = shard_text("val", config["shard_chars"])
 rows = []
 for name, text in samples.items():
     ids = tokenizer.encode(text)
-    assert tokenizer.decode(ids) == text, f"round trip failed on {name}"
+    if tokenizer.decode(ids) != text:  # a tokenizer bug, not user input
+        raise RuntimeError(f"round trip failed on {name}")
     n_bytes = len(text.encode("utf-8"))
     rows.append({"sample": name, "bytes": n_bytes, "tokens": len(ids), "bytes_per_token": n_bytes / max(len(ids), 1)})
 

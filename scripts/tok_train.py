@@ -21,7 +21,7 @@ from nanochat.common import UserError, get_base_dir, install_error_handler, prin
 from nanochat.config import Option, load_config
 from nanochat.dataset import list_parquet_files, parquets_iter_batched
 from nanochat.report import get_report
-from nanochat.tokenizer import RustBPETokenizer, get_token_bytes
+from nanochat.tokenizer import SPECIAL_TOKENS, RustBPETokenizer, get_token_bytes
 
 install_error_handler()  # a UserError prints one line `error: ...` and exits with code 2
 
@@ -29,9 +29,11 @@ install_error_handler()  # a UserError prints one line `error: ...` and exits wi
 # Config
 
 OPTIONS = [
-    Option("max_chars", int, 2_000_000_000, "characters of training text (nanochat's speedrun uses 2B)"),
-    Option("doc_cap", int, 10_000, "characters kept per document, so a few huge documents don't dominate"),
-    Option("vocab_size", int, 65536, "vocabulary size including the 9 special tokens (2**16)"),
+    Option("max_chars", int, 2_000_000_000, "characters of training text (nanochat's speedrun uses 2B)", min=1),
+    Option("doc_cap", int, 10_000, "characters kept per document, so a few huge documents don't dominate",
+           min=1),
+    Option("vocab_size", int, 65536, "vocabulary size including the 9 special tokens (2**16)",
+           min=256 + len(SPECIAL_TOKENS)),
     Option("data_dir", str, "", "parquet folder (empty: $NANOCHAT_DATA_DIR/pretrain, else <base_dir>/base_data)"),
     Option("overwrite", int, 0, "1: replace a tokenizer that existing checkpoints were trained with", choices=(0, 1)),
 ]
@@ -95,8 +97,10 @@ test_text = ("Hello world! This is a test.\nNumbers: 123, 4567, 89.\nContraction
              "Plain <|bos|> is ordinary text.")
 ids = reloaded.encode(test_text)
 round_trip_ok = reloaded.decode(ids) == test_text and ids == tokenizer.encode(test_text)
-assert round_trip_ok, "round trip failed: the reloaded tokenizer does not reproduce the test text"
-assert reloaded.get_bos_token_id() not in ids, "plain '<|bos|>' text produced the special id"
+if not round_trip_ok:  # a self-check of the saved files, not user input: a bug, so a traceback
+    raise RuntimeError("round trip failed: the reloaded tokenizer does not reproduce the test text")
+if reloaded.get_bos_token_id() in ids:
+    raise RuntimeError("plain '<|bos|>' text produced the special id")
 print0(f"round trip: OK ({len(test_text.encode('utf-8'))} bytes -> {len(ids)} tokens)")
 
 token_bytes = get_token_bytes()

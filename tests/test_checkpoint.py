@@ -80,7 +80,7 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(str(tmp_path), 2, m2.state_dict(), None, meta(2))
     monkeypatch.setattr(nanochat.common.os, "replace", real_replace)
-    assert any(c.endswith("model_000002.pt") for c in calls)
+    assert any(c.endswith("model_000002.safetensors") for c in calls)
     assert find_last_step(str(tmp_path)) == 1
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]  # no temp file left behind
     with pytest.raises(FileNotFoundError):
@@ -104,7 +104,7 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
 def test_optimizer_state_saved_per_rank(tmp_path):
     save_checkpoint(str(tmp_path), 3, None, {"shard": torch.tensor([1.0])}, meta(3), rank=1)
     assert os.path.exists(tmp_path / "optim_000003_rank1.pt")
-    assert not os.path.exists(tmp_path / "model_000003.pt")
+    assert not os.path.exists(tmp_path / "model_000003.safetensors")
 
 
 def test_find_largest_model_and_last_step(tmp_path):

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from nanochat.common import (atomic_write_text, autocast_ctx, compute_init, dist_rank_world, get_base_dir,
+from nanochat.common import (UserError, atomic_write_text, autocast_ctx, compute_init, dist_rank_world, get_base_dir,
                              get_dist_info)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,7 +46,7 @@ def test_autocast_choice(capsys):
     assert y.dtype == torch.bfloat16
     out = capsys.readouterr().out
     assert "float32" in out and "bfloat16" in out
-    with pytest.raises(AssertionError):
+    with pytest.raises(UserError, match="dtype must be"):
         autocast_ctx("cpu", "float16")
 
 

@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 
+from nanochat.common import UserError
 from nanochat.core_eval import (centered_accuracy, continuation_spans, evaluate_core, find_eval_bundle,
                                 render_prompts, truncate_left)
 
@@ -95,5 +96,5 @@ def test_render_and_spans():
 def test_truncate_left():
     tokens, spans = truncate_left([[9, 1, 2, 3, 4, 5]], [(4, 6)], 4)
     assert tokens == [[2, 3, 4, 5]] and spans == [(2, 4)]
-    with pytest.raises(AssertionError):
+    with pytest.raises(UserError, match="does not fit the model's context"):
         truncate_left([[9, 1, 2, 3, 4, 5]], [(2, 6)], 4)
