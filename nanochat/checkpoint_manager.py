@@ -246,6 +246,7 @@ def build_model(checkpoint_dir, step, device, phase):
     hint = missing_tokenizer_hint(get_base_dir(), checkpoint_dir)  # a nanochat folder: name the import command
     if hint:
         raise UserError(hint)
+    tokenizer = get_tokenizer()  # first: a corrupt tokenizer file is reported as such, not as a replaced one
     device = torch.device(device)
     model_data, _, meta_data = load_checkpoint(checkpoint_dir, step, device)
     check_tokenizer(checkpoint_dir, step, meta_data)  # a replaced tokenizer would make the model print garbage
@@ -262,7 +263,6 @@ def build_model(checkpoint_dir, step, device, phase):
         raise CheckpointError(f"the weights of step {step} in {checkpoint_dir} do not fit the model_config of its "
                               f"meta file: {problem}") from e
     model.train() if phase == "train" else model.eval()
-    tokenizer = get_tokenizer()
     if tokenizer.get_vocab_size() > config.vocab_size:
         raise CheckpointError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model of "
                               f"{checkpoint_dir} "
