@@ -26,8 +26,7 @@ import torch.distributed as dist
 from nanochat.common import atomic_write_bytes, atomic_write_text, get_base_dir, print0
 from nanochat.gpt import GPT, GPTConfig
 
-SOURCE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
-               "rl": "chatrl_checkpoints"}
+SOURCE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints"}
 COMPILED_PREFIX = "_orig_mod."  # torch.compile wraps the module and prefixes every key with this
 
 

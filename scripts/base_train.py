@@ -35,7 +35,7 @@ from nanochat.dataloader import tokenizing_distributed_data_loader
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
-from nanochat.schedules import lr_multiplier, muon_momentum
+from nanochat.schedules import lr_multiplier, muon_momentum, num_grad_accum_steps, set_lr_multiplier
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 
 install_error_handler()  # a UserError prints one line `error: ...` and exits with code 2
@@ -124,10 +124,8 @@ checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag)
 # Batch arithmetic: rows of max_seq_len tokens; gradient accumulation makes up total_batch_size.
 device_batch_size, total_batch_size = config["device_batch_size"], config["total_batch_size"]
 world_tokens_per_fwdbwd = device_batch_size * max_seq_len * ddp_world_size
-assert total_batch_size % world_tokens_per_fwdbwd == 0, (
-    f"total_batch_size ({total_batch_size}) must be a multiple of device_batch_size * max_seq_len * world_size "
-    f"({world_tokens_per_fwdbwd})")
-grad_accum_steps = total_batch_size // world_tokens_per_fwdbwd
+grad_accum_steps = num_grad_accum_steps(total_batch_size, world_tokens_per_fwdbwd, "total_batch_size",
+                                        "device_batch_size * max_seq_len * world_size")
 print0(f"Tokens per micro-step (all ranks): {world_tokens_per_fwdbwd:,} | gradient accumulation steps: {grad_accum_steps}")
 
 # Horizon
@@ -304,9 +302,7 @@ for step in range(start_step, num_iterations + 1):
     if config["grad_clip"] > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(orig_model.parameters(), config["grad_clip"])
     lrm = get_lr_multiplier(step)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
+    set_lr_multiplier(optimizers, lrm)
     momentum = muon_momentum(step)
     for group in muon_optimizer.param_groups:
         group["momentum"] = momentum

@@ -7,14 +7,14 @@ one GPU:    python -m scripts.chat_eval -i sft -a 'ARC-Easy|GSM8K'
 tiny, CPU:  python -m scripts.chat_eval -i sft -a 'ARC-Easy|GSM8K' -x 16 -m 64
 CPU, 2 processes (gloo): torchrun --standalone --nproc_per_node=2 -m scripts.chat_eval -- -i sft -x 16
 
-The evaluation itself lives in nanochat/chat_eval.py (re-exported here as run_chat_eval).
+The evaluation itself lives in nanochat/chat_eval.py.
 """
 
 import argparse
 
 import torch
 
-from nanochat.chat_eval import TASK_NAMES, chatcore, run_chat_eval  # noqa: F401  (re-exported)
+from nanochat.chat_eval import TASK_NAMES, chatcore, run_chat_eval
 from nanochat.checkpoint_manager import load_model
 from nanochat.common import (autocast_ctx, autodetect_device_type, compute_cleanup, compute_init,
                              install_error_handler, print0)
@@ -29,7 +29,7 @@ def main(argv=None):
     # Config
 
     parser = argparse.ArgumentParser(description="Evaluate a chat model (ChatCORE tasks)")
-    parser.add_argument("-i", "--source", type=str, required=True, choices=["base", "mid", "sft", "rl"],
+    parser.add_argument("-i", "--source", type=str, required=True, choices=["base", "mid", "sft"],
                         help="which checkpoint family to load")
     parser.add_argument("-a", "--task-name", type=str, default="|".join(TASK_NAMES),
                         help="'|'-separated tasks (default: all five)")

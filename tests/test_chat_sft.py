@@ -3,11 +3,9 @@ End-to-end tests of scripts/chat_sft.py, run as subprocesses from a tiny random 
 (tests/tiny_checkpoint.py) on CPU:
 - the guide's config file with tiny overrides runs on the mirror's ARC / GSM8K / ChitChat: the loss falls,
   the guide's log lines appear, the checkpoint + meta + report are written and chat_eval loads the model;
-- per-token normalisation gives the same first-step gradient for (device_batch_size 4, 1 micro-step),
-  (device_batch_size 1, 4 micro-steps) and 2 gloo ranks;
-- save + resume reaches bit-identical final weights;
-- a NaN step and an out-of-memory step are skipped without touching the weights.
-The last three use a CustomJSON file written by the test, so they need no data mirror.
+- save + resume reaches bit-identical final weights (on a CustomJSON file written by the test).
+The optimizer step itself (accumulation == one big batch, 2 gloo ranks, NaN / out-of-memory skips) is tested
+directly in tests/test_sft.py.
 
     NANOCHAT_DATA_DIR=/work/shared/data .venv/bin/python -m pytest tests/test_chat_sft.py --durations=5
 """
@@ -174,33 +172,6 @@ def test_guide_config_end_to_end(sft_env, data_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_first_step_gradient_is_the_same_for_accumulation_and_ranks(sft_env, tmp_path):
-    args = _custom_args(sft_env) + ["--max_iterations=1", "--target_examples_per_step=4"]
-    grads = {}
-    for name, extra, nproc in [("dbs4", ["--device_batch_size=4"], 1),
-                               ("dbs1x4", ["--device_batch_size=1"], 1),
-                               ("2ranks", ["--device_batch_size=1"], 2),
-                               ("guide_dbs1x4", ["--device_batch_size=1", "--loss_normalization=micro_batch_mean"], 1)]:
-        base_dir = tmp_path / name
-        shutil.copytree(sft_env["base_dir"], base_dir)
-        path = tmp_path / f"{name}.pt"
-        out = _run(base_dir, args + extra + [f"--debug_dump_grads={path}"], nproc=nproc)
-        if name == "dbs1x4":
-            assert "grad_accum_steps 4" in out
-        if name == "2ranks":
-            assert "world_size 2 x grad_accum_steps 2" in out
-        grads[name] = torch.load(path)
-    ref = grads["dbs4"]
-    assert sum(float(g.abs().sum()) for g in ref.values()) > 0
-    for name in ("dbs1x4", "2ranks"):
-        assert grads[name].keys() == ref.keys()
-        for key in ref:
-            torch.testing.assert_close(grads[name][key], ref[key], rtol=1e-4, atol=1e-6, msg=f"{name}: {key}")
-    # the guide's per-micro-batch mean weighs conversations unequally: a different gradient
-    assert any(not torch.allclose(grads["guide_dbs1x4"][k], ref[k], rtol=1e-2, atol=1e-6) for k in ref)
-
-
-@pytest.mark.slow
 def test_resume_gives_bit_identical_weights(sft_env, tmp_path):
     args = _custom_args(sft_env) + ["--max_iterations=6", "--device_batch_size=2", "--target_examples_per_step=4",
                                     "--packing=bestfit", "--max_seq_len=64", "--init_lr_frac=0.5",
@@ -227,24 +198,3 @@ def test_resume_gives_bit_identical_weights(sft_env, tmp_path):
     # and training did move the weights
     base = _base_weights(straight)
     assert any(not torch.equal(base[k], want[k]) for k in want)
-
-
-@pytest.mark.slow
-def test_nan_and_oom_steps_are_skipped(sft_env, tmp_path):
-    base_dir = tmp_path / "base"
-    shutil.copytree(sft_env["base_dir"], base_dir)
-    args = _custom_args(sft_env) + ["--max_iterations=3", "--device_batch_size=2", "--target_examples_per_step=4",
-                                    "--debug_nan_step=0", "--debug_oom_step=1", "--save_every=2"]
-    out = _run(base_dir, args)
-    assert re.search(r"^Step 00000 \| skipped: non-finite loss", out, re.M), out[-3000:]
-    assert re.search(r"^Step 00001 \| skipped: out of memory", out, re.M)
-    assert re.search(r"^Step 00002 \| Training loss: \d+\.\d+", out, re.M)
-    base = _base_weights(base_dir)
-    # after two skipped steps the weights are exactly the base weights (no update, no stale gradient)
-    at_step2 = _weights_at(base_dir, "chatsft_checkpoints", 2)
-    for key in base:
-        assert torch.equal(base[key], at_step2[key]), key
-    final, meta = _final_weights(base_dir)
-    assert meta["totals"]["skipped_nonfinite"] == 1 and meta["totals"]["skipped_oom"] == 1
-    assert all(torch.isfinite(t).all() for t in final.values() if t.is_floating_point())
-    assert any(not torch.equal(base[k], final[k]) for k in base)
