@@ -154,3 +154,14 @@ def run_chat_eval(task_name, model, tokenizer, engine, batch_size=1, num_samples
     if rank == 0:
         print(f"{task_name}: {passed}/{total} = {accuracy:.2%}", flush=True)
     return accuracy
+
+
+def run_task_metrics(eval_specs, model, tokenizer, engine, batch_size, max_new_tokens):
+    """chat_sft's task metrics: {"<task>_acc": accuracy} (the guide's names, e.g. arc_easy_acc) for eval_specs
+    [(task name, max_problems or None)]; categorical tasks batched by batch_size, generative ones greedy."""
+    metrics = {}
+    for task_name, max_problems in eval_specs:
+        kwargs = {"batch_size": batch_size} if task_name in CATEGORICAL_TASKS else {"max_new_tokens": max_new_tokens}
+        key = task_name.lower().replace("-", "_") + "_acc"
+        metrics[key] = run_chat_eval(task_name, model, tokenizer, engine, max_problems=max_problems, **kwargs)
+    return metrics

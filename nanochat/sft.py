@@ -468,11 +468,65 @@ def data_summary(conversations, render_fn, row_capacity, drop_long, batch_size):
             "dropped": counts["dropped"], "padding_pad": pad, "padding_bestfit": bestfit}
 
 
-def format_data_summary(name, row):
-    return (f"{name:<32} {row['conversations']:>8,} conv | tokens mean {row['tokens_mean']:7.1f} p50 "
-            f"{row['tokens_p50']:6.0f} p95 {row['tokens_p95']:6.0f} max {row['tokens_max']:6,} | supervised "
-            f"{row['supervised_ratio']:6.1%} | truncated {row['truncated']:,} dropped {row['dropped']:,} | padding: "
-            f"pad {row['padding_pad']:6.1%} bestfit {row['padding_bestfit']:6.1%}")
+def format_data_summary(name, row, width=0):
+    return (f"{name:<{width}} | {row['conversations']:>7,} conv | tokens mean {row['tokens_mean']:6.1f} p50 "
+            f"{row['tokens_p50']:5.0f} p95 {row['tokens_p95']:5.0f} max {row['tokens_max']:5,} | supervised "
+            f"{row['supervised_ratio']:5.1%} | truncated {row['truncated']:,} dropped {row['dropped']:,} | padding "
+            f"pad {row['padding_pad']:5.1%} bestfit {row['padding_bestfit']:5.1%}")
+
+
+def data_preview(train_rows, train_ds, val_ds, summarize, steps, example, color):
+    """The lines of chat_sft's --dry_run: one per training spec (train_rows: [(spec, entries in the
+    mixture, data_summary)]), the training mixture and the validation mixture as a whole (summarize: a
+    sequence -> data_summary), the optimizer steps ({packing: steps}) and one conversation (tokenizer,
+    ids, mask) rendered by visualize_tokenization (colour, or [supervised] tokens in brackets)."""
+    rows = [(f"{spec} x{entries:,}", row) for spec, entries, row in train_rows]
+    rows += [("training mixture", summarize(train_ds)), ("validation mixture", summarize(val_ds))]
+    width = max(len(name) for name, _ in rows)
+    lines = [format_data_summary(name, row, width) for name, row in rows]
+    lines.append("Optimizer steps: " + ", ".join(f"{n} with packing={p}" for p, n in steps.items()))
+    tokenizer, ids, mask = example
+    lines.append(f"One training conversation ({'supervised in green' if color else '[supervised] tokens'}):")
+    lines.append(tokenizer.visualize_tokenization(ids, mask, color=color))
+    return lines
+
+
+def sample_conversations(engine, tokenizer, conversations, max_tokens=64):
+    """Each conversation's prompt (without its last assistant turn) and the model's greedy answer, as text."""
+    samples = []
+    for conversation in conversations:
+        prompt = tokenizer.render_for_completion(conversation)
+        results, _ = engine.generate_batch(prompt, num_samples=1, max_tokens=max_tokens, temperature=0.0)
+        samples.append(tokenizer.decode(prompt) + tokenizer.decode(results[0][len(prompt):]))
+    return samples
+
+
+def format_step(step, loss, lrm, step_totals, dt, mfu=None):
+    """chat_sft's step line (the guide's first fields, then throughput) and its wandb dict, from the step's
+    StepResult totals (summed over ranks) and its duration dt in seconds."""
+    tokens, positions = step_totals["supervised"], step_totals["positions"]
+    log = {"step": step, "train_loss": loss, "lrm": lrm, "num_tokens": tokens,
+           "supervised_ratio": tokens / max(positions, 1),
+           "padding_fraction": padding_fraction(step_totals["pad_positions"], positions),
+           "tok_per_sec": positions / dt, "examples": step_totals["examples"], "dt": dt}
+    line = (f"Step {step:05d} | Training loss: {loss:.6f} | lrm: {lrm:.6f} | num_tokens: {int(tokens):,} | "
+            f"supervised: {log['supervised_ratio']:.1%} | padding: {log['padding_fraction']:.1%} | "
+            f"tok/s: {log['tok_per_sec']:,.0f} | sup_tok/s: {tokens / dt:,.0f}")
+    if mfu is not None:
+        log["mfu"] = mfu
+        line += f" | mfu: {100 * mfu:.2f}%"
+    if step_totals["truncated"] or step_totals["dropped"]:
+        line += f" | truncated: {int(step_totals['truncated'])} | dropped: {int(step_totals['dropped'])}"
+    return line, log
+
+
+def report_mixture_table(train_rows):
+    """The report's training-mixture table: per spec, its entries in the mixture (after weights and repeats),
+    supervised ratio and padding fraction under pad / bestfit."""
+    lines = ["| training mixture | entries | supervised | padding (pad) | padding (bestfit) |", "|---|---|---|---|---|"]
+    lines += [f"| {spec} | {entries:,} | {row['supervised_ratio']:.1%} | {row['padding_pad']:.1%} | "
+              f"{row['padding_bestfit']:.1%} |" for spec, entries, row in train_rows]
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------------

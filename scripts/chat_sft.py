@@ -15,13 +15,8 @@ of specs "Name[:arg...][:start[:stop[:step]]][*repeats][@weight]", your own Task
 (syntax: tasks/mixture.py). Loss normalisation ("token" or the guide's "micro_batch_mean"): README,
 "Loss normalisation".
 
-Differences from the guide, on purpose:
-- loss_normalization = "token" (above); the validation loss is in the same unit as the training loss.
-- The loop trains exactly num_iterations steps (lrm = 1 - step / num_iterations for step 0 .. n-1) and
-  evaluates once more after the last one; the guide's loop spends its last iteration on evaluation only.
-- A NaN / out-of-memory step is decided jointly by all ranks and skipped with its gradients dropped.
-- packing = "bestfit": a step is target_examples_per_step ROWS of max_seq_len + 1 tokens, each holding as
-  many whole conversations as fit; num_iterations then counts the steps that cover num_epochs epochs.
+Differences from the guide, on purpose (README, "Chat SFT"): per-token loss normalisation by default; exactly
+num_iterations training steps, then a last evaluation; NaN / out-of-memory steps skipped on every rank.
 
 Outputs: <base_dir>/chatsft_checkpoints/<model_tag or d<depth>>/ (model, per-rank optimizer state, meta with
 the resolved config and final metrics, per-rank resume state), the "Chat SFT" report section, wandb.
@@ -38,7 +33,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from nanochat.chat_eval import CATEGORICAL_TASKS, run_chat_eval
+from nanochat.chat_eval import run_task_metrics
 from nanochat.checkpoint_manager import build_model, load_checkpoint, load_model, save_checkpoint
 from nanochat.common import (UserError, all_reduce_values, atomic_write_bytes, autocast_ctx, autodetect_device_type,
                              compute_cleanup, compute_init, get_base_dir, get_git_commit, get_peak_flops, init_wandb,
@@ -48,9 +43,10 @@ from nanochat.engine import Engine
 from nanochat.loss_eval import evaluate_sft_loss
 from nanochat.report import format_duration, get_report
 from nanochat.schedules import lr_multiplier, scale_initial_lr, set_lr_multiplier
-from nanochat.sft import (LOSS_NORMALIZATIONS, PACKINGS, accumulate_step, data_summary, find_resumable_step,
-                          format_data_summary, get_rng_state, grad_accum_steps_for, initial_data_state,
-                          num_sft_steps, padding_fraction, resume_state_path, set_rng_state, sft_batches)
+from nanochat.sft import (LOSS_NORMALIZATIONS, PACKINGS, accumulate_step, data_preview, data_summary,
+                          find_resumable_step, get_rng_state, grad_accum_steps_for, initial_data_state, num_sft_steps,
+                          format_step, padding_fraction, report_mixture_table, resume_state_path,
+                          sample_conversations, set_rng_state, sft_batches)
 from nanochat.tokenizer import get_tokenizer
 from tasks.mixture import build_mixtures, parse_eval_spec
 
@@ -149,22 +145,15 @@ print0(f"Training conversations: {len(train_ds):,} | validation: {len(val_ds):,}
 print0(f"Target examples per step: {config['target_examples_per_step']} = device_batch_size {device_batch_size} "
        f"x world_size {ddp_world_size} x grad_accum_steps {grad_accum_steps}")
 print0(f"Number of iterations: {num_iterations} | loss normalisation: {config['loss_normalization']}")
-train_rows = [(f"{spec} ({count:,} in the mixture)", data_summary(task, render, row_capacity, config["drop_long"],
-                                                                  device_batch_size))
-              for spec, task, count in parts["train_mixture"]] if master_process else []  # for the report
-
+summarize = lambda ds: data_summary(ds, render, row_capacity, config["drop_long"], device_batch_size)  # noqa: E731
+train_rows = [(spec, entries, summarize(task)) for spec, task, entries in parts["train_mixture"]] if master_process \
+    else []  # per training spec: counts, supervised ratio, padding (for the preview and the report)
 if config["dry_run"]:
-    for spec, row in train_rows + [("total (training mixture)", data_summary(
-            train_ds, render, row_capacity, config["drop_long"], device_batch_size))]:
-        print0(format_data_summary(str(spec), row))
-    other = "bestfit" if config["packing"] == "pad" else "pad"
-    print0(f"Optimizer steps: {num_iterations} ({config['packing']}); with packing={other}: "
-           f"{num_sft_steps(train_ds, render, other, *step_count_args, ddp_rank, ddp_world_size, device)}")
-    print0("Validation: " + format_data_summary("", data_summary(val_ds, render, row_capacity, config["drop_long"],
-                                                                 device_batch_size)).strip())
+    steps = {p: num_sft_steps(train_ds, render, p, *step_count_args, ddp_rank, ddp_world_size, device) for p in PACKINGS}
     ids, mask = render(train_ds[0])
-    print0(f"One training conversation ({'colour' if sys.stdout.isatty() else '[supervised] tokens'}):")
-    print0(tokenizer.visualize_tokenization(ids[:row_capacity], mask[:row_capacity], color=sys.stdout.isatty()))
+    for line in data_preview(train_rows, train_ds, val_ds, summarize, steps,
+                             (tokenizer, ids[:row_capacity], mask[:row_capacity]), sys.stdout.isatty()):
+        print0(line)
     compute_cleanup()
     sys.exit(0)
 
@@ -278,16 +267,9 @@ for step in range(start_step, num_iterations + 1):
     if config["eval_metrics_every"] > 0 and eval_specs and not resumed_here and \
             (last_step or (step > 0 and step % config["eval_metrics_every"] == 0)):
         model.eval()
-        metrics = {}
         with autocast():
-            for task_name, max_problems in eval_specs:
-                kwargs = {"max_problems": max_problems}
-                if task_name in CATEGORICAL_TASKS:
-                    kwargs["batch_size"] = 2 * device_batch_size
-                else:
-                    kwargs["max_new_tokens"] = config["eval_max_new_tokens"]
-                metric_key = task_name.lower().replace("-", "_") + "_acc"  # the guide's names, e.g. arc_easy_acc
-                metrics[metric_key] = run_chat_eval(task_name, model, tokenizer, engine, **kwargs)
+            metrics = run_task_metrics(eval_specs, model, tokenizer, engine, 2 * device_batch_size,
+                                       config["eval_max_new_tokens"])
         print0(f"Step {step:05d} | " + ", ".join(f"{k}: {v:.6f}" for k, v in metrics.items()))
         wandb_run.log({"step": step, **metrics})
         model.train()
@@ -325,26 +307,11 @@ for step in range(start_step, num_iterations + 1):
     train_time += dt
 
     # logging
-    step_totals = result.totals
     for key in ("examples", "truncated", "dropped", "supervised", "positions", "pad_positions"):
-        totals[key] += int(step_totals[key])
-    step_tokens, positions = step_totals["supervised"], step_totals["positions"]
-    supervised_ratio = step_tokens / max(positions, 1)
-    pad_frac = padding_fraction(step_totals["pad_positions"], positions)
-    tok_per_sec = positions / dt
-    elapsed = time.time() - loop_t0
-    eta = elapsed / (step + 1 - start_step) * (num_iterations - step - 1)
-    line = (f"Step {step:05d} | Training loss: {result.loss:.6f} | lrm: {lrm:.6f} | num_tokens: {int(step_tokens):,}"
-            f" | supervised: {supervised_ratio:.1%} | padding: {pad_frac:.1%} | tok/s: {tok_per_sec:,.0f}"
-            f" | sup_tok/s: {step_tokens / dt:,.0f}")
-    log = {"step": step, "train_loss": result.loss, "lrm": lrm, "num_tokens": step_tokens,
-           "supervised_ratio": supervised_ratio, "padding_fraction": pad_frac, "tok_per_sec": tok_per_sec,
-           "examples": step_totals["examples"], "dt": dt}
-    if peak_flops:
-        log["mfu"] = num_flops_per_token * positions / dt / (peak_flops * ddp_world_size)
-        line += f" | mfu: {100 * log['mfu']:.2f}%"
-    if step_totals["truncated"] or step_totals["dropped"]:
-        line += f" | truncated: {int(step_totals['truncated'])} | dropped: {int(step_totals['dropped'])}"
+        totals[key] += int(result.totals[key])
+    mfu = num_flops_per_token * result.totals["positions"] / dt / (peak_flops * ddp_world_size) if peak_flops else None
+    line, log = format_step(step, result.loss, lrm, result.totals, dt, mfu)
+    eta = (time.time() - loop_t0) / (step + 1 - start_step) * (num_iterations - step - 1)
     print0(f"{line} | {progress} | eta {format_duration(eta)}")
     wandb_run.log(log)
     loss_series["train_steps"].append(step)
@@ -361,13 +328,10 @@ print0(f"Training time: {train_time:.1f}s | skipped steps: {totals['skipped_nonf
        + (f" | peak memory: {peak_memory:.0f} MiB" if peak_memory else ""))
 
 samples = []
-if master_process:  # two validation prompts answered by the final model, greedy
+if master_process:  # two validation prompts answered by the final model, for the report
     model.eval()
-    for conversation in (val_ds[i] for i in range(min(2, len(val_ds)))):
-        prompt = tokenizer.render_for_completion(conversation)
-        with autocast():
-            results, _ = engine.generate_batch(prompt, num_samples=1, max_tokens=64, temperature=0.0)
-        samples.append(f"```\n{tokenizer.decode(prompt)}{tokenizer.decode(results[0][len(prompt):])}\n```")
+    with autocast():
+        samples = sample_conversations(engine, tokenizer, [val_ds[i] for i in range(min(2, len(val_ds)))])
 run_figures = {"Supervised ratio": totals["supervised"] / max(totals["positions"], 1),
                "Padding fraction": padding_fraction(totals["pad_positions"], totals["positions"]),
                "Tokens per second": round(totals["positions"] / max(train_time, 1e-9))}
@@ -377,16 +341,14 @@ report = get_report()
 report.log(section="Chat SFT", data=[
     {k: config[k] for k in ("source", "device_batch_size", "target_examples_per_step", "num_epochs",
                             "init_lr_frac", "loss_normalization", "packing", "max_seq_len")},
-    "Training mixture (conversations after weights and repeats; supervised ratio; padding under pad / bestfit):",
-    *[f"- {spec}: {row['supervised_ratio']:.1%} supervised; padding {row['padding_pad']:.1%} / "
-      f"{row['padding_bestfit']:.1%}" for spec, row in train_rows],
+    report_mixture_table(train_rows),
     {"Training conversations": len(train_ds), "Number of iterations": num_iterations,
      "Examples seen": totals["examples"], "Skipped steps (non-finite)": totals["skipped_nonfinite"],
      "Skipped steps (out of memory)": totals["skipped_oom"], "Truncated conversations": totals["truncated"],
      "Dropped conversations": totals["dropped"], "Training time (s)": round(train_time, 1), **run_figures},
     {k: v for k, v in final_metrics.items() if v is not None},
     f"Train and validation loss are both in the unit of loss_normalization = {config['loss_normalization']}.",
-    "Sample conversations (final model, greedy):", *samples,
+    "Sample conversations (final model, greedy):", *[f"```\n{sample}\n```" for sample in samples],
 ])
 report.log_series("Chat SFT", "train_loss", loss_series["train_steps"], loss_series["train_loss"])
 report.log_series("Chat SFT", "val_loss", loss_series["val_steps"], loss_series["val_loss"])

@@ -373,7 +373,8 @@ def build_mixtures(mixtures, optional=()):
             lost = [p for p, _ in missing.get(key, [])]
             new = [raw if p not in lost else offline_replacement(raw, p) for p, raw in zip(specs, mixtures[key])]
             fixes.append(f"{key} = {json.dumps([s for s in new if s is not None])}")
-        raise MixtureSpecError(f"no data for {what} ({first}). Use instead: {'  '.join(fixes)}")
+        reason = str(first).split(". Fix:")[0]  # the loader's own fix is replaced by the specs below
+        raise MixtureSpecError(f"no data for {what} ({reason}). Use instead: {'  '.join(fixes)}")
     for key, items in built.items():
         if not items:
             raise MixtureSpecError(f"{key}: no data left after dropping unavailable entries {optional}")

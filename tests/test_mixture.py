@@ -6,10 +6,13 @@ with their errors, building mixtures, and the one offline error naming replaceme
 """
 
 import json
+import os
 
 import pytest
 
 from tasks.mixture import MixtureSpecError, TaskSpec, build_mixture, build_mixtures, parse_eval_spec, parse_task_spec
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # ---------------------------------------------------------------------------------------------------------
 # mixture specs
@@ -93,3 +96,93 @@ def test_build_mixture_from_the_mirror(data_dir):
     mix = build_mixture(["ChitChat:train:0:10", "GSM8K:main:train:0:5", "ARC:ARC-Easy:train::3"])
     assert len(mix) == 18
     assert all(mix[i]["messages"][-1]["role"] == "assistant" for i in range(len(mix)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# quoted fields and dict entries (paths holding ':' or '@')
+
+
+def test_quoted_fields_and_dict_entries():
+    spec = parse_task_spec('CustomJSON:"C:/my data@home/chats*.jsonl":0:10*2@0.5')
+    assert spec == TaskSpec("CustomJSON", ("C:/my data@home/chats*.jsonl",), 0, 10, 1, 2, 0.5)
+    assert parse_task_spec('CustomJSON:"a\\"b.jsonl"').args == ('a"b.jsonl',)  # JSON escapes
+    as_dict = {"task": "CustomJSON", "args": ["C:/my data@home/chats*.jsonl"], "start": 0, "stop": 10,
+               "repeats": 2, "weight": 0.5}
+    assert parse_task_spec(as_dict) == spec
+    for bad, message in [('CustomJSON:"open', "not closed"), ('CustomJSON:a"b"c', "quote the whole field"),
+                         ({"task": "CustomJSON", "args": "x"}, "list of strings"),
+                         ({"task": "CustomJSON", "path": "x"}, "unknown: path"),
+                         ({"task": "ARC", "args": ["ARC-Easy"]}, "takes 2 argument")]:
+        with pytest.raises(MixtureSpecError, match=message):
+            parse_task_spec(bad)
+
+
+def test_path_with_colon_and_at_loads(tmp_path):
+    folder = tmp_path / "a:b@c"
+    folder.mkdir()
+    path = folder / "x.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(6)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert len(build_mixture([f'CustomJSON:"{path}":0:4'])) == 4
+    assert len(build_mixture([{"task": "CustomJSON", "args": [str(path)], "repeats": 2}])) == 12
+
+
+# ---------------------------------------------------------------------------------------------------------
+# custom tasks: "module:Class[:args...]"
+
+
+def test_custom_task_from_a_module(monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)  # configs/examples/my_custom_task.py, importable from the working directory
+    spec = parse_task_spec("configs.examples.my_custom_task:MyCustomTask:train:0:10:2*3")
+    assert spec == TaskSpec("configs.examples.my_custom_task:MyCustomTask", ("train",), 0, 10, 2, 3)
+    mix = build_mixture(["configs.examples.my_custom_task:MyCustomTask:train:0:10:2*3",
+                         "configs.examples.my_custom_task:MyCustomTask:test"])
+    assert len(mix) == 5 * 3 + 4
+    assert all(mix[i]["messages"][-1]["role"] == "assistant" for i in range(len(mix)))
+    # an empty argument keeps the constructor's default (split="train"), then the slice
+    assert len(build_mixture(["configs.examples.my_custom_task:MyCustomTask::0:7"])) == 7
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("no_such_pkg.module:MyTask", "cannot import module 'no_such_pkg.module'"),
+    ("configs.examples.my_custom_task:NoSuchTask", "has no class 'NoSuchTask' .*MyCustomTask"),
+    ("configs.examples.my_custom_task:Task", None),
+    ("json:JSONDecoder", "not a subclass of tasks.common.Task"),
+    ("configs.examples.my_custom_task", "module:Class"),
+])
+def test_custom_task_errors(spec, message, monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)
+    if message is None:  # the base class itself is a Task: accepted by the parser (it fails when built)
+        assert parse_task_spec(spec).name == spec
+        return
+    with pytest.raises(MixtureSpecError, match=message):
+        parse_task_spec(spec)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one error for every missing dataset, with the replacement specs
+
+
+def test_missing_offline_data_names_replacements_for_every_mixture(data_dir, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # no hub (refused at once); the mirror has no SmolTalk
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(MixtureSpecError) as excinfo:
+        build_mixtures({"train_mixture": ["ARC:ARC-Easy:train:0:8", "SmolTalk:train:0:10000*2"],
+                        "val_mixture": ["SmolTalk:test"]})
+    message = str(excinfo.value)
+    assert "\n" not in message
+    assert "train_mixture entry 'SmolTalk:train:0:10000*2'" in message and "val_mixture entry 'SmolTalk:test'" in message
+    assert ('train_mixture = ["ARC:ARC-Easy:train:0:8", "ChitChat:train:0:10000*2"]  '
+            'val_mixture = ["ChitChat:test"]') in message
+    # the replacements load
+    mixtures, parts, _ = build_mixtures({"train_mixture": ["ARC:ARC-Easy:train:0:8", "ChitChat:train:0:10*2"],
+                                         "val_mixture": ["ChitChat:test:0:5"]})
+    assert len(mixtures["train_mixture"]) == 8 + 20 and len(mixtures["val_mixture"]) == 5
+    assert [(spec, entries) for spec, _, entries in parts["train_mixture"]] == [("ARC:ARC-Easy:train:0:8", 8),
+                                                                              ("ChitChat:train:0:10*2", 20)]
+    # an optional entry is dropped with a note instead
+    mixtures, _, notes = build_mixtures({"train_mixture": ["ChitChat:train:0:4", "SmolTalk:train"]},
+                                        optional=["SmolTalk:train"])
+    assert len(mixtures["train_mixture"]) == 4 and "Skipping train_mixture entry 'SmolTalk:train'" in notes[0]

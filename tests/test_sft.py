@@ -5,7 +5,6 @@ normalisation, step arithmetic, the optimizer step (accumulate_step) and the dat
     .venv/bin/python -m pytest tests/test_sft.py
 """
 
-import json
 import math
 import os
 import random
