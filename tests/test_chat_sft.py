@@ -198,3 +198,90 @@ def test_resume_gives_bit_identical_weights(sft_env, tmp_path):
     # and training did move the weights
     base = _base_weights(straight)
     assert any(not torch.equal(base[k], want[k]) for k in want)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the configs/ files
+
+
+def _run_any(base_dir, args, env_extra=(), drop_env=(), timeout=300):
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), WANDB_MODE="disabled", OMP_NUM_THREADS="1")
+    env.update(dict(env_extra))
+    for key in drop_env:
+        env.pop(key, None)
+    return subprocess.run([sys.executable, "-m", "scripts.chat_sft", *args], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_guide_config_file_offline_error_and_wandb_without_login(sft_env, data_dir, tmp_path):
+    base_dir = tmp_path / "base"
+    shutil.copytree(sft_env["base_dir"], base_dir)  # a base checkpoint only: the guide's source = "mid" is absent
+    # the guide's file as it is, offline: one line, before any model is loaded, naming both replacements
+    no_hub = {"HF_ENDPOINT": "http://127.0.0.1:9"}
+    offline_env = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+    out = _run_any(base_dir, ["--config", "configs/sft_guide.txt"], no_hub, offline_env)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert out.stderr.startswith("error: no data for train_mixture entry 'SmolTalk:train:0:10000'")
+    assert ('train_mixture = ["ARC:ARC-Easy:train", "ARC:ARC-Challenge:train", "GSM8K:main:train", '
+            '"ChitChat:train:0:10000"]  val_mixture = ["ChitChat:test"]') in out.stderr
+    # run = "my_sft_run" with no wandb key and no WANDB_MODE: wandb logs offline into the run folder
+    home = tmp_path / "home"  # no ~/.netrc
+    home.mkdir()
+    out = _run_any(base_dir, ["--config", "configs/sft_guide.txt", *TINY, "--max_iterations=2",
+                              "--device_batch_size=2", "--target_examples_per_step=4",
+                              "--train_mixture=['ChitChat:train:0:32']", "--val_mixture=['ChitChat:test:0:8']"],
+                   {"HOME": str(home)}, ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR"))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run_dir = base_dir / "chatsft_checkpoints" / "d2"
+    assert f"wandb: no API key (run `wandb login`) and no WANDB_MODE: logging offline to {run_dir}/wandb" in out.stdout
+    assert glob.glob(str(run_dir / "wandb" / "offline-run-*"))
+    assert re.search(r"^Step 00001 \| Training loss: .* \| step 2/2 \| elapsed \d+h\d\dm\d\ds \| eta 0h00m00s$",
+                     out.stdout, re.M), out.stdout[-2000:]
+
+
+@pytest.mark.slow
+def test_cpu_config_dry_run_and_run(sft_env, data_dir, tmp_path):
+    base_dir = tmp_path / "base"
+    shutil.copytree(sft_env["base_dir"], base_dir)
+    # the data preview loads no model: it works with no checkpoint at all
+    shutil.rmtree(base_dir / "base_checkpoints")
+    out = _run_any(base_dir, ["--config", "configs/sft_cpu.txt", "--dry_run", "1"])
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    row = re.compile(r"^(\S.*?) +\| +([\d,]+) conv \| tokens mean +[\d.]+ p50 +\d+ p95 +\d+ max +[\d,]+ \| supervised "
+                     r"+([\d.]+)% \| truncated \d+ dropped \d+ \| padding pad +([\d.]+)% bestfit +([\d.]+)%$")
+    rows = {m.group(1): m.groups()[1:] for m in map(row.match, lines) if m}
+    assert set(rows) == {"ChitChat:train:0:400 x400", "ARC:ARC-Easy:train:0:200 x200",
+                         "ARC:ARC-Challenge:train:0:100 x100", "GSM8K:main:train:0:200 x200", "training mixture",
+                         "validation mixture"}, out.stdout[-3000:]
+    assert rows["training mixture"][0] == "900" and rows["validation mixture"][0] == "64"
+    assert float(rows["ARC:ARC-Easy:train:0:200 x200"][1]) < 10 < float(rows["GSM8K:main:train:0:200 x200"][1])
+    _, _, pad, bestfit = rows["training mixture"]
+    assert 0 < float(bestfit) < float(pad) < 100  # packing wastes less than padding to the longest
+    assert re.search(r"^Optimizer steps: 30 with packing=pad, \d+ with packing=bestfit$", out.stdout, re.M)
+    assert "One training conversation ([supervised] tokens):" in out.stdout and "|[" in out.stdout
+    assert "Model:" not in out.stdout and not (base_dir / "chatsft_checkpoints").exists()
+    # the run itself, shortened, from the tiny base checkpoint: the report has the new parts
+    shutil.copytree(sft_env["base_dir"] / "base_checkpoints", base_dir / "base_checkpoints")
+    out = _run_any(base_dir, ["--config", "configs/sft_cpu.txt", "--max_iterations=2", "--eval_every=2",
+                              "--eval_steps=1", "--eval_metrics_every=-1"])
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    section = (base_dir / "report" / "chat-sft.md").read_text()
+    assert "| ChitChat:train:0:400 | 400 |" in section and "| GSM8K:main:train:0:200 | 200 |" in section
+    assert re.search(r"- Supervised ratio: 0\.\d+", section) and re.search(r"- Tokens per second: \d+", section)
+    assert section.count("```") == 4  # two sample conversations from the final model
+    assert "unit of loss_normalization = token" in section
+
+
+@pytest.mark.slow
+def test_own_data_config(sft_env, tmp_path):
+    base_dir = tmp_path / "base"
+    shutil.copytree(sft_env["base_dir"], base_dir)
+    out = _run_any(base_dir, ["--config", "configs/sft_own_data.txt", "--source=base", "--max_seq_len=128"])
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "Training conversations: 16 | validation: 4" in out.stdout
+    assert "Number of iterations: 6" in out.stdout  # 16 // 8 * 3 epochs
+    val = [float(v) for v in re.findall(r"^Step \d{5} \| Validation loss: (\d+\.\d+)$", out.stdout, re.M)]
+    assert len(val) == 3 and val[-1] < val[0]
