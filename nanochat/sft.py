@@ -1,44 +1,21 @@
 """
 Supervised fine-tuning (SFT) building blocks, shared by scripts/chat_sft.py and bench/sft_throughput.py.
-Everything here is a small function with explicit arguments (no devices, no process group, no globals),
-so each off-by-one risk has a unit test: tests/test_sft.py (`python -m pytest tests/test_sft.py`).
+Everything here is a small function with explicit arguments (rank / world_size / device passed in, no
+globals), so each off-by-one risk has a unit test: tests/test_sft.py (`python -m pytest tests/test_sft.py`).
 
 - collate_sft: the SFT guide's padded batch (pad with <|assistant_end|>, targets -1 off the assistant mask)
 - pack_best_fit / collate_packed: whole conversations best-fit into rows, with segment ids
-- sft_batches: the per-rank stream of CPU batches (pad or bestfit), resumable from a small JSON state
-- parse_task_spec / build_mixture: the config-file syntax for training/validation mixtures (see below)
-- micro_batch_loss_scale: per-token vs per-micro-batch loss normalisation (see below)
-- grad_accum_steps_for / num_sft_iterations / count_steps_bestfit: step arithmetic with clear errors
-- skip_reason: the (rank-agreed) decision to skip a NaN / out-of-memory step
+- fit_conversation: the one truncate / drop filter, used by the batches and by the step count alike
+- sft_batches: the per-rank stream of CPU batches (SFTBatch, pad or bestfit), resumable from a small state
+- grad_accum_steps_for / num_sft_iterations / count_steps_bestfit / num_sft_steps: step arithmetic
+- micro_batch_loss_scale: "token" vs the guide's "micro_batch_mean" (README, "Loss normalisation")
+- accumulate_step: one optimizer step's forward/backward over its micro-batches, and the rank-agreed decision
+  to skip it (skip_reason: NaN / out of memory)
+- data_summary / data_preview / format_step / report_mixture_table / sample_conversations: what chat_sft
+  prints (--dry_run 1, the step line) and writes into its report section
 - resume_state_path / find_resumable_step / get_rng_state / set_rng_state: the per-rank resume state
 
-Mixture specs (config keys train_mixture / val_mixture, lists of strings):
-
-    "Name[:arg...][:start[:stop[:step]]][*repeats][@weight]"
-
-    "ARC:ARC-Easy:train"            ARC("ARC-Easy", "train")
-    "GSM8K:main:train*2"            GSM8K("main", "train") listed twice (two passes per epoch)
-    "SmolTalk:train:0:10000"        SmolTalk("train", start=0, stop=10000)
-    "SmolTalk:train::10000"         same (an empty field keeps the default)
-    "ChitChat:train@0.5"            ChitChat("train") with mixture weight 0.5: half of it per epoch
-    "CustomJSON:data/mine.jsonl"    CustomJSON("data/mine.jsonl") (a path must not contain ':')
-
-Every task takes a fixed number of string arguments (TASK_ARGS: ARC/MMLU/GSM8K: subset, split; SmolTalk,
-ChitChat: split; CustomJSON: filepath; HumanEval: none); up to three integer fields after them slice the
-task. `*N` lists a task N times in the mixture (nanochat's way to oversample); `@w` gives it a weight, which
-TaskMixture reads as a repetition multiplier (the task contributes round(w * len) entries: 0.5 = a random
-half, 2.0 = two passes; tasks without one weigh 1.0; weights are passed only when some spec has one).
-Bad specs raise MixtureSpecError naming the spec and what is wrong.
-
-Loss normalisation (config key loss_normalization):
-- "token" (default): the step loss is the sum of the token losses of all micro-batches on all ranks divided
-  by the number of supervised tokens in the whole step. Every supervised token weighs the same, so
-  (device_batch_size 4, 1 micro-step), (device_batch_size 1, 4 micro-steps) and 2 ranks give the same
-  gradient as one big batch. The step's token count is all-reduced before the backward passes; since the
-  optimizers AVERAGE gradients across ranks, each rank scales its summed loss by world_size / global_tokens.
-- "micro_batch_mean": the guide's formula, mean loss per micro-batch divided by grad_accum_steps. A short
-  conversation's tokens then weigh more than a long one's, and the gradient depends on how the step is cut
-  into micro-batches and ranks (a micro-batch with 10 supervised tokens counts as much as one with 1000).
+Mixture specs (train_mixture / val_mixture) are parsed and built by tasks/mixture.py.
 """
 
 import contextlib
