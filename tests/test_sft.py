@@ -20,6 +20,13 @@ from nanochat.common import UserError
 from nanochat.schedules import lr_multiplier
 from nanochat.sft import (
     accumulate_step,
+    data_summary,
+    fit_conversation,
+    format_step,
+    num_sft_steps,
+    padding_fractions,
+    rank_lengths,
+    report_mixture_table,
     collate_packed,
     collate_sft,
     count_steps_bestfit,
@@ -437,3 +444,59 @@ def test_accumulate_step_two_gloo_ranks(tmp_path):
         torch.testing.assert_close(got["grads"][name], ref, rtol=1e-4, atol=1e-6, msg=name)
     assert got["skipped"]["nan"] == [("non-finite loss (nan)", []), ("non-finite loss (nan)", [])]
     assert got["skipped"]["oom"] == [("out of memory", []), ("out of memory", [])]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the one filter, the step count from it, the data preview figures
+
+
+def test_fit_conversation():
+    assert fit_conversation([1, 2, 3], [0, 1, 1], 4, False) == ([1, 2, 3], [0, 1, 1], "kept")
+    assert fit_conversation([1, 2, 3, 4, 5], [0, 1, 1, 1, 1], 4, False) == ([1, 2, 3, 4], [0, 1, 1, 1], "truncated")
+    assert fit_conversation([1, 2, 3, 4, 5], [0, 1, 1, 1, 1], 4, True) == (None, None, "dropped")
+    assert fit_conversation([1], [0], 4, False) == (None, None, "dropped")
+
+
+@pytest.mark.parametrize("drop_long", [False, True])
+def test_bestfit_step_count_uses_the_batches_filter(drop_long):
+    """num_sft_steps replays exactly the conversations sft_batches trains on: with drop_long, the long ones
+    are left out of both; the steps then cover the epochs as the stream delivers them."""
+    data = _toy_dataset(60, seed=5, max_len=40)
+    capacity, batch_size, per_step = 24, 2, 2
+    lengths = rank_lengths(data, _toy_render, capacity, drop_long, rank=1, world_size=2)
+    kept = [c for c in data[1::2] if c["n"] <= capacity or not drop_long]
+    assert lengths == [min(c["n"], capacity) for c in kept]
+    rank_data = data[1::2]  # rank 1's conversations, as one process (the cross-rank minimum: gloo tests)
+    steps = num_sft_steps(rank_data, _toy_render, "bestfit", 4, batch_size, per_step, capacity, drop_long, 1, -1)
+    assert steps == count_steps_bestfit(lengths, batch_size, capacity, per_step, 1)
+    stream = sft_batches(rank_data, _toy_render, batch_size, PAD, "bestfit", capacity, drop_long)
+    examples = sum(next(stream).stats["examples"] for _ in range(steps * per_step))
+    assert abs(examples - len(kept)) <= per_step * batch_size * 3  # one epoch, give or take the last step
+    assert num_sft_steps(data, _toy_render, "bestfit", 4, batch_size, per_step, capacity, drop_long, 1, 3) == 3
+    assert num_sft_steps(data, _toy_render, "pad", 4, batch_size, per_step, capacity, drop_long, 2, -1) == 30
+
+
+def test_data_summary_and_padding_fractions():
+    data = [{"i": i, "n": n} for i, n in enumerate([5, 9, 3, 30, 1])]
+    row = data_summary(data, _toy_render, 12, False, 2)
+    assert row["conversations"] == 5 and row["tokens_max"] == 30 and row["tokens_p50"] == 5
+    assert row["truncated"] == 1 and row["dropped"] == 1  # 30 > 12 is cut; a 1-token conversation is dropped
+    assert row["supervised_ratio"] == 1.0  # every target after the first token is supervised in the toy render
+    # fitted lengths 5, 9, 3, 12 in batches of 2: pad positions (8 + 8) + (11 + 11) = 38, real 4 + 8 + 2 + 11 = 25
+    pad, bestfit = padding_fractions([5, 9, 3, 12], 2, 12)
+    assert pad == pytest.approx(13 / 38)
+    assert bestfit == pytest.approx(1 - (11 + 11 + 5) / (2 * 2 * 11))  # rows [12], [9, 3] then [5]
+    assert padding_fractions([], 2, 12) == (0.0, 0.0)
+
+
+def test_step_line_and_report_table():
+    totals = {"supervised": 300, "positions": 1000, "pad_positions": 250, "examples": 8, "truncated": 0, "dropped": 0}
+    line, log = format_step(3, 2.5, 0.75, totals, 0.5)
+    assert line == ("Step 00003 | Training loss: 2.500000 | lrm: 0.750000 | num_tokens: 300 | supervised: 30.0% | "
+                    "padding: 25.0% | tok/s: 2,000 | sup_tok/s: 600")
+    assert log["padding_fraction"] == 0.25 and "mfu" not in log
+    line, log = format_step(3, 2.5, 0.75, {**totals, "truncated": 2}, 0.5, mfu=0.125)
+    assert line.endswith("| mfu: 12.50% | truncated: 2 | dropped: 0") and log["mfu"] == 0.125
+    row = {"supervised_ratio": 0.5, "padding_pad": 0.25, "padding_bestfit": 0.05}
+    assert report_mixture_table([("ChitChat:train", 12, row)]).splitlines()[-1] == \
+        "| ChitChat:train | 12 | 50.0% | 25.0% | 5.0% |"
