@@ -498,12 +498,14 @@ def format_step(step, loss, lrm, step_totals, dt, mfu=None):
 
 
 def report_mixture_table(train_rows):
-    """The report's training-mixture table: per spec, its entries in the mixture (after weights and repeats),
-    supervised ratio and padding fraction under pad / bestfit."""
-    lines = ["| training mixture | entries | supervised | padding (pad) | padding (bestfit) |", "|---|---|---|---|---|"]
-    lines += [f"| {spec} | {entries:,} | {row['supervised_ratio']:.1%} | {row['padding_pad']:.1%} | "
-              f"{row['padding_bestfit']:.1%} |" for spec, entries, row in train_rows]
-    return "\n".join(lines)
+    """The report's training-mixture table (a fenced text block, so the report's summary-table parser never
+    reads it): per spec, its entries in the mixture (after weights and repeats), supervised ratio and padding
+    fraction under pad / bestfit."""
+    width = max([len("training mixture")] + [len(spec) for spec, _, _ in train_rows])
+    lines = [f"{'training mixture':<{width}}  entries  supervised  padding(pad)  padding(bestfit)"]
+    lines += [f"{spec:<{width}}  {entries:>7,}  {row['supervised_ratio']:>10.1%}  {row['padding_pad']:>12.1%}  "
+              f"{row['padding_bestfit']:>16.1%}" for spec, entries, row in train_rows]
+    return "```\n" + "\n".join(lines) + "\n```"
 
 
 # ----------------------------------------------------------------------------------------------------------
