@@ -347,7 +347,14 @@ def build_mixtures(mixtures, optional=()):
     whose data is missing are dropped with a note. When data of other specs is missing, ONE MixtureSpecError
     names every missing entry and the replacement lists for all the mixtures at once (in config syntax);
     other loading errors name the key and the spec."""
-    parsed = {key: [parse_task_spec(s) for s in specs] for key, specs in mixtures.items()}
+    parsed = {}
+    for key, specs in mixtures.items():
+        if not isinstance(specs, (list, tuple)):
+            raise MixtureSpecError(f"{key} must be a list of mixture specs, got {specs!r}")
+        try:
+            parsed[key] = [parse_task_spec(s) for s in specs]
+        except MixtureSpecError as e:
+            raise MixtureSpecError(f"{key}: {e}") from None
     built, missing, notes = {}, {}, []
     for key, specs in parsed.items():
         if not specs:

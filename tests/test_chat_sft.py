@@ -3,7 +3,11 @@ End-to-end tests of scripts/chat_sft.py, run as subprocesses from a tiny random 
 (tests/tiny_checkpoint.py) on CPU:
 - the guide's config file with tiny overrides runs on the mirror's ARC / GSM8K / ChitChat: the loss falls,
   the guide's log lines appear, the checkpoint + meta + report are written and chat_eval loads the model;
-- save + resume reaches bit-identical final weights (on a CustomJSON file written by the test).
+- save + resume reaches bit-identical final weights (on a CustomJSON file written by the test);
+- configs/sft_guide.txt offline: one error line before any model loads, naming the replacement specs for both
+  mixtures; with run = "my_sft_run" and no wandb login, wandb logs offline into the run folder;
+- configs/sft_cpu.txt: the --dry_run 1 data preview (no model needed), then a shortened run and its report;
+- configs/sft_own_data.txt on the sample JSONL in configs/examples/.
 The optimizer step itself (accumulation == one big batch, 2 gloo ranks, NaN / out-of-memory skips) is tested
 directly in tests/test_sft.py.
 

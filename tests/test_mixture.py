@@ -186,3 +186,10 @@ def test_missing_offline_data_names_replacements_for_every_mixture(data_dir, mon
     mixtures, _, notes = build_mixtures({"train_mixture": ["ChitChat:train:0:4", "SmolTalk:train"]},
                                         optional=["SmolTalk:train"])
     assert len(mixtures["train_mixture"]) == 4 and "Skipping train_mixture entry 'SmolTalk:train'" in notes[0]
+
+
+def test_build_mixtures_names_the_config_key():
+    with pytest.raises(MixtureSpecError, match=r"^val_mixture: mixture spec 'Smoltalk:test': unknown task"):
+        build_mixtures({"train_mixture": ["HumanEval"], "val_mixture": ["Smoltalk:test"]})
+    with pytest.raises(MixtureSpecError, match="train_mixture is empty"):
+        build_mixtures({"train_mixture": []})
