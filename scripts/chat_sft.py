@@ -43,10 +43,10 @@ from nanochat.engine import Engine
 from nanochat.loss_eval import evaluate_sft_loss
 from nanochat.report import format_duration, get_report
 from nanochat.schedules import lr_multiplier, scale_initial_lr, set_lr_multiplier
-from nanochat.sft import (LOSS_NORMALIZATIONS, PACKINGS, accumulate_step, data_preview, data_summary,
-                          find_resumable_step, get_rng_state, grad_accum_steps_for, initial_data_state, num_sft_steps,
-                          format_step, padding_fraction, report_mixture_table, resume_state_path,
-                          sample_conversations, set_rng_state, sft_batches)
+from nanochat.sft import (LOSS_NORMALIZATIONS, PACKINGS, accumulate_step, find_resumable_step, get_rng_state,
+                          grad_accum_steps_for, initial_data_state, num_sft_steps, padding_fraction, resume_state_path,
+                          set_rng_state, sft_batches)
+from nanochat.sft_report import data_preview, data_summary, format_step, report_mixture_table, sample_conversations
 from nanochat.tokenizer import get_tokenizer
 from tasks.mixture import build_mixtures, parse_eval_spec
 

@@ -18,15 +18,12 @@ import torch.nn.functional as F
 
 from nanochat.common import UserError
 from nanochat.schedules import lr_multiplier
+from nanochat.sft_report import data_summary, format_step, padding_fractions, report_mixture_table
 from nanochat.sft import (
     accumulate_step,
-    data_summary,
     fit_conversation,
-    format_step,
     num_sft_steps,
-    padding_fractions,
     rank_lengths,
-    report_mixture_table,
     collate_packed,
     collate_sft,
     count_steps_bestfit,
