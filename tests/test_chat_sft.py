@@ -290,3 +290,25 @@ def test_own_data_config(sft_env, tmp_path):
     assert "Number of iterations: 6" in out.stdout  # 16 // 8 * 3 epochs
     val = [float(v) for v in re.findall(r"^Step \d{5} \| Validation loss: (\d+\.\d+)$", out.stdout, re.M)]
     assert len(val) == 3 and val[-1] < val[0]
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_match_one_process(sft_env, tmp_path):
+    """The script under torchrun (2 gloo ranks x 2 micro-steps) takes the same first step as one process with
+    4 micro-steps: the same conversations, one gradient under per-token normalisation."""
+    args = _custom_args(sft_env) + ["--max_iterations=1", "--target_examples_per_step=4", "--device_batch_size=1",
+                                    "--init_lr_frac=1.0"]
+    weights = {}
+    for name, nproc in (("one", 1), ("two", 2)):
+        base_dir = tmp_path / name
+        shutil.copytree(sft_env["base_dir"], base_dir)
+        out = _run(base_dir, args, nproc=nproc)
+        assert f"world_size {nproc} x grad_accum_steps {4 // nproc}" in out
+        weights[name], meta = _final_weights(base_dir)
+        assert meta["world_size"] == nproc
+    base = _base_weights(tmp_path / "one")
+    for key, want in weights["one"].items():
+        moved = (want - base[key]).abs().max()
+        assert moved > 0 or key.endswith("rotary"), key
+        # same update; only the float summation order differs (and Muon's gloo reduction)
+        torch.testing.assert_close(weights["two"][key], want, rtol=1e-4, atol=1e-5 * max(float(moved), 1e-3), msg=key)
