@@ -53,7 +53,7 @@ def data_summary(conversations, render_fn, row_capacity, drop_long, batch_size):
 
 def format_data_summary(name, row, width=0):
     return (f"{name:<{width}} | {row['conversations']:>7,} conv | tokens mean {row['tokens_mean']:6.1f} p50 "
-            f"{row['tokens_p50']:5.0f} p95 {row['tokens_p95']:5.0f} max {row['tokens_max']:5,} | supervised "
+            f"{row['tokens_p50']:5.0f} p95 {row['tokens_p95']:5.0f} max {row['tokens_max']:6,} | supervised "
             f"{row['supervised_ratio']:5.1%} | truncated {row['truncated']:,} dropped {row['dropped']:,} | padding "
             f"pad {row['padding_pad']:5.1%} bestfit {row['padding_bestfit']:5.1%}")
 

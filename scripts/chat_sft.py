@@ -145,7 +145,8 @@ print0(f"Training conversations: {len(train_ds):,} | validation: {len(val_ds):,}
 print0(f"Target examples per step: {config['target_examples_per_step']} = device_batch_size {device_batch_size} "
        f"x world_size {ddp_world_size} x grad_accum_steps {grad_accum_steps}")
 print0(f"Number of iterations: {num_iterations} | loss normalisation: {config['loss_normalization']}")
-summarize = lambda ds: data_summary(ds, render, row_capacity, config["drop_long"], device_batch_size)  # noqa: E731
+render_whole = lambda conversation: tokenizer.render_conversation(conversation, max_tokens=None)  # noqa: E731
+summarize = lambda ds: data_summary(ds, render_whole, row_capacity, config["drop_long"], device_batch_size)  # noqa: E731
 train_rows = [(spec, entries, summarize(task)) for spec, task, entries in parts["train_mixture"]] if master_process \
     else []  # per training spec: counts, supervised ratio, padding (for the preview and the report)
 if config["dry_run"]:
