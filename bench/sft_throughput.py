@@ -18,7 +18,8 @@ import torch
 
 from nanochat.common import autocast_ctx, autodetect_device_type, get_base_dir, get_data_dir, print0
 from nanochat.config import Option, load_config
-from nanochat.sft import build_mixture, sft_batches
+from nanochat.sft import sft_batches
+from tasks.mixture import build_mixture
 
 OPTIONS = [
     Option("device_type", str, "", "cuda|cpu|mps (empty: autodetect)"),
@@ -30,7 +31,7 @@ OPTIONS = [
     Option("warmup_steps", int, 2, "untimed steps per mode"),
     Option("dtype", str, "bfloat16", "autocast dtype on CUDA"),
     Option("mixture", list, ["GSM8K:main:train", "ARC:ARC-Easy:train", "ARC:ARC-Challenge:train", "ChitChat:train"],
-           "the training mixture (nanochat/sft.py syntax)"),
+           "the training mixture (tasks/mixture.py syntax)"),
 ]
 
 

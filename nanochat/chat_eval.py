@@ -13,38 +13,16 @@ Task metrics for chat models: `run_chat_eval(task_name, model, tokenizer, engine
 Used by scripts/chat_eval.py and scripts/chat_sft.py. Tests: tests/test_chat_eval.py.
 """
 
-import sys
-import time
 
 import torch
-import torch.distributed as dist
 
-from nanochat.common import dist_rank_world
+from nanochat.common import all_reduce_values, dist_rank_world
+from nanochat.loss_eval import LoopProgress
+from tasks.mixture import EVAL_TASKS, load_eval_task as load_task  # noqa: F401  (load_task: patched in tests)
 
-TASK_NAMES = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval")
+TASK_NAMES = tuple(EVAL_TASKS)  # ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval")
 CATEGORICAL_TASKS = ("ARC-Easy", "ARC-Challenge", "MMLU")
 BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0}  # chance
-
-
-def load_task(task_name):
-    """The test split of each evaluation task (as nanochat)."""
-    if task_name in ("ARC-Easy", "ARC-Challenge"):
-        from tasks.arc import ARC
-
-        return ARC(subset=task_name, split="test")
-    if task_name == "MMLU":
-        from tasks.mmlu import MMLU
-
-        return MMLU(subset="all", split="test")
-    if task_name == "GSM8K":
-        from tasks.gsm8k import GSM8K
-
-        return GSM8K(subset="main", split="test")
-    if task_name == "HumanEval":
-        from tasks.humaneval import HumanEval
-
-        return HumanEval()
-    raise ValueError(f"unknown task {task_name!r}; expected one of {', '.join(TASK_NAMES)}")
 
 
 def chatcore(results):
@@ -94,51 +72,6 @@ def pick_letters(logits, last_positions, letter_ids_per_row, letters_per_row):
     return picked
 
 
-def all_reduce_counts(counts, device, world_size):
-    """SUM integer counts over ranks (a CPU tensor under gloo)."""
-    if world_size <= 1:
-        return counts
-    if dist.get_backend() == "gloo":
-        device = "cpu"
-    t = torch.tensor(counts, dtype=torch.long, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
-
-
-class Progress:
-    """Running accuracy on rank 0: a tqdm bar on a terminal; otherwise (logs) a line at each new tenth of the
-    problems, at most every `min_interval` seconds. The final count is printed by run_chat_eval."""
-
-    def __init__(self, task_name, total, rank, min_interval=5.0):
-        self.task_name, self.total, self.enabled = task_name, total, rank == 0
-        self.min_interval = min_interval
-        self.bar = None
-        self.t0 = self.last_print = time.time()
-        self.last_tenth = 0
-        if self.enabled and sys.stdout.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=task_name, leave=False)
-
-    def update(self, done, passed, n=1):
-        if not self.enabled:
-            return
-        acc = passed / max(done, 1)
-        if self.bar is not None:
-            self.bar.update(n)
-            self.bar.set_postfix(acc=f"{acc:.2%}")
-            return
-        tenth, now = done * 10 // max(self.total, 1), time.time()
-        if tenth > self.last_tenth and now - self.last_print >= self.min_interval:
-            self.last_tenth, self.last_print = tenth, now
-            print(f"{self.task_name}: {done}/{self.total} (rank 0) | accuracy {acc:.2%} | {now - self.t0:.1f}s",
-                  flush=True)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The two evaluation loops, over any Task-like object (len(task), task[i], task.evaluate)
 
@@ -159,7 +92,7 @@ def run_categorical_eval(task, tokenizer, model, batch_size=1, max_problems=None
     pad_id = tokenizer.encode_special("<|assistant_end|>")  # any valid id: padded positions are never read
     num_problems = len(task) if max_problems is None else min(len(task), max_problems)
     indices = rank_problem_indices(num_problems, rank, world_size)
-    progress = Progress(task_name, len(indices), rank)
+    progress = LoopProgress(task_name, len(indices), rank)
     passed = done = 0
     for start in range(0, len(indices), batch_size):
         conversations = [task[i] for i in indices[start:start + batch_size]]
@@ -171,10 +104,10 @@ def run_categorical_eval(task, tokenizer, model, batch_size=1, max_problems=None
         picked = pick_letters(logits, last_positions, letter_ids_per_row, letters_per_row)
         passed += sum(bool(task.evaluate(c, p)) for c, p in zip(conversations, picked))
         done += len(conversations)
-        progress.update(done, passed, len(conversations))
+        progress.update(done, f"accuracy {passed / done:.2%}", len(conversations))
     progress.close()
-    passed, total = all_reduce_counts([passed, done], device, world_size)
-    return passed, total
+    passed, total = all_reduce_values([passed, done], "sum", device, world_size)
+    return int(passed), int(total)
 
 
 @torch.no_grad()
@@ -187,7 +120,7 @@ def run_generative_eval(task, tokenizer, engine, num_samples=1, max_new_tokens=5
         device = _device_of(engine.model) if hasattr(engine, "model") else "cpu"
     num_problems = len(task) if max_problems is None else min(len(task), max_problems)
     indices = rank_problem_indices(num_problems, rank, world_size)
-    progress = Progress(task_name, len(indices), rank)
+    progress = LoopProgress(task_name, len(indices), rank)
     passed = done = 0
     for i in indices:
         conversation = task[i]
@@ -197,10 +130,10 @@ def run_generative_eval(task, tokenizer, engine, num_samples=1, max_new_tokens=5
         completions = [tokenizer.decode(r[len(prompt):]) for r in results]
         passed += int(any(bool(task.evaluate(conversation, c)) for c in completions))
         done += 1
-        progress.update(done, passed)
+        progress.update(done, f"accuracy {passed / done:.2%}")
     progress.close()
-    passed, total = all_reduce_counts([passed, done], device, world_size)
-    return passed, total
+    passed, total = all_reduce_values([passed, done], "sum", device, world_size)
+    return int(passed), int(total)
 
 
 def run_chat_eval(task_name, model, tokenizer, engine, batch_size=1, num_samples=1, max_new_tokens=512,
@@ -221,3 +154,14 @@ def run_chat_eval(task_name, model, tokenizer, engine, batch_size=1, num_samples
     if rank == 0:
         print(f"{task_name}: {passed}/{total} = {accuracy:.2%}", flush=True)
     return accuracy
+
+
+def run_task_metrics(eval_specs, model, tokenizer, engine, batch_size, max_new_tokens):
+    """chat_sft's task metrics: {"<task>_acc": accuracy} (the guide's names, e.g. arc_easy_acc) for eval_specs
+    [(task name, max_problems or None)]; categorical tasks batched by batch_size, generative ones greedy."""
+    metrics = {}
+    for task_name, max_problems in eval_specs:
+        kwargs = {"batch_size": batch_size} if task_name in CATEGORICAL_TASKS else {"max_new_tokens": max_new_tokens}
+        key = task_name.lower().replace("-", "_") + "_acc"
+        metrics[key] = run_chat_eval(task_name, model, tokenizer, engine, max_problems=max_problems, **kwargs)
+    return metrics

@@ -47,8 +47,7 @@ from nanochat.checks import NonFiniteWeightsError, first_nonfinite
 from nanochat.common import UserError, atomic_write_bytes, atomic_write_text, get_base_dir, print0
 from nanochat.gpt import GPT, GPTConfig
 
-SOURCE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
-               "rl": "chatrl_checkpoints"}
+SOURCE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints"}
 COMPILED_PREFIX = "_orig_mod."  # torch.compile wraps the module and prefixes every key with this
 
 

@@ -1,6 +1,5 @@
 """
 Run-time checks that turn user mistakes into one-line errors instead of hangs, tracebacks or poisoned weights:
-- the batch arithmetic of the token-stream trainers (base_train, mid_train), checked before anything loads;
 - the finite-weights guard called after every optimizer step (base_train, mid_train, chat_sft): a step that
   leaves a parameter NaN/inf stops the run, naming the step and the parameter, before it can be saved.
 
@@ -10,23 +9,10 @@ Tests: tests/test_bad_input.py (in-process and as subprocess runs of the scripts
 import torch
 
 from nanochat.common import UserError
-from nanochat.config import ConfigError
 
 
 class NonFiniteWeightsError(UserError):
     """A parameter became NaN or infinite: the run stops rather than train on (or save) poisoned weights."""
-
-
-def grad_accum_steps_for_tokens(total_batch_size, device_batch_size, max_seq_len, world_size):
-    """Gradient accumulation steps so that world_size * device_batch_size * max_seq_len tokens per micro-step
-    add up to total_batch_size tokens per optimizer step; a ConfigError naming the keys when they don't divide."""
-    tokens_per_micro_step = device_batch_size * max_seq_len * world_size
-    if tokens_per_micro_step <= 0 or total_batch_size % tokens_per_micro_step != 0:
-        raise ConfigError(
-            f"total_batch_size ({total_batch_size}) must be a multiple of device_batch_size * max_seq_len * "
-            f"world_size = {device_batch_size} * {max_seq_len} * {world_size} = {tokens_per_micro_step}; "
-            f"change total_batch_size or device_batch_size")
-    return total_batch_size // tokens_per_micro_step
 
 
 def first_nonfinite(named_tensors):

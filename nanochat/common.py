@@ -83,16 +83,26 @@ def get_dist_info():
     return False, 0, 0, 1
 
 
-def is_ddp():
-    return get_dist_info()[0]
-
-
 def dist_rank_world():
     """(rank, world_size) of the initialised process group, or (0, 1) without one.
     Library functions take rank/world_size arguments and fall back to this."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+
+
+def all_reduce_values(values, op="sum", device="cpu", world_size=1):
+    """Reduce a list of numbers over ranks in one collective (op: sum | min | max), as float64; a no-op list
+    copy with one process. Under gloo the tensor lives on the CPU."""
+    if world_size > 1 and dist.get_backend() == "gloo":
+        device = "cpu"
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    if world_size > 1:
+        dist.all_reduce(t, op=_REDUCE_OPS[op])
+    return t.tolist()
 
 
 def compute_init(device_type="cuda"):
@@ -141,13 +151,41 @@ class DummyWandb:
         pass
 
 
-def init_wandb(run, project, config, rank=0):
-    """A real wandb run on rank 0 unless run == 'dummy'; WANDB_MODE=offline/disabled is honoured by wandb."""
+def wandb_api_key_present(environ=os.environ, netrc_path=None):
+    """Whether wandb has a key: $WANDB_API_KEY, or an api.wandb.ai entry in ~/.netrc (what `wandb login` writes)."""
+    if environ.get("WANDB_API_KEY"):
+        return True
+    import netrc
+
+    try:
+        return netrc.netrc(netrc_path).authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def init_wandb(run, project, config, rank=0, run_dir=None):
+    """A wandb run on rank 0 unless run == 'dummy'. WANDB_MODE (online/offline/disabled) is honoured; without
+    it and without an API key the run logs offline into <run_dir>/wandb and says so in one line. wandb never
+    stops a run: if it fails to start, the run goes on without it (one line says why)."""
     if run == "dummy" or rank != 0:
         return DummyWandb()
-    import wandb  # imported lazily: it is slow to import and most runs don't need it
+    kwargs = {"project": project, "name": run, "config": config}
+    if not os.environ.get("WANDB_MODE") and not wandb_api_key_present():
+        kwargs["mode"] = "offline"
+        if run_dir is not None:
+            os.makedirs(run_dir, exist_ok=True)
+            kwargs["dir"] = run_dir
+        where = os.path.join(run_dir or ".", "wandb")
+        print0(f"wandb: no API key (run `wandb login`) and no WANDB_MODE: logging offline to {where} "
+               f"(upload later with `wandb sync {where}/offline-run-*`)")
+    try:
+        import wandb  # imported lazily: it is slow to import and most runs don't need it
 
-    return wandb.init(project=project, name=run, config=config)
+        return wandb.init(**kwargs)
+    except Exception as e:  # noqa: BLE001  (any wandb failure: the training run matters more than its logging)
+        print0(f"wandb: could not start ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+               f"continuing without wandb")
+        return DummyWandb()
 
 
 _autocast_announced = set()

@@ -1,5 +1,11 @@
 """
-Bits per byte: a validation loss that does not depend on the tokenizer's vocabulary size.
+Validation losses.
+
+evaluate_sft_loss: chat SFT's validation loss, in the unit of its training loss (loss_normalization, see the
+README's "Loss normalisation"): "token" = summed token loss / supervised tokens over all batches and ranks;
+"micro_batch_mean" = the guide's mean of batch means.
+
+evaluate_bpb: bits per byte, a validation loss that does not depend on the tokenizer's vocabulary size.
 
     bpb = sum of cross-entropy (nats) over counted targets / (ln 2 * sum of their UTF-8 byte lengths)
 
@@ -10,12 +16,70 @@ dividing, so the result is the bpb of all the ranks' tokens together.
 Tests: tests/test_loss_eval.py.
 """
 
+import contextlib
 import math
+import sys
+import time
 
 import torch
-import torch.distributed as dist
 
-from nanochat.common import dist_rank_world
+from nanochat.common import all_reduce_values, dist_rank_world
+
+
+class LoopProgress:
+    """Progress of an evaluation loop on rank 0: a tqdm bar on a terminal; in logs a line at each new tenth,
+    at most every `min_interval` seconds."""
+
+    def __init__(self, name, total, rank=0, min_interval=5.0):
+        self.name, self.total, self.enabled, self.min_interval = name, total, rank == 0, min_interval
+        self.bar, self.last_tenth = None, 0
+        self.t0 = self.last_print = time.time()
+        if self.enabled and sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=name, leave=False)
+
+    def update(self, done, note="", n=1):
+        """`done` items of `total` are finished; `note` (e.g. "accuracy 41%") is shown with the count."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(n)
+            if note:
+                self.bar.set_postfix_str(note)
+            return
+        tenth, now = done * 10 // max(self.total, 1), time.time()
+        if tenth > self.last_tenth and now - self.last_print >= self.min_interval:
+            self.last_tenth, self.last_print = tenth, now
+            print(f"{self.name}: {done}/{self.total} (rank 0){' | ' + note if note else ''} | {now - self.t0:.1f}s",
+                  flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+@torch.no_grad()
+def evaluate_sft_loss(model, batches, steps, loss_normalization, device, world_size=1, rank=0,
+                      autocast=contextlib.nullcontext):
+    """SFT validation loss over `steps` batches per rank from `batches` (an iterator of (inputs, targets,
+    segment_ids, ...) CPU batches; targets -1 where not supervised), averaged over ranks as the training loss is."""
+    device = torch.device(device)
+    loss_sum = tokens = mean_sum = 0.0
+    progress = LoopProgress("validation", steps, rank)
+    for i in range(steps):
+        inputs, targets, segment_ids = (None if t is None else t.to(device) for t in next(batches)[:3])
+        with autocast():
+            batch_loss = model(inputs, targets, loss_reduction="sum", segment_ids=segment_ids).item()
+        batch_tokens = int((targets != -1).sum())
+        loss_sum, tokens = loss_sum + batch_loss, tokens + batch_tokens
+        mean_sum += batch_loss / max(batch_tokens, 1)
+        progress.update(i + 1)
+    progress.close()
+    loss_sum, tokens, mean_sum = all_reduce_values([loss_sum, tokens, mean_sum], "sum", device, world_size)
+    if loss_normalization == "token":
+        return loss_sum / max(tokens, 1)  # per supervised token, all batches and ranks
+    return mean_sum / (steps * world_size)  # the guide: mean of batch means
 
 
 def bpb_sums(loss, targets, token_bytes):
@@ -44,10 +108,7 @@ def evaluate_bpb(model, batches, steps, token_bytes, rank=None, world_size=None)
         nats, num_bytes = bpb_sums(loss.to(device), targets.to(device), token_bytes)
         total_nats += nats
         total_bytes += num_bytes
-    if world_size > 1:
-        dist.all_reduce(total_nats, op=dist.ReduceOp.SUM)
-        dist.all_reduce(total_bytes, op=dist.ReduceOp.SUM)
-    total_bytes = total_bytes.item()
+    total_nats, total_bytes = all_reduce_values([total_nats.item(), total_bytes.item()], "sum", device, world_size)
     if total_bytes == 0:
         return float("inf")
-    return total_nats.item() / (math.log(2) * total_bytes)
+    return total_nats / (math.log(2) * total_bytes)

@@ -30,7 +30,7 @@ Summary table rows (CORE, ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval, ChatC
 `- key: value` lines: keys are matched case-insensitively ignoring punctuation and a trailing "acc" or
 "metric" ("ARC-Easy", "arc_easy_acc" and "ChatCORE metric" all match). Columns read, first hit wins:
 BASE <- "Base model evaluation", "Base model training"; MID <- "Chat evaluation mid", "Midtraining";
-SFT <- "Chat evaluation sft", "Chat SFT"; RL <- "Chat evaluation rl", "Chat RL". Missing values show "-".
+SFT <- "Chat evaluation sft", "Chat SFT". Missing values show "-" (there is no RL stage).
 
 "Total wall clock time" is the sum of the stages' times: the entries of the "Stage timings" section that
 speedrun.sh writes when there is one, else the `duration:` lines of the sections (not the time from the
@@ -63,8 +63,6 @@ SECTION_ORDER = [
     "Chat evaluation mid",
     "Chat SFT",
     "Chat evaluation sft",
-    "Chat RL",
-    "Chat evaluation rl",
 ]
 
 SUMMARY_METRICS = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE"]
@@ -72,7 +70,6 @@ SUMMARY_COLUMNS = {
     "BASE": ["Base model evaluation", "Base model training"],
     "MID": ["Chat evaluation mid", "Midtraining"],
     "SFT": ["Chat evaluation sft", "Chat SFT"],
-    "RL": ["Chat evaluation rl", "Chat RL"],
 }
 
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
@@ -186,7 +183,7 @@ def format_task_results(results, checkpoint=None):
 
 
 def summary_table(section_values):
-    """Markdown table `Metric | BASE | MID | SFT | RL` from {section: {key: value}}; missing -> '-'."""
+    """Markdown table `Metric | BASE | MID | SFT` from {section: {key: value}}; missing -> '-'."""
     lines = ["| Metric | " + " | ".join(SUMMARY_COLUMNS) + " |", "|---" * (len(SUMMARY_COLUMNS) + 1) + "|"]
     for metric in SUMMARY_METRICS:
         cells = []

@@ -1,54 +1,30 @@
 """
 Supervised fine-tuning (SFT) building blocks, shared by scripts/chat_sft.py and bench/sft_throughput.py.
-Everything here is a small function with explicit arguments (no devices, no process group, no globals),
-so each off-by-one risk has a unit test: tests/test_sft.py (`python -m pytest tests/test_sft.py`).
+Everything here is a small function with explicit arguments (rank / world_size / device passed in, no
+globals), so each off-by-one risk has a unit test: tests/test_sft.py (`python -m pytest tests/test_sft.py`).
 
 - collate_sft: the SFT guide's padded batch (pad with <|assistant_end|>, targets -1 off the assistant mask)
 - pack_best_fit / collate_packed: whole conversations best-fit into rows, with segment ids
-- sft_batches: the per-rank stream of CPU batches (pad or bestfit), resumable from a small JSON state
-- parse_task_spec / build_mixture: the config-file syntax for training/validation mixtures (see below)
-- micro_batch_loss_scale: per-token vs per-micro-batch loss normalisation (see below)
-- grad_accum_steps_for / num_sft_iterations / count_steps_bestfit: step arithmetic with clear errors
-- skip_reason: the (rank-agreed) decision to skip a NaN / out-of-memory step
+- fit_conversation: the one truncate / drop filter, used by the batches and by the step count alike
+- sft_batches: the per-rank stream of CPU batches (SFTBatch, pad or bestfit), resumable from a small state
+- grad_accum_steps_for / num_sft_iterations / count_steps_bestfit / num_sft_steps: step arithmetic
+- micro_batch_loss_scale: "token" vs the guide's "micro_batch_mean" (README, "Loss normalisation")
+- accumulate_step: one optimizer step's forward/backward over its micro-batches, and the rank-agreed decision
+  to skip it (skip_reason: NaN / out of memory)
+(the per-rank resume state lives in nanochat/checkpoint_manager.py: save_run_state / load_run_state)
 
-Mixture specs (config keys train_mixture / val_mixture, lists of strings):
-
-    "Name[:arg...][:start[:stop[:step]]][*repeats][@weight]"
-
-    "ARC:ARC-Easy:train"            ARC("ARC-Easy", "train")
-    "GSM8K:main:train*2"            GSM8K("main", "train") listed twice (two passes per epoch)
-    "SmolTalk:train:0:10000"        SmolTalk("train", start=0, stop=10000)
-    "SmolTalk:train::10000"         same (an empty field keeps the default)
-    "ChitChat:train@0.5"            ChitChat("train") with mixture weight 0.5: half of it per epoch
-    "CustomJSON:data/mine.jsonl"    CustomJSON("data/mine.jsonl") (a path must not contain ':')
-
-Every task takes a fixed number of string arguments (TASK_ARGS: ARC/MMLU/GSM8K: subset, split; SmolTalk,
-ChitChat: split; CustomJSON: filepath; HumanEval: none); up to three integer fields after them slice the
-task. `*N` lists a task N times in the mixture (nanochat's way to oversample); `@w` gives it a weight, which
-TaskMixture reads as a repetition multiplier (the task contributes round(w * len) entries: 0.5 = a random
-half, 2.0 = two passes; tasks without one weigh 1.0; weights are passed only when some spec has one).
-Bad specs raise MixtureSpecError naming the spec and what is wrong.
-
-Loss normalisation (config key loss_normalization):
-- "token" (default): the step loss is the sum of the token losses of all micro-batches on all ranks divided
-  by the number of supervised tokens in the whole step. Every supervised token weighs the same, so
-  (device_batch_size 4, 1 micro-step), (device_batch_size 1, 4 micro-steps) and 2 ranks give the same
-  gradient as one big batch. The step's token count is all-reduced before the backward passes; since the
-  optimizers AVERAGE gradients across ranks, each rank scales its summed loss by world_size / global_tokens.
-- "micro_batch_mean": the guide's formula, mean loss per micro-batch divided by grad_accum_steps. A short
-  conversation's tokens then weigh more than a long one's, and the gradient depends on how the step is cut
-  into micro-batches and ranks (a micro-batch with 10 supervised tokens counts as much as one with 1000).
+Mixture specs (train_mixture / val_mixture) are parsed and built by tasks/mixture.py; what chat_sft prints
+about its data and steps (the --dry_run preview, the step line, the report's figures) is nanochat/sft_report.py.
 """
 
-import dataclasses
-import difflib
-import importlib
+import contextlib
 import math
+from typing import NamedTuple
 
 import torch
 
-from nanochat.common import UserError
-from nanochat.config import ConfigError
+from nanochat.common import UserError, all_reduce_values
+from nanochat.schedules import num_grad_accum_steps
 
 # ----------------------------------------------------------------------------------------------------------
 # Collation
@@ -141,6 +117,31 @@ def padding_fraction(num_pad_positions, num_positions):
 # The per-rank data stream (resumable)
 
 
+class SFTBatch(NamedTuple):
+    """One micro-batch of one rank, on the CPU. segment_ids is None under packing "pad"; stats counts examples,
+    truncated, dropped, positions, pad_positions, supervised, epoch; state is the stream position after it."""
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    segment_ids: torch.Tensor | None
+    stats: dict
+    state: dict
+
+
+def fit_conversation(ids, mask, row_capacity, drop_long):
+    """The one filter of rendered conversations, for the batches and for the step count alike:
+    -> (ids, mask, "kept" | "truncated" | "dropped"); ids and mask are None when dropped (longer than
+    row_capacity with drop_long, or shorter than 2 tokens: nothing to learn from, nothing to pack)."""
+    ids, mask = list(ids), list(mask)
+    outcome = "kept"
+    if len(ids) > row_capacity:
+        if drop_long:
+            return None, None, "dropped"
+        ids, mask, outcome = ids[:row_capacity], mask[:row_capacity], "truncated"
+    if len(ids) < 2:
+        return None, None, "dropped"
+    return ids, mask, outcome
+
+
 def initial_data_state():
     """Where a rank's stream starts: epoch 0, first conversation, nothing pending (JSON-serialisable)."""
     return {"epoch": 0, "cursor": 0, "pending": []}
@@ -148,12 +149,12 @@ def initial_data_state():
 
 def sft_batches(dataset, render_fn, batch_size, pad_id, packing="pad", row_capacity=2049, drop_long=False,
                 rank=0, world_size=1, state=None, lookahead=2.0, ignore_index=-1):
-    """Yield (inputs, targets, segment_ids, stats, state) forever: CPU batches for one rank.
+    """Yield SFTBatch(inputs, targets, segment_ids, stats, state) forever: CPU batches for one rank.
 
     The rank reads conversations rank, rank + world_size, rank + 2 * world_size, ... of `dataset` (a Task,
     a list: anything with len() and [i]); epochs repeat. `render_fn(conversation)` returns
-    (ids, mask); a conversation longer than `row_capacity` tokens is truncated to it (counted in
-    stats["truncated"]) or, with drop_long, skipped (stats["dropped"]).
+    (ids, mask); fit_conversation truncates a conversation longer than `row_capacity` tokens (counted in
+    stats["truncated"]) or, with drop_long, skips it (stats["dropped"]).
     - packing "pad": batch_size conversations per batch, padded to the longest (collate_sft); segment_ids None.
     - packing "bestfit": conversations buffered until about lookahead * batch_size * row_capacity tokens are
       at hand, then best-fit into batch_size rows of row_capacity tokens (collate_packed); the leftovers go
@@ -161,7 +162,7 @@ def sft_batches(dataset, render_fn, batch_size, pad_id, packing="pad", row_capac
     `state` (from initial_data_state() or a previous yield) is the position AFTER the yielded batch, so a
     run that saves the state of the last batch it used resumes exactly there.
     stats: examples, truncated, dropped, positions (inputs.numel()), pad_positions, supervised, epoch."""
-    assert packing in ("pad", "bestfit"), f"packing must be 'pad' or 'bestfit', got {packing!r}"
+    assert packing in PACKINGS, f"packing must be one of {PACKINGS}, got {packing!r}"
     assert batch_size > 0 and row_capacity >= 2
     num_examples = len(dataset)
     per_rank = len(range(rank, num_examples, world_size))
@@ -174,18 +175,10 @@ def sft_batches(dataset, render_fn, batch_size, pad_id, packing="pad", row_capac
     skipped = {"run": 0}  # consecutive skipped conversations, to fail instead of looping forever
 
     def render(index):
-        ids, mask = render_fn(dataset[index])
-        ids, mask = list(ids), list(mask)
-        if len(ids) > row_capacity:
-            if drop_long:
-                counts["dropped"] += 1
-                return None
-            counts["truncated"] += 1
-            ids, mask = ids[:row_capacity], mask[:row_capacity]
-        if len(ids) < 2:
-            counts["dropped"] += 1  # nothing to learn from (and nothing to pack)
-            return None
-        return index, ids, mask
+        ids, mask, outcome = fit_conversation(*render_fn(dataset[index]), row_capacity, drop_long)
+        if outcome != "kept":
+            counts[outcome] += 1
+        return None if ids is None else (index, ids, mask)
 
     def next_index():
         nonlocal epoch, cursor
@@ -199,8 +192,9 @@ def sft_batches(dataset, render_fn, batch_size, pad_id, packing="pad", row_capac
         item = render(next_index())
         skipped["run"] = 0 if item is not None else skipped["run"] + 1
         if skipped["run"] > per_rank:
-            raise ConfigError(f"every conversation of rank {rank} is dropped (longer than row_capacity="
-                             f"{row_capacity} with drop_long, or shorter than 2 tokens)")
+            raise UserError(f"every conversation of rank {rank} is dropped (longer than row_capacity="
+                            f"{row_capacity} with drop_long, or shorter than 2 tokens): raise max_seq_len or set "
+                            f"drop_long = false")
         return item
 
     def emit(inputs, targets, segment_ids, examples, pad_positions, pending_indices):
@@ -208,7 +202,7 @@ def sft_batches(dataset, render_fn, batch_size, pad_id, packing="pad", row_capac
                      positions=inputs.numel(), pad_positions=pad_positions,
                      supervised=int((targets != ignore_index).sum()), epoch=epoch)
         counts["truncated"] = counts["dropped"] = 0
-        return inputs, targets, segment_ids, stats, {"epoch": epoch, "cursor": cursor, "pending": pending_indices}
+        return SFTBatch(inputs, targets, segment_ids, stats, {"epoch": epoch, "cursor": cursor, "pending": pending_indices})
 
     pending = [item for item in (render(i) for i in state["pending"]) if item is not None]
     if packing == "pad":
@@ -235,20 +229,27 @@ def sft_batches(dataset, render_fn, batch_size, pad_id, packing="pad", row_capac
 
 
 def best_fit_batches(next_item, length_of, pending, batch_size, row_capacity, lookahead=2.0):
-    """The bestfit stream on abstract items: pull items with next_item() (None = skipped) until about
+    """The bestfit stream on abstract items: pull items with next_item() (None = skipped; StopIteration = no
+    more: the rest is packed, then the stream ends) until about
     lookahead * batch_size * row_capacity tokens are buffered, best-fit them into batch_size rows, yield
     (rows of items, leftover items); leftovers go first into the next batch (oldest first, so none waits
     long), new items longest first (best-fit decreasing packs tighter)."""
     budget = lookahead * batch_size * row_capacity
-    pending = list(pending)
+    pending, exhausted = list(pending), False
     while True:
         fresh, buffered = [], sum(length_of(item) for item in pending)
-        while buffered < budget:
-            item = next_item()
+        while buffered < budget and not exhausted:
+            try:
+                item = next_item()
+            except StopIteration:  # a finite source (the data preview): pack what is left, then stop
+                exhausted = True
+                break
             if item is not None:
                 fresh.append(item)
                 buffered += length_of(item)
         buffer = pending + sorted(fresh, key=lambda item: -length_of(item))
+        if not buffer:
+            return
         rows, leftover = pack_best_fit([length_of(item) for item in buffer], row_capacity, num_rows=batch_size)
         pending = [buffer[i] for i in leftover]
         yield [[buffer[i] for i in row] for row in rows], pending
@@ -276,21 +277,27 @@ def count_steps_bestfit(lengths, batch_size, row_capacity, num_batches_per_step,
     return max(1, num_batches // num_batches_per_step)
 
 
+def rank_lengths(dataset, render_fn, row_capacity, drop_long, rank=0, world_size=1):
+    """The lengths, after fit_conversation, of the conversations this rank reads (in its reading order)."""
+    lengths = []
+    for index in range(rank, len(dataset), world_size):
+        ids, _, _ = fit_conversation(*render_fn(dataset[index]), row_capacity, drop_long)
+        if ids is not None:
+            lengths.append(len(ids))
+    return lengths
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Step arithmetic and loss normalisation
 
-LOSS_NORMALIZATIONS = ("token", "micro_batch_mean")
+LOSS_NORMALIZATIONS = ("token", "micro_batch_mean")  # see README, "Loss normalisation"
+PACKINGS = ("pad", "bestfit")
 
 
 def grad_accum_steps_for(target_examples_per_step, device_batch_size, world_size):
-    """target_examples_per_step // (device_batch_size * world_size), refusing settings that do not divide."""
-    examples_per_micro_step = device_batch_size * world_size
-    if target_examples_per_step <= 0 or target_examples_per_step % examples_per_micro_step != 0:
-        raise ConfigError(
-            f"target_examples_per_step={target_examples_per_step} must be a positive multiple of "
-            f"device_batch_size * world_size = {device_batch_size} * {world_size} = {examples_per_micro_step}; "
-            f"change target_examples_per_step or device_batch_size")
-    return target_examples_per_step // examples_per_micro_step
+    """Micro-steps per optimizer step: target_examples_per_step / (device_batch_size * world_size)."""
+    return num_grad_accum_steps(target_examples_per_step, device_batch_size * world_size, "target_examples_per_step",
+                            f"device_batch_size * world_size = {device_batch_size} * {world_size}")
 
 
 def num_sft_iterations(num_examples, target_examples_per_step, num_epochs, max_iterations=-1):
@@ -329,153 +336,64 @@ def skip_reason(step_loss, oom_count):
     return None
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Mixture specs
-
-# task name -> (module, class name, names of its positional string arguments)
-TASK_ARGS = {
-    "ARC": ("tasks.arc", "ARC", ("subset", "split")),
-    "MMLU": ("tasks.mmlu", "MMLU", ("subset", "split")),
-    "GSM8K": ("tasks.gsm8k", "GSM8K", ("subset", "split")),
-    "HumanEval": ("tasks.humaneval", "HumanEval", ()),
-    "SmolTalk": ("tasks.smoltalk", "SmolTalk", ("split",)),
-    "ChitChat": ("tasks.chitchat", "ChitChat", ("split",)),
-    "CustomJSON": ("tasks.customjson", "CustomJSON", ("filepath",)),
-}
+def num_sft_steps(dataset, render_fn, packing, target_examples_per_step, device_batch_size, grad_accum,
+                  row_capacity, drop_long, num_epochs, max_iterations=-1, rank=0, world_size=1, device="cpu"):
+    """Optimizer steps of the run. pad: the guide's count (num_sft_iterations). bestfit: a step holds as many
+    conversations as fit, so the packing of sft_batches is replayed on this rank's lengths (rank_lengths: the
+    same filter the batches use) and every rank runs the smallest count. Capped by max_iterations (-1: none)."""
+    if packing == "pad":
+        return num_sft_iterations(len(dataset), target_examples_per_step, num_epochs, max_iterations)
+    lengths = rank_lengths(dataset, render_fn, row_capacity, drop_long, rank, world_size)
+    steps = count_steps_bestfit(lengths, device_batch_size, row_capacity, grad_accum, num_epochs) if lengths else 0
+    steps = int(all_reduce_values([steps], "min", device, world_size)[0])
+    return min(steps, max_iterations) if max_iterations >= 0 else steps
 
 
-class MixtureSpecError(UserError, ValueError):
-    """A train_mixture / val_mixture entry that does not follow the spec syntax."""
+STAT_KEYS = ("supervised", "positions", "pad_positions", "examples", "truncated", "dropped")
 
 
-@dataclasses.dataclass(frozen=True)
-class TaskSpec:
-    name: str
-    args: tuple
-    start: int = 0
-    stop: int | None = None
-    step: int = 1
-    repeats: int = 1
-    weight: float | None = None
+class StepResult(NamedTuple):
+    loss: float  # the step's loss, as the optimizer sees it (mean over ranks of the scaled sums)
+    skip: str | None  # why the optimizer step must not be taken (the same on every rank), or None
+    totals: dict  # STAT_KEYS summed over the step's micro-batches and all ranks
 
 
-def parse_task_spec(spec, task_args=None):
-    """Parse one mixture entry "Name[:arg...][:start[:stop[:step]]][*repeats][@weight]" into a TaskSpec.
-    `task_args` maps task name -> names of its positional arguments (default: from TASK_ARGS)."""
-    task_args = {k: v[2] for k, v in TASK_ARGS.items()} if task_args is None else task_args
-
-    def fail(msg):
-        return MixtureSpecError(f"mixture spec {spec!r}: {msg}. Syntax: "
-                                f"\"Name[:arg...][:start[:stop[:step]]][*repeats][@weight]\", "
-                                f"e.g. \"SmolTalk:train:0:10000\", \"GSM8K:main:train*2\", \"ChitChat:train@0.5\"")
-
-    if not isinstance(spec, str) or not spec.strip():
-        raise fail("expected a non-empty string")
-    text = spec.strip()
-    weight = None
-    if "@" in text:
-        text, _, w = text.rpartition("@")
-        try:
-            weight = float(w)
-        except ValueError:
-            raise fail(f"weight {w.strip()!r} is not a number") from None
-        if not (weight > 0 and math.isfinite(weight)):
-            raise fail(f"weight must be a positive number, got {weight}")
-    repeats = 1
-    if "*" in text:
-        text, _, r = text.rpartition("*")
-        if not r.strip().isdigit() or int(r) < 1:
-            raise fail(f"repeats {r.strip()!r} must be a positive integer")
-        repeats = int(r)
-    fields = [f.strip() for f in text.strip().split(":")]
-    name = fields[0]
-    if name not in task_args:
-        close = difflib.get_close_matches(name, list(task_args), n=3, cutoff=0.4)
-        hint = f"did you mean {', '.join(close)}?" if close else f"known tasks: {', '.join(task_args)}"
-        raise fail(f"unknown task {name!r} ({hint})")
-    arg_names = task_args[name]
-    args, rest = fields[1 : 1 + len(arg_names)], fields[1 + len(arg_names) :]
-    if len(args) < len(arg_names):
-        raise fail(f"{name} needs {len(arg_names)} argument(s) ({', '.join(arg_names)}), got {len(args)}")
-    for arg_name, arg in zip(arg_names, args):
-        if not arg:
-            raise fail(f"{name}: argument '{arg_name}' is empty")
-    if len(rest) > 3:
-        raise fail(f"too many fields: after {name}'s argument(s) ({', '.join(arg_names) or 'none'}) "
-                   f"only start:stop:step may follow")
-    slice_values = []
-    for slice_name, value in zip(("start", "stop", "step"), rest):
-        if value == "":
-            slice_values.append(None)
-            continue
-        try:
-            slice_values.append(int(value))
-        except ValueError:
-            raise fail(f"{slice_name} {value!r} is not an integer") from None
-        if slice_values[-1] < 0:
-            raise fail(f"{slice_name} must be >= 0, got {value}")
-    slice_values += [None] * (3 - len(slice_values))
-    start, stop, step = slice_values
-    start = 0 if start is None else start
-    step = 1 if step is None else step
-    if step < 1:
-        raise fail("step must be >= 1")
-    if stop is not None and stop <= start:
-        raise fail(f"stop ({stop}) must be greater than start ({start})")
-    return TaskSpec(name=name, args=tuple(args), start=start, stop=stop, step=step, repeats=repeats, weight=weight)
-
-
-def build_task(task_spec, registry=None):
-    """Instantiate a TaskSpec: registry maps name -> task class (default: imported lazily from TASK_ARGS)."""
-    if registry is not None:
-        cls = registry[task_spec.name]
-    else:
-        module, class_name, _ = TASK_ARGS[task_spec.name]
-        cls = getattr(importlib.import_module(module), class_name)
-    kwargs = {"start": task_spec.start, "step": task_spec.step}
-    if task_spec.stop is not None:
-        kwargs["stop"] = task_spec.stop
-    return cls(*task_spec.args, **kwargs)
-
-
-def build_mixture(specs, registry=None, task_args=None, mixture_cls=None):
-    """A list of spec strings -> one TaskMixture. Each spec's task is listed `repeats` times; weights (1.0
-    where not given) are passed only when some spec has one. registry/task_args/mixture_cls are for tests;
-    by default the classes come from tasks/."""
-    if not isinstance(specs, (list, tuple)) or len(specs) == 0:
-        raise MixtureSpecError(f"a mixture must be a non-empty list of spec strings, got {specs!r}")
-    if task_args is None and registry is not None:
-        raise ValueError("pass task_args together with registry")
-    parsed = [parse_task_spec(s, task_args) for s in specs]
-    tasks, weights = [], []
-    for p in parsed:
-        task = build_task(p, registry)
-        tasks.extend([task] * p.repeats)
-        weights.extend([1.0 if p.weight is None else p.weight] * p.repeats)
-    if mixture_cls is None:
-        from tasks.common import TaskMixture
-
-        mixture_cls = TaskMixture
-    if any(p.weight is not None for p in parsed):
-        return mixture_cls(tasks, weights=weights)
-    return mixture_cls(tasks)
+def accumulate_step(model, micro_batches, loss_normalization, device, world_size=1, rank=0,
+                    autocast=contextlib.nullcontext):
+    """Forward and backward of one optimizer step's micro-batches (SFTBatch list) on this rank, leaving the
+    gradients in .grad for the optimizer. The step's supervised-token count is all-reduced first (the "token"
+    normalisation needs it up front); each micro-batch's summed loss is scaled by micro_batch_loss_scale.
+    A CUDA out-of-memory error in any micro-batch, or a non-finite loss on any rank, makes every rank skip the
+    step (one all-reduce carries the loss and the out-of-memory count, so no rank waits alone in the
+    optimizer's collectives); a skipped step leaves no gradient behind. The caller takes the optimizer step
+    when result.skip is None."""
+    device = torch.device(device)
+    local = [sum(b.stats[k] for b in micro_batches) for k in STAT_KEYS]
+    totals = dict(zip(STAT_KEYS, all_reduce_values(local, "sum", device, world_size)))
+    objective, oom = 0.0, 0.0
+    try:
+        for batch in micro_batches:
+            inputs, targets, segment_ids = (None if t is None else t.to(device, non_blocking=device.type == "cuda")
+                                            for t in batch[:3])
+            with autocast():
+                loss_sum = model(inputs, targets, loss_reduction="sum", segment_ids=segment_ids)
+            loss = loss_sum * micro_batch_loss_scale(loss_normalization, batch.stats["supervised"],
+                                                     totals["supervised"], world_size, len(micro_batches))
+            loss.backward()
+            objective += loss.item()
+    except torch.cuda.OutOfMemoryError as e:
+        print(f"[rank {rank}] out of memory: {str(e).splitlines()[0] if str(e) else ''}")
+        oom = 1.0
+        inputs = targets = segment_ids = loss_sum = loss = None  # free the activations before retrying
+        model.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    objective, oom = all_reduce_values([0.0 if oom else objective, oom], "sum", device, world_size)
+    step_loss = objective / world_size
+    reason = skip_reason(step_loss, oom)
+    if reason is not None:
+        model.zero_grad(set_to_none=True)  # no gradient of a skipped step survives into the next
+    return StepResult(step_loss, reason, totals)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Task metrics (run_chat_eval) specs
-
-def parse_eval_spec(spec):
-    """"Name[:max_problems]" -> (name, max_problems or None), e.g. "MMLU:1024", "GSM8K:64", "HumanEval"."""
-    if not isinstance(spec, str) or not spec.strip():
-        raise MixtureSpecError(f"eval task spec {spec!r}: expected \"Name[:max_problems]\"")
-    name, _, limit = spec.strip().partition(":")
-    if not limit:
-        return name, None
-    if not limit.isdigit() or int(limit) < 1:
-        raise MixtureSpecError(f"eval task spec {spec!r}: max_problems {limit!r} must be a positive integer")
-    return name, int(limit)
-
-
-def metric_key(task_name):
-    """"ARC-Easy" -> "arc_easy_acc" (the guide's metric names)."""
-    return task_name.lower().replace("-", "_") + "_acc"

@@ -380,15 +380,19 @@ class RustBPETokenizer:
         ids.append(self.encode_special("<|assistant_start|>"))
         return ids
 
-    def visualize_tokenization(self, ids, mask, with_token_id=False):
-        """Tokens separated by '|', green where supervised (mask 1), red where not (ANSI colours)."""
+    def visualize_tokenization(self, ids, mask, with_token_id=False, color=True):
+        """Tokens separated by '|', green where supervised (mask 1), red where not (ANSI colours); with
+        color=False (a log file, not a terminal) the supervised tokens are [bracketed] instead."""
         green, red, reset = "\033[92m", "\033[91m", "\033[0m"
         out = []
         for token_id, m in zip(ids, mask):
             text = self.decode([token_id])
             if with_token_id:
                 text += f"({token_id})"
-            out.append(f"{green if m else red}{text}{reset}")
+            if color:
+                out.append(f"{green if m else red}{text}{reset}")
+            else:
+                out.append(f"[{text}]" if m else text)
         return "|".join(out)
 
 

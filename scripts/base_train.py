@@ -29,7 +29,7 @@ import torch
 
 from nanochat.checkpoint_manager import (check_tokenizer, default_output_tag, describe_checkpoint, load_checkpoint,
                                          load_run_state, prepare_run, save_checkpoint, save_run_state, tokenizer_sha256)
-from nanochat.checks import check_finite_parameters, grad_accum_steps_for_tokens
+from nanochat.checks import check_finite_parameters
 from nanochat.common import (UserError, autocast_ctx, autodetect_device_type, compute_cleanup, compute_init,
                              get_base_dir, get_dist_info, get_git_commit, get_peak_flops, init_wandb,
                              install_error_handler, print0)
@@ -39,7 +39,7 @@ from nanochat.dataloader import tokenizing_distributed_data_loader
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
-from nanochat.schedules import lr_multiplier, muon_momentum
+from nanochat.schedules import lr_multiplier, muon_momentum, num_grad_accum_steps, set_lr_multiplier
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 
 install_error_handler()  # a UserError prints one line `error: ...` and exits with code 2
@@ -101,8 +101,8 @@ OPTIONS = [
 script_start = time.time()  # the stage's wall-clock time goes into its report section
 config = load_config(OPTIONS, description=__doc__)
 # cross-option checks, before anything is loaded (the world size comes from the torchrun environment)
-grad_accum_steps_for_tokens(config["total_batch_size"], config["device_batch_size"], config["max_seq_len"],
-                            get_dist_info()[3])
+num_grad_accum_steps(config["total_batch_size"], config["device_batch_size"] * config["max_seq_len"] *
+                     get_dist_info()[3], "total_batch_size", "device_batch_size * max_seq_len * world_size")
 config_from_depth(config["depth"], 1, config["max_seq_len"], head_dim=config["head_dim"],
                   aspect_ratio=config["aspect_ratio"])  # the width must split into heads of an even size
 if config["warmup_ratio"] + config["warmdown_ratio"] > 1.0:
@@ -166,7 +166,8 @@ print0(f"Number of parameters: {num_params:,} | FLOPs per token: {num_flops_per_
 # Batch arithmetic: rows of max_seq_len tokens; gradient accumulation makes up total_batch_size.
 device_batch_size, total_batch_size = config["device_batch_size"], config["total_batch_size"]
 world_tokens_per_fwdbwd = device_batch_size * max_seq_len * ddp_world_size
-grad_accum_steps = grad_accum_steps_for_tokens(total_batch_size, device_batch_size, max_seq_len, ddp_world_size)
+grad_accum_steps = num_grad_accum_steps(total_batch_size, world_tokens_per_fwdbwd, "total_batch_size",
+                                        "device_batch_size * max_seq_len * world_size")
 print0(f"Tokens per micro-step (all ranks): {world_tokens_per_fwdbwd:,} | gradient accumulation steps: {grad_accum_steps}")
 
 # Horizon
@@ -339,9 +340,7 @@ for step in range(start_step, num_iterations + 1):
     if config["grad_clip"] > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(orig_model.parameters(), config["grad_clip"])
     lrm = get_lr_multiplier(step)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
+    set_lr_multiplier(optimizers, lrm)
     momentum = muon_momentum(step)
     for group in muon_optimizer.param_groups:
         group["momentum"] = momentum

@@ -7,7 +7,7 @@ one GPU:    python -m scripts.chat_eval -i sft -a 'ARC-Easy|GSM8K'
 tiny, CPU:  python -m scripts.chat_eval -i sft -a 'ARC-Easy|GSM8K' -x 16 -m 64
 CPU, 2 processes (gloo): torchrun --standalone --nproc_per_node=2 -m scripts.chat_eval -- -i sft -x 16
 
-The evaluation itself lives in nanochat/chat_eval.py (re-exported here as run_chat_eval). Results are kept
+The evaluation itself lives in nanochat/chat_eval.py. Results are kept
 per task in the "Chat evaluation <source>" report section: evaluating a subset of the tasks updates those and
 keeps the others; a result on a subset of the problems (-x N) is marked "(-x N)" there and in the summary.
 ChatCORE is reported when all five tasks have a result from the same checkpoint.
@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from nanochat.chat_eval import TASK_NAMES, chatcore, run_chat_eval  # noqa: F401  (re-exported)
+from nanochat.chat_eval import TASK_NAMES, chatcore, run_chat_eval
 from nanochat.checkpoint_manager import SOURCE_DIRS, load_model, resolve_checkpoint
 from nanochat.common import (autocast_ctx, autodetect_device_type, compute_cleanup, compute_init,
                              install_error_handler, print0)
@@ -36,7 +36,7 @@ def main(argv=None):
 
     t_start = time.time()
     parser = ArgumentParser(description="Evaluate a chat model (ChatCORE tasks)")
-    parser.add_argument("-i", "--source", type=str, required=True, choices=["base", "mid", "sft", "rl"],
+    parser.add_argument("-i", "--source", type=str, required=True, choices=["base", "mid", "sft"],
                         help="which checkpoint family to load")
     parser.add_argument("-a", "--task-name", type=str, default="|".join(TASK_NAMES),
                         help="'|'-separated tasks (default: all five)")

@@ -1,50 +1,39 @@
 """
 Chat SFT: supervised fine-tuning of a base or midtrained checkpoint on a mixture of conversations, so that
 the model learns to answer in the chat format. Faithful to nanochat's chat_sft.py (same keys, defaults,
-data mixture, collation, schedule and log lines), plus: per-token loss normalisation across micro-batches
-and ranks, best-fit packing, resumable checkpoints, and NaN / out-of-memory steps that skip cleanly.
+data mixture, collation, schedule and log lines), plus: per-token loss normalisation, best-fit packing,
+resumable checkpoints, NaN / out-of-memory steps that skip cleanly, and a data preview (--dry_run 1).
 
 Launch:
-    torchrun --standalone --nproc_per_node=8 -m scripts.chat_sft -- --config sft_config.txt   # 8 GPUs
-    python -m scripts.chat_sft --config sft_config.txt                                        # 1 GPU
-    python -m scripts.chat_sft --source=base --device_batch_size=2 --target_examples_per_step=4 \\
-        --max_iterations=20 --max_seq_len=512 --eval_every=10 --eval_steps=4 --eval_metrics_every=-1 \\
-        --train_mixture='["ChitChat:train:0:400"]' --val_mixture='["ChitChat:test"]'           # tiny, CPU
+    torchrun --standalone --nproc_per_node=8 -m scripts.chat_sft -- --config configs/sft_guide.txt  # 8 GPUs
+    python -m scripts.chat_sft --config configs/sft_guide.txt                                       # 1 GPU
+    python -m scripts.chat_sft --config configs/sft_cpu.txt                                         # tiny, CPU
+    python -m scripts.chat_sft --config configs/sft_cpu.txt --dry_run 1     # preview the data, no model
 
-Config file: `key = value` lines with any of the options below (python -m scripts.chat_sft --help).
-Mixtures are lists of spec strings "Name[:arg...][:start[:stop[:step]]][*repeats][@weight]", e.g.
-    train_mixture = ["ARC:ARC-Easy:train", "GSM8K:main:train*2", "CustomJSON:data/mine.jsonl@0.5"]
-(syntax: nanochat/sft.py). Loss normalisation: loss_normalization = "token" (default) divides the summed
-token loss of a step by its supervised-token count over all micro-batches and ranks, so gradient
-accumulation and DDP give the gradient of one big batch; "micro_batch_mean" is the guide's formula, under
-which a short conversation's tokens weigh more and the gradient changes with device_batch_size.
+Config: `key = value` lines with the options below (python -m scripts.chat_sft --help). Mixtures are lists
+of specs "Name[:arg...][:start[:stop[:step]]][*repeats][@weight]", your own Task as "my_pkg.my_module:MyTask"
+(syntax: tasks/mixture.py). Loss normalisation ("token" or the guide's "micro_batch_mean"): README,
+"Loss normalisation".
 
-Differences from the guide, on purpose:
-- loss_normalization = "token" (above); with "micro_batch_mean" the validation loss is also the guide's
-  mean of batch means, with "token" it is the mean over all supervised tokens of the eval batches and ranks.
-- The loop trains exactly num_iterations steps (lrm = 1 - step / num_iterations for step 0 .. n-1) and
-  evaluates once more after the last one; the guide's loop spends its last iteration on evaluation only.
-- A NaN / out-of-memory step is decided jointly by all ranks (one all-reduce) and skipped with its
-  gradients dropped; a micro-batch without supervised tokens contributes zero instead of NaN.
-- packing = "bestfit": a step is target_examples_per_step ROWS of max_seq_len + 1 tokens, each holding as
-  many whole conversations as fit; num_iterations then counts the steps that cover num_epochs epochs.
+Differences from the guide, on purpose (README, "Chat SFT"): per-token loss normalisation by default; exactly
+num_iterations training steps, then a last evaluation; NaN / out-of-memory steps skipped on every rank.
 
 Outputs: <base_dir>/chatsft_checkpoints/<output_tag or d<depth>>/ (model, per-rank optimizer state, meta with
 the resolved config, run id and final metrics, per-rank run state), the "Chat SFT" report section, wandb.
 A folder holding another run's checkpoints is refused (resume = 1, another output_tag, or overwrite = 1).
-Tests: tests/test_chat_sft.py (end to end, subprocesses) and tests/test_sft.py (the pure functions).
+Tests: tests/test_chat_sft.py (end to end), tests/test_sft.py and tests/test_mixture.py (the functions).
 """
 
 import os
 import random
+import sys
 import time
 from dataclasses import asdict
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from nanochat.chat_eval import CATEGORICAL_TASKS, TASK_NAMES, run_chat_eval
+from nanochat.chat_eval import run_task_metrics
 from nanochat.checkpoint_manager import (build_model, check_tokenizer, default_output_tag, describe_checkpoint,
                                          load_checkpoint, load_run_state, prepare_run, read_meta, resolve_checkpoint,
                                          save_checkpoint, save_run_state, tokenizer_sha256)
@@ -54,11 +43,14 @@ from nanochat.common import (UserError, autocast_ctx, autodetect_device_type, co
                              install_error_handler, print0)
 from nanochat.config import ConfigError, Option, load_config
 from nanochat.engine import Engine
-from nanochat.report import get_report
-from nanochat.schedules import lr_multiplier
-from nanochat.sft import (LOSS_NORMALIZATIONS, build_mixture, count_steps_bestfit, grad_accum_steps_for,
-                          initial_data_state, metric_key, micro_batch_loss_scale, num_sft_iterations,
-                          padding_fraction, parse_eval_spec, parse_task_spec, sft_batches, skip_reason)
+from nanochat.loss_eval import evaluate_sft_loss
+from nanochat.report import format_duration, get_report
+from nanochat.schedules import lr_multiplier, scale_initial_lr, set_lr_multiplier
+from nanochat.sft import (LOSS_NORMALIZATIONS, PACKINGS, accumulate_step, grad_accum_steps_for, initial_data_state,
+                          num_sft_steps, padding_fraction, sft_batches)
+from nanochat.sft_report import data_preview, data_summary, format_step, report_mixture_table, sample_conversations
+from nanochat.tokenizer import get_tokenizer
+from tasks.mixture import build_mixtures, parse_eval_spec, parse_task_spec
 
 install_error_handler()  # a UserError prints one line `error: ...` and exits with code 2
 
@@ -67,15 +59,14 @@ install_error_handler()  # a UserError prints one line `error: ...` and exits wi
 
 OPTIONS = [
     # the guide's keys and defaults
-    Option("run", str, "dummy", "wandb run name ('dummy' disables wandb)"),
-    Option("source", str, "mid", "checkpoint to start from: base|mid", choices=("base", "mid")),
+    Option("run", str, "dummy", "wandb run name ('dummy' disables wandb; no API key: offline into the run folder)"),
+    Option("source", str, "mid", "checkpoint to start from", choices=("base", "mid")),
     Option("model_tag", str, None, "model tag of the source checkpoint to load (default: largest d<depth>)"),
     Option("step", int, None, "checkpoint step to load (default: last)", min=0),
     Option("output_tag", str, None, "output folder name under chatsft_checkpoints/ (default: d<depth>)"),
     Option("overwrite", int, 0, "1: replace the checkpoints of another run in the output folder", choices=(0, 1)),
-    Option("dtype", str, "bfloat16", "autocast dtype on CUDA: bfloat16|float32", choices=("bfloat16", "float32")),
-    Option("device_batch_size", int, 4, "conversations (pad) or rows (bestfit) per device per micro-step",
-           min=1),
+    Option("dtype", str, "bfloat16", "autocast dtype on CUDA", choices=("bfloat16", "float32")),
+    Option("device_batch_size", int, 4, "conversations (pad) or rows (bestfit) per device per micro-step", min=1),
     Option("num_epochs", int, 1, "passes over the training mixture", min=1),
     Option("max_iterations", int, -1, "cap on optimizer steps (-1: no cap)", min=1, disabled=-1),
     Option("target_examples_per_step", int, 32, "examples (pad) or rows (bestfit) per optimizer step, all ranks",
@@ -84,24 +75,22 @@ OPTIONS = [
     Option("embedding_lr", float, 0.2, "AdamW lr of the token embedding", min=0.0),
     Option("matrix_lr", float, 0.02, "Muon lr of the transformer matrices", min=0.0),
     Option("weight_decay", float, 0.0, "AdamW weight decay", min=0.0),
-    Option("init_lr_frac", float, 0.02, "every lr is multiplied by this (SFT starts from a trained model)",
-           min=0.0),
-    Option("eval_every", int, 100, "validation loss every this many steps and at the end (-1 disables)",
-           min=1, disabled=-1),
+    Option("init_lr_frac", float, 0.02, "every lr is multiplied by this (SFT starts from a trained model)", min=0.0),
+    Option("eval_every", int, 100, "validation loss every this many steps and at the end (-1 disables)", min=1,
+           disabled=-1),
     Option("eval_steps", int, 100, "validation batches per rank per evaluation", min=1),
-    Option("eval_metrics_every", int, 200, "task metrics every this many steps and at the end (-1 disables)",
-           min=1, disabled=-1),
+    Option("eval_metrics_every", int, 200, "task metrics every this many steps and at the end (-1 disables)", min=1,
+           disabled=-1),
     # beyond the guide
-    Option("device_type", str, "", "cuda|cpu|mps (empty: autodetect)", choices=("", "cuda", "cpu", "mps")),
+    Option("device_type", str, "", "autodetect if empty", choices=("", "cuda", "cpu", "mps")),
     Option("seed", int, 42, "torch/python/numpy seed", min=0),
     Option("train_mixture", list, ["ARC:ARC-Easy:train", "ARC:ARC-Challenge:train", "GSM8K:main:train",
-                                   "SmolTalk:train:0:10000"], "training mixture specs (see nanochat/sft.py)"),
+                                   "SmolTalk:train:0:10000"], "training mixture specs (see tasks/mixture.py)"),
     Option("val_mixture", list, ["SmolTalk:test"], "validation mixture specs"),
-    Option("loss_normalization", str, "token",
-           "token (per supervised token of the whole step) | micro_batch_mean (the guide)",
-           choices=LOSS_NORMALIZATIONS),
-    Option("packing", str, "pad", "pad (the guide: pad to the longest) | bestfit (pack whole conversations into rows)",
-           choices=("pad", "bestfit")),
+    Option("loss_normalization", str, "token", "per supervised token of the whole step, or the guide's mean of "
+           "micro-batch means (README: Loss normalisation)", choices=LOSS_NORMALIZATIONS),
+    Option("packing", str, "pad", "pad (the guide: pad to the longest) | bestfit (pack whole conversations)",
+           choices=PACKINGS),
     Option("max_seq_len", int, 2048, "longest conversation / packed row, in input positions", min=1),
     Option("drop_long", bool, False, "drop conversations longer than max_seq_len + 1 tokens instead of truncating"),
     Option("eval_metrics_tasks", list, ["MMLU:1024", "ARC-Easy:1024", "GSM8K:64", "HumanEval:64"],
@@ -111,17 +100,12 @@ OPTIONS = [
            min=1, disabled=-1),
     Option("resume", str, "0", "0: fresh run; 1: continue the run in the output folder from its last resumable "
                                "checkpoint (fresh if the folder is empty); or a checkpoint folder to continue from"),
-    Option("debug_nan_step", int, -1, "testing: make this step's loss NaN (-1 disables)", min=0, disabled=-1),
-    Option("debug_oom_step", int, -1, "testing: raise a CUDA out-of-memory error in this step (-1 disables)",
-           min=0, disabled=-1),
-    Option("debug_dump_grads", str, "", "testing: write the first step's rank-averaged gradients to this .pt file"),
+    Option("dry_run", int, 0, "1: load the mixtures and tokenizer only, print the data preview, exit", choices=(0, 1)),
 ]
+script_start = time.time()  # the stage's wall-clock time goes into its report section
 config = load_config(OPTIONS, description=__doc__)
 # cross-option checks, before anything is loaded (the world size comes from the torchrun environment)
 eval_specs = [parse_eval_spec(s) for s in config["eval_metrics_tasks"]]
-for task_name, _ in eval_specs:
-    if task_name not in TASK_NAMES:
-        raise ConfigError(f"eval_metrics_tasks: unknown task {task_name!r}, expected one of {', '.join(TASK_NAMES)}")
 for key in ("train_mixture", "val_mixture"):
     if not config[key]:
         raise ConfigError(f"{key} is empty: give at least one mixture spec, e.g. [\"ChitChat:train\"]")
@@ -140,57 +124,26 @@ random.seed(config["seed"])
 np.random.seed(config["seed"])
 autocast = lambda: autocast_ctx(device_type, config["dtype"])  # noqa: E731  (a fresh context per use)
 synchronize = torch.cuda.synchronize if device_type == "cuda" else lambda: None
-wandb_run = init_wandb(config["run"], "nanochat-sft", config, ddp_rank)
-
-
-def all_reduce_sum(values):
-    """Sum a list of floats over ranks (one collective), as float64."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if ddp_world_size > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
-
 
 # -----------------------------------------------------------------------------
-# Output folder and resume, decided before any model or data is loaded (the source meta gives the depth)
+# Output folder and resume, decided before any model or data is loaded (the source meta gives the depth);
+# a dry run writes nothing and needs no checkpoint
 
-base_dir = get_base_dir()
-source_dir, source_step = resolve_checkpoint(config["source"], config["model_tag"], config["step"])
-source_meta = read_meta(source_dir, source_step)
-check_tokenizer(source_dir, source_step, source_meta)
-output_tag = default_output_tag(config["output_tag"], source_meta["model_config"])
-checkpoint_dir = os.path.join(base_dir, "chatsft_checkpoints", output_tag)
-plan = prepare_run(checkpoint_dir, config["resume"], config["overwrite"], ddp_rank, ddp_world_size)
-tokenizer_sha = tokenizer_sha256()
-print0(f"Output folder: {checkpoint_dir} | run id {plan.run_id}")
-
-# -----------------------------------------------------------------------------
-# Model and tokenizer (from the source checkpoint, or from the checkpoint being resumed)
-
-load_dir, load_step = (plan.resume_dir, plan.resume_step) if plan.resume_dir else (source_dir, source_step)
-model, tokenizer, load_meta = build_model(load_dir, load_step, device, phase="train")
-print0(f"{'Resuming from' if plan.resume_dir else 'Loaded checkpoint:'} "
-       f"{describe_checkpoint(load_dir, load_step, load_meta)}")
-orig_model = model  # SFT runs uncompiled (every batch has a different shape in pad mode)
-depth = model.config.n_layer
-num_flops_per_token = model.estimate_flops()
-print0(f"Model: depth {depth}, {model.num_params():,} parameters, from {config['source']} ({source_meta.get('step')})")
+if not config["dry_run"]:
+    source_dir, source_step = resolve_checkpoint(config["source"], config["model_tag"], config["step"])
+    source_meta = read_meta(source_dir, source_step)
+    check_tokenizer(source_dir, source_step, source_meta)
+    output_tag = default_output_tag(config["output_tag"], source_meta["model_config"])
+    checkpoint_dir = os.path.join(get_base_dir(), "chatsft_checkpoints", output_tag)
+    plan = prepare_run(checkpoint_dir, config["resume"], config["overwrite"], ddp_rank, ddp_world_size)
+    print0(f"Output folder: {checkpoint_dir} | run id {plan.run_id}")
 
 # -----------------------------------------------------------------------------
-# Optimizers: the guide's three learning rates, all scaled by init_lr_frac
+# Tokenizer and data, before the model: a missing dataset fails in seconds, and --dry_run stops here
 
-optimizers = model.setup_optimizers(unembedding_lr=config["unembedding_lr"], embedding_lr=config["embedding_lr"],
-                                    matrix_lr=config["matrix_lr"], weight_decay=config["weight_decay"])
-for opt in optimizers:
-    for group in opt.param_groups:
-        group["lr"] = group["lr"] * config["init_lr_frac"]
-        group["initial_lr"] = group["lr"]
-
-# -----------------------------------------------------------------------------
-# Data: mixtures -> per-rank streams of CPU batches (nanochat/sft.py), moved to the device here
-
-train_ds = build_mixture(config["train_mixture"])
-val_ds = build_mixture(config["val_mixture"])
+tokenizer = get_tokenizer()
+mixtures, parts, _ = build_mixtures({"train_mixture": config["train_mixture"], "val_mixture": config["val_mixture"]})
+train_ds, val_ds = mixtures["train_mixture"], mixtures["val_mixture"]
 pad_id = tokenizer.encode_special("<|assistant_end|>")  # padding the guide uses; its targets are -1 anyway
 row_capacity = config["max_seq_len"] + 1  # tokens per row: max_seq_len input positions + the last target
 device_batch_size = config["device_batch_size"]
@@ -198,7 +151,7 @@ grad_accum_steps = grad_accum_steps_for(config["target_examples_per_step"], devi
 
 
 def render(conversation):
-    # one token beyond the row tells sft_batches that the conversation was too long (truncate or drop)
+    # one token beyond the row tells fit_conversation that the conversation was too long (truncate or drop)
     return tokenizer.render_conversation(conversation, max_tokens=row_capacity + 1)
 
 
@@ -207,43 +160,57 @@ def batches(dataset, state=None):
                        config["drop_long"], ddp_rank, ddp_world_size, state=state)
 
 
-def to_device(inputs, targets, segment_ids):
-    move = lambda t: None if t is None else t.to(device, non_blocking=device_type == "cuda")  # noqa: E731
-    return move(inputs), move(targets), move(segment_ids)
-
-
-if config["packing"] == "pad":
-    num_iterations = num_sft_iterations(len(train_ds), config["target_examples_per_step"], config["num_epochs"],
-                                        config["max_iterations"])
-else:
-    # a bestfit step holds as many conversations as fit: count the steps of num_epochs by replaying the
-    # packing on this rank's conversation lengths, and let every rank run the smallest count
-    lengths = []
-    for i in range(ddp_rank, len(train_ds), ddp_world_size):
-        n = len(render(train_ds[i])[0])
-        if n >= 2 and not (config["drop_long"] and n > row_capacity):
-            lengths.append(min(n, row_capacity))
-    steps = count_steps_bestfit(lengths, device_batch_size, row_capacity, grad_accum_steps, config["num_epochs"])
-    steps_t = torch.tensor([steps], dtype=torch.int64, device=device)
-    if ddp_world_size > 1:
-        dist.all_reduce(steps_t, op=dist.ReduceOp.MIN)
-    num_iterations = int(steps_t.item())
-    if config["max_iterations"] >= 0:
-        num_iterations = min(num_iterations, config["max_iterations"])
+step_count_args = (config["target_examples_per_step"], device_batch_size, grad_accum_steps, row_capacity,
+                   config["drop_long"], config["num_epochs"], config["max_iterations"])
+num_iterations = num_sft_steps(train_ds, render, config["packing"], *step_count_args, ddp_rank, ddp_world_size, device)
 if num_iterations <= 0:
-    raise UserError(f"no optimizer steps: {len(train_ds)} training conversations are fewer than "
-                    f"target_examples_per_step={config['target_examples_per_step']}; add data or lower it")
+    raise UserError(f"no optimizer steps: {len(train_ds)} training conversations for target_examples_per_step="
+                    f"{config['target_examples_per_step']}; add data or lower target_examples_per_step")
 print0(f"Training conversations: {len(train_ds):,} | validation: {len(val_ds):,} | packing: {config['packing']}")
 print0(f"Target examples per step: {config['target_examples_per_step']} = device_batch_size {device_batch_size} "
        f"x world_size {ddp_world_size} x grad_accum_steps {grad_accum_steps}")
 print0(f"Number of iterations: {num_iterations} | loss normalisation: {config['loss_normalization']}")
+render_whole = lambda conversation: tokenizer.render_conversation(conversation, max_tokens=None)  # noqa: E731
+summarize = lambda ds: data_summary(ds, render_whole, row_capacity, config["drop_long"], device_batch_size)  # noqa: E731
+train_rows = [(spec, entries, summarize(task)) for spec, task, entries in parts["train_mixture"]] if master_process \
+    else []  # per training spec: counts, supervised ratio, padding (for the preview and the report)
+if config["dry_run"]:
+    steps = {p: num_sft_steps(train_ds, render, p, *step_count_args, ddp_rank, ddp_world_size, device) for p in PACKINGS}
+    ids, mask = render(train_ds[0])
+    for line in data_preview(train_rows, train_ds, val_ds, summarize, steps,
+                             (tokenizer, ids[:row_capacity], mask[:row_capacity]), sys.stdout.isatty()):
+        print0(line)
+    compute_cleanup()
+    sys.exit(0)
+
+# -----------------------------------------------------------------------------
+# Model (from the source checkpoint, or from the checkpoint being resumed)
+
+tokenizer_sha = tokenizer_sha256()
+load_dir, load_step = (plan.resume_dir, plan.resume_step) if plan.resume_dir else (source_dir, source_step)
+model, _, load_meta = build_model(load_dir, load_step, device, phase="train")
+print0(f"{'Resuming from' if plan.resume_dir else 'Loaded checkpoint:'} "
+       f"{describe_checkpoint(load_dir, load_step, load_meta)}")
+orig_model = model  # SFT runs uncompiled (every batch has a different shape in pad mode)
+depth = model.config.n_layer
+num_flops_per_token = model.estimate_flops()
+print0(f"Model: depth {depth}, {model.num_params():,} parameters, from {config['source']} ({source_meta.get('step')})")
+wandb_run = init_wandb(config["run"], "nanochat-sft", config, ddp_rank, run_dir=checkpoint_dir)
+
+# -----------------------------------------------------------------------------
+# Optimizers: the guide's three learning rates, all scaled by init_lr_frac
+
+optimizers = model.setup_optimizers(unembedding_lr=config["unembedding_lr"], embedding_lr=config["embedding_lr"],
+                                    matrix_lr=config["matrix_lr"], weight_decay=config["weight_decay"])
+scale_initial_lr(optimizers, config["init_lr_frac"])
 
 # -----------------------------------------------------------------------------
 # Resume state (optimizer, data position, step, RNG) or a fresh start
 
 start_step, train_state = 0, initial_data_state()
 val_loss, metrics = None, {}  # the latest evaluation, saved in checkpoint meta
-totals = {"skipped_nonfinite": 0, "skipped_oom": 0, "truncated": 0, "dropped": 0, "examples": 0}
+totals = {"skipped_nonfinite": 0, "skipped_oom": 0, "truncated": 0, "dropped": 0, "examples": 0,
+          "supervised": 0, "positions": 0, "pad_positions": 0}
 loss_series = {"train_steps": [], "train_loss": [], "val_steps": [], "val_loss": []}
 if plan.resume_dir is not None:
     run_state = load_run_state(plan.resume_dir, plan.resume_step, ddp_rank, ddp_world_size, num_iterations, device)
@@ -252,7 +219,7 @@ if plan.resume_dir is not None:
     for opt, opt_state in zip(optimizers, optimizer_data):
         opt.load_state_dict(opt_state)
     start_step, train_state = run_state["step"], run_state["data_state"]
-    totals, loss_series = run_state["counters"]["totals"], run_state["loss_series"]
+    totals, loss_series = {**totals, **run_state["counters"]["totals"]}, run_state["loss_series"]
     metrics = run_state["counters"]["metrics"]
     val_loss = metrics.pop("val_loss")
     del optimizer_data
@@ -279,29 +246,16 @@ def save(step, metrics):
 
 engine = Engine(model, tokenizer)
 peak_flops = get_peak_flops(device)
-train_time = 0.0
+train_time, loop_t0 = 0.0, time.time()
 for step in range(start_step, num_iterations + 1):
     last_step = step == num_iterations
     resumed_here = plan.resume_dir is not None and step == start_step  # evaluated and saved before the interruption
 
-    # once in a while: validation loss, over eval_steps batches per rank, averaged over ranks
+    # once in a while: validation loss, over eval_steps batches per rank (the same batches every time)
     if config["eval_every"] > 0 and (last_step or step % config["eval_every"] == 0) and not resumed_here:
         model.eval()
-        val_iter = batches(val_ds)  # the same batches every time
-        loss_sum = tokens = mean_sum = 0.0
-        with torch.no_grad():
-            for _ in range(config["eval_steps"]):
-                inputs, targets, segment_ids = to_device(*next(val_iter)[:3])
-                with autocast():
-                    batch_loss = model(inputs, targets, loss_reduction="sum", segment_ids=segment_ids).item()
-                batch_tokens = int((targets != -1).sum())
-                loss_sum, tokens = loss_sum + batch_loss, tokens + batch_tokens
-                mean_sum += batch_loss / max(batch_tokens, 1)
-        loss_sum, tokens, mean_sum = all_reduce_sum([loss_sum, tokens, mean_sum])
-        if config["loss_normalization"] == "token":
-            val_loss = loss_sum / max(tokens, 1)  # per supervised token, all batches and ranks
-        else:
-            val_loss = mean_sum / (config["eval_steps"] * ddp_world_size)  # the guide: mean of batch means
+        val_loss = evaluate_sft_loss(model, batches(val_ds), config["eval_steps"], config["loss_normalization"],
+                                     device, ddp_world_size, ddp_rank, autocast)
         print0(f"Step {step:05d} | Validation loss: {val_loss:.6f}")
         wandb_run.log({"step": step, "val_loss": val_loss})
         loss_series["val_steps"].append(step)
@@ -312,15 +266,9 @@ for step in range(start_step, num_iterations + 1):
     if config["eval_metrics_every"] > 0 and eval_specs and not resumed_here and \
             (last_step or (step > 0 and step % config["eval_metrics_every"] == 0)):
         model.eval()
-        metrics = {}
         with autocast():
-            for task_name, max_problems in eval_specs:
-                kwargs = {"max_problems": max_problems}
-                if task_name in CATEGORICAL_TASKS:
-                    kwargs["batch_size"] = 2 * device_batch_size
-                else:
-                    kwargs["max_new_tokens"] = config["eval_max_new_tokens"]
-                metrics[metric_key(task_name)] = run_chat_eval(task_name, model, tokenizer, engine, **kwargs)
+            metrics = run_task_metrics(eval_specs, model, tokenizer, engine, 2 * device_batch_size,
+                                       config["eval_max_new_tokens"])
         print0(f"Step {step:05d} | " + ", ".join(f"{k}: {v:.6f}" for k, v in metrics.items()))
         wandb_run.log({"step": step, **metrics})
         model.train()
@@ -333,66 +281,23 @@ for step in range(start_step, num_iterations + 1):
     if last_step:
         break
 
-    # ---- one optimizer step ----
+    # one optimizer step: fetch its micro-batches, forward/backward them, skip it if any rank hit NaN or OOM
     synchronize()
     t0 = time.time()
-    # fetch the whole step first: the per-token normalisation needs its supervised-token count up front
     micro_batches = [next(train_iter) for _ in range(grad_accum_steps)]
-    train_state = micro_batches[-1][4]  # the data position after this step, for resuming
-    local = [sum(b[3][k] for b in micro_batches) for k in ("supervised", "positions", "pad_positions", "examples",
-                                                            "truncated", "dropped")]
-    step_tokens, positions, pad_positions, examples, truncated, dropped = all_reduce_sum(local)
-    objective, oom = 0.0, 0.0
-    try:
-        for inputs, targets, segment_ids, stats, _ in micro_batches:
-            inputs, targets, segment_ids = to_device(inputs, targets, segment_ids)
-            if step == config["debug_oom_step"]:
-                raise torch.cuda.OutOfMemoryError("debug_oom_step: simulated CUDA out of memory")
-            with autocast():
-                loss_sum = model(inputs, targets, loss_reduction="sum", segment_ids=segment_ids)
-            if step == config["debug_nan_step"]:
-                loss_sum = loss_sum * float("nan")
-            scale = micro_batch_loss_scale(config["loss_normalization"], stats["supervised"], step_tokens,
-                                           ddp_world_size, grad_accum_steps)
-            loss = loss_sum * scale
-            loss.backward()
-            objective += loss.item()
-    except torch.cuda.OutOfMemoryError as e:
-        print(f"[rank {ddp_rank}] Step {step:05d} | out of memory: {str(e).splitlines()[0]}")
-        oom = 1.0
-        inputs = targets = segment_ids = loss_sum = loss = None
-        model.zero_grad(set_to_none=True)
-        if device_type == "cuda":
-            torch.cuda.empty_cache()
-    # every rank takes the same decision: one collective for the loss and the out-of-memory count
-    objective, oom = all_reduce_sum([0.0 if oom else objective, oom])
-    train_loss = objective / ddp_world_size  # the step's loss (optimizers average over ranks)
+    train_state = micro_batches[-1].state  # the data position after this step, for resuming
+    result = accumulate_step(model, micro_batches, config["loss_normalization"], device, ddp_world_size, ddp_rank,
+                             autocast)
     lrm = lr_multiplier(step, num_iterations)
-
-    if config["debug_dump_grads"] and step == start_step and not oom:
-        grads = {}
-        for name, p in orig_model.named_parameters():
-            g = torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
-            if ddp_world_size > 1:
-                dist.all_reduce(g, op=dist.ReduceOp.SUM)
-                g /= ddp_world_size
-            grads[name] = g.float().cpu()
-        if master_process:
-            torch.save(grads, config["debug_dump_grads"])
-
-    reason = skip_reason(train_loss, oom)
-    if reason is not None:
-        # skip: no optimizer step, and no gradient of this step survives into the next
-        model.zero_grad(set_to_none=True)
-        totals["skipped_oom" if oom > 0 else "skipped_nonfinite"] += 1
-        print0(f"Step {step:05d} | skipped: {reason} | optimizer step not taken "
-               f"(skipped so far: {totals['skipped_nonfinite']} non-finite, {totals['skipped_oom']} out of memory)")
+    progress = f"step {step + 1}/{num_iterations} | elapsed {format_duration(time.time() - loop_t0)}"
+    if result.skip is not None:
+        totals["skipped_oom" if result.skip == "out of memory" else "skipped_nonfinite"] += 1
+        print0(f"Step {step:05d} | skipped: {result.skip} | optimizer step not taken (skipped so far: "
+               f"{totals['skipped_nonfinite']} non-finite, {totals['skipped_oom']} out of memory) | {progress}")
         wandb_run.log({"step": step, "skipped_nonfinite": totals["skipped_nonfinite"],
                        "skipped_oom": totals["skipped_oom"]})
         continue
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
+    set_lr_multiplier(optimizers, lrm)
     for opt in optimizers:
         opt.step()  # averages gradients across ranks inside
     check_finite_parameters(orig_model, step)  # stop before NaN/inf weights are trained on or saved
@@ -402,28 +307,15 @@ for step in range(start_step, num_iterations + 1):
     train_time += dt
 
     # logging
-    totals["examples"] += int(examples)
-    totals["truncated"] += int(truncated)
-    totals["dropped"] += int(dropped)
-    supervised_ratio = step_tokens / max(positions, 1)
-    pad_frac = padding_fraction(pad_positions, positions)
-    tok_per_sec = positions / dt
-    line = (f"Step {step:05d} | Training loss: {train_loss:.6f} | lrm: {lrm:.6f} | num_tokens: {int(step_tokens):,}"
-            f" | supervised: {supervised_ratio:.1%} | padding: {pad_frac:.1%} | tok/s: {tok_per_sec:,.0f}"
-            f" | sup_tok/s: {step_tokens / dt:,.0f}")
-    log = {"step": step, "train_loss": train_loss, "lrm": lrm, "num_tokens": step_tokens,
-           "supervised_ratio": supervised_ratio, "padding_fraction": pad_frac, "tok_per_sec": tok_per_sec,
-           "examples": examples, "dt": dt}
-    if peak_flops:
-        mfu = num_flops_per_token * positions / dt / (peak_flops * ddp_world_size)
-        line += f" | mfu: {100 * mfu:.2f}%"
-        log["mfu"] = mfu
-    if truncated or dropped:
-        line += f" | truncated: {int(truncated)} | dropped: {int(dropped)}"
-    print0(line)
+    for key in ("examples", "truncated", "dropped", "supervised", "positions", "pad_positions"):
+        totals[key] += int(result.totals[key])
+    mfu = num_flops_per_token * result.totals["positions"] / dt / (peak_flops * ddp_world_size) if peak_flops else None
+    line, log = format_step(step, result.loss, lrm, result.totals, dt, mfu)
+    eta = (time.time() - loop_t0) / (step + 1 - start_step) * (num_iterations - step - 1)
+    print0(f"{line} | {progress} | eta {format_duration(eta)}")
     wandb_run.log(log)
     loss_series["train_steps"].append(step)
-    loss_series["train_loss"].append(train_loss)
+    loss_series["train_loss"].append(result.loss)
 
 # -----------------------------------------------------------------------------
 # Save the final checkpoint and the report section
@@ -435,16 +327,29 @@ print0(f"Training time: {train_time:.1f}s | skipped steps: {totals['skipped_nonf
        f"{totals['skipped_oom']} out of memory | truncated: {totals['truncated']} | dropped: {totals['dropped']}"
        + (f" | peak memory: {peak_memory:.0f} MiB" if peak_memory else ""))
 
+samples = []
+if master_process:  # two validation prompts answered by the final model, for the report
+    model.eval()
+    with autocast():
+        samples = sample_conversations(engine, tokenizer, [val_ds[i] for i in range(min(2, len(val_ds)))])
+run_figures = {"Supervised ratio": totals["supervised"] / max(totals["positions"], 1),
+               "Padding fraction": padding_fraction(totals["pad_positions"], totals["positions"]),
+               "Tokens per second": round(totals["positions"] / max(train_time, 1e-9))}
+if peak_flops:
+    run_figures["MFU"] = num_flops_per_token * totals["positions"] / max(train_time, 1e-9) / (peak_flops * ddp_world_size)
 report = get_report()
 report.log(section="Chat SFT", data=[
     {k: config[k] for k in ("source", "device_batch_size", "target_examples_per_step", "num_epochs",
                             "init_lr_frac", "loss_normalization", "packing", "max_seq_len")},
+    report_mixture_table(train_rows),
     {"Training conversations": len(train_ds), "Number of iterations": num_iterations,
      "Examples seen": totals["examples"], "Skipped steps (non-finite)": totals["skipped_nonfinite"],
      "Skipped steps (out of memory)": totals["skipped_oom"], "Truncated conversations": totals["truncated"],
-     "Dropped conversations": totals["dropped"], "Training time (s)": round(train_time, 1)},
+     "Dropped conversations": totals["dropped"], "Training time (s)": round(train_time, 1), **run_figures},
     {k: v for k, v in final_metrics.items() if v is not None},
-])
+    f"Train and validation loss are both in the unit of loss_normalization = {config['loss_normalization']}.",
+    "Sample conversations (final model, greedy):", *[f"```\n{sample}\n```" for sample in samples],
+], duration_s=time.time() - script_start)
 report.log_series("Chat SFT", "train_loss", loss_series["train_steps"], loss_series["train_loss"])
 report.log_series("Chat SFT", "val_loss", loss_series["val_steps"], loss_series["val_loss"])
 

@@ -13,7 +13,7 @@ Launch:
         --eval_every=10 --eval_tokens=8192                                        # tiny, CPU
 
 Mixtures are lists of spec strings, as in chat_sft ("Name[:arg...][:start[:stop[:step]]][*repeats][@weight]",
-see nanochat/sft.py). Entries in `skip_unavailable` are dropped with a warning when their data cannot be
+see tasks/mixture.py). Entries in `skip_unavailable` are dropped with a warning when their data cannot be
 loaded (the local mirror has no MMLU auxiliary_train and no SmolTalk: the CPU profile uses ChitChat).
 
 Outputs: <base_dir>/mid_checkpoints/<output_tag or d<depth>>/ (model, per-rank optimizer and run state, meta
@@ -28,21 +28,22 @@ import time
 from dataclasses import asdict
 
 import torch
-import torch.distributed as dist
 
 from nanochat.checkpoint_manager import (build_model, check_tokenizer, default_output_tag, describe_checkpoint,
                                          load_checkpoint, load_run_state, prepare_run, read_meta, resolve_checkpoint,
                                          save_checkpoint, save_run_state, tokenizer_sha256)
-from nanochat.checks import check_finite_parameters, grad_accum_steps_for_tokens
-from nanochat.common import (UserError, autocast_ctx, autodetect_device_type, compute_cleanup, compute_init,
-                             get_base_dir, get_dist_info, get_git_commit, init_wandb, install_error_handler, print0)
+from nanochat.checks import check_finite_parameters
+from nanochat.common import (all_reduce_values, autocast_ctx, autodetect_device_type, compute_cleanup,
+                             compute_init, get_base_dir, get_dist_info, get_git_commit, init_wandb,
+                             install_error_handler, print0)
 from nanochat.config import ConfigError, Option, load_config
 from nanochat.dataloader import conversation_data_loader, count_conversation_tokens
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
-from nanochat.schedules import lr_multiplier, muon_momentum
-from nanochat.sft import build_mixture, build_task, parse_task_spec
+from nanochat.schedules import (lr_multiplier, muon_momentum, num_grad_accum_steps, scale_initial_lr,
+                                set_lr_multiplier)
 from nanochat.tokenizer import get_token_bytes
+from tasks.mixture import build_mixtures, parse_task_spec
 
 install_error_handler()  # a UserError prints one line `error: ...` and exits with code 2
 
@@ -92,8 +93,8 @@ script_start = time.time()  # the stage's wall-clock time goes into its report s
 config = load_config(OPTIONS, description=__doc__)
 # cross-option checks, before anything is loaded (the world size comes from the torchrun environment)
 if config["max_seq_len"] is not None:  # else it is the model's sequence_len, checked once the model is loaded
-    grad_accum_steps_for_tokens(config["total_batch_size"], config["device_batch_size"], config["max_seq_len"],
-                                get_dist_info()[3])
+    num_grad_accum_steps(config["total_batch_size"], config["device_batch_size"] * config["max_seq_len"] *
+                         get_dist_info()[3], "total_batch_size", "device_batch_size * max_seq_len * world_size")
 for key in ("train_mixture", "val_mixture"):
     if not config[key]:
         raise ConfigError(f"{key} is empty: give at least one mixture spec, e.g. [\"ChitChat:train\"]")
@@ -140,7 +141,8 @@ print0(f"Base model: {source_dir} step {source_step} | max_seq_len {max_seq_len}
 
 device_batch_size, total_batch_size = config["device_batch_size"], config["total_batch_size"]
 world_tokens_per_fwdbwd = device_batch_size * max_seq_len * ddp_world_size
-grad_accum_steps = grad_accum_steps_for_tokens(total_batch_size, device_batch_size, max_seq_len, ddp_world_size)
+grad_accum_steps = num_grad_accum_steps(total_batch_size, world_tokens_per_fwdbwd, "total_batch_size",
+                                        "device_batch_size * max_seq_len * world_size")
 print0(f"Tokens per micro-step (all ranks): {world_tokens_per_fwdbwd:,} | gradient accumulation steps: {grad_accum_steps}")
 
 # -----------------------------------------------------------------------------
@@ -149,34 +151,18 @@ print0(f"Tokens per micro-step (all ranks): {world_tokens_per_fwdbwd:,} | gradie
 optimizers = orig_model.setup_optimizers(unembedding_lr=config["unembedding_lr"], embedding_lr=config["embedding_lr"],
                                          matrix_lr=config["matrix_lr"], weight_decay=config["weight_decay"])
 adamw_optimizer, muon_optimizer = optimizers
-for opt in optimizers:
-    for group in opt.param_groups:
-        group["lr"] = group["initial_lr"] = group["initial_lr"] * config["init_lr_frac"]
+scale_initial_lr(optimizers, config["init_lr_frac"])
 
 # -----------------------------------------------------------------------------
 # Data
 
 
-def available_specs(specs, optional):
-    """The specs whose data loads; a spec listed in `optional` that fails is dropped with a warning."""
-    kept = []
-    for spec in specs:
-        if spec in optional:
-            try:
-                build_task(parse_task_spec(spec))
-            except Exception as e:  # noqa: BLE001  (any loading failure: missing file, no network, ...)
-                print0(f"Skipping mixture entry {spec!r}: its data is not available ({type(e).__name__}: {e})")
-                continue
-        kept.append(spec)
-    if not kept:
-        raise UserError(f"no data left out of {specs}: every entry was skipped as unavailable (skip_unavailable)")
-    return kept
-
-
-train_specs = available_specs(config["train_mixture"], config["skip_unavailable"])
-val_specs = available_specs(config["val_mixture"], config["skip_unavailable"])
-train_dataset = build_mixture(train_specs)
-val_dataset = build_mixture(val_specs)
+mixtures, parts, notes = build_mixtures({"train_mixture": config["train_mixture"], "val_mixture": config["val_mixture"]},
+                                        optional=config["skip_unavailable"])
+for note in notes:
+    print0(note)
+train_dataset, val_dataset = mixtures["train_mixture"], mixtures["val_mixture"]
+train_specs = [spec for spec, _, _ in parts["train_mixture"]]
 print0(f"Training conversations: {len(train_dataset):,} ({', '.join(train_specs)}) | "
        f"validation conversations: {len(val_dataset):,}")
 max_tokens = config["max_conversation_tokens"]
@@ -189,10 +175,8 @@ if config["num_iterations"] > 0:
     num_iterations = config["num_iterations"]
 else:
     rank_tokens = count_conversation_tokens(train_dataset, tokenizer, ddp_rank, ddp_world_size, max_tokens)
-    rank_steps = torch.tensor(rank_tokens // (device_batch_size * (max_seq_len + 1) * grad_accum_steps), device=device)
-    if ddp_world_size > 1:
-        dist.all_reduce(rank_steps, op=dist.ReduceOp.MIN)
-    num_iterations = max(int(rank_steps.item()), 1)
+    rank_steps = rank_tokens // (device_batch_size * (max_seq_len + 1) * grad_accum_steps)
+    num_iterations = max(int(all_reduce_values([rank_steps], "min", device, ddp_world_size)[0]), 1)
     print0(f"One epoch: {rank_tokens:,} tokens on rank 0 -> {num_iterations} steps")
 
 # Resume: optimizer states, counters, loss series and this rank's data position (the weights came above)
@@ -274,9 +258,7 @@ for step in range(start_step, num_iterations + 1):
     if config["grad_clip"] > 0:  # per rank, before the cross-rank average (which keeps the bound)
         torch.nn.utils.clip_grad_norm_(orig_model.parameters(), config["grad_clip"])
     lrm = get_lr_multiplier(step)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
+    set_lr_multiplier(optimizers, lrm)
     for group in muon_optimizer.param_groups:
         group["momentum"] = muon_momentum(step)
     for opt in optimizers:

@@ -14,8 +14,7 @@ import torch
 
 from nanochat.chat_turn import reply_budget, stream_reply
 from nanochat.checkpoint_manager import CheckpointError, load_checkpoint, save_checkpoint
-from nanochat.checks import (NonFiniteWeightsError, check_finite_parameters, first_nonfinite,
-                             grad_accum_steps_for_tokens)
+from nanochat.checks import NonFiniteWeightsError, check_finite_parameters, first_nonfinite
 from nanochat.common import UserError
 from nanochat.config import ArgumentParser, ConfigError, bounded
 from nanochat.gpt import GPT, ContextLengthError, GPTConfig, config_from_depth
@@ -351,9 +350,6 @@ def test_model_refuses_sequence_beyond_rotary_table():
 
 
 def test_pure_config_checks():
-    assert grad_accum_steps_for_tokens(4096, 2, 256, 2) == 4
-    with pytest.raises(ConfigError, match="total_batch_size"):
-        grad_accum_steps_for_tokens(4096, 3, 256, 1)
     with pytest.raises(ConfigError, match="depth"):
         config_from_depth(0, 64, 256, head_dim=64, aspect_ratio=64)
     assert config_from_depth(2, 64, 256, head_dim=32, aspect_ratio=32).n_head == 2

@@ -14,6 +14,7 @@ import nanochat.chat_eval as chat_eval
 from chat_eval_worker import ByteTokenizer, FakeModel, FakeTask, evaluate_all, mc_conversation, tiny_gpt
 from nanochat.chat_eval import (BASELINES, TASK_NAMES, chatcore, collate_prompts, letter_token_ids,
                                 rank_problem_indices, run_categorical_eval, run_chat_eval, run_generative_eval)
+from nanochat.loss_eval import LoopProgress
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOK = ByteTokenizer()
@@ -112,12 +113,12 @@ def test_run_chat_eval_dispatches_categorical(monkeypatch, capsys):
 
 
 def test_progress_lines_show_running_accuracy(capsys):
-    progress = chat_eval.Progress("ARC-Easy", total=20, rank=0, min_interval=0.0)  # stdout is not a tty here
+    progress = LoopProgress("ARC-Easy", total=20, rank=0, min_interval=0.0)  # stdout is not a tty here
     for done in range(1, 21):
-        progress.update(done, passed=done // 2)
+        progress.update(done, f"accuracy {(done // 2) / done:.2%}")
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 10 and lines[-1].startswith("ARC-Easy: 20/20 (rank 0) | accuracy 50.00%")
-    chat_eval.Progress("ARC-Easy", total=20, rank=1, min_interval=0.0).update(20, 10)
+    LoopProgress("ARC-Easy", total=20, rank=1, min_interval=0.0).update(20, "x")
     assert capsys.readouterr().out == ""  # rank 0 only
 
 

@@ -3,11 +3,13 @@ End-to-end tests of scripts/chat_sft.py, run as subprocesses from a tiny random 
 (tests/tiny_checkpoint.py) on CPU:
 - the guide's config file with tiny overrides runs on the mirror's ARC / GSM8K / ChitChat: the loss falls,
   the guide's log lines appear, the checkpoint + meta + report are written and chat_eval loads the model;
-- per-token normalisation gives the same first-step gradient for (device_batch_size 4, 1 micro-step),
-  (device_batch_size 1, 4 micro-steps) and 2 gloo ranks;
-- save + resume reaches bit-identical final weights;
-- a NaN step and an out-of-memory step are skipped without touching the weights.
-The last three use a CustomJSON file written by the test, so they need no data mirror.
+- save + resume reaches bit-identical final weights (on a CustomJSON file written by the test);
+- configs/sft_guide.txt offline: one error line before any model loads, naming the replacement specs for both
+  mixtures; with run = "my_sft_run" and no wandb login, wandb logs offline into the run folder;
+- configs/sft_cpu.txt: the --dry_run 1 data preview (no model needed), then a shortened run and its report;
+- configs/sft_own_data.txt on the sample JSONL in configs/examples/.
+The optimizer step itself (accumulation == one big batch, 2 gloo ranks, NaN / out-of-memory skips) is tested
+directly in tests/test_sft.py.
 
     NANOCHAT_DATA_DIR=/work/shared/data .venv/bin/python -m pytest tests/test_chat_sft.py --durations=5
 """
@@ -174,33 +176,6 @@ def test_guide_config_end_to_end(sft_env, data_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_first_step_gradient_is_the_same_for_accumulation_and_ranks(sft_env, tmp_path):
-    args = _custom_args(sft_env) + ["--max_iterations=1", "--target_examples_per_step=4"]
-    grads = {}
-    for name, extra, nproc in [("dbs4", ["--device_batch_size=4"], 1),
-                               ("dbs1x4", ["--device_batch_size=1"], 1),
-                               ("2ranks", ["--device_batch_size=1"], 2),
-                               ("guide_dbs1x4", ["--device_batch_size=1", "--loss_normalization=micro_batch_mean"], 1)]:
-        base_dir = tmp_path / name
-        shutil.copytree(sft_env["base_dir"], base_dir)
-        path = tmp_path / f"{name}.pt"
-        out = _run(base_dir, args + extra + [f"--debug_dump_grads={path}"], nproc=nproc)
-        if name == "dbs1x4":
-            assert "grad_accum_steps 4" in out
-        if name == "2ranks":
-            assert "world_size 2 x grad_accum_steps 2" in out
-        grads[name] = torch.load(path)
-    ref = grads["dbs4"]
-    assert sum(float(g.abs().sum()) for g in ref.values()) > 0
-    for name in ("dbs1x4", "2ranks"):
-        assert grads[name].keys() == ref.keys()
-        for key in ref:
-            torch.testing.assert_close(grads[name][key], ref[key], rtol=1e-4, atol=1e-6, msg=f"{name}: {key}")
-    # the guide's per-micro-batch mean weighs conversations unequally: a different gradient
-    assert any(not torch.allclose(grads["guide_dbs1x4"][k], ref[k], rtol=1e-2, atol=1e-6) for k in ref)
-
-
-@pytest.mark.slow
 def test_resume_gives_bit_identical_weights(sft_env, tmp_path):
     args = _custom_args(sft_env) + ["--max_iterations=6", "--device_batch_size=2", "--target_examples_per_step=4",
                                     "--packing=bestfit", "--max_seq_len=64", "--init_lr_frac=0.5",
@@ -229,22 +204,111 @@ def test_resume_gives_bit_identical_weights(sft_env, tmp_path):
     assert any(not torch.equal(base[k], want[k]) for k in want)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# the configs/ files
+
+
+def _run_any(base_dir, args, env_extra=(), drop_env=(), timeout=300):
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), WANDB_MODE="disabled", OMP_NUM_THREADS="1")
+    env.update(dict(env_extra))
+    for key in drop_env:
+        env.pop(key, None)
+    return subprocess.run([sys.executable, "-m", "scripts.chat_sft", *args], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
 @pytest.mark.slow
-def test_nan_and_oom_steps_are_skipped(sft_env, tmp_path):
+def test_guide_config_file_offline_error_and_wandb_without_login(sft_env, data_dir, tmp_path):
+    base_dir = tmp_path / "base"
+    shutil.copytree(sft_env["base_dir"], base_dir)  # a base checkpoint only: the guide's source = "mid" is absent
+    # the guide's file as it is, offline: one line, before any model is loaded, naming both replacements
+    no_hub = {"HF_ENDPOINT": "http://127.0.0.1:9"}
+    offline_env = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+    out = _run_any(base_dir, ["--config", "configs/sft_guide.txt"], no_hub, offline_env)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert out.stderr.startswith("error: no data for train_mixture entry 'SmolTalk:train:0:10000'")
+    assert ('train_mixture = ["ARC:ARC-Easy:train", "ARC:ARC-Challenge:train", "GSM8K:main:train", '
+            '"ChitChat:train:0:10000"]  val_mixture = ["ChitChat:test"]') in out.stderr
+    # run = "my_sft_run" with no wandb key and no WANDB_MODE: wandb logs offline into the run folder
+    home = tmp_path / "home"  # no ~/.netrc
+    home.mkdir()
+    out = _run_any(base_dir, ["--config", "configs/sft_guide.txt", *TINY, "--max_iterations=2",
+                              "--device_batch_size=2", "--target_examples_per_step=4",
+                              "--train_mixture=['ChitChat:train:0:32']", "--val_mixture=['ChitChat:test:0:8']"],
+                   {"HOME": str(home)}, ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR"))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run_dir = base_dir / "chatsft_checkpoints" / "d2"
+    assert f"wandb: no API key (run `wandb login`) and no WANDB_MODE: logging offline to {run_dir}/wandb" in out.stdout
+    assert glob.glob(str(run_dir / "wandb" / "offline-run-*"))
+    assert re.search(r"^Step 00001 \| Training loss: .* \| step 2/2 \| elapsed \d+h\d\dm\d\ds \| eta 0h00m00s$",
+                     out.stdout, re.M), out.stdout[-2000:]
+
+
+@pytest.mark.slow
+def test_cpu_config_dry_run_and_run(sft_env, data_dir, tmp_path):
     base_dir = tmp_path / "base"
     shutil.copytree(sft_env["base_dir"], base_dir)
-    args = _custom_args(sft_env) + ["--max_iterations=3", "--device_batch_size=2", "--target_examples_per_step=4",
-                                    "--debug_nan_step=0", "--debug_oom_step=1", "--save_every=2"]
-    out = _run(base_dir, args)
-    assert re.search(r"^Step 00000 \| skipped: non-finite loss", out, re.M), out[-3000:]
-    assert re.search(r"^Step 00001 \| skipped: out of memory", out, re.M)
-    assert re.search(r"^Step 00002 \| Training loss: \d+\.\d+", out, re.M)
-    base = _base_weights(base_dir)
-    # after two skipped steps the weights are exactly the base weights (no update, no stale gradient)
-    at_step2 = _weights_at(base_dir, "chatsft_checkpoints", 2)
-    for key in base:
-        assert torch.equal(base[key], at_step2[key]), key
-    final, meta = _final_weights(base_dir)
-    assert meta["totals"]["skipped_nonfinite"] == 1 and meta["totals"]["skipped_oom"] == 1
-    assert all(torch.isfinite(t).all() for t in final.values() if t.is_floating_point())
-    assert any(not torch.equal(base[k], final[k]) for k in base)
+    # the data preview loads no model: it works with no checkpoint at all
+    shutil.rmtree(base_dir / "base_checkpoints")
+    out = _run_any(base_dir, ["--config", "configs/sft_cpu.txt", "--dry_run", "1"])
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    row = re.compile(r"^(\S.*?) +\| +([\d,]+) conv \| tokens mean +[\d.]+ p50 +\d+ p95 +\d+ max +[\d,]+ \| supervised "
+                     r"+([\d.]+)% \| truncated \d+ dropped \d+ \| padding pad +([\d.]+)% bestfit +([\d.]+)%$")
+    rows = {m.group(1): m.groups()[1:] for m in map(row.match, lines) if m}
+    assert set(rows) == {"ChitChat:train:0:400 x400", "ARC:ARC-Easy:train:0:200 x200",
+                         "ARC:ARC-Challenge:train:0:100 x100", "GSM8K:main:train:0:200 x200", "training mixture",
+                         "validation mixture"}, out.stdout[-3000:]
+    assert rows["training mixture"][0] == "900" and rows["validation mixture"][0] == "64"
+    assert float(rows["ARC:ARC-Easy:train:0:200 x200"][1]) < 10 < float(rows["GSM8K:main:train:0:200 x200"][1])
+    _, _, pad, bestfit = rows["training mixture"]
+    assert 0 < float(bestfit) < float(pad) < 100  # packing wastes less than padding to the longest
+    assert re.search(r"^Optimizer steps: 20 with packing=pad, \d+ with packing=bestfit$", out.stdout, re.M)
+    assert "One training conversation ([supervised] tokens):" in out.stdout and "|[" in out.stdout
+    assert "Model:" not in out.stdout and not (base_dir / "chatsft_checkpoints").exists()
+    # the run itself, shortened, from the tiny base checkpoint: the report has the new parts
+    shutil.copytree(sft_env["base_dir"] / "base_checkpoints", base_dir / "base_checkpoints")
+    out = _run_any(base_dir, ["--config", "configs/sft_cpu.txt", "--max_iterations=2", "--eval_every=2",
+                              "--eval_steps=1", "--eval_metrics_every=-1"])
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    section = (base_dir / "report" / "chat-sft.md").read_text()
+    assert re.search(r"^ChitChat:train:0:400 +400 +[\d.]+% +[\d.]+% +[\d.]+%$", section, re.M), section
+    assert re.search(r"^GSM8K:main:train:0:200 +200 ", section, re.M)
+    assert re.search(r"- Supervised ratio: 0\.\d+", section) and re.search(r"- Tokens per second: \d+", section)
+    assert section.count("```") == 2 + 4  # the mixture table and two sample conversations from the final model
+    assert "unit of loss_normalization = token" in section
+
+
+@pytest.mark.slow
+def test_own_data_config(sft_env, tmp_path):
+    base_dir = tmp_path / "base"
+    shutil.copytree(sft_env["base_dir"], base_dir)
+    out = _run_any(base_dir, ["--config", "configs/sft_own_data.txt", "--source=base", "--max_seq_len=128"])
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "Training conversations: 16 | validation: 4" in out.stdout
+    assert "Number of iterations: 6" in out.stdout  # 16 // 8 * 3 epochs
+    val = [float(v) for v in re.findall(r"^Step \d{5} \| Validation loss: (\d+\.\d+)$", out.stdout, re.M)]
+    assert len(val) == 3 and val[-1] < val[0]
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_match_one_process(sft_env, tmp_path):
+    """The script under torchrun (2 gloo ranks x 2 micro-steps) takes the same first step as one process with
+    4 micro-steps: the same conversations, one gradient under per-token normalisation."""
+    args = _custom_args(sft_env) + ["--max_iterations=1", "--target_examples_per_step=4", "--device_batch_size=1",
+                                    "--init_lr_frac=1.0"]
+    weights = {}
+    for name, nproc in (("one", 1), ("two", 2)):
+        base_dir = tmp_path / name
+        shutil.copytree(sft_env["base_dir"], base_dir)
+        out = _run(base_dir, args, nproc=nproc)
+        assert f"world_size {nproc} x grad_accum_steps {4 // nproc}" in out
+        weights[name], meta = _final_weights(base_dir)
+        assert meta["world_size"] == nproc
+    base = _base_weights(tmp_path / "one")
+    for key, want in weights["one"].items():
+        moved = (want - base[key]).abs().max()
+        assert moved > 0 or key.endswith("rotary"), key
+        # same update; only the float summation order differs (and Muon's gloo reduction)
+        torch.testing.assert_close(weights["two"][key], want, rtol=1e-4, atol=1e-5 * max(float(moved), 1e-3), msg=key)

@@ -81,3 +81,40 @@ def test_user_error_is_one_line_and_exit_code_2(tmp_path):
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                          env={**env, "NANOCHAT_DEBUG": "1"})
     assert out.returncode == 2 and "Traceback" in out.stderr and out.stderr.endswith("error: bad value in some.txt:3\n")
+
+
+def test_wandb_without_a_key_goes_offline_into_the_run_folder(tmp_path, monkeypatch, capsys):
+    import sys
+    import types
+
+    from nanochat.common import DummyWandb, init_wandb, wandb_api_key_present
+
+    netrc = tmp_path / ".netrc"
+    netrc.write_text("machine example.com login a password b\n")
+    assert not wandb_api_key_present({}, str(netrc))
+    assert wandb_api_key_present({"WANDB_API_KEY": "k"}, str(netrc))
+    netrc.write_text("machine api.wandb.ai login user password secret\n")
+    assert wandb_api_key_present({}, str(netrc))
+
+    calls = []
+    fake = types.SimpleNamespace(init=lambda **kwargs: calls.append(kwargs) or "run")
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setenv("HOME", str(tmp_path / "empty_home"))
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    assert isinstance(init_wandb("dummy", "p", {}), DummyWandb) and not calls
+    assert init_wandb("my_run", "p", {"a": 1}, run_dir=str(tmp_path / "run")) == "run"
+    assert calls[-1]["mode"] == "offline" and calls[-1]["dir"] == str(tmp_path / "run")
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("wandb: no API key") and str(tmp_path / "run" / "wandb") in out[0]
+    monkeypatch.setenv("WANDB_MODE", "online")  # an explicit mode is left to wandb
+    init_wandb("my_run", "p", {})
+    assert "mode" not in calls[-1]
+
+    def broken(**kwargs):
+        raise RuntimeError("no API key configured\nmore")
+
+    fake.init = broken
+    assert isinstance(init_wandb("my_run", "p", {}), DummyWandb)  # never stops the run
+    assert capsys.readouterr().out.strip() == "wandb: could not start (RuntimeError: no API key configured); " \
+                                              "continuing without wandb"

@@ -82,3 +82,34 @@ def test_two_processes_match_one(tmp_path):
     result_file = str(tmp_path / "bpb.pt")
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), result_file), nprocs=2, join=True)
     assert torch.load(result_file) == pytest.approx(single, rel=1e-9)
+
+
+def test_sft_loss_in_the_training_loss_unit(capsys):
+    """"token": summed token loss / supervised tokens over all batches; "micro_batch_mean": mean of batch means."""
+    from nanochat.loss_eval import evaluate_sft_loss
+
+    class SumModel:  # loss_reduction="sum" of a fixed per-token loss: 1.0 per supervised target
+        def __call__(self, inputs, targets, loss_reduction, segment_ids=None):
+            assert loss_reduction == "sum"
+            return (targets != -1).sum().float() * (1.0 + targets.float().clamp(min=0).mean() * 0)
+
+    def batch(n_supervised, width=8):
+        targets = torch.full((1, width), -1)
+        targets[0, :n_supervised] = 1
+        return torch.zeros((1, width), dtype=torch.long), targets, None
+
+    class LossPerBatch:  # batch b has total loss 6 * (b + 1) over its supervised tokens
+        def __init__(self):
+            self.calls = 0
+
+        def __call__(self, inputs, targets, loss_reduction, segment_ids=None):
+            self.calls += 1
+            return torch.tensor(6.0 * self.calls)
+
+    batches = [batch(2), batch(6), batch(4)]
+    assert evaluate_sft_loss(SumModel(), iter(batches), 3, "token", "cpu") == pytest.approx(1.0)
+    # (6 + 12 + 18) / 12 tokens = 3.0; batch means 6/2, 12/6, 18/4 -> mean 3.1666
+    assert evaluate_sft_loss(LossPerBatch(), iter(batches), 3, "token", "cpu") == pytest.approx(3.0)
+    assert evaluate_sft_loss(LossPerBatch(), iter(batches), 3, "micro_batch_mean", "cpu") == pytest.approx(
+        (3.0 + 2.0 + 4.5) / 3)
+    assert evaluate_sft_loss(LossPerBatch(), iter(batches), 2, "token", "cpu") == pytest.approx(18 / 8)  # 2 steps only

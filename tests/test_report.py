@@ -62,9 +62,9 @@ def test_section_roundtrip(tmp_path):
 
 def test_summary_table_missing_is_dash():
     table = summary_table({"Chat evaluation sft": {"GSM8K": "0.5"}})
-    assert table.splitlines()[0] == "| Metric | BASE | MID | SFT | RL |"
-    assert _table_row(table, "GSM8K") == ["-", "-", "0.5000", "-"]
-    assert _table_row(table, "CORE") == ["-", "-", "-", "-"]
+    assert table.splitlines()[0] == "| Metric | BASE | MID | SFT |"
+    assert _table_row(table, "GSM8K") == ["-", "-", "0.5000"]
+    assert _table_row(table, "CORE") == ["-", "-", "-"]
 
 
 def test_generate_table_plots_and_sections(tmp_path):
@@ -76,13 +76,13 @@ def test_generate_table_plots_and_sections(tmp_path):
     # header
     assert "Git commit:" in text and "PyTorch:" in text and "Code size:" in text
     # summary table parsed from the sections
-    assert _table_row(text, "CORE") == ["0.2000", "-", "-", "-"]
-    assert _table_row(text, "ARC-Easy") == ["-", "0.2500", "0.3750", "-"]
-    assert _table_row(text, "ARC-Challenge") == ["-", "-", "0.1250", "-"]
-    assert _table_row(text, "MMLU") == ["-", "0.3000", "-", "-"]
-    assert _table_row(text, "GSM8K") == ["-", "-", "0.0625", "-"]  # chat eval beats the SFT section's gsm8k_acc
-    assert _table_row(text, "HumanEval") == ["-", "-", "-", "-"]
-    assert _table_row(text, "ChatCORE") == ["-", "0.0100", "-", "-"]
+    assert _table_row(text, "CORE") == ["0.2000", "-", "-"]
+    assert _table_row(text, "ARC-Easy") == ["-", "0.2500", "0.3750"]
+    assert _table_row(text, "ARC-Challenge") == ["-", "-", "0.1250"]
+    assert _table_row(text, "MMLU") == ["-", "0.3000", "-"]
+    assert _table_row(text, "GSM8K") == ["-", "-", "0.0625"]  # chat eval beats the SFT section's gsm8k_acc
+    assert _table_row(text, "HumanEval") == ["-", "-", "-"]
+    assert _table_row(text, "ChatCORE") == ["-", "0.0100", "-"]
     assert "Total wall clock time: unknown (no stage recorded its time)" in text  # no durations were logged
     # sections in pipeline order
     order = ["## Base model training", "## Base model evaluation", "## Chat evaluation mid", "## Chat SFT",
@@ -124,5 +124,5 @@ def test_cli_reset_generate(tmp_path):
         out = subprocess.run([sys.executable, "-m", "nanochat.report", command], cwd=REPO_ROOT, env=env,
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
-    assert "| Metric | BASE | MID | SFT | RL |" in out.stdout
+    assert "| Metric | BASE | MID | SFT |" in out.stdout
     assert os.path.exists(tmp_path / "report" / "report.md")

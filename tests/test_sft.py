@@ -1,39 +1,43 @@
 """
 Unit tests for nanochat/sft.py: collation, best-fit packing, the resumable per-rank stream, loss
-normalisation, step arithmetic and the mixture spec syntax. Fast, CPU only, no data mirror needed.
+normalisation, step arithmetic, the optimizer step (accumulate_step) and the data preview. Fast, CPU only, no data mirror needed.
 
     .venv/bin/python -m pytest tests/test_sft.py
 """
 
-import json
+import math
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from nanochat.common import UserError
 from nanochat.schedules import lr_multiplier
+from nanochat.sft_report import data_summary, format_step, padding_fractions, report_mixture_table
 from nanochat.sft import (
-    MixtureSpecError,
-    TaskSpec,
-    build_mixture,
+    accumulate_step,
+    fit_conversation,
+    num_sft_steps,
+    rank_lengths,
     collate_packed,
     collate_sft,
     count_steps_bestfit,
     grad_accum_steps_for,
     initial_data_state,
-    metric_key,
     micro_batch_loss_scale,
     num_sft_iterations,
     pack_best_fit,
     padding_fraction,
-    parse_eval_spec,
-    parse_task_spec,
     sft_batches,
     skip_reason,
 )
 
 PAD = 99
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -268,9 +272,9 @@ def test_count_steps_bestfit_matches_stream():
 def test_grad_accum_steps_and_iterations():
     assert grad_accum_steps_for(32, 4, 8) == 1
     assert grad_accum_steps_for(32, 4, 1) == 8
-    with pytest.raises(ValueError, match="multiple of"):
+    with pytest.raises(UserError, match="multiple of"):
         grad_accum_steps_for(32, 3, 1)
-    with pytest.raises(ValueError, match="device_batch_size"):
+    with pytest.raises(UserError, match="device_batch_size"):
         grad_accum_steps_for(8, 4, 4)
     assert num_sft_iterations(1000, 32, 1) == 31
     assert num_sft_iterations(1000, 32, 2) == 62
@@ -349,85 +353,128 @@ def test_skip_reason():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# mixture specs
+# one optimizer step: accumulation and the NaN / out-of-memory decision
 
 
-def test_parse_task_spec_examples():
-    assert parse_task_spec("ARC:ARC-Easy:train") == TaskSpec("ARC", ("ARC-Easy", "train"))
-    assert parse_task_spec("SmolTalk:train:0:10000") == TaskSpec("SmolTalk", ("train",), 0, 10000)
-    assert parse_task_spec("SmolTalk:train::10000") == TaskSpec("SmolTalk", ("train",), 0, 10000)
-    assert parse_task_spec(" GSM8K:main:train * 3 ") == TaskSpec("GSM8K", ("main", "train"), repeats=3)
-    assert parse_task_spec("ChitChat:train:5:50:2@0.25") == TaskSpec("ChitChat", ("train",), 5, 50, 2, 1, 0.25)
-    assert parse_task_spec("CustomJSON:data/my file.jsonl*2@2") == TaskSpec(
-        "CustomJSON", ("data/my file.jsonl",), repeats=2, weight=2.0)
-    assert parse_task_spec("HumanEval") == TaskSpec("HumanEval", ())
+def _tiny_gpt_and_data():
+    from sft_step_worker import conversations, tiny_gpt
+
+    return tiny_gpt("cpu"), conversations(4)
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("Smoltalk:train", "did you mean SmolTalk"),
-    ("Nope:x", "unknown task"),
-    ("ARC:ARC-Easy", "needs 2 argument"),
-    ("ARC::train", "empty"),
-    ("SmolTalk:train:a", "not an integer"),
-    ("SmolTalk:train:10:5", "greater than start"),
-    ("SmolTalk:train:1:2:3:4", "too many fields"),
-    ("SmolTalk:train*0", "positive integer"),
-    ("SmolTalk:train*x", "positive integer"),
-    ("SmolTalk:train@-1", "positive number"),
-    ("SmolTalk:train@abc", "not a number"),
-    ("", "non-empty"),
-])
-def test_parse_task_spec_errors(spec, message):
-    with pytest.raises(MixtureSpecError, match=message) as excinfo:
-        parse_task_spec(spec)
-    assert "Syntax" in str(excinfo.value)
+def _grads(model):
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return grads
 
 
-class _FakeTask:
-    def __init__(self, *args, start=0, stop=None, step=1):
-        self.args, self.start, self.stop, self.step = args, start, stop, step
+def test_accumulate_step_gives_one_big_batch_gradient():
+    """(device_batch_size 4, 1 micro-step) == (device_batch_size 1, 4 micro-steps) under "token"; the guide's
+    micro_batch_mean weighs conversations unequally and differs."""
+    model, data = _tiny_gpt_and_data()
+    one = accumulate_step(model, [next(sft_batches(data, lambda c: c, 4, 0, "pad", 64))], "token", "cpu")
+    big = _grads(model)
+    stream = sft_batches(data, lambda c: c, 1, 0, "pad", 64)
+    four = accumulate_step(model, [next(stream) for _ in range(4)], "token", "cpu")
+    accumulated = _grads(model)
+    assert one.skip is None and four.skip is None
+    assert four.loss == pytest.approx(one.loss, rel=1e-5)
+    assert four.totals["supervised"] == one.totals["supervised"] == sum(sum(m[1:]) for _, m in data)
+    assert four.totals["examples"] == 4 and len(big) == len(list(model.parameters()))
+    for name in big:
+        torch.testing.assert_close(accumulated[name], big[name], rtol=1e-4, atol=1e-6, msg=name)
+    stream = sft_batches(data, lambda c: c, 1, 0, "pad", 64)
+    accumulate_step(model, [next(stream) for _ in range(4)], "micro_batch_mean", "cpu")
+    guide = _grads(model)
+    assert any(not torch.allclose(guide[n], big[n], rtol=1e-2, atol=1e-6) for n in big)
 
 
-class _FakeMixture:
-    def __init__(self, tasks, weights=None):
-        self.tasks, self.weights = tasks, weights
+def test_accumulate_step_skips_nan_and_out_of_memory_without_gradients():
+    from sft_step_worker import Faulty
+
+    model, data = _tiny_gpt_and_data()
+    stream = sft_batches(data, lambda c: c, 2, 0, "pad", 64)
+    micro_batches = [next(stream) for _ in range(2)]
+    for fault, reason in (("nan", "non-finite loss"), ("oom", "out of memory")):
+        result = accumulate_step(Faulty(model, fault), micro_batches, "token", "cpu")
+        assert result.skip.startswith(reason)
+        assert all(p.grad is None for p in model.parameters())  # nothing left for the next step
+    result = accumulate_step(Faulty(model, None), micro_batches, "token", "cpu")
+    assert result.skip is None and math.isfinite(result.loss)
+    assert all(p.grad is not None for p in model.parameters())
 
 
-def test_build_mixture_with_fakes():
-    registry = {"A": _FakeTask, "B": _FakeTask}
-    task_args = {"A": ("split",), "B": ()}
-    mix = build_mixture(["A:train:0:10", "B*2"], registry, task_args, _FakeMixture)
-    assert [t.args for t in mix.tasks] == [("train",), (), ()]
-    assert mix.tasks[0].stop == 10 and mix.tasks[1] is mix.tasks[2]
-    assert mix.weights is None
-    mix = build_mixture(["A:train@3", "B"], registry, task_args, _FakeMixture)
-    assert mix.weights == [3.0, 1.0]
-    with pytest.raises(MixtureSpecError, match="non-empty list"):
-        build_mixture([], registry, task_args, _FakeMixture)
-    with pytest.raises(MixtureSpecError, match="unknown task"):
-        build_mixture(["C"], registry, task_args, _FakeMixture)
+def test_accumulate_step_two_gloo_ranks(tmp_path):
+    """2 gloo ranks x 2 micro-batches == one process with the whole batch; a NaN or an out-of-memory error on
+    rank 1 alone makes both ranks skip, with no gradient left on either."""
+    out = tmp_path / "worker.pt"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)
+    env.pop("RANK", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(REPO_ROOT, "tests", "sft_step_worker.py"), str(out)]
+    result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    got = torch.load(out, weights_only=True)
+    assert got["loss"] == pytest.approx(got["reference_loss"], rel=1e-5)
+    assert got["totals"]["examples"] == 4
+    for name, ref in got["reference"].items():
+        torch.testing.assert_close(got["grads"][name], ref, rtol=1e-4, atol=1e-6, msg=name)
+    assert got["skipped"]["nan"] == [("non-finite loss (nan)", []), ("non-finite loss (nan)", [])]
+    assert got["skipped"]["oom"] == [("out of memory", []), ("out of memory", [])]
 
 
-def test_eval_specs():
-    assert parse_eval_spec("MMLU:1024") == ("MMLU", 1024)
-    assert parse_eval_spec("HumanEval") == ("HumanEval", None)
-    with pytest.raises(MixtureSpecError):
-        parse_eval_spec("GSM8K:zero")
-    assert metric_key("ARC-Easy") == "arc_easy_acc" and metric_key("MMLU") == "mmlu_acc"
+# ---------------------------------------------------------------------------------------------------------
+# the one filter, the step count from it, the data preview figures
 
 
-def test_build_mixture_with_real_tasks(tmp_path):
-    path = tmp_path / "mine.jsonl"
-    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
-            for i in range(10)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    mix = build_mixture([f"CustomJSON:{path}*2", f"CustomJSON:{path}:0:4@0.5"])
-    assert len(mix) == 2 * 10 + 2  # two passes, plus half of a 4-example slice
-    contents = sorted(mix[i]["messages"][1]["content"] for i in range(len(mix)))
-    assert contents.count("a0") + contents.count("a1") + contents.count("a2") + contents.count("a3") == 2 * 4 + 2
+def test_fit_conversation():
+    assert fit_conversation([1, 2, 3], [0, 1, 1], 4, False) == ([1, 2, 3], [0, 1, 1], "kept")
+    assert fit_conversation([1, 2, 3, 4, 5], [0, 1, 1, 1, 1], 4, False) == ([1, 2, 3, 4], [0, 1, 1, 1], "truncated")
+    assert fit_conversation([1, 2, 3, 4, 5], [0, 1, 1, 1, 1], 4, True) == (None, None, "dropped")
+    assert fit_conversation([1], [0], 4, False) == (None, None, "dropped")
 
 
-def test_build_mixture_from_the_mirror(data_dir):
-    mix = build_mixture(["ChitChat:train:0:10", "GSM8K:main:train:0:5", "ARC:ARC-Easy:train::3"])
-    assert len(mix) == 18
-    assert all(mix[i]["messages"][-1]["role"] == "assistant" for i in range(len(mix)))
+@pytest.mark.parametrize("drop_long", [False, True])
+def test_bestfit_step_count_uses_the_batches_filter(drop_long):
+    """num_sft_steps replays exactly the conversations sft_batches trains on: with drop_long, the long ones
+    are left out of both; the steps then cover the epochs as the stream delivers them."""
+    data = _toy_dataset(60, seed=5, max_len=40)
+    capacity, batch_size, per_step = 24, 2, 2
+    lengths = rank_lengths(data, _toy_render, capacity, drop_long, rank=1, world_size=2)
+    kept = [c for c in data[1::2] if c["n"] <= capacity or not drop_long]
+    assert lengths == [min(c["n"], capacity) for c in kept]
+    rank_data = data[1::2]  # rank 1's conversations, as one process (the cross-rank minimum: gloo tests)
+    steps = num_sft_steps(rank_data, _toy_render, "bestfit", 4, batch_size, per_step, capacity, drop_long, 1, -1)
+    assert steps == count_steps_bestfit(lengths, batch_size, capacity, per_step, 1)
+    stream = sft_batches(rank_data, _toy_render, batch_size, PAD, "bestfit", capacity, drop_long)
+    examples = sum(next(stream).stats["examples"] for _ in range(steps * per_step))
+    assert abs(examples - len(kept)) <= per_step * batch_size * 3  # one epoch, give or take the last step
+    assert num_sft_steps(data, _toy_render, "bestfit", 4, batch_size, per_step, capacity, drop_long, 1, 3) == 3
+    assert num_sft_steps(data, _toy_render, "pad", 4, batch_size, per_step, capacity, drop_long, 2, -1) == 30
+
+
+def test_data_summary_and_padding_fractions():
+    data = [{"i": i, "n": n} for i, n in enumerate([5, 9, 3, 30, 1])]
+    row = data_summary(data, _toy_render, 12, False, 2)
+    assert row["conversations"] == 5 and row["tokens_max"] == 30 and row["tokens_p50"] == 5
+    assert row["truncated"] == 1 and row["dropped"] == 1  # 30 > 12 is cut; a 1-token conversation is dropped
+    assert row["supervised_ratio"] == 1.0  # every target after the first token is supervised in the toy render
+    # fitted lengths 5, 9, 3, 12 in batches of 2: pad positions (8 + 8) + (11 + 11) = 38, real 4 + 8 + 2 + 11 = 25
+    pad, bestfit = padding_fractions([5, 9, 3, 12], 2, 12)
+    assert pad == pytest.approx(13 / 38)
+    assert bestfit == pytest.approx(1 - (11 + 11 + 5) / (2 * 2 * 11))  # rows [12], [9, 3] then [5]
+    assert padding_fractions([], 2, 12) == (0.0, 0.0)
+
+
+def test_step_line_and_report_table():
+    totals = {"supervised": 300, "positions": 1000, "pad_positions": 250, "examples": 8, "truncated": 0, "dropped": 0}
+    line, log = format_step(3, 2.5, 0.75, totals, 0.5)
+    assert line == ("Step 00003 | Training loss: 2.500000 | lrm: 0.750000 | num_tokens: 300 | supervised: 30.0% | "
+                    "padding: 25.0% | tok/s: 2,000 | sup_tok/s: 600")
+    assert log["padding_fraction"] == 0.25 and "mfu" not in log
+    line, log = format_step(3, 2.5, 0.75, {**totals, "truncated": 2}, 0.5, mfu=0.125)
+    assert line.endswith("| mfu: 12.50% | truncated: 2 | dropped: 0") and log["mfu"] == 0.125
+    row = {"supervised_ratio": 0.5, "padding_pad": 0.25, "padding_bestfit": 0.05}
+    table = report_mixture_table([("ChitChat:train", 12, row)]).splitlines()
+    assert table[0] == table[-1] == "```" and not any(line.startswith("|") for line in table)
+    assert table[2].split() == ["ChitChat:train", "12", "50.0%", "25.0%", "5.0%"]

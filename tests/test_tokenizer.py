@@ -371,3 +371,12 @@ def test_tok_train_and_eval_end_to_end(data_dir, tmp_path):
     assert all(1.0 <= v < 10 for v in rows.values())
     assert rows["train shards"] > rows["non-English"]  # trained on English: English compresses better
     assert (tmp_path / "base" / "report" / "tokenizer-evaluation.md").exists()
+
+
+def test_visualize_tokenization_without_colour(tokenizer):
+    conv = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]}
+    ids, mask = tokenizer.render_conversation(conv)
+    out = tokenizer.visualize_tokenization(ids, mask, color=False)
+    assert "\033[" not in out
+    pieces = [f"[{tokenizer.decode([i])}]" if m else tokenizer.decode([i]) for i, m in zip(ids, mask)]
+    assert out == "|".join(pieces) and sum(mask) > 0 and out.count("[") >= sum(mask)

@@ -1,0 +1,114 @@
+"""
+What chat_sft prints and reports about its data and steps: the data preview of `--dry_run 1` (data_summary,
+padding_fractions, data_preview), the step line (format_step), the report's mixture table and the sample
+conversations of the final model. Pure functions of their arguments. Tests: tests/test_sft.py.
+"""
+
+import numpy as np
+
+from nanochat.sft import best_fit_batches, fit_conversation, padding_fraction
+
+
+def padding_fractions(lengths, batch_size, row_capacity, lookahead=2.0):
+    """Fraction of input positions that are padding when conversations of these lengths (fitted, in reading
+    order) are batched: (under "pad", under "bestfit"), as sft_batches builds the batches."""
+    if not lengths:
+        return 0.0, 0.0
+    positions = real = 0
+    for i in range(0, len(lengths), batch_size):
+        chunk = lengths[i:i + batch_size]
+        positions += len(chunk) * (max(chunk) - 1)
+        real += sum(n - 1 for n in chunk)
+    pad = padding_fraction(positions - real, positions)
+    T, items = row_capacity - 1, iter(lengths)
+    bf_positions = bf_real = 0
+    for rows, _ in best_fit_batches(lambda: next(items), lambda n: n, [], batch_size, row_capacity, lookahead):
+        bf_positions += batch_size * T
+        bf_real += sum(min(sum(row), T) for row in rows)
+    return pad, padding_fraction(bf_positions - bf_real, bf_positions)
+
+
+def data_summary(conversations, render_fn, row_capacity, drop_long, batch_size):
+    """Figures of one task or mixture (any sequence of conversations): conversations, token length mean / p50 /
+    p95 / max (as rendered, before fitting), supervised ratio (supervised targets / target positions, after
+    fitting), truncated and dropped counts (fit_conversation) and the padding fraction under pad and bestfit."""
+    lengths, fitted, counts = [], [], {"kept": 0, "truncated": 0, "dropped": 0}
+    supervised = targets = 0
+    for conversation in conversations:
+        ids, mask = render_fn(conversation)
+        lengths.append(len(ids))
+        ids, mask, outcome = fit_conversation(ids, mask, row_capacity, drop_long)
+        counts[outcome] += 1
+        if ids is not None:
+            fitted.append(len(ids))
+            supervised += sum(mask[1:])
+            targets += len(ids) - 1
+    pad, bestfit = padding_fractions(fitted, batch_size, row_capacity)
+    q = np.percentile(lengths, [50, 95]) if lengths else [0, 0]
+    return {"conversations": len(lengths), "tokens_mean": float(np.mean(lengths)) if lengths else 0.0,
+            "tokens_p50": float(q[0]), "tokens_p95": float(q[1]), "tokens_max": max(lengths, default=0),
+            "supervised_ratio": supervised / max(targets, 1), "truncated": counts["truncated"],
+            "dropped": counts["dropped"], "padding_pad": pad, "padding_bestfit": bestfit}
+
+
+def format_data_summary(name, row, width=0):
+    return (f"{name:<{width}} | {row['conversations']:>7,} conv | tokens mean {row['tokens_mean']:6.1f} p50 "
+            f"{row['tokens_p50']:5.0f} p95 {row['tokens_p95']:5.0f} max {row['tokens_max']:6,} | supervised "
+            f"{row['supervised_ratio']:5.1%} | truncated {row['truncated']:,} dropped {row['dropped']:,} | padding "
+            f"pad {row['padding_pad']:5.1%} bestfit {row['padding_bestfit']:5.1%}")
+
+
+def data_preview(train_rows, train_ds, val_ds, summarize, steps, example, color):
+    """The lines of chat_sft's --dry_run: one per training spec (train_rows: [(spec, entries in the
+    mixture, data_summary)]), the training mixture and the validation mixture as a whole (summarize: a
+    sequence -> data_summary), the optimizer steps ({packing: steps}) and one conversation (tokenizer,
+    ids, mask) rendered by visualize_tokenization (colour, or [supervised] tokens in brackets)."""
+    rows = [(f"{spec} x{entries:,}", row) for spec, entries, row in train_rows]
+    rows += [("training mixture", summarize(train_ds)), ("validation mixture", summarize(val_ds))]
+    width = max(len(name) for name, _ in rows)
+    lines = [format_data_summary(name, row, width) for name, row in rows]
+    lines.append("Optimizer steps: " + ", ".join(f"{n} with packing={p}" for p, n in steps.items()))
+    tokenizer, ids, mask = example
+    lines.append(f"One training conversation ({'supervised in green' if color else '[supervised] tokens'}):")
+    lines.append(tokenizer.visualize_tokenization(ids, mask, color=color))
+    return lines
+
+
+def sample_conversations(engine, tokenizer, conversations, max_tokens=64):
+    """Each conversation's prompt (without its last assistant turn) and the model's greedy answer, as text."""
+    samples = []
+    for conversation in conversations:
+        prompt = tokenizer.render_for_completion(conversation)
+        results, _ = engine.generate_batch(prompt, num_samples=1, max_tokens=max_tokens, temperature=0.0)
+        samples.append(tokenizer.decode(prompt) + tokenizer.decode(results[0][len(prompt):]))
+    return samples
+
+
+def format_step(step, loss, lrm, step_totals, dt, mfu=None):
+    """chat_sft's step line (the guide's first fields, then throughput) and its wandb dict, from the step's
+    StepResult totals (summed over ranks) and its duration dt in seconds."""
+    tokens, positions = step_totals["supervised"], step_totals["positions"]
+    log = {"step": step, "train_loss": loss, "lrm": lrm, "num_tokens": tokens,
+           "supervised_ratio": tokens / max(positions, 1),
+           "padding_fraction": padding_fraction(step_totals["pad_positions"], positions),
+           "tok_per_sec": positions / dt, "examples": step_totals["examples"], "dt": dt}
+    line = (f"Step {step:05d} | Training loss: {loss:.6f} | lrm: {lrm:.6f} | num_tokens: {int(tokens):,} | "
+            f"supervised: {log['supervised_ratio']:.1%} | padding: {log['padding_fraction']:.1%} | "
+            f"tok/s: {log['tok_per_sec']:,.0f} | sup_tok/s: {tokens / dt:,.0f}")
+    if mfu is not None:
+        log["mfu"] = mfu
+        line += f" | mfu: {100 * mfu:.2f}%"
+    if step_totals["truncated"] or step_totals["dropped"]:
+        line += f" | truncated: {int(step_totals['truncated'])} | dropped: {int(step_totals['dropped'])}"
+    return line, log
+
+
+def report_mixture_table(train_rows):
+    """The report's training-mixture table (a fenced text block, so the report's summary-table parser never
+    reads it): per spec, its entries in the mixture (after weights and repeats), supervised ratio and padding
+    fraction under pad / bestfit."""
+    width = max([len("training mixture")] + [len(spec) for spec, _, _ in train_rows])
+    lines = [f"{'training mixture':<{width}}  entries  supervised  padding(pad)  padding(bestfit)"]
+    lines += [f"{spec:<{width}}  {entries:>7,}  {row['supervised_ratio']:>10.1%}  {row['padding_pad']:>12.1%}  "
+              f"{row['padding_bestfit']:>16.1%}" for spec, entries, row in train_rows]
+    return "```\n" + "\n".join(lines) + "\n```"
