@@ -24,6 +24,7 @@ from typing import NamedTuple
 import torch
 
 from nanochat.common import UserError, all_reduce_values
+from nanochat.config import ConfigError
 from nanochat.schedules import num_grad_accum_steps
 
 # ----------------------------------------------------------------------------------------------------------
@@ -192,9 +193,9 @@ def sft_batches(dataset, render_fn, batch_size, pad_id, packing="pad", row_capac
         item = render(next_index())
         skipped["run"] = 0 if item is not None else skipped["run"] + 1
         if skipped["run"] > per_rank:
-            raise UserError(f"every conversation of rank {rank} is dropped (longer than row_capacity="
-                            f"{row_capacity} with drop_long, or shorter than 2 tokens): raise max_seq_len or set "
-                            f"drop_long = false")
+            raise ConfigError(f"every conversation of rank {rank} is dropped (longer than row_capacity="
+                              f"{row_capacity} with drop_long, or shorter than 2 tokens): raise max_seq_len or set "
+                              f"drop_long = false")
         return item
 
     def emit(inputs, targets, segment_ids, examples, pad_positions, pending_indices):

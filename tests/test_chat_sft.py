@@ -221,10 +221,11 @@ def _run_any(base_dir, args, env_extra=(), drop_env=(), timeout=300):
 def test_guide_config_file_offline_error_and_wandb_without_login(sft_env, data_dir, tmp_path):
     base_dir = tmp_path / "base"
     shutil.copytree(sft_env["base_dir"], base_dir)  # a base checkpoint only: the guide's source = "mid" is absent
-    # the guide's file as it is, offline: one line, before any model is loaded, naming both replacements
+    # the guide's file, offline (from the base checkpoint: the output folder is checked first, and it needs the
+    # source's depth): one line, before any model is loaded, naming both replacements
     no_hub = {"HF_ENDPOINT": "http://127.0.0.1:9"}
     offline_env = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
-    out = _run_any(base_dir, ["--config", "configs/sft_guide.txt"], no_hub, offline_env)
+    out = _run_any(base_dir, ["--config", "configs/sft_guide.txt", "--source=base"], no_hub, offline_env)
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert out.stderr.startswith("error: no data for train_mixture entry 'SmolTalk:train:0:10000'")
