@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from nanochat.adamw import DistAdamW
 from nanochat.common import dist_rank_world
@@ -88,8 +89,20 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=False)
 
 
+def _flex_attention(q, k, v, block_mask, enable_gqa):
+    if q.device.type == "cuda":
+        return _compiled_flex_attention()(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+    # CPU: eager flex_attention, forward only (torch has no flex backward on CPU); used by the tests to check
+    # the CUDA path's masking against the SDPA boolean mask
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+
+
+@torch.compiler.disable  # built eagerly, outside a compiled model's graph; the graphs take the BlockMask as input
 def flex_segment_block_mask(segment_ids):
-    """Block mask for flex_attention: causal within equal segment ids."""
+    """Block mask for flex_attention: causal within equal segment ids. Built once per batch (GPT.forward)
+    and shared by every layer; blocks of 128 x 128 that are fully masked are skipped by the kernel."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     B, T = segment_ids.shape
@@ -98,6 +111,48 @@ def flex_segment_block_mask(segment_ids):
         return (kv_idx <= q_idx) & (segment_ids[b, q_idx] == segment_ids[b, kv_idx])
 
     return create_block_mask(mask_mod, B, None, T, T, device=segment_ids.device)
+
+
+def segment_attention(segment_ids, use_flex):
+    """The attention masking of a packed batch, built once per batch and shared by all layers:
+    ("flex", BlockMask) for flex_attention (CUDA), or ("sdpa", (B, 1, T, T) boolean mask) elsewhere."""
+    if use_flex:
+        return "flex", flex_segment_block_mask(segment_ids)
+    return "sdpa", segment_mask(segment_ids)
+
+
+def chunked_cross_entropy(x, weight, targets, softcap=15.0, reduction="mean", chunk_size=2048, ignore_index=-1):
+    """Cross-entropy of the softcapped logits softcap * tanh((x @ weight.T).float() / softcap) against
+    `targets`, computed `chunk_size` rows (tokens) at a time so that the full (N, vocab) fp32 logits never
+    exist: in the forward pass one chunk's logits are alive at a time, and each chunk is a non-reentrant
+    activation checkpoint, so backward recomputes one chunk's logits at a time instead of saving them all.
+    The cost is one extra lm_head matmul in the forward of the backward (about 2 * N * n_embd * vocab FLOPs).
+    x: (N, C) hidden states after the final norm; weight: (V, C) lm_head weight; targets: (N,) with
+    ignore_index where there is no target. reduction: "sum" | "mean" (over non-ignored targets; NaN when
+    there are none, as F.cross_entropy) | "none" ((N,), 0 at ignored targets). chunk_size <= 0: one chunk."""
+    assert reduction in ("sum", "mean", "none"), f"unknown reduction {reduction!r}"
+    N = x.size(0)
+    chunk_size = N if chunk_size <= 0 else chunk_size
+
+    def chunk_loss(x_chunk, weight, targets_chunk):
+        logits = F.linear(x_chunk, weight).float()
+        logits = softcap * torch.tanh(logits / softcap)
+        return F.cross_entropy(logits, targets_chunk, ignore_index=ignore_index, reduction="none")
+
+    checkpointed = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad) and chunk_size < N
+    losses = []
+    for start in range(0, N, chunk_size):
+        args = (x[start:start + chunk_size], weight, targets[start:start + chunk_size])
+        if checkpointed:
+            losses.append(torch.utils.checkpoint.checkpoint(chunk_loss, *args, use_reentrant=False))
+        else:
+            losses.append(chunk_loss(*args))
+    loss = torch.cat(losses) if len(losses) > 1 else losses[0]  # (N,) fp32: 4 bytes per token, not per logit
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / (targets != ignore_index).sum()
 
 
 class CausalSelfAttention(nn.Module):
@@ -132,7 +187,7 @@ class CausalSelfAttention(nn.Module):
         if seg is not None:
             kind, mask = seg
             if kind == "flex":
-                y = _compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=gqa)
+                y = _flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
             else:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         elif Tq == Tk:
@@ -184,6 +239,10 @@ class GPT(nn.Module):
         cos, sin = self._precompute_rotary(self.rotary_seq_len, head_dim)
         self.register_buffer("cos", cos, persistent=False)  # (rotary_seq_len, head_dim/2)
         self.register_buffer("sin", sin, persistent=False)
+        # Where the loss is computed (forward with targets), chunk_cross_entropy rows at a time so that the
+        # full fp32 logits are never held (chunked_cross_entropy); 0 = all at once (the unchunked reference).
+        self.loss_chunk_size = 2048
+        self.use_flex = None  # packed rows: flex_attention (True) or SDPA + boolean mask (False); None: on CUDA
 
     def _precompute_rotary(self, seq_len, head_dim, base=10000, device=None):
         if device is None:
@@ -270,10 +329,8 @@ class GPT(nn.Module):
             assert T <= self.cos.size(0), f"sequence length {T} exceeds the rotary table {self.cos.size(0)}"
             pos = segment_positions(segment_ids)
             cos_sin = self.cos[pos][:, :, None, :], self.sin[pos][:, :, None, :]  # (B, T, 1, D/2)
-            if idx.device.type == "cuda":
-                seg = ("flex", flex_segment_block_mask(segment_ids))
-            else:
-                seg = ("sdpa", segment_mask(segment_ids))
+            use_flex = idx.device.type == "cuda" if self.use_flex is None else self.use_flex
+            seg = segment_attention(segment_ids, use_flex)  # once per batch, shared by every layer
         else:
             T0 = 0 if kv_cache is None else kv_cache.get_pos()
             assert T0 + T <= self.cos.size(0), f"position {T0 + T} exceeds the rotary table {self.cos.size(0)}"
@@ -286,12 +343,12 @@ class GPT(nn.Module):
         x = norm(x)
 
         softcap = 15  # logits = 15 * tanh(logits / 15) (Gemma 2)
-        logits = self.lm_head(x).float()
-        logits = softcap * torch.tanh(logits / softcap)
         if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
-                               reduction=loss_reduction)
+            logits = self.lm_head(x).float()
+            return softcap * torch.tanh(logits / softcap)
+        # the loss without the full fp32 logits (chunked; loss_chunk_size = 0 gives the unchunked computation)
+        loss = chunked_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1), softcap=softcap,
+                                     reduction=loss_reduction, chunk_size=self.loss_chunk_size)
         if loss_reduction == "none":
             loss = loss.view(B, T)
         return loss

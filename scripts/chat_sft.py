@@ -45,11 +45,13 @@ import torch
 import torch.distributed as dist
 
 from nanochat.chat_eval import CATEGORICAL_TASKS, TASK_NAMES, run_chat_eval
-from nanochat.checkpoint_manager import build_model, load_checkpoint, load_model, save_checkpoint
+from nanochat.checkpoint_manager import (build_model, load_checkpoint, load_model, load_optimizer_warm_start,
+                                         save_checkpoint)
 from nanochat.common import (atomic_write_bytes, autocast_ctx, autodetect_device_type, compute_cleanup, compute_init,
                              get_base_dir, get_git_commit, get_peak_flops, init_wandb, install_error_handler, print0)
 from nanochat.config import Option, load_config
 from nanochat.engine import Engine
+from nanochat.perf import bucketed_length, compile_model, compiled_graphs, mfu, pad_to_bucket, peak_memory_mib
 from nanochat.report import get_report
 from nanochat.schedules import lr_multiplier
 from nanochat.sft import (LOSS_NORMALIZATIONS, build_mixture, count_steps_bestfit,
@@ -98,6 +100,11 @@ OPTIONS = [
     Option("save_every", int, -1, "resumable checkpoint every this many steps (-1 disables; the final one is always)"),
     Option("resume", str, "0", "'0': fresh run; '1': continue from the last resumable checkpoint in the output dir "
                                "(fresh if none); or a checkpoint directory"),
+    Option("compile", bool, None, "torch.compile the model (default: on for CUDA, off elsewhere)"),
+    Option("pad_bucket", int, 128, "compiled pad mode: round batch lengths up to a multiple of this, so the "
+                                   "compiled model sees a handful of shapes (1: no rounding)", min=1),
+    Option("load_optimizer", int, 0, "1: warm-start the optimizers from the source checkpoint's optimizer state",
+           choices=(0, 1)),
     Option("debug_nan_step", int, -1, "testing: make this step's loss NaN (-1 disables)"),
     Option("debug_oom_step", int, -1, "testing: raise a CUDA out-of-memory error in this step (-1 disables)"),
     Option("debug_dump_grads", str, "", "testing: write the first step's rank-averaged gradients to this .pt file"),
@@ -138,7 +145,7 @@ def all_reduce_sum(values):
 base_dir = get_base_dir()
 model, tokenizer, source_meta = load_model(config["source"], device, phase="train", model_tag=config["model_tag"],
                                            step=config["step"])
-orig_model = model  # SFT runs uncompiled (every batch has a different shape in pad mode)
+orig_model = model  # the uncompiled model: for saving and generation (task metrics)
 depth = model.config.n_layer
 output_tag = config["model_tag"] if config["model_tag"] else f"d{depth}"
 checkpoint_dir = os.path.join(base_dir, "chatsft_checkpoints", output_tag)
@@ -165,6 +172,10 @@ if resume_dir is not None:
     orig_model = model
     print0(f"Resuming from {resume_dir} at step {resume_step}")
 num_flops_per_token = model.estimate_flops()
+use_compile = device_type == "cuda" if config["compile"] is None else config["compile"]
+pad_bucket = config["pad_bucket"] if use_compile and config["packing"] == "pad" else 1  # eager: no rounding
+if use_compile:  # bestfit: one shape; pad: one per bucket up to max_seq_len
+    model = compile_model(orig_model, num_shapes=-(-config["max_seq_len"] // pad_bucket))
 print0(f"Model: depth {depth}, {model.num_params():,} parameters, from {config['source']} ({source_meta.get('step')})")
 
 # -----------------------------------------------------------------------------
@@ -176,6 +187,10 @@ for opt in optimizers:
     for group in opt.param_groups:
         group["lr"] = group["lr"] * config["init_lr_frac"]
         group["initial_lr"] = group["lr"]
+if config["load_optimizer"] and resume_dir is None:  # warm start: the source's moments, this run's lrs
+    path = load_optimizer_warm_start(optimizers, config["source"], device, ddp_rank, ddp_world_size,
+                                     model_tag=config["model_tag"], step=config["step"])
+    print0(f"Optimizer state warm-started from {path}")
 
 # -----------------------------------------------------------------------------
 # Data: mixtures -> per-rank streams of CPU batches (nanochat/sft.py), moved to the device here
@@ -199,6 +214,7 @@ def batches(dataset, state=None):
 
 
 def to_device(inputs, targets, segment_ids):
+    inputs, targets = pad_to_bucket(inputs, targets, pad_bucket, pad_id, max_len=config["max_seq_len"])
     move = lambda t: None if t is None else t.to(device, non_blocking=device_type == "cuda")  # noqa: E731
     return move(inputs), move(targets), move(segment_ids)
 
@@ -273,7 +289,7 @@ def save(step, metrics):
 # Training loop: step s trains with lrm = 1 - s / num_iterations; evaluation happens before step s and once
 # more after the last step (at s == num_iterations)
 
-engine = Engine(model, tokenizer)
+engine = Engine(orig_model, tokenizer)  # generation runs uncompiled (its shapes change every token)
 peak_flops = get_peak_flops(device)
 train_time = 0.0
 for step in range(start_step, num_iterations + 1):
@@ -316,7 +332,7 @@ for step in range(start_step, num_iterations + 1):
                     kwargs["batch_size"] = 2 * device_batch_size
                 else:
                     kwargs["max_new_tokens"] = config["eval_max_new_tokens"]
-                metrics[metric_key(task_name)] = run_chat_eval(task_name, model, tokenizer, engine, **kwargs)
+                metrics[metric_key(task_name)] = run_chat_eval(task_name, orig_model, tokenizer, engine, **kwargs)
         print0(f"Step {step:05d} | " + ", ".join(f"{k}: {v:.6f}" for k, v in metrics.items()))
         wandb_run.log({"step": step, **metrics})
         model.train()
@@ -337,7 +353,9 @@ for step in range(start_step, num_iterations + 1):
     train_state = micro_batches[-1][4]  # the data position after this step, for resuming
     local = [sum(b[3][k] for b in micro_batches) for k in ("supervised", "positions", "pad_positions", "examples",
                                                             "truncated", "dropped")]
-    step_tokens, positions, pad_positions, examples, truncated, dropped = all_reduce_sum(local)
+    local.append(sum(b[0].size(0) * bucketed_length(b[0].size(1), pad_bucket, config["max_seq_len"])
+                     for b in micro_batches))  # positions the model computes (pad_bucket rounding included)
+    step_tokens, positions, pad_positions, examples, truncated, dropped, computed = all_reduce_sum(local)
     objective, oom = 0.0, 0.0
     try:
         for inputs, targets, segment_ids, stats, _ in micro_batches:
@@ -409,10 +427,17 @@ for step in range(start_step, num_iterations + 1):
     log = {"step": step, "train_loss": train_loss, "lrm": lrm, "num_tokens": step_tokens,
            "supervised_ratio": supervised_ratio, "padding_fraction": pad_frac, "tok_per_sec": tok_per_sec,
            "examples": examples, "dt": dt}
-    if peak_flops:
-        mfu = num_flops_per_token * positions / dt / (peak_flops * ddp_world_size)
-        line += f" | mfu: {100 * mfu:.2f}%"
-        log["mfu"] = mfu
+    if peak_flops:  # useful: non-padding positions only; total: every position computed
+        mfu_useful = mfu(num_flops_per_token, positions - pad_positions, dt, peak_flops, ddp_world_size)
+        mfu_total = mfu(num_flops_per_token, computed, dt, peak_flops, ddp_world_size)
+        line += f" | mfu: {100 * mfu_useful:.2f}% useful, {100 * mfu_total:.2f}% total"
+        log["mfu"], log["mfu_total"] = mfu_useful, mfu_total
+    if device_type == "cuda":
+        log["peak_memory_mib"] = peak_memory_mib(device)
+        line += f" | peak mem: {log['peak_memory_mib']:,.0f} MiB"
+    if use_compile:
+        log["compiled_graphs"] = compiled_graphs()  # growing after the first steps = recompilations
+        line += f" | compiled graphs: {log['compiled_graphs']}"
     if truncated or dropped:
         line += f" | truncated: {int(truncated)} | dropped: {int(dropped)}"
     print0(line)
@@ -425,10 +450,11 @@ for step in range(start_step, num_iterations + 1):
 
 final_metrics = {"val_loss": val_loss, **metrics}
 save(num_iterations, final_metrics)
-peak_memory = torch.cuda.max_memory_allocated(device) / 1024**2 if device_type == "cuda" else None
+peak_memory = peak_memory_mib(device)
 print0(f"Training time: {train_time:.1f}s | skipped steps: {totals['skipped_nonfinite']} non-finite, "
        f"{totals['skipped_oom']} out of memory | truncated: {totals['truncated']} | dropped: {totals['dropped']}"
-       + (f" | peak memory: {peak_memory:.0f} MiB" if peak_memory else ""))
+       + (f" | peak memory: {peak_memory:.0f} MiB" if peak_memory else "")
+       + (f" | torch.compile: {compiled_graphs()} graphs" if use_compile else ""))
 
 report = get_report()
 report.log(section="Chat SFT", data=[
