@@ -6,7 +6,10 @@ The GPT model (nanochat's architecture) and its optimizer set-up.
 - grouped-query / multi-query attention (n_kv_head <= n_head), MLP 4x wide with ReLU^2, no biases
 - output projections and lm_head start at zero (loss at init is exactly ln(vocab_size))
 - packed sequences: `segment_ids` (B, T) make attention block-diagonal causal and restart rotary positions
-  per segment (flex_attention with a block mask on CUDA, SDPA with an explicit boolean mask elsewhere)
+  per segment (flex_attention with a block mask on CUDA, SDPA with an explicit boolean mask elsewhere); the
+  mask is built once per batch and shared by every layer
+- the loss (forward with targets) is a chunked cross-entropy over the softcapped logits: the full fp32
+  (B * T, vocab) logits are never held (chunked_cross_entropy; loss_chunk_size = 0 for the plain computation)
 
 Build on the meta device, then allocate and initialise:
     with torch.device("meta"): model = GPT(config)
