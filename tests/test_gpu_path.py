@@ -333,3 +333,28 @@ def test_load_optimizer_without_source_state_is_a_user_error(tmp_path, monkeypat
     with pytest.raises(UserError, match=r"no optimizer state for rank 0 .*optim_000001_rank0\.pt is missing.*"
                                         r"load_optimizer = 0"):
         load_optimizer_warm_start(model.setup_optimizers(), "base", "cpu")
+
+
+@pytest.mark.slow
+def test_chat_sft_load_optimizer_refuses_a_source_without_optimizer_state(tmp_path, tokenizer):
+    import json
+    import subprocess
+    import sys
+
+    from tiny_checkpoint import make_tiny_checkpoint
+
+    make_tiny_checkpoint(str(tmp_path), tokenizer, source="base", depth=2, n_embd=64)  # saved without optimizer
+    data = tmp_path / "chats.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"},
+                                             {"role": "assistant", "content": "Hello!"}]}) + "\n")
+    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path), WANDB_MODE="disabled", OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-m", "scripts.chat_sft", "--source=base", "--load_optimizer=1",
+                          "--max_seq_len=64", "--eval_every=-1", "--eval_metrics_every=-1", "--max_iterations=1",
+                          f"--train_mixture=['CustomJSON:{data}']", f"--val_mixture=['CustomJSON:{data}']"],
+                         cwd=repo_root, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: load_optimizer = 1:"), out.stderr
+    assert "optim_000000_rank0.pt is missing" in lines[0] and "load_optimizer = 0" in lines[0]
+    assert not os.path.exists(tmp_path / "chatsft_checkpoints")
