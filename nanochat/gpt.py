@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from nanochat.adamw import DistAdamW
 from nanochat.common import dist_rank_world
@@ -87,18 +88,16 @@ def segment_mask(segment_ids):
 @functools.lru_cache(maxsize=1)
 def _compiled_flex_attention():
     # flex_attention is only fast when compiled; compiled lazily, on first CUDA use (no import-time work)
-    from torch.nn.attention.flex_attention import flex_attention
-
     return torch.compile(flex_attention, dynamic=False)
 
 
 def _flex_attention(q, k, v, block_mask, enable_gqa):
+    if torch.compiler.is_compiling():
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)  # part of the model's graph
     if q.device.type == "cuda":
-        return _compiled_flex_attention()(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
-    # CPU: eager flex_attention, forward only (torch has no flex backward on CPU); used by the tests to check
-    # the CUDA path's masking against the SDPA boolean mask
-    from torch.nn.attention.flex_attention import flex_attention
-
+        return _compiled_flex_attention()(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)  # eager model
+    # CPU, eager: forward only (torch has no flex backward on CPU); the tests check the CUDA path's masking
+    # against the SDPA boolean mask with it
     return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
 
 
@@ -106,8 +105,6 @@ def _flex_attention(q, k, v, block_mask, enable_gqa):
 def flex_segment_block_mask(segment_ids):
     """Block mask for flex_attention: causal within equal segment ids. Built once per batch (GPT.forward)
     and shared by every layer; blocks of 128 x 128 that are fully masked are skipped by the kernel."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
     B, T = segment_ids.shape
 
     def mask_mod(b, h, q_idx, kv_idx):

@@ -148,6 +148,27 @@ def test_flex_block_mask_model_forward_equals_sdpa_mask_forward():
     assert float((plain[:, 100:230] - out[False][0][:, 100:230]).abs().max()) > 1e-3
 
 
+@pytest.mark.slow
+def test_compiled_model_with_flex_block_mask_equals_sdpa_mask():
+    # the compiled CUDA path, forward-only on CPU: the block mask is built outside the graph (one graph break
+    # at the start of forward, none per layer) and flex_attention is traced into the model's graph
+    from nanochat.perf import compile_model, compiled_graphs
+
+    model = make_model(n_layer=2, n_head=4)
+    torch.manual_seed(2)
+    B, T = 2, 256
+    idx = torch.randint(0, V, (B, T))
+    seg = torch.cat([torch.full((B, 100), 1), torch.full((B, 130), 2), torch.zeros(B, 26, dtype=torch.long)], 1)
+    graphs_before = compiled_graphs()
+    with torch.no_grad():
+        model.use_flex = True
+        compiled_flex = compile_model(model)(idx, segment_ids=seg)
+        assert 1 <= compiled_graphs() - graphs_before <= 2
+        model.use_flex = False
+        eager_sdpa = model(idx, segment_ids=seg)
+    torch.testing.assert_close(compiled_flex, eager_sdpa, rtol=0, atol=1e-5)
+
+
 def test_pad_bucketing_shapes():
     assert [round_up(n, 128) for n in (1, 128, 129, 300)] == [128, 128, 256, 384]
     assert round_up(37, 1) == 37
