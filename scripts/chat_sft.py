@@ -292,6 +292,7 @@ def save(step, metrics):
 engine = Engine(orig_model, tokenizer)  # generation runs uncompiled (its shapes change every token)
 peak_flops = get_peak_flops(device)
 train_time = 0.0
+graphs_after_first_step = 0  # torch.compile graphs after the first training step (the rest are recompilations)
 for step in range(start_step, num_iterations + 1):
     last_step = step == num_iterations
     resumed_here = resume_dir is not None and step == start_step  # evaluated and saved before the interruption
@@ -436,7 +437,8 @@ for step in range(start_step, num_iterations + 1):
         log["peak_memory_mib"] = peak_memory_mib(device)
         line += f" | peak mem: {log['peak_memory_mib']:,.0f} MiB"
     if use_compile:
-        log["compiled_graphs"] = compiled_graphs()  # growing after the first steps = recompilations
+        log["compiled_graphs"] = compiled_graphs()  # growing after the first step = recompilations
+        graphs_after_first_step = graphs_after_first_step or log["compiled_graphs"]
         line += f" | compiled graphs: {log['compiled_graphs']}"
     if truncated or dropped:
         line += f" | truncated: {int(truncated)} | dropped: {int(dropped)}"
@@ -454,7 +456,8 @@ peak_memory = peak_memory_mib(device)
 print0(f"Training time: {train_time:.1f}s | skipped steps: {totals['skipped_nonfinite']} non-finite, "
        f"{totals['skipped_oom']} out of memory | truncated: {totals['truncated']} | dropped: {totals['dropped']}"
        + (f" | peak memory: {peak_memory:.0f} MiB" if peak_memory else "")
-       + (f" | torch.compile: {compiled_graphs()} graphs" if use_compile else ""))
+       + (f" | torch.compile: {compiled_graphs()} graphs, {compiled_graphs() - graphs_after_first_step} "
+          f"recompilations after the first step" if use_compile else ""))
 
 report = get_report()
 report.log(section="Chat SFT", data=[
