@@ -6,14 +6,15 @@ Benchmark of one chat SFT step (forward, backward, optimizer step) for every com
     python -m bench.sft_step --depth=20                           # one GPU: max_seq_len 2048, bf16 autocast
     python -m bench.sft_step --depth=12 --device_batch_size=16    # one GPU
 
-Per combination it prints: tokens/s (every position the model computes), supervised tokens/s, MFU counting
-only the non-padding positions ("useful") and all positions ("total") against the device's bf16 peak
-(CUDA only), the peak memory (CUDA only) and the compile time (the first step minus a timed step, compiled
-rows only). The data is synthetic: conversations with log-normal lengths (median --median_len tokens) whose
-second half is supervised, batched by the real SFT pipeline (nanochat.sft.sft_batches: "pad" pads each batch
-to its longest conversation, rounded up to --pad_bucket when compiled; "bestfit" packs whole conversations
-into rows of max_seq_len + 1 tokens). "full" is the unchunked loss (GPT.loss_chunk_size = 0), "chunked" the
-default chunked cross-entropy. Throughput barely depends on the token values, so no tokenizer is needed.
+Per combination it prints: tokens/s (every position the model computes), supervised tokens/s, MFU
+counting only the non-padding positions ("useful") and all positions ("total") against the device's bf16
+peak (CUDA only), the peak memory (CUDA only), and for compiled rows the compile time (the steps that built
+a graph, minus a normal step each) and the number of graphs built. The data is synthetic: conversations
+with log-normal lengths (median --median_len tokens) whose last 60% is supervised, batched by the real SFT
+pipeline (nanochat.sft.sft_batches: "pad" pads each batch to its longest conversation, rounded up to
+--pad_bucket when compiled; "bestfit" packs whole conversations into rows of max_seq_len + 1 tokens).
+"full" is the unchunked loss (GPT.loss_chunk_size = 0), "chunked" the default chunked cross-entropy.
+Throughput barely depends on the token values, so no tokenizer is needed.
 """
 
 import argparse
@@ -60,8 +61,10 @@ def run_one(model_config, device, dtype, conversations, packing, compiled, chunk
         torch.cuda.reset_peak_memory_stats(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     totals = dict(time=0.0, computed=0, useful=0, supervised=0)
-    first_step_time, graphs_before = None, compiled_graphs()
-    for step in range(warmup + steps):
+    # a step that built a new graph (the first one; in pad mode each new bucket length) counts as compile
+    # time, not throughput; timed steps are the first `steps` steps after warmup that built nothing
+    compile_time, compile_steps, timed, iteration, graphs_seen = 0.0, 0, 0, 0, compiled_graphs()
+    while timed < steps and iteration < warmup + 4 * steps:
         inputs, targets, segment_ids, stats, _ = next(stream)
         inputs, targets = pad_to_bucket(inputs, targets, bucket, 0, max_len=max_seq_len)
         sync()
@@ -76,14 +79,20 @@ def run_one(model_config, device, dtype, conversations, packing, compiled, chunk
         orig_model.zero_grad(set_to_none=True)
         sync()
         dt = time.perf_counter() - t0
-        if step == 0:
-            first_step_time = dt
-        if step >= warmup:
+        graphs_now = compiled_graphs()
+        if compiled and graphs_now != graphs_seen:
+            compile_time, compile_steps = compile_time + dt, compile_steps + 1
+        elif iteration >= warmup:
             totals["time"] += dt
             totals["computed"] += inputs.numel()
             totals["useful"] += stats["positions"] - stats["pad_positions"]
             totals["supervised"] += stats["supervised"]
-    step_time = totals["time"] / steps
+            timed += 1
+        graphs_seen = graphs_now
+        iteration += 1
+    if timed == 0:
+        raise RuntimeError(f"no step without a (re)compilation in {iteration} steps: raise --pad_bucket")
+    step_time = totals["time"] / timed
     peak = get_peak_flops(device)
     flops = orig_model.estimate_flops()
     return {
@@ -92,7 +101,7 @@ def run_one(model_config, device, dtype, conversations, packing, compiled, chunk
         "MFU useful": mfu(flops, totals["useful"], totals["time"], peak),
         "MFU total": mfu(flops, totals["computed"], totals["time"], peak),
         "peak MiB": peak_memory_mib(device),
-        "compile s": max(0.0, first_step_time - step_time) if compiled else None,
+        "compile s": max(0.0, compile_time - compile_steps * step_time) if compiled else None,
         "graphs": compiled_graphs() - graphs_before if compiled else None,
         "step ms": 1000 * step_time,
     }
