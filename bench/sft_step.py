@@ -63,7 +63,8 @@ def run_one(model_config, device, dtype, conversations, packing, compiled, chunk
     totals = dict(time=0.0, computed=0, useful=0, supervised=0)
     # a step that built a new graph (the first one; in pad mode each new bucket length) counts as compile
     # time, not throughput; timed steps are the first `steps` steps after warmup that built nothing
-    compile_time, compile_steps, timed, iteration, graphs_seen = 0.0, 0, 0, 0, compiled_graphs()
+    graphs_before = compiled_graphs()
+    compile_time, compile_steps, timed, iteration, graphs_seen = 0.0, 0, 0, 0, graphs_before
     while timed < steps and iteration < warmup + 4 * steps:
         inputs, targets, segment_ids, stats, _ = next(stream)
         inputs, targets = pad_to_bucket(inputs, targets, bucket, 0, max_len=max_seq_len)
