@@ -172,11 +172,11 @@ if resume_dir is not None:
     orig_model = model
     print0(f"Resuming from {resume_dir} at step {resume_step}")
 num_flops_per_token = model.estimate_flops()
+print0(f"Model: depth {depth}, {model.num_params():,} parameters, from {config['source']} ({source_meta.get('step')})")
 use_compile = device_type == "cuda" if config["compile"] is None else config["compile"]
 pad_bucket = config["pad_bucket"] if use_compile and config["packing"] == "pad" else 1  # eager: no rounding
 if use_compile:  # bestfit: one shape; pad: one per bucket up to max_seq_len
     model = compile_model(orig_model, num_shapes=-(-config["max_seq_len"] // pad_bucket))
-print0(f"Model: depth {depth}, {model.num_params():,} parameters, from {config['source']} ({source_meta.get('step')})")
 
 # -----------------------------------------------------------------------------
 # Optimizers: the guide's three learning rates, all scaled by init_lr_frac
