@@ -18,6 +18,7 @@ Throughput barely depends on the token values, so no tokenizer is needed.
 """
 
 import argparse
+import gc
 import math
 import random
 import time
@@ -164,6 +165,8 @@ def main(argv=None):
                 result = run_one(model_config, device, args.dtype, conversations, packing, compiled, chunked,
                                  batch_size, pad_bucket, max_seq_len, steps, warmup, loss_chunk_size)
                 rows.append((name, result))
+                torch._dynamo.reset()  # drop the compiled graphs (and the model they hold) before the next row
+                gc.collect()
                 print(f"  done {name}", flush=True)
 
     def fmt(key, value):
