@@ -379,3 +379,52 @@ def test_chat_sft_load_optimizer_refuses_a_source_without_optimizer_state(tmp_pa
     assert len(lines) == 1 and lines[0].startswith("error: load_optimizer = 1:"), out.stderr
     assert "optim_000000_rank0.pt is missing" in lines[0] and "load_optimizer = 0" in lines[0]
     assert not os.path.exists(tmp_path / "chatsft_checkpoints")
+
+
+@pytest.mark.slow
+def test_chat_sft_load_optimizer_warm_starts_from_the_source(tmp_path, tokenizer, monkeypatch):
+    # a source saved WITH optimizer state: chat_sft with load_optimizer = 1 takes a different first step than a
+    # cold start (its moments are the source's), and says where the state came from
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from nanochat.checkpoint_manager import SOURCE_DIRS, build_model, load_checkpoint, save_checkpoint
+    from tiny_checkpoint import make_tiny_checkpoint
+
+    source = tmp_path / "source"
+    checkpoint_dir = make_tiny_checkpoint(str(source), tokenizer, source="base", depth=2, n_embd=64)
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(source))  # build_model reads the tokenizer from the base dir
+    model, _, meta = build_model(checkpoint_dir, 0, "cpu", phase="train")
+    optimizers = model.setup_optimizers()
+    torch.manual_seed(0)
+    idx = torch.randint(0, model.config.vocab_size, (2, 17))
+    model(idx[:, :-1], idx[:, 1:]).backward()
+    for opt in optimizers:
+        opt.step()
+    save_checkpoint(checkpoint_dir, 1, model.state_dict(), [opt.state_dict() for opt in optimizers],
+                    dict(meta, step=1))
+    data = tmp_path / "chats.jsonl"
+    with open(data, "w", encoding="utf-8") as f:
+        for i in range(8):
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                                             {"role": "assistant", "content": f"It is {2 * i}."}]}) + "\n")
+    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    weights = {}
+    for warm in (0, 1):
+        base_dir = tmp_path / f"run{warm}"
+        shutil.copytree(source, base_dir)
+        env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), WANDB_MODE="disabled", OMP_NUM_THREADS="1")
+        out = subprocess.run([sys.executable, "-m", "scripts.chat_sft", "--source=base", f"--load_optimizer={warm}",
+                              "--max_seq_len=64", "--eval_every=-1", "--eval_metrics_every=-1", "--max_iterations=1",
+                              "--device_batch_size=2", "--target_examples_per_step=2", "--init_lr_frac=1.0",
+                              f"--train_mixture=['CustomJSON:{data}']", f"--val_mixture=['CustomJSON:{data}']"],
+                             cwd=repo_root, env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        assert ("Optimizer state warm-started from" in out.stdout) == bool(warm)
+        if warm:
+            assert "optim_000001_rank0.pt" in out.stdout
+        weights[warm] = load_checkpoint(os.path.join(base_dir, SOURCE_DIRS["sft"], "d2"), 1, "cpu")[0]
+    assert weights[0].keys() == weights[1].keys()
+    assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
