@@ -26,7 +26,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from nanochat.adamw import DistAdamW
 from nanochat.common import dist_rank_world
@@ -88,10 +87,14 @@ def segment_mask(segment_ids):
 @functools.lru_cache(maxsize=1)
 def _compiled_flex_attention():
     # flex_attention is only fast when compiled; compiled lazily, on first CUDA use (no import-time work)
+    from torch.nn.attention.flex_attention import flex_attention
+
     return torch.compile(flex_attention, dynamic=False)
 
 
 def _flex_attention(q, k, v, block_mask, enable_gqa):
+    from torch.nn.attention.flex_attention import flex_attention  # imported on use: it pulls in torch._dynamo
+
     if torch.compiler.is_compiling():
         return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)  # part of the model's graph
     if q.device.type == "cuda":
@@ -101,10 +104,11 @@ def _flex_attention(q, k, v, block_mask, enable_gqa):
     return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
 
 
-@torch.compiler.disable  # built eagerly, outside a compiled model's graph; the graphs take the BlockMask as input
 def flex_segment_block_mask(segment_ids):
     """Block mask for flex_attention: causal within equal segment ids. Built once per batch (GPT.forward)
     and shared by every layer; blocks of 128 x 128 that are fully masked are skipped by the kernel."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
     B, T = segment_ids.shape
 
     def mask_mod(b, h, q_idx, kv_idx):
@@ -113,11 +117,19 @@ def flex_segment_block_mask(segment_ids):
     return create_block_mask(mask_mod, B, None, T, T, device=segment_ids.device)
 
 
+@functools.lru_cache(maxsize=1)
+def _eager_flex_segment_block_mask():
+    # the block mask is built eagerly, outside a compiled model's graph (one graph break at the start of
+    # forward; the graph takes the BlockMask as input); wrapped on first use, so that importing this module
+    # does not import torch._dynamo
+    return torch.compiler.disable(flex_segment_block_mask)
+
+
 def segment_attention(segment_ids, use_flex):
     """The attention masking of a packed batch, built once per batch and shared by all layers:
     ("flex", BlockMask) for flex_attention (CUDA), or ("sdpa", (B, 1, T, T) boolean mask) elsewhere."""
     if use_flex:
-        return "flex", flex_segment_block_mask(segment_ids)
+        return "flex", _eager_flex_segment_block_mask()(segment_ids)
     return "sdpa", segment_mask(segment_ids)
 
 
