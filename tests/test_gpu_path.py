@@ -23,6 +23,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 V = 320
 
 
+@pytest.fixture
+def single_process_compile():
+    """Inductor compiles in this process: its pool of compile workers costs more than it saves on a small,
+    busy CPU (the compiled tests take about half as long)."""
+    import torch._inductor.config
+
+    with torch._inductor.config.patch(compile_threads=1):
+        yield
+
+
 def make_model(seed=0, n_layer=2, n_embd=64, n_head=2, sequence_len=256):
     config = GPTConfig(sequence_len=sequence_len, vocab_size=V, n_layer=n_layer, n_head=n_head, n_kv_head=n_head,
                        n_embd=n_embd)
@@ -149,7 +159,7 @@ def test_flex_block_mask_model_forward_equals_sdpa_mask_forward():
 
 
 @pytest.mark.slow
-def test_compiled_model_with_flex_block_mask_equals_sdpa_mask():
+def test_compiled_model_with_flex_block_mask_equals_sdpa_mask(single_process_compile):
     # the compiled CUDA path, forward-only on CPU: the block mask is built outside the graph (one graph break
     # at the start of forward, none per layer) and flex_attention is traced into the model's graph
     from nanochat.perf import compile_model, compiled_graphs
@@ -230,7 +240,7 @@ def _bestfit_batches(num_batches, rows=2, row_capacity=65, seed=0):
 
 
 @pytest.mark.slow
-def test_compiled_bestfit_step_matches_eager():
+def test_compiled_bestfit_step_matches_eager(single_process_compile):
     # three optimizer steps of a tiny model on packed rows (segment mask), eager vs torch.compile(dynamic=False)
     from nanochat.perf import compile_model, compiled_graphs
 
