@@ -6,7 +6,10 @@ The GPT model (nanochat's architecture) and its optimizer set-up.
 - grouped-query / multi-query attention (n_kv_head <= n_head), MLP 4x wide with ReLU^2, no biases
 - output projections and lm_head start at zero (loss at init is exactly ln(vocab_size))
 - packed sequences: `segment_ids` (B, T) make attention block-diagonal causal and restart rotary positions
-  per segment (flex_attention with a block mask on CUDA, SDPA with an explicit boolean mask elsewhere)
+  per segment (flex_attention with a block mask on CUDA, SDPA with an explicit boolean mask elsewhere); the
+  mask is built once per batch and shared by every layer
+- the loss (forward with targets) is a chunked cross-entropy over the softcapped logits: the full fp32
+  (B * T, vocab) logits are never held (chunked_cross_entropy; loss_chunk_size = 0 for the plain computation)
 
 Build on the meta device, then allocate and initialise:
     with torch.device("meta"): model = GPT(config)
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from nanochat.adamw import DistAdamW
 from nanochat.common import UserError, dist_rank_world
@@ -97,8 +101,21 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=False)
 
 
+def _flex_attention(q, k, v, block_mask, enable_gqa):
+    from torch.nn.attention.flex_attention import flex_attention  # imported on use: it pulls in torch._dynamo
+
+    if torch.compiler.is_compiling():
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)  # part of the model's graph
+    if q.device.type == "cuda":
+        return _compiled_flex_attention()(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)  # eager model
+    # CPU, eager: forward only (torch has no flex backward on CPU); the tests check the CUDA path's masking
+    # against the SDPA boolean mask with it
+    return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+
+
 def flex_segment_block_mask(segment_ids):
-    """Block mask for flex_attention: causal within equal segment ids."""
+    """Block mask for flex_attention: causal within equal segment ids. Built once per batch (GPT.forward)
+    and shared by every layer; blocks of 128 x 128 that are fully masked are skipped by the kernel."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     B, T = segment_ids.shape
@@ -107,6 +124,56 @@ def flex_segment_block_mask(segment_ids):
         return (kv_idx <= q_idx) & (segment_ids[b, q_idx] == segment_ids[b, kv_idx])
 
     return create_block_mask(mask_mod, B, None, T, T, device=segment_ids.device)
+
+
+@functools.lru_cache(maxsize=1)
+def _eager_flex_segment_block_mask():
+    # the block mask is built eagerly, outside a compiled model's graph (one graph break at the start of
+    # forward; the graph takes the BlockMask as input); wrapped on first use, so that importing this module
+    # does not import torch._dynamo
+    return torch.compiler.disable(flex_segment_block_mask)
+
+
+def segment_attention(segment_ids, use_flex):
+    """The attention masking of a packed batch, built once per batch and shared by all layers:
+    ("flex", BlockMask) for flex_attention (CUDA), or ("sdpa", (B, 1, T, T) boolean mask) elsewhere."""
+    if use_flex:
+        return "flex", _eager_flex_segment_block_mask()(segment_ids)
+    return "sdpa", segment_mask(segment_ids)
+
+
+def chunked_cross_entropy(x, weight, targets, softcap=15.0, reduction="mean", chunk_size=2048, ignore_index=-1):
+    """Cross-entropy of the softcapped logits softcap * tanh((x @ weight.T).float() / softcap) against
+    `targets`, computed `chunk_size` rows (tokens) at a time so that the full (N, vocab) fp32 logits never
+    exist: in the forward pass one chunk's logits are alive at a time, and each chunk is a non-reentrant
+    activation checkpoint, so backward recomputes one chunk's logits at a time instead of saving them all.
+    The cost is one extra lm_head matmul in the forward of the backward (about 2 * N * n_embd * vocab FLOPs).
+    x: (N, C) hidden states after the final norm; weight: (V, C) lm_head weight; targets: (N,) with
+    ignore_index where there is no target. reduction: "sum" | "mean" (over non-ignored targets; NaN when
+    there are none, as F.cross_entropy) | "none" ((N,), 0 at ignored targets). chunk_size <= 0: one chunk."""
+    assert reduction in ("sum", "mean", "none"), f"unknown reduction {reduction!r}"
+    N = x.size(0)
+    chunk_size = N if chunk_size <= 0 else chunk_size
+
+    def chunk_loss(x_chunk, weight, targets_chunk):
+        logits = F.linear(x_chunk, weight).float()
+        logits = softcap * torch.tanh(logits / softcap)
+        return F.cross_entropy(logits, targets_chunk, ignore_index=ignore_index, reduction="none")
+
+    checkpointed = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad) and chunk_size < N
+    losses = []
+    for start in range(0, N, chunk_size):
+        args = (x[start:start + chunk_size], weight, targets[start:start + chunk_size])
+        if checkpointed:
+            losses.append(torch.utils.checkpoint.checkpoint(chunk_loss, *args, use_reentrant=False))
+        else:
+            losses.append(chunk_loss(*args))
+    loss = torch.cat(losses) if len(losses) > 1 else losses[0]  # (N,) fp32: 4 bytes per token, not per logit
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / (targets != ignore_index).sum()
 
 
 class CausalSelfAttention(nn.Module):
@@ -141,7 +208,7 @@ class CausalSelfAttention(nn.Module):
         if seg is not None:
             kind, mask = seg
             if kind == "flex":
-                y = _compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=gqa)
+                y = _flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
             else:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         elif Tq == Tk:
@@ -179,6 +246,11 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    # rows (tokens) per chunk of the loss: 2048 x vocab 65,536 fp32 logits are 0.5 GiB, against 4.3 GiB for the
+    # full logits of 8 rows of 2048; each chunk's matmul (2048 x n_embd x vocab) is still large enough to run
+    # at full speed
+    loss_chunk_size_default = 2048
+
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -193,6 +265,10 @@ class GPT(nn.Module):
         cos, sin = self._precompute_rotary(self.rotary_seq_len, head_dim)
         self.register_buffer("cos", cos, persistent=False)  # (rotary_seq_len, head_dim/2)
         self.register_buffer("sin", sin, persistent=False)
+        # Where the loss is computed (forward with targets), chunk_cross_entropy rows at a time so that the
+        # full fp32 logits are never held (chunked_cross_entropy); 0 = all at once (the unchunked reference).
+        self.loss_chunk_size = self.loss_chunk_size_default
+        self.use_flex = None  # packed rows: flex_attention (True) or SDPA + boolean mask (False); None: on CUDA
 
     def _precompute_rotary(self, seq_len, head_dim, base=10000, device=None):
         if device is None:
@@ -281,10 +357,8 @@ class GPT(nn.Module):
                                          f"{self.cos.size(0)} positions")
             pos = segment_positions(segment_ids)
             cos_sin = self.cos[pos][:, :, None, :], self.sin[pos][:, :, None, :]  # (B, T, 1, D/2)
-            if idx.device.type == "cuda":
-                seg = ("flex", flex_segment_block_mask(segment_ids))
-            else:
-                seg = ("sdpa", segment_mask(segment_ids))
+            use_flex = idx.device.type == "cuda" if self.use_flex is None else self.use_flex
+            seg = segment_attention(segment_ids, use_flex)  # once per batch, shared by every layer
         else:
             T0 = 0 if kv_cache is None else kv_cache.get_pos()
             if T0 + T > self.cos.size(0):
@@ -299,12 +373,12 @@ class GPT(nn.Module):
         x = norm(x)
 
         softcap = 15  # logits = 15 * tanh(logits / 15) (Gemma 2)
-        logits = self.lm_head(x).float()
-        logits = softcap * torch.tanh(logits / softcap)
         if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
-                               reduction=loss_reduction)
+            logits = self.lm_head(x).float()
+            return softcap * torch.tanh(logits / softcap)
+        # the loss without the full fp32 logits (chunked; loss_chunk_size = 0 gives the unchunked computation)
+        loss = chunked_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1), softcap=softcap,
+                                     reduction=loss_reduction, chunk_size=self.loss_chunk_size)
         if loss_reduction == "none":
             loss = loss.view(B, T)
         return loss

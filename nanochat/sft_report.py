@@ -84,9 +84,10 @@ def sample_conversations(engine, tokenizer, conversations, max_tokens=64):
     return samples
 
 
-def format_step(step, loss, lrm, step_totals, dt, mfu=None):
+def format_step(step, loss, lrm, step_totals, dt, mfu=None, mfu_total=None):
     """chat_sft's step line (the guide's first fields, then throughput) and its wandb dict, from the step's
-    StepResult totals (summed over ranks) and its duration dt in seconds."""
+    StepResult totals (summed over ranks) and its duration dt in seconds. mfu counts the useful (non-padding)
+    positions, mfu_total every position the model computed."""
     tokens, positions = step_totals["supervised"], step_totals["positions"]
     log = {"step": step, "train_loss": loss, "lrm": lrm, "num_tokens": tokens,
            "supervised_ratio": tokens / max(positions, 1),
@@ -97,7 +98,10 @@ def format_step(step, loss, lrm, step_totals, dt, mfu=None):
             f"tok/s: {log['tok_per_sec']:,.0f} | sup_tok/s: {tokens / dt:,.0f}")
     if mfu is not None:
         log["mfu"] = mfu
-        line += f" | mfu: {100 * mfu:.2f}%"
+        line += f" | mfu: {100 * mfu:.2f}% useful"
+    if mfu_total is not None:
+        log["mfu_total"] = mfu_total
+        line += f", {100 * mfu_total:.2f}% total"
     if step_totals["truncated"] or step_totals["dropped"]:
         line += f" | truncated: {int(step_totals['truncated'])} | dropped: {int(step_totals['dropped'])}"
     return line, log

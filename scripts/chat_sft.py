@@ -35,15 +35,17 @@ import torch
 
 from nanochat.chat_eval import run_task_metrics
 from nanochat.checkpoint_manager import (build_model, check_tokenizer, default_output_tag, describe_checkpoint,
-                                         load_checkpoint, load_run_state, prepare_run, read_meta, resolve_checkpoint,
-                                         save_checkpoint, save_run_state, tokenizer_sha256)
+                                         load_checkpoint, load_optimizer_warm_start, load_run_state, prepare_run,
+                                         read_meta, resolve_checkpoint, save_checkpoint, save_run_state,
+                                         tokenizer_sha256)
 from nanochat.checks import check_finite_parameters
-from nanochat.common import (UserError, autocast_ctx, autodetect_device_type, compute_cleanup, compute_init,
-                             get_base_dir, get_dist_info, get_git_commit, get_peak_flops, init_wandb,
+from nanochat.common import (UserError, all_reduce_values, autocast_ctx, autodetect_device_type, compute_cleanup,
+                             compute_init, get_base_dir, get_dist_info, get_git_commit, get_peak_flops, init_wandb,
                              install_error_handler, print0)
 from nanochat.config import ConfigError, Option, load_config
 from nanochat.engine import Engine
 from nanochat.loss_eval import evaluate_sft_loss
+from nanochat.perf import compile_model, compiled_graphs, mfu, pad_to_bucket, peak_memory_mib
 from nanochat.report import format_duration, get_report
 from nanochat.schedules import lr_multiplier, scale_initial_lr, set_lr_multiplier
 from nanochat.sft import (LOSS_NORMALIZATIONS, PACKINGS, accumulate_step, grad_accum_steps_for, initial_data_state,
@@ -100,6 +102,11 @@ OPTIONS = [
            min=1, disabled=-1),
     Option("resume", str, "0", "0: fresh run; 1: continue the run in the output folder from its last resumable "
                                "checkpoint (fresh if the folder is empty); or a checkpoint folder to continue from"),
+    Option("compile", bool, None, "torch.compile the model (default: on for CUDA, off elsewhere)"),
+    Option("pad_bucket", int, 128, "compiled pad mode: round batch lengths up to a multiple of this, so the "
+                                   "compiled model sees a handful of shapes (1: no rounding)", min=1),
+    Option("load_optimizer", int, 0, "1: warm-start the optimizers from the source checkpoint's optimizer state",
+           choices=(0, 1)),
     Option("dry_run", int, 0, "1: load the mixtures and tokenizer only, print the data preview, exit", choices=(0, 1)),
 ]
 script_start = time.time()  # the stage's wall-clock time goes into its report section
@@ -155,9 +162,12 @@ def render(conversation):
     return tokenizer.render_conversation(conversation, max_tokens=row_capacity + 1)
 
 
-def batches(dataset, state=None):
-    return sft_batches(dataset, render, device_batch_size, pad_id, config["packing"], row_capacity,
-                       config["drop_long"], ddp_rank, ddp_world_size, state=state)
+def batches(dataset, state=None, bucket=1):
+    # bucket > 1 (compiled pad mode): lengths rounded up to a multiple of it, padding with target -1
+    for batch in sft_batches(dataset, render, device_batch_size, pad_id, config["packing"], row_capacity,
+                             config["drop_long"], ddp_rank, ddp_world_size, state=state):
+        inputs, targets = pad_to_bucket(batch.inputs, batch.targets, bucket, pad_id, max_len=config["max_seq_len"])
+        yield batch._replace(inputs=inputs, targets=targets)
 
 
 step_count_args = (config["target_examples_per_step"], device_batch_size, grad_accum_steps, row_capacity,
@@ -191,9 +201,13 @@ load_dir, load_step = (plan.resume_dir, plan.resume_step) if plan.resume_dir els
 model, _, load_meta = build_model(load_dir, load_step, device, phase="train")
 print0(f"{'Resuming from' if plan.resume_dir else 'Loaded checkpoint:'} "
        f"{describe_checkpoint(load_dir, load_step, load_meta)}")
-orig_model = model  # SFT runs uncompiled (every batch has a different shape in pad mode)
+orig_model = model  # the uncompiled model: for saving and generation (task metrics)
 depth = model.config.n_layer
 num_flops_per_token = model.estimate_flops()
+use_compile = device_type == "cuda" if config["compile"] is None else config["compile"]
+pad_bucket = config["pad_bucket"] if use_compile and config["packing"] == "pad" else 1  # eager: no rounding
+if use_compile:  # bestfit: one shape; pad: one per bucket up to max_seq_len
+    model = compile_model(orig_model, num_shapes=-(-config["max_seq_len"] // pad_bucket))
 print0(f"Model: depth {depth}, {model.num_params():,} parameters, from {config['source']} ({source_meta.get('step')})")
 wandb_run = init_wandb(config["run"], "nanochat-sft", config, ddp_rank, run_dir=checkpoint_dir)
 
@@ -203,6 +217,10 @@ wandb_run = init_wandb(config["run"], "nanochat-sft", config, ddp_rank, run_dir=
 optimizers = model.setup_optimizers(unembedding_lr=config["unembedding_lr"], embedding_lr=config["embedding_lr"],
                                     matrix_lr=config["matrix_lr"], weight_decay=config["weight_decay"])
 scale_initial_lr(optimizers, config["init_lr_frac"])
+if config["load_optimizer"] and plan.resume_dir is None:  # warm start: the source's moments, this run's lrs
+    path = load_optimizer_warm_start(optimizers, config["source"], device, ddp_rank, ddp_world_size,
+                                     model_tag=config["model_tag"], step=config["step"])
+    print0(f"Optimizer state warm-started from {path}")
 
 # -----------------------------------------------------------------------------
 # Resume state (optimizer, data position, step, RNG) or a fresh start
@@ -223,7 +241,7 @@ if plan.resume_dir is not None:
     metrics = run_state["counters"]["metrics"]
     val_loss = metrics.pop("val_loss")
     del optimizer_data
-train_iter = batches(train_ds, train_state)
+train_iter = batches(train_ds, train_state, pad_bucket)
 
 
 def save(step, metrics):
@@ -244,9 +262,10 @@ def save(step, metrics):
 # Training loop: step s trains with lrm = 1 - s / num_iterations; evaluation happens before step s and once
 # more after the last step (at s == num_iterations)
 
-engine = Engine(model, tokenizer)
+engine = Engine(orig_model, tokenizer)  # generation runs uncompiled (its shapes change every token)
 peak_flops = get_peak_flops(device)
 train_time, loop_t0 = 0.0, time.time()
+graphs_after_first_step = 0  # torch.compile graphs after the first training step (the rest are recompilations)
 for step in range(start_step, num_iterations + 1):
     last_step = step == num_iterations
     resumed_here = plan.resume_dir is not None and step == start_step  # evaluated and saved before the interruption
@@ -254,8 +273,8 @@ for step in range(start_step, num_iterations + 1):
     # once in a while: validation loss, over eval_steps batches per rank (the same batches every time)
     if config["eval_every"] > 0 and (last_step or step % config["eval_every"] == 0) and not resumed_here:
         model.eval()
-        val_loss = evaluate_sft_loss(model, batches(val_ds), config["eval_steps"], config["loss_normalization"],
-                                     device, ddp_world_size, ddp_rank, autocast)
+        val_loss = evaluate_sft_loss(model, batches(val_ds, bucket=pad_bucket), config["eval_steps"],
+                                     config["loss_normalization"], device, ddp_world_size, ddp_rank, autocast)
         print0(f"Step {step:05d} | Validation loss: {val_loss:.6f}")
         wandb_run.log({"step": step, "val_loss": val_loss})
         loss_series["val_steps"].append(step)
@@ -267,7 +286,7 @@ for step in range(start_step, num_iterations + 1):
             (last_step or (step > 0 and step % config["eval_metrics_every"] == 0)):
         model.eval()
         with autocast():
-            metrics = run_task_metrics(eval_specs, model, tokenizer, engine, 2 * device_batch_size,
+            metrics = run_task_metrics(eval_specs, orig_model, tokenizer, engine, 2 * device_batch_size,
                                        config["eval_max_new_tokens"])
         print0(f"Step {step:05d} | " + ", ".join(f"{k}: {v:.6f}" for k, v in metrics.items()))
         wandb_run.log({"step": step, **metrics})
@@ -309,8 +328,20 @@ for step in range(start_step, num_iterations + 1):
     # logging
     for key in ("examples", "truncated", "dropped", "supervised", "positions", "pad_positions"):
         totals[key] += int(result.totals[key])
-    mfu = num_flops_per_token * result.totals["positions"] / dt / (peak_flops * ddp_world_size) if peak_flops else None
-    line, log = format_step(step, result.loss, lrm, result.totals, dt, mfu)
+    mfu_useful = mfu_total = None
+    if peak_flops:  # useful: non-padding positions only; total: every position computed (bucket rounding too)
+        computed = all_reduce_values([sum(b.inputs.numel() for b in micro_batches)], "sum", device, ddp_world_size)[0]
+        useful = result.totals["positions"] - result.totals["pad_positions"]
+        mfu_useful = mfu(num_flops_per_token, useful, dt, peak_flops, ddp_world_size)
+        mfu_total = mfu(num_flops_per_token, computed, dt, peak_flops, ddp_world_size)
+    line, log = format_step(step, result.loss, lrm, result.totals, dt, mfu_useful, mfu_total)
+    if device_type == "cuda":
+        log["peak_memory_mib"] = peak_memory_mib(device)
+        line += f" | peak mem: {log['peak_memory_mib']:,.0f} MiB"
+    if use_compile:
+        log["compiled_graphs"] = compiled_graphs()  # growing after the first step = recompilations
+        graphs_after_first_step = graphs_after_first_step or log["compiled_graphs"]
+        line += f" | compiled graphs: {log['compiled_graphs']}"
     eta = (time.time() - loop_t0) / (step + 1 - start_step) * (num_iterations - step - 1)
     print0(f"{line} | {progress} | eta {format_duration(eta)}")
     wandb_run.log(log)
@@ -322,10 +353,12 @@ for step in range(start_step, num_iterations + 1):
 
 final_metrics = {"val_loss": val_loss, **metrics}
 save(num_iterations, final_metrics)
-peak_memory = torch.cuda.max_memory_allocated(device) / 1024**2 if device_type == "cuda" else None
+peak_memory = peak_memory_mib(device)
 print0(f"Training time: {train_time:.1f}s | skipped steps: {totals['skipped_nonfinite']} non-finite, "
        f"{totals['skipped_oom']} out of memory | truncated: {totals['truncated']} | dropped: {totals['dropped']}"
-       + (f" | peak memory: {peak_memory:.0f} MiB" if peak_memory else ""))
+       + (f" | peak memory: {peak_memory:.0f} MiB" if peak_memory else "")
+       + (f" | torch.compile: {compiled_graphs()} graphs, {compiled_graphs() - graphs_after_first_step} "
+          f"recompilations after the first step" if use_compile else ""))
 
 samples = []
 if master_process:  # two validation prompts answered by the final model, for the report
@@ -335,8 +368,9 @@ if master_process:  # two validation prompts answered by the final model, for th
 run_figures = {"Supervised ratio": totals["supervised"] / max(totals["positions"], 1),
                "Padding fraction": padding_fraction(totals["pad_positions"], totals["positions"]),
                "Tokens per second": round(totals["positions"] / max(train_time, 1e-9))}
-if peak_flops:
-    run_figures["MFU"] = num_flops_per_token * totals["positions"] / max(train_time, 1e-9) / (peak_flops * ddp_world_size)
+if peak_flops:  # useful MFU: non-padding positions only
+    run_figures["MFU"] = mfu(num_flops_per_token, totals["positions"] - totals["pad_positions"], train_time,
+                             peak_flops, ddp_world_size)
 report = get_report()
 report.log(section="Chat SFT", data=[
     {k: config[k] for k in ("source", "device_batch_size", "target_examples_per_step", "num_epochs",

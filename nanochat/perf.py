@@ -1,0 +1,74 @@
+"""
+Speed and accounting helpers for the training step (chat_sft, bench/sft_step.py):
+
+- pad_to_bucket: round a padded batch's length up to a multiple of a bucket size, so a compiled model sees a
+  handful of shapes instead of one per batch (the extra positions are padding with target -1: no loss change)
+- compile_model / compiled_graphs: torch.compile for fixed shapes, and how many graphs (recompilations) it built
+- mfu: model FLOPs utilisation for a number of positions (useful = non-padding, or total = all positions)
+- peak_memory_mib: the CUDA allocator's peak (None elsewhere)
+
+Tests: tests/test_gpu_path.py.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def round_up(n, multiple):
+    """The smallest multiple of `multiple` that is >= n (n itself when multiple <= 1)."""
+    if multiple <= 1:
+        return n
+    return (n + multiple - 1) // multiple * multiple
+
+
+def bucketed_length(T, bucket, max_len=None):
+    """round_up(T, bucket), capped at max_len when given (but never below T)."""
+    new_T = round_up(T, bucket)
+    return new_T if max_len is None else max(T, min(new_T, max_len))
+
+
+def pad_to_bucket(inputs, targets, bucket, pad_id, max_len=None, ignore_index=-1):
+    """Pad (B, T) inputs/targets on the right to T' = round_up(T, bucket), capped at max_len (when given;
+    max_len is then one more shape). Added inputs are pad_id, added targets ignore_index, so with causal
+    attention the loss is unchanged: real positions never attend to later ones and padding has no target.
+    bucket <= 1 returns the tensors unchanged."""
+    T = inputs.size(1)
+    new_T = bucketed_length(T, bucket, max_len)
+    if new_T == T:
+        return inputs, targets
+    extra = new_T - T
+    return F.pad(inputs, (0, extra), value=pad_id), F.pad(targets, (0, extra), value=ignore_index)
+
+
+def compiled_graphs():
+    """How many graphs torch.compile has built in this process so far (torch._dynamo's unique_graphs
+    counter; 0 when nothing was compiled). A growing count after the first step means recompilations."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def mfu(flops_per_token, num_positions, dt, peak_flops, world_size=1):
+    """Fraction of peak FLOPS: flops_per_token * num_positions (over all ranks) in dt seconds on world_size
+    devices of peak_flops each; None when the peak is unknown (CPU)."""
+    if not peak_flops or dt <= 0:
+        return None
+    return flops_per_token * num_positions / dt / (peak_flops * world_size)
+
+
+def peak_memory_mib(device):
+    """Peak CUDA memory allocated on `device` since the last reset, in MiB; None on CPU/MPS."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 1024**2
+
+
+def compile_model(model, num_shapes=1):
+    """torch.compile(model, dynamic=False): one specialised graph per input shape (and per grad mode: the
+    validation loss under no_grad is one more). Dynamo falls back to eager for a function after
+    recompile_limit (8) recompilations, so the limit is raised to cover num_shapes train + eval shapes."""
+    import torch._dynamo.config
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * num_shapes + 2)
+    return torch.compile(model, dynamic=False)
