@@ -19,11 +19,10 @@ import sys
 import tempfile
 import time
 
-import torch
 
 from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.common import get_data_dir
-from nanochat.gpt import GPT, config_from_depth
+from nanochat.gpt import config_from_depth, random_model
 from nanochat.tokenizer import RustBPETokenizer
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,15 +65,7 @@ def main(argv=None):
             print(f"tokenizer: trained vocab {tokenizer.get_vocab_size()} in {time.time() - t0:.1f}s")
         tokenizer.save(os.path.join(base, "tokenizer"))
         config = config_from_depth(args.depth, tokenizer.get_vocab_size(), args.sequence_len)
-        torch.manual_seed(0)
-        with torch.device("meta"):
-            model = GPT(config)
-        model.to_empty(device="cpu")
-        model.init_weights()
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith("c_proj.weight") or name == "lm_head.weight":
-                    p.normal_(0.0, 0.02)  # not nanochat's zeros, so the logit check compares something
+        model = random_model(config, seed=0, output_std=0.02)  # not zeros: the logit check compares something
         meta = {"step": 0, "model_config": vars(config).copy(), "user_config": {"depth": args.depth}}
         save_checkpoint(os.path.join(base, "base_checkpoints", f"d{args.depth}"), 0, model.state_dict(), None, meta)
         print(f"model: depth {config.n_layer}, width {config.n_embd}, heads {config.n_head}, vocab "

@@ -653,36 +653,46 @@ def checkpoints_trained_with(tokenizer_sha, base_dir=None):
     return found
 
 
-def load_optimizer_warm_start(optimizers, source, device, rank=0, world_size=1, model_tag=None, step=None):
-    """Warm start (chat_sft's load_optimizer = 1): copy the per-parameter state (AdamW moments and step
-    count, Muon momentum buffers) of the source checkpoint's optimizers into `optimizers`, keeping their own
-    hyperparameters (learning rates, betas, ...). The source is resolved as load_model does (largest model,
-    last step). Raises UserError when the source has no optimizer state for this rank, was saved by a
-    different number of ranks (the distributed optimizers shard their state), or holds other parameters.
-    Returns the path the state was read from."""
-    checkpoint_dir, step = resolve_checkpoint(source, model_tag, step)
+_WARM_START_FIX = "set load_optimizer = 0 to start the optimizers cold, or pick a source saved with its optimizer state"
+
+
+def check_warm_start(checkpoint_dir, step, rank=0, world_size=1):
+    """The optimizer-state file of this rank that chat_sft's load_optimizer = 1 would read from the source
+    checkpoint, checked before anything is loaded: a UserError when it is missing or was saved by a different
+    number of ranks (the distributed optimizers shard their state). Returns its path."""
     path = _optim_path(checkpoint_dir, step, rank)
-    fix = "set load_optimizer = 0 to start the optimizers cold, or pick a source saved with its optimizer state"
     if not os.path.exists(path):
-        raise UserError(f"load_optimizer = 1: the {source} checkpoint {checkpoint_dir} step {step} has no optimizer "
-                        f"state for rank {rank} ({path} is missing); {fix}")
+        raise UserError(f"load_optimizer = 1: the checkpoint {checkpoint_dir} step {step} has no optimizer state for "
+                        f"rank {rank} ({path} is missing); {_WARM_START_FIX}")
     saved_world_size = read_meta(checkpoint_dir, step).get("world_size")
     if saved_world_size is None and os.path.exists(_optim_path(checkpoint_dir, step, world_size)):
         saved_world_size = f"more than {world_size}"
     if saved_world_size is not None and saved_world_size != world_size:
         raise UserError(f"load_optimizer = 1: the optimizer state in {checkpoint_dir} step {step} was saved by "
                         f"{saved_world_size} ranks, this run has {world_size} (the state is sharded per rank); "
-                        f"run with {saved_world_size} ranks or {fix}")
+                        f"run with {saved_world_size} ranks or {_WARM_START_FIX}")
+    return path
+
+
+def load_optimizer_warm_start(optimizers, source, device, rank=0, world_size=1, model_tag=None, step=None):
+    """Warm start (chat_sft's load_optimizer = 1): copy the per-parameter state (AdamW moments and step
+    count, Muon momentum buffers) of the source checkpoint's optimizers into `optimizers`, keeping their own
+    hyperparameters (learning rates, betas, ...). The source is resolved as load_model does (largest model,
+    last step) and checked by check_warm_start; a file holding other parameters is a UserError too.
+    Returns the path the state was read from."""
+    checkpoint_dir, step = resolve_checkpoint(source, model_tag, step)
+    path = check_warm_start(checkpoint_dir, step, rank, world_size)
     saved = _torch_load(path, device, "optimizer")
     if not isinstance(saved, (list, tuple)) or len(saved) != len(optimizers):
-        raise UserError(f"load_optimizer = 1: {path} does not hold the state of {len(optimizers)} optimizers; {fix}")
+        raise UserError(f"load_optimizer = 1: {path} does not hold the state of {len(optimizers)} optimizers; "
+                        f"{_WARM_START_FIX}")
     for opt, saved_state in zip(optimizers, saved):
         current = opt.state_dict()
         counts = [len(g["params"]) for g in current["param_groups"]]
         saved_counts = [len(g["params"]) for g in saved_state.get("param_groups", [])]
         if counts != saved_counts:
             raise UserError(f"load_optimizer = 1: {path} holds parameter groups of sizes {saved_counts}, the model "
-                            f"has {counts}; {fix}")
+                            f"has {counts}; {_WARM_START_FIX}")
         current["state"] = saved_state["state"]  # moments only: the param_groups (lrs) stay this run's
         opt.load_state_dict(current)
     return path

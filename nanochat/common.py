@@ -137,7 +137,11 @@ def compute_init(device_type="cuda"):
 
 
 def compute_cleanup():
+    """Tear the process group down together: a barrier first, so no rank destroys its group while another
+    one is still finishing (seen once on CPU as rank 1 aborting with "terminate called without an active
+    exception" while rank 0 wrote the report)."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

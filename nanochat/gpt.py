@@ -405,3 +405,19 @@ class GPT(nn.Module):
                 next_id = torch.argmax(logits, dim=-1, keepdim=True)
             ids = torch.cat((ids, next_id), dim=1)
             yield next_id.item()
+
+
+def random_model(config, seed=0, output_std=0.02, device="cpu"):
+    """A GPT of `config` with random weights everywhere, for tests and benchmarks. nanochat's init_weights
+    zero-inits the output projections (each block's c_proj and the lm_head), so an untrained model's logits
+    would not depend on its input; here they get N(0, output_std) weights instead."""
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("c_proj.weight") or name == "lm_head.weight":
+                p.normal_(0.0, output_std)
+    return model

@@ -34,10 +34,10 @@ import numpy as np
 import torch
 
 from nanochat.chat_eval import run_task_metrics
-from nanochat.checkpoint_manager import (build_model, check_tokenizer, default_output_tag, describe_checkpoint,
-                                         load_checkpoint, load_optimizer_warm_start, load_run_state, prepare_run,
-                                         read_meta, resolve_checkpoint, save_checkpoint, save_run_state,
-                                         tokenizer_sha256)
+from nanochat.checkpoint_manager import (build_model, check_tokenizer, check_warm_start, default_output_tag,
+                                         describe_checkpoint, load_checkpoint, load_optimizer_warm_start,
+                                         load_run_state, parse_resume, prepare_run, read_meta, resolve_checkpoint,
+                                         save_checkpoint, save_run_state, tokenizer_sha256)
 from nanochat.checks import check_finite_parameters
 from nanochat.common import (UserError, all_reduce_values, autocast_ctx, autodetect_device_type, compute_cleanup,
                              compute_init, get_base_dir, get_dist_info, get_git_commit, get_peak_flops, init_wandb,
@@ -140,6 +140,8 @@ if not config["dry_run"]:
     source_dir, source_step = resolve_checkpoint(config["source"], config["model_tag"], config["step"])
     source_meta = read_meta(source_dir, source_step)
     check_tokenizer(source_dir, source_step, source_meta)
+    if config["load_optimizer"] and parse_resume(config["resume"]) is None:  # a warm start needs the source's state
+        check_warm_start(source_dir, source_step, ddp_rank, ddp_world_size)
     output_tag = default_output_tag(config["output_tag"], source_meta["model_config"])
     checkpoint_dir = os.path.join(get_base_dir(), "chatsft_checkpoints", output_tag)
     plan = prepare_run(checkpoint_dir, config["resume"], config["overwrite"], ddp_rank, ddp_world_size)

@@ -23,7 +23,8 @@ import sys
 
 import torch
 
-from nanochat.checkpoint_manager import SOURCE_DIRS, find_last_step, load_checkpoint, save_checkpoint
+from nanochat.checkpoint_manager import (SOURCE_DIRS, find_last_step, load_checkpoint, new_run_id, save_checkpoint,
+                                         tokenizer_sha256)
 from nanochat.common import UserError, get_base_dir, get_git_commit, install_error_handler, print0
 from nanochat.config import Option, load_config
 from nanochat.gpt import GPT, GPTConfig
@@ -149,6 +150,9 @@ if write_checkpoint:
         "model_config": {k: int(v) for k, v in model_config.items()},
         "source": "nanochat import",
         "phase": phase,
+        "run_id": new_run_id(),  # this import owns its output folder, as a training run would
+        "run_name": "nanochat import",
+        "tokenizer_sha256": tokenizer_sha256(tokenizer_dir),  # ties the checkpoint to the tokenizer written above
         "user_config": src_meta.get("user_config", {}),
         "metrics": metrics,
         "git_commit": get_git_commit(),

@@ -401,13 +401,13 @@ def load_eval_task(task_name):
 def parse_eval_spec(spec):
     """chat_sft's eval_metrics_tasks entry "Name[:max_problems]" -> (name, max_problems or None)."""
     if not isinstance(spec, str) or not spec.strip():
-        raise MixtureSpecError(f"eval task spec {spec!r}: expected \"Name[:max_problems]\"")
+        raise MixtureSpecError(f"eval_metrics_tasks entry {spec!r}: expected \"Name[:max_problems]\"")
     name, _, limit = spec.strip().partition(":")
     if name not in EVAL_TASKS:
-        raise MixtureSpecError(f"eval task spec {spec!r}: unknown task {name!r}, expected one of "
+        raise MixtureSpecError(f"eval_metrics_tasks entry {spec!r}: unknown task {name!r}, expected one of "
                                f"{', '.join(EVAL_TASKS)}")
     if not limit:
         return name, None
     if not limit.isdigit() or int(limit) < 1:
-        raise MixtureSpecError(f"eval task spec {spec!r}: max_problems {limit!r} must be a positive integer")
+        raise MixtureSpecError(f"eval_metrics_tasks entry {spec!r}: max_problems {limit!r} must be a positive integer")
     return name, int(limit)

@@ -56,7 +56,7 @@ CONFIG_CASES = [
     ("scripts.base_train", ["--eval_every=0"], ["'eval_every'", "-1 to disable"]),
     ("scripts.base_train", ["--warmup_ratio=0.5", "--warmdown_ratio=0.6"], ["warmup_ratio + warmdown_ratio"]),
     ("scripts.base_train", ["--total_batch_size=1000", "--device_batch_size=3", "--max_seq_len=7"],
-     ["total_batch_size (1000)", "device_batch_size"]),
+     ["total_batch_size=1000", "device_batch_size"]),
     ("scripts.base_train", ["--depth=2", "--aspect_ratio=3", "--head_dim=3"], ["aspect_ratio", "head_dim=3"]),
     ("scripts.base_train", ["--target_param_data_ratio=0"], ["no training horizon"]),
     ("scripts.chat_sft", ["--device_batch_size=-2", "--packing=bestfit"], ["'device_batch_size'", ">= 1"]),

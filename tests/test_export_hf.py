@@ -24,7 +24,7 @@ import transformers  # not importorskip: CI installs it through the dev extra, a
 from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.common import UserError
 from nanochat.engine import Engine
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPTConfig, random_model
 from nanochat.hf_export import write_hf_folder
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,16 +36,7 @@ def tiny_model(vocab_size, n_kv_head, n_head=4, n_embd=64, n_layer=2, seed=0):
     """Random weights large enough that logits differ clearly between tokens (not nanochat's zero init)."""
     config = GPTConfig(sequence_len=128, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head,
                        n_embd=n_embd)
-    torch.manual_seed(seed)
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cpu")
-    model.init_weights()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("c_proj.weight") or name == "lm_head.weight":
-                p.normal_(0.0, 0.1)
-    return model.eval()
+    return random_model(config, seed=seed, output_std=0.1).eval()
 
 
 def meta_of(model):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.common import UserError
-from nanochat.gpt import GPT, GPTConfig, chunked_cross_entropy
+from nanochat.gpt import GPTConfig, chunked_cross_entropy, random_model
 from nanochat.perf import bucketed_length, mfu, pad_to_bucket, round_up
 from nanochat.sft import collate_packed
 
@@ -36,16 +36,7 @@ def single_process_compile():
 def make_model(seed=0, n_layer=2, n_embd=64, n_head=2, sequence_len=256):
     config = GPTConfig(sequence_len=sequence_len, vocab_size=V, n_layer=n_layer, n_head=n_head, n_kv_head=n_head,
                        n_embd=n_embd)
-    torch.manual_seed(seed)
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cpu")
-    model.init_weights()
-    with torch.no_grad():  # nanochat zero-inits the output projections: give them weights so outputs vary
-        for name, p in model.named_parameters():
-            if name.endswith("c_proj.weight") or name == "lm_head.weight":
-                p.normal_(0.0, 0.05)
-    return model
+    return random_model(config, seed=seed, output_std=0.05)
 
 
 def reference_loss(x, weight, targets, reduction, softcap=15.0):

@@ -473,7 +473,7 @@ def test_step_line_and_report_table():
                     "padding: 25.0% | tok/s: 2,000 | sup_tok/s: 600")
     assert log["padding_fraction"] == 0.25 and "mfu" not in log
     line, log = format_step(3, 2.5, 0.75, {**totals, "truncated": 2}, 0.5, mfu=0.125)
-    assert line.endswith("| mfu: 12.50% | truncated: 2 | dropped: 0") and log["mfu"] == 0.125
+    assert line.endswith("| mfu: 12.50% useful | truncated: 2 | dropped: 0") and log["mfu"] == 0.125
     row = {"supervised_ratio": 0.5, "padding_pad": 0.25, "padding_bestfit": 0.05}
     table = report_mixture_table([("ChitChat:train", 12, row)]).splitlines()
     assert table[0] == table[-1] == "```" and not any(line.startswith("|") for line in table)

@@ -3,10 +3,9 @@ checkpoint_manager.load_model expects. Not a test module (no test_ prefix)."""
 
 import os
 
-import torch
 
 from nanochat.checkpoint_manager import SOURCE_DIRS, save_checkpoint, tokenizer_sha256
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPTConfig, random_model
 
 
 def make_tiny_checkpoint(base_dir, tokenizer, source="base", depth=2, n_embd=64, n_head=2, sequence_len=256,
@@ -18,15 +17,7 @@ def make_tiny_checkpoint(base_dir, tokenizer, source="base", depth=2, n_embd=64,
     tokenizer.save(os.path.join(base_dir, "tokenizer"))  # also writes token_bytes.npy
     config = GPTConfig(sequence_len=sequence_len, vocab_size=tokenizer.get_vocab_size(), n_layer=depth,
                        n_head=n_head, n_kv_head=n_head, n_embd=n_embd)
-    torch.manual_seed(seed)
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cpu")
-    model.init_weights()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("c_proj.weight") or name == "lm_head.weight":
-                p.normal_(0.0, 0.02)
+    model = random_model(config, seed=seed, output_std=0.02)
     checkpoint_dir = os.path.join(base_dir, SOURCE_DIRS[source], model_tag or f"d{depth}")
     meta = {"step": step, "model_config": vars(config).copy(), "user_config": {"depth": depth},
             "git_commit": "unknown", "run_id": f"tiny-{source}-{seed}", "run_name": "tiny_checkpoint",
