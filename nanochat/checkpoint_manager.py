@@ -45,6 +45,7 @@ from safetensors.torch import save as safetensors_save
 
 from nanochat.checks import NonFiniteWeightsError, first_nonfinite
 from nanochat.common import UserError, atomic_write_bytes, atomic_write_text, get_base_dir, print0
+from nanochat.config import Option
 from nanochat.gpt import GPT, GPTConfig
 
 SOURCE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints"}
@@ -315,6 +316,19 @@ def load_model(source, device, phase, model_tag=None, step=None):
 # them) and finds the checkpoint to resume. Each rank saves its own run state next to the checkpoint
 # (state_<step>_rank<r>.pt: data position, step, RNG, counters, loss series) BEFORE save_checkpoint writes
 # the meta, so a meta file still marks a complete (and, with a state file, resumable) step.
+
+def run_options(checkpoints_dir_name):
+    """The options of every training script for where it writes and what it resumes (README: "Runs, output
+    folders and resume"), declared once here; checkpoints_dir_name is e.g. "chatsft_checkpoints"."""
+    return [
+        Option("output_tag", str, None, f"output folder name under {checkpoints_dir_name}/ (default: d<depth>)"),
+        Option("overwrite", int, 0, "1: replace the checkpoints of another run in the output folder", choices=(0, 1)),
+        Option("save_every", int, -1, "resumable checkpoint every this many steps (-1 disables; the final one is "
+                                      "always)", min=1, disabled=-1),
+        Option("resume", str, "0", "0: fresh run; 1: continue the run in the output folder from its last resumable "
+                                   "checkpoint (fresh if the folder is empty); or a checkpoint folder to continue from"),
+    ]
+
 
 CHECKPOINT_FILE_RE = re.compile(r"(model|meta|optim|state|sft_state)_\d{6}[._].*")  # what overwrite removes
 RUN_STATE_VERSION = 1

@@ -28,7 +28,8 @@ from dataclasses import asdict
 import torch
 
 from nanochat.checkpoint_manager import (check_tokenizer, default_output_tag, describe_checkpoint, load_checkpoint,
-                                         load_run_state, prepare_run, save_checkpoint, save_run_state, tokenizer_sha256)
+                                         load_run_state, prepare_run, run_options, save_checkpoint, save_run_state,
+                                         tokenizer_sha256)
 from nanochat.checks import check_finite_parameters
 from nanochat.common import (UserError, autocast_ctx, autodetect_device_type, compute_cleanup, compute_init,
                              get_base_dir, get_dist_info, get_git_commit, get_peak_flops, init_wandb,
@@ -89,14 +90,8 @@ OPTIONS = [
     Option("core_metric_max_per_task", int, 500, "examples per CORE task (-1: all)", min=1, disabled=-1),
     Option("sample_every", int, 2000, "greedy samples every this many steps and at the end (-1 disables)", min=1,
            disabled=-1),
-    Option("save_every", int, -1, "resumable checkpoint every this many steps (-1 disables; the final one is always)",
-           min=1, disabled=-1),
-    # output folder and resume
-    Option("output_tag", str, None, "output folder name under base_checkpoints/ (default: d<depth>)"),
     Option("model_tag", str, None, "nanochat's name for output_tag in base_train (an alias; set one of the two)"),
-    Option("overwrite", int, 0, "1: replace the checkpoints of another run in the output folder", choices=(0, 1)),
-    Option("resume", str, "0", "0: fresh run; 1: continue the run in the output folder from its last resumable "
-                               "checkpoint (fresh if the folder is empty); or a checkpoint folder to continue from"),
+    *run_options("base_checkpoints"),  # output_tag, overwrite, save_every, resume (checkpoint_manager)
 ]
 script_start = time.time()  # the stage's wall-clock time goes into its report section
 config = load_config(OPTIONS, description=__doc__)

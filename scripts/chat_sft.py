@@ -37,7 +37,7 @@ from nanochat.chat_eval import run_task_metrics
 from nanochat.checkpoint_manager import (build_model, check_tokenizer, check_warm_start, default_output_tag,
                                          describe_checkpoint, load_checkpoint, load_optimizer_warm_start,
                                          load_run_state, parse_resume, prepare_run, read_meta, resolve_checkpoint,
-                                         save_checkpoint, save_run_state, tokenizer_sha256)
+                                         run_options, save_checkpoint, save_run_state, tokenizer_sha256)
 from nanochat.checks import check_finite_parameters
 from nanochat.common import (UserError, all_reduce_values, autocast_ctx, autodetect_device_type, compute_cleanup,
                              compute_init, get_base_dir, get_dist_info, get_git_commit, get_peak_flops, init_wandb,
@@ -65,8 +65,6 @@ OPTIONS = [
     Option("source", str, "mid", "checkpoint to start from", choices=("base", "mid")),
     Option("model_tag", str, None, "model tag of the source checkpoint to load (default: largest d<depth>)"),
     Option("step", int, None, "checkpoint step to load (default: last)", min=0),
-    Option("output_tag", str, None, "output folder name under chatsft_checkpoints/ (default: d<depth>)"),
-    Option("overwrite", int, 0, "1: replace the checkpoints of another run in the output folder", choices=(0, 1)),
     Option("dtype", str, "bfloat16", "autocast dtype on CUDA", choices=("bfloat16", "float32")),
     Option("device_batch_size", int, 4, "conversations (pad) or rows (bestfit) per device per micro-step", min=1),
     Option("num_epochs", int, 1, "passes over the training mixture", min=1),
@@ -98,16 +96,13 @@ OPTIONS = [
     Option("eval_metrics_tasks", list, ["MMLU:1024", "ARC-Easy:1024", "GSM8K:64", "HumanEval:64"],
            "run_chat_eval tasks as Name[:max_problems]"),
     Option("eval_max_new_tokens", int, 512, "generation budget of the generative task metrics", min=1),
-    Option("save_every", int, -1, "resumable checkpoint every this many steps (-1 disables; the final one is always)",
-           min=1, disabled=-1),
-    Option("resume", str, "0", "0: fresh run; 1: continue the run in the output folder from its last resumable "
-                               "checkpoint (fresh if the folder is empty); or a checkpoint folder to continue from"),
     Option("compile", bool, None, "torch.compile the model (default: on for CUDA, off elsewhere)"),
     Option("pad_bucket", int, 128, "compiled pad mode: round batch lengths up to a multiple of this, so the "
                                    "compiled model sees a handful of shapes (1: no rounding)", min=1),
     Option("load_optimizer", int, 0, "1: warm-start the optimizers from the source checkpoint's optimizer state",
            choices=(0, 1)),
     Option("dry_run", int, 0, "1: load the mixtures and tokenizer only, print the data preview, exit", choices=(0, 1)),
+    *run_options("chatsft_checkpoints"),  # output_tag, overwrite, save_every, resume (checkpoint_manager)
 ]
 script_start = time.time()  # the stage's wall-clock time goes into its report section
 config = load_config(OPTIONS, description=__doc__)

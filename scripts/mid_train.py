@@ -31,7 +31,7 @@ import torch
 
 from nanochat.checkpoint_manager import (build_model, check_tokenizer, default_output_tag, describe_checkpoint,
                                          load_checkpoint, load_run_state, prepare_run, read_meta, resolve_checkpoint,
-                                         save_checkpoint, save_run_state, tokenizer_sha256)
+                                         run_options, save_checkpoint, save_run_state, tokenizer_sha256)
 from nanochat.checks import check_finite_parameters
 from nanochat.common import (all_reduce_values, autocast_ctx, autodetect_device_type, compute_cleanup,
                              compute_init, get_base_dir, get_dist_info, get_git_commit, init_wandb,
@@ -58,12 +58,6 @@ OPTIONS = [
     Option("compile", bool, True, "torch.compile the model (CUDA only)"),
     Option("model_tag", str, None, "base checkpoint tag to start from (default: largest)"),
     Option("step", int, None, "base checkpoint step (default: last)", min=0),
-    Option("output_tag", str, None, "output folder name under mid_checkpoints/ (default: d<depth>)"),
-    Option("overwrite", int, 0, "1: replace the checkpoints of another run in the output folder", choices=(0, 1)),
-    Option("save_every", int, -1, "resumable checkpoint every this many steps (-1 disables; the final one is always)",
-           min=1, disabled=-1),
-    Option("resume", str, "0", "0: fresh run; 1: continue the run in the output folder from its last resumable "
-                               "checkpoint (fresh if the folder is empty); or a checkpoint folder to continue from"),
     Option("max_seq_len", int, None, "row length (default: the model's sequence_len)", min=1),
     Option("device_batch_size", int, 32, "rows per device per micro-step", min=1),
     Option("total_batch_size", int, 524288, "tokens per optimizer step over all ranks (-> gradient accumulation)",
@@ -88,6 +82,7 @@ OPTIONS = [
     Option("skip_unavailable", list, ["MMLU:auxiliary_train:train"],
            "mixture entries that are dropped (with a warning) when their data cannot be loaded"),
     Option("max_conversation_tokens", int, 2048, "longer rendered conversations are truncated", min=2),
+    *run_options("mid_checkpoints"),  # output_tag, overwrite, save_every, resume (checkpoint_manager)
 ]
 script_start = time.time()  # the stage's wall-clock time goes into its report section
 config = load_config(OPTIONS, description=__doc__)

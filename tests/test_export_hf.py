@@ -19,7 +19,7 @@ import sys
 import pytest
 import safetensors
 import torch
-import transformers  # not importorskip: CI installs it through the dev extra, and a missing one must fail
+import transformers  # a plain import: CI installs it through the dev extra, and a missing one must fail
 
 from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.common import UserError
