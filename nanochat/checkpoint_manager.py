@@ -26,7 +26,6 @@ Tests: .venv/bin/python -m pytest tests/test_checkpoint.py
 """
 
 import dataclasses
-import glob
 import hashlib
 import io
 import json
@@ -285,14 +284,10 @@ def find_largest_model(checkpoints_dir):
 
 def find_last_step(checkpoint_dir):
     """The largest step with a meta file (i.e. a completely written checkpoint)."""
-    steps = []
-    for path in glob.glob(os.path.join(checkpoint_dir, "meta_*.json")):
-        m = re.fullmatch(r"meta_(\d+)\.json", os.path.basename(path))
-        if m:
-            steps.append(int(m.group(1)))
+    steps = _meta_steps(checkpoint_dir)
     if not steps:
         raise MissingCheckpointError(f"no complete checkpoints (meta_<step>.json) in {checkpoint_dir}")
-    return max(steps)
+    return steps[-1]
 
 
 def load_model(source, device, phase, model_tag=None, step=None):
@@ -352,14 +347,10 @@ def _meta_steps(checkpoint_dir):
 def read_meta(checkpoint_dir, step):
     """The meta JSON of a checkpoint (cheap: no tensors), or a UserError naming the file."""
     path = _meta_path(checkpoint_dir, step)
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"no checkpoint meta file {path}: pick an existing step (or leave `step` unset for "
-                        f"the last one)") from None
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read checkpoint meta {path}: {e}") from None
+    if not os.path.exists(path):
+        raise MissingCheckpointError(f"no checkpoint meta file {path}: pick an existing step (or leave `step` unset "
+                                     f"for the last one)")
+    return _read_meta(path)
 
 
 def find_resumable_step(checkpoint_dir):
