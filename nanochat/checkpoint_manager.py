@@ -534,6 +534,23 @@ def prepare_run(output_dir, resume="0", overwrite=False, rank=0, world_size=1):
     return plan
 
 
+def prepare_finetune(source, model_tag, step, checkpoints_dir_name, output_tag, resume="0", overwrite=False, rank=0,
+                     world_size=1, check_optimizer=False, base_dir=None):
+    """The output folder and resume decision of a run that starts from another stage's checkpoint (mid_train,
+    chat_sft), before any model or data is loaded: resolve the source checkpoint, check its tokenizer (and, with
+    check_optimizer on a fresh start, its optimizer state for a warm start: check_warm_start), then prepare_run
+    into <base_dir>/<checkpoints_dir_name>/<output_tag or d<depth>>. Returns (source_dir, source_step,
+    source_meta, plan); the output folder is plan.output_dir."""
+    source_dir, source_step = resolve_checkpoint(source, model_tag, step, base_dir)
+    source_meta = read_meta(source_dir, source_step)
+    check_tokenizer(source_dir, source_step, source_meta)
+    if check_optimizer and parse_resume(resume) is None:  # a warm start needs the source's optimizer state
+        check_warm_start(source_dir, source_step, rank, world_size)
+    tag = default_output_tag(output_tag, source_meta["model_config"])
+    output_dir = os.path.join(base_dir or get_base_dir(), checkpoints_dir_name, tag)
+    return source_dir, source_step, source_meta, prepare_run(output_dir, resume, overwrite, rank, world_size)
+
+
 def get_rng_state(device):
     """torch (CPU and, on CUDA, the device's), python and numpy RNG states, for a bit-exact resume. Only
     tensors, ints, floats and strings, so torch.load(weights_only=True) reads it back (no pickled code)."""
@@ -596,6 +613,16 @@ def load_run_state(checkpoint_dir, step, rank, world_size, num_iterations, devic
                         f"output_tag, or overwrite = 1)")
     set_rng_state(state["rng"], device)
     return state
+
+
+def load_resume(checkpoint_dir, step, optimizers, rank, world_size, num_iterations, device):
+    """Resume a run from checkpoint `step`: this rank's run state (load_run_state: checks, RNG states) and every
+    optimizer's state (the model's weights come with build_model). Returns the run state."""
+    run_state = load_run_state(checkpoint_dir, step, rank, world_size, num_iterations, device)
+    _, optimizer_data, _ = load_checkpoint(checkpoint_dir, step, device, load_optimizer=True, rank=rank)
+    for opt, opt_state in zip(optimizers, optimizer_data):
+        opt.load_state_dict(opt_state)
+    return run_state
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """
 What chat_sft prints and reports about its data and steps: the data preview of `--dry_run 1` (data_summary,
-padding_fractions, data_preview), the step line (format_step), the report's mixture table and the sample
-conversations of the final model. Pure functions of their arguments. Tests: tests/test_sft.py.
+padding_fractions, data_preview), the step line (format_step), the report's mixture table and section
+(report_section), the sample conversations of the final model and the closing line (format_run_summary).
+Pure functions of their arguments. Tests: tests/test_sft.py.
 """
 
 import numpy as np
@@ -58,19 +59,20 @@ def format_data_summary(name, row, width=0):
             f"pad {row['padding_pad']:5.1%} bestfit {row['padding_bestfit']:5.1%}")
 
 
-def data_preview(train_rows, train_ds, val_ds, summarize, steps, example, color):
+def data_preview(train_rows, train_ds, val_ds, summarize, steps, tokenizer, render_fn, row_capacity, color):
     """The lines of chat_sft's --dry_run: one per training spec (train_rows: [(spec, entries in the
     mixture, data_summary)]), the training mixture and the validation mixture as a whole (summarize: a
-    sequence -> data_summary), the optimizer steps ({packing: steps}) and one conversation (tokenizer,
-    ids, mask) rendered by visualize_tokenization (colour, or [supervised] tokens in brackets)."""
+    sequence -> data_summary), the optimizer steps ({packing: steps}) and the first training conversation
+    (render_fn -> ids, mask; its first row_capacity tokens) shown by the tokenizer's visualize_tokenization
+    (colour, or [supervised] tokens in brackets)."""
     rows = [(f"{spec} x{entries:,}", row) for spec, entries, row in train_rows]
     rows += [("training mixture", summarize(train_ds)), ("validation mixture", summarize(val_ds))]
     width = max(len(name) for name, _ in rows)
     lines = [format_data_summary(name, row, width) for name, row in rows]
     lines.append("Optimizer steps: " + ", ".join(f"{n} with packing={p}" for p, n in steps.items()))
-    tokenizer, ids, mask = example
+    ids, mask = render_fn(train_ds[0])
     lines.append(f"One training conversation ({'supervised in green' if color else '[supervised] tokens'}):")
-    lines.append(tokenizer.visualize_tokenization(ids, mask, color=color))
+    lines.append(tokenizer.visualize_tokenization(ids[:row_capacity], mask[:row_capacity], color=color))
     return lines
 
 
@@ -116,3 +118,38 @@ def report_mixture_table(train_rows):
     lines += [f"{spec:<{width}}  {entries:>7,}  {row['supervised_ratio']:>10.1%}  {row['padding_pad']:>12.1%}  "
               f"{row['padding_bestfit']:>16.1%}" for spec, entries, row in train_rows]
     return "```\n" + "\n".join(lines) + "\n```"
+
+
+def report_section(config, train_rows, num_conversations, num_iterations, totals, train_time, final_metrics, samples,
+                   useful_mfu=None):
+    """The data of chat_sft's "Chat SFT" report section: the key options, the training-mixture table
+    (report_mixture_table), the run's counts (totals: summed over the run and the ranks) and figures (supervised
+    ratio, padding fraction, tokens/s, and the useful MFU where given), the final metrics (None values left out)
+    and the sample conversations of the final model."""
+    figures = {"Supervised ratio": totals["supervised"] / max(totals["positions"], 1),
+               "Padding fraction": padding_fraction(totals["pad_positions"], totals["positions"]),
+               "Tokens per second": round(totals["positions"] / max(train_time, 1e-9))}
+    if useful_mfu is not None:
+        figures["MFU"] = useful_mfu
+    return [
+        {k: config[k] for k in ("source", "device_batch_size", "target_examples_per_step", "num_epochs",
+                                "init_lr_frac", "loss_normalization", "packing", "max_seq_len")},
+        report_mixture_table(train_rows),
+        {"Training conversations": num_conversations, "Number of iterations": num_iterations,
+         "Examples seen": totals["examples"], "Skipped steps (non-finite)": totals["skipped_nonfinite"],
+         "Skipped steps (out of memory)": totals["skipped_oom"], "Truncated conversations": totals["truncated"],
+         "Dropped conversations": totals["dropped"], "Training time (s)": round(train_time, 1), **figures},
+        {k: v for k, v in final_metrics.items() if v is not None},
+        f"Train and validation loss are both in the unit of loss_normalization = {config['loss_normalization']}.",
+        "Sample conversations (final model, greedy):", *[f"```\n{sample}\n```" for sample in samples],
+    ]
+
+
+def format_run_summary(train_time, totals, peak_memory=None, compiled=None, graphs_after_first_step=0):
+    """chat_sft's closing line: training time, skipped steps, truncated / dropped conversations, the peak memory
+    (if measured) and, for a compiled model (compiled: its graph count now), the recompilations."""
+    return (f"Training time: {train_time:.1f}s | skipped steps: {totals['skipped_nonfinite']} non-finite, "
+            f"{totals['skipped_oom']} out of memory | truncated: {totals['truncated']} | dropped: {totals['dropped']}"
+            + (f" | peak memory: {peak_memory:.0f} MiB" if peak_memory else "")
+            + (f" | torch.compile: {compiled} graphs, {compiled - graphs_after_first_step} recompilations after "
+               f"the first step" if compiled is not None else ""))

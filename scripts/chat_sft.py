@@ -10,21 +10,12 @@ Launch:
     python -m scripts.chat_sft --config configs/sft_cpu.txt                                         # tiny, CPU
     python -m scripts.chat_sft --config configs/sft_cpu.txt --dry_run 1     # preview the data, no model
 
-Config: `key = value` lines with the options below (python -m scripts.chat_sft --help). Mixtures are lists
-of specs "Name[:arg...][:start[:stop[:step]]][*repeats][@weight]", your own Task as "my_pkg.my_module:MyTask"
-(syntax: tasks/mixture.py). Loss normalisation ("token" or the guide's "micro_batch_mean"): README,
-"Loss normalisation".
-
-Differences from the guide, on purpose (README, "Chat SFT"): per-token loss normalisation by default; exactly
-num_iterations training steps, then a last evaluation; NaN / out-of-memory steps skipped on every rank.
-
-Outputs: <base_dir>/chatsft_checkpoints/<output_tag or d<depth>>/ (model, per-rank optimizer state, meta with
-the resolved config, run id and final metrics, per-rank run state), the "Chat SFT" report section, wandb.
-A folder holding another run's checkpoints is refused (resume = 1, another output_tag, or overwrite = 1).
-Tests: tests/test_chat_sft.py (end to end), tests/test_sft.py and tests/test_mixture.py (the functions).
+Config: `key = value` lines with the options below (--help). Mixture specs, your own Task as
+"my_pkg.my_module:MyTask": tasks/mixture.py. Loss normalisation and the differences from the guide: README.
+Outputs: <base_dir>/chatsft_checkpoints/<output_tag or d<depth>>/ (checkpoints, per-rank run state), the
+"Chat SFT" report section, wandb. Tests: tests/test_chat_sft.py (end to end), tests/test_sft.py, test_mixture.py.
 """
 
-import os
 import random
 import sys
 import time
@@ -34,25 +25,25 @@ import numpy as np
 import torch
 
 from nanochat.chat_eval import run_task_metrics
-from nanochat.checkpoint_manager import (build_model, check_tokenizer, check_warm_start, default_output_tag,
-                                         describe_checkpoint, load_checkpoint, load_optimizer_warm_start,
-                                         load_run_state, parse_resume, prepare_run, read_meta, resolve_checkpoint,
-                                         run_options, save_checkpoint, save_run_state, tokenizer_sha256)
+from nanochat.checkpoint_manager import (build_model, describe_checkpoint, load_optimizer_warm_start, load_resume,
+                                         prepare_finetune, run_options, save_checkpoint, save_run_state,
+                                         tokenizer_sha256)
 from nanochat.checks import check_finite_parameters
 from nanochat.common import (UserError, all_reduce_values, autocast_ctx, autodetect_device_type, compute_cleanup,
-                             compute_init, get_base_dir, get_dist_info, get_git_commit, get_peak_flops, init_wandb,
+                             compute_init, get_dist_info, get_git_commit, get_peak_flops, init_wandb,
                              install_error_handler, print0)
-from nanochat.config import ConfigError, Option, load_config
+from nanochat.config import Option, load_config
 from nanochat.engine import Engine
 from nanochat.loss_eval import evaluate_sft_loss
 from nanochat.perf import compile_model, compiled_graphs, mfu, pad_to_bucket, peak_memory_mib
 from nanochat.report import format_duration, get_report
 from nanochat.schedules import lr_multiplier, scale_initial_lr, set_lr_multiplier
 from nanochat.sft import (LOSS_NORMALIZATIONS, PACKINGS, accumulate_step, grad_accum_steps_for, initial_data_state,
-                          num_sft_steps, padding_fraction, sft_batches)
-from nanochat.sft_report import data_preview, data_summary, format_step, report_mixture_table, sample_conversations
+                          num_sft_steps, sft_batches)
+from nanochat.sft_report import (data_preview, data_summary, format_run_summary, format_step, report_section,
+                                 sample_conversations)
 from nanochat.tokenizer import get_tokenizer
-from tasks.mixture import build_mixtures, parse_eval_spec, parse_task_spec
+from tasks.mixture import build_mixtures, check_mixture_specs, parse_eval_spec
 
 install_error_handler()  # a UserError prints one line `error: ...` and exits with code 2
 
@@ -108,11 +99,7 @@ script_start = time.time()  # the stage's wall-clock time goes into its report s
 config = load_config(OPTIONS, description=__doc__)
 # cross-option checks, before anything is loaded (the world size comes from the torchrun environment)
 eval_specs = [parse_eval_spec(s) for s in config["eval_metrics_tasks"]]
-for key in ("train_mixture", "val_mixture"):
-    if not config[key]:
-        raise ConfigError(f"{key} is empty: give at least one mixture spec, e.g. [\"ChitChat:train\"]")
-    for spec in config[key]:
-        parse_task_spec(spec)  # MixtureSpecError naming the spec; data is loaded later
+check_mixture_specs({key: config[key] for key in ("train_mixture", "val_mixture")})  # data is loaded later
 grad_accum_steps_for(config["target_examples_per_step"], config["device_batch_size"], get_dist_info()[3])
 
 # -----------------------------------------------------------------------------
@@ -128,18 +115,13 @@ autocast = lambda: autocast_ctx(device_type, config["dtype"])  # noqa: E731  (a 
 synchronize = torch.cuda.synchronize if device_type == "cuda" else lambda: None
 
 # -----------------------------------------------------------------------------
-# Output folder and resume, decided before any model or data is loaded (the source meta gives the depth);
-# a dry run writes nothing and needs no checkpoint
+# Output folder and resume, decided before any model or data is loaded; a dry run writes nothing
 
 if not config["dry_run"]:
-    source_dir, source_step = resolve_checkpoint(config["source"], config["model_tag"], config["step"])
-    source_meta = read_meta(source_dir, source_step)
-    check_tokenizer(source_dir, source_step, source_meta)
-    if config["load_optimizer"] and parse_resume(config["resume"]) is None:  # a warm start needs the source's state
-        check_warm_start(source_dir, source_step, ddp_rank, ddp_world_size)
-    output_tag = default_output_tag(config["output_tag"], source_meta["model_config"])
-    checkpoint_dir = os.path.join(get_base_dir(), "chatsft_checkpoints", output_tag)
-    plan = prepare_run(checkpoint_dir, config["resume"], config["overwrite"], ddp_rank, ddp_world_size)
+    source_dir, source_step, source_meta, plan = prepare_finetune(
+        config["source"], config["model_tag"], config["step"], "chatsft_checkpoints", config["output_tag"],
+        config["resume"], config["overwrite"], ddp_rank, ddp_world_size, check_optimizer=config["load_optimizer"])
+    checkpoint_dir = plan.output_dir
     print0(f"Output folder: {checkpoint_dir} | run id {plan.run_id}")
 
 # -----------------------------------------------------------------------------
@@ -183,9 +165,8 @@ train_rows = [(spec, entries, summarize(task)) for spec, task, entries in parts[
     else []  # per training spec: counts, supervised ratio, padding (for the preview and the report)
 if config["dry_run"]:
     steps = {p: num_sft_steps(train_ds, render, p, *step_count_args, ddp_rank, ddp_world_size, device) for p in PACKINGS}
-    ids, mask = render(train_ds[0])
-    for line in data_preview(train_rows, train_ds, val_ds, summarize, steps,
-                             (tokenizer, ids[:row_capacity], mask[:row_capacity]), sys.stdout.isatty()):
+    for line in data_preview(train_rows, train_ds, val_ds, summarize, steps, tokenizer, render, row_capacity,
+                             sys.stdout.isatty()):
         print0(line)
     compute_cleanup()
     sys.exit(0)
@@ -228,16 +209,12 @@ totals = {"skipped_nonfinite": 0, "skipped_oom": 0, "truncated": 0, "dropped": 0
           "supervised": 0, "positions": 0, "pad_positions": 0}
 loss_series = {"train_steps": [], "train_loss": [], "val_steps": [], "val_loss": []}
 if plan.resume_dir is not None:
-    run_state = load_run_state(plan.resume_dir, plan.resume_step, ddp_rank, ddp_world_size, num_iterations, device)
-    _, optimizer_data, _ = load_checkpoint(plan.resume_dir, plan.resume_step, device, load_optimizer=True,
-                                           rank=ddp_rank)
-    for opt, opt_state in zip(optimizers, optimizer_data):
-        opt.load_state_dict(opt_state)
+    run_state = load_resume(plan.resume_dir, plan.resume_step, optimizers, ddp_rank, ddp_world_size, num_iterations,
+                            device)
     start_step, train_state = run_state["step"], run_state["data_state"]
     totals, loss_series = {**totals, **run_state["counters"]["totals"]}, run_state["loss_series"]
     metrics = run_state["counters"]["metrics"]
     val_loss = metrics.pop("val_loss")
-    del optimizer_data
 train_iter = batches(train_ds, train_state, pad_bucket)
 
 
@@ -350,37 +327,22 @@ for step in range(start_step, num_iterations + 1):
 
 final_metrics = {"val_loss": val_loss, **metrics}
 save(num_iterations, final_metrics)
-peak_memory = peak_memory_mib(device)
-print0(f"Training time: {train_time:.1f}s | skipped steps: {totals['skipped_nonfinite']} non-finite, "
-       f"{totals['skipped_oom']} out of memory | truncated: {totals['truncated']} | dropped: {totals['dropped']}"
-       + (f" | peak memory: {peak_memory:.0f} MiB" if peak_memory else "")
-       + (f" | torch.compile: {compiled_graphs()} graphs, {compiled_graphs() - graphs_after_first_step} "
-          f"recompilations after the first step" if use_compile else ""))
+print0(format_run_summary(train_time, totals, peak_memory_mib(device), compiled_graphs() if use_compile else None,
+                          graphs_after_first_step))
 
 samples = []
 if master_process:  # two validation prompts answered by the final model, for the report
     model.eval()
     with autocast():
         samples = sample_conversations(engine, tokenizer, [val_ds[i] for i in range(min(2, len(val_ds)))])
-run_figures = {"Supervised ratio": totals["supervised"] / max(totals["positions"], 1),
-               "Padding fraction": padding_fraction(totals["pad_positions"], totals["positions"]),
-               "Tokens per second": round(totals["positions"] / max(train_time, 1e-9))}
-if peak_flops:  # useful MFU: non-padding positions only
-    run_figures["MFU"] = mfu(num_flops_per_token, totals["positions"] - totals["pad_positions"], train_time,
-                             peak_flops, ddp_world_size)
+useful_mfu = None  # useful MFU: non-padding positions only
+if peak_flops:
+    useful_mfu = mfu(num_flops_per_token, totals["positions"] - totals["pad_positions"], train_time, peak_flops,
+                     ddp_world_size)
 report = get_report()
-report.log(section="Chat SFT", data=[
-    {k: config[k] for k in ("source", "device_batch_size", "target_examples_per_step", "num_epochs",
-                            "init_lr_frac", "loss_normalization", "packing", "max_seq_len")},
-    report_mixture_table(train_rows),
-    {"Training conversations": len(train_ds), "Number of iterations": num_iterations,
-     "Examples seen": totals["examples"], "Skipped steps (non-finite)": totals["skipped_nonfinite"],
-     "Skipped steps (out of memory)": totals["skipped_oom"], "Truncated conversations": totals["truncated"],
-     "Dropped conversations": totals["dropped"], "Training time (s)": round(train_time, 1), **run_figures},
-    {k: v for k, v in final_metrics.items() if v is not None},
-    f"Train and validation loss are both in the unit of loss_normalization = {config['loss_normalization']}.",
-    "Sample conversations (final model, greedy):", *[f"```\n{sample}\n```" for sample in samples],
-], duration_s=time.time() - script_start)
+report.log(section="Chat SFT", data=report_section(config, train_rows, len(train_ds), num_iterations, totals,
+                                                   train_time, final_metrics, samples, useful_mfu),
+           duration_s=time.time() - script_start)
 report.log_series("Chat SFT", "train_loss", loss_series["train_steps"], loss_series["train_loss"])
 report.log_series("Chat SFT", "val_loss", loss_series["val_steps"], loss_series["val_loss"])
 

@@ -23,27 +23,25 @@ output folder (bit-exact; same options and world size). A folder holding another
 refused before anything is loaded (resume = 1, another output_tag, or overwrite = 1). Tests: tests/test_pipeline.py (end to end); the loader: tests/test_dataloader.py.
 """
 
-import os
 import time
 from dataclasses import asdict
 
 import torch
 
-from nanochat.checkpoint_manager import (build_model, check_tokenizer, default_output_tag, describe_checkpoint,
-                                         load_checkpoint, load_run_state, prepare_run, read_meta, resolve_checkpoint,
-                                         run_options, save_checkpoint, save_run_state, tokenizer_sha256)
+from nanochat.checkpoint_manager import (build_model, describe_checkpoint, load_resume, prepare_finetune, run_options,
+                                         save_checkpoint, save_run_state, tokenizer_sha256)
 from nanochat.checks import check_finite_parameters
 from nanochat.common import (all_reduce_values, autocast_ctx, autodetect_device_type, compute_cleanup,
-                             compute_init, get_base_dir, get_dist_info, get_git_commit, init_wandb,
+                             compute_init, get_dist_info, get_git_commit, init_wandb,
                              install_error_handler, print0)
-from nanochat.config import ConfigError, Option, load_config
+from nanochat.config import Option, load_config
 from nanochat.dataloader import conversation_data_loader, count_conversation_tokens
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.schedules import (lr_multiplier, muon_momentum, num_grad_accum_steps, scale_initial_lr,
                                 set_lr_multiplier)
 from nanochat.tokenizer import get_token_bytes
-from tasks.mixture import build_mixtures, parse_task_spec
+from tasks.mixture import build_mixtures, check_mixture_specs
 
 install_error_handler()  # a UserError prints one line `error: ...` and exits with code 2
 
@@ -90,11 +88,7 @@ config = load_config(OPTIONS, description=__doc__)
 if config["max_seq_len"] is not None:  # else it is the model's sequence_len, checked once the model is loaded
     num_grad_accum_steps(config["total_batch_size"], config["device_batch_size"] * config["max_seq_len"] *
                          get_dist_info()[3], "total_batch_size", "device_batch_size * max_seq_len * world_size")
-for key in ("train_mixture", "val_mixture"):
-    if not config[key]:
-        raise ConfigError(f"{key} is empty: give at least one mixture spec, e.g. [\"ChitChat:train\"]")
-    for spec in config[key]:
-        parse_task_spec(spec)  # MixtureSpecError naming the spec; data is loaded later
+check_mixture_specs({key: config[key] for key in ("train_mixture", "val_mixture")})  # data is loaded later
 
 # -----------------------------------------------------------------------------
 # Compute init
@@ -109,12 +103,10 @@ wandb_run = init_wandb(config["run"], "nanochat-mid", config, ddp_rank)
 # -----------------------------------------------------------------------------
 # Output folder and resume, decided before any model or data is loaded (the base meta gives the depth)
 
-source_dir, source_step = resolve_checkpoint("base", config["model_tag"], config["step"])
-base_meta = read_meta(source_dir, source_step)
-check_tokenizer(source_dir, source_step, base_meta)
-output_tag = default_output_tag(config["output_tag"], base_meta["model_config"])
-checkpoint_dir = os.path.join(get_base_dir(), "mid_checkpoints", output_tag)
-plan = prepare_run(checkpoint_dir, config["resume"], config["overwrite"], ddp_rank, ddp_world_size)
+source_dir, source_step, _, plan = prepare_finetune("base", config["model_tag"], config["step"], "mid_checkpoints",
+                                                    config["output_tag"], config["resume"], config["overwrite"],
+                                                    ddp_rank, ddp_world_size)
+checkpoint_dir = plan.output_dir
 tokenizer_sha = tokenizer_sha256()
 print0(f"Output folder: {checkpoint_dir} | run id {plan.run_id}")
 
@@ -180,14 +172,10 @@ loop_state = {"min_val_bpb": float("inf"), "smooth_train_loss": 0.0, "total_trai
 loss_series = {"train_steps": [], "train_loss": [], "val_steps": [], "val_bpb": []}
 loader_state = None  # where the batch in hand starts: what a checkpoint must store
 if plan.resume_dir is not None:
-    run_state = load_run_state(plan.resume_dir, plan.resume_step, ddp_rank, ddp_world_size, num_iterations, device)
-    _, optimizer_data, _ = load_checkpoint(plan.resume_dir, plan.resume_step, device, load_optimizer=True,
-                                           rank=ddp_rank)
-    for opt, opt_data in zip(optimizers, optimizer_data):
-        opt.load_state_dict(opt_data)
+    run_state = load_resume(plan.resume_dir, plan.resume_step, optimizers, ddp_rank, ddp_world_size, num_iterations,
+                            device)
     start_step, loader_state = run_state["step"], run_state["data_state"]
     loop_state, loss_series = run_state["counters"], run_state["loss_series"]
-    del optimizer_data
 train_loader = conversation_data_loader(train_dataset, tokenizer, device_batch_size, max_seq_len, device=device,
                                         max_tokens=max_tokens, resume_state=loader_state)
 x, y, data_state = next(train_loader)  # prefetch the first batch

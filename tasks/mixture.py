@@ -38,6 +38,7 @@ import os
 import sys
 
 from nanochat.common import UserError
+from nanochat.config import ConfigError
 from tasks.common import DatasetNotFoundError, Task, TaskMixture
 
 # task name -> (module, class name, names of its positional string arguments)
@@ -339,6 +340,16 @@ def offline_replacement(raw_spec, task_spec):
         return {**raw_spec, "task": new_name}
     text = raw_spec.strip()
     return new_name + text[len(task_spec.name):]
+
+
+def check_mixture_specs(mixtures):
+    """{config key: list of specs}, checked before anything is loaded: a ConfigError for an empty list, a
+    MixtureSpecError naming the first spec that does not parse. Loads no data."""
+    for key, specs in mixtures.items():
+        if not specs:
+            raise ConfigError(f"{key} is empty: give at least one mixture spec, e.g. [\"ChitChat:train\"]")
+        for spec in specs:
+            parse_task_spec(spec)
 
 
 def build_mixtures(mixtures, optional=()):

@@ -193,3 +193,14 @@ def test_build_mixtures_names_the_config_key():
         build_mixtures({"train_mixture": ["HumanEval"], "val_mixture": ["Smoltalk:test"]})
     with pytest.raises(MixtureSpecError, match="train_mixture is empty"):
         build_mixtures({"train_mixture": []})
+
+
+def test_check_mixture_specs_before_loading():
+    from nanochat.config import ConfigError
+    from tasks.mixture import check_mixture_specs
+
+    check_mixture_specs({"train_mixture": ["ChitChat:train", "ARC:ARC-Easy:train:0:10*2"], "val_mixture": ["SmolTalk:test"]})
+    with pytest.raises(ConfigError, match=r'val_mixture is empty: give at least one mixture spec, e.g. \["ChitChat'):
+        check_mixture_specs({"train_mixture": ["ChitChat:train"], "val_mixture": []})
+    with pytest.raises(MixtureSpecError, match="ChitChat:train:x"):
+        check_mixture_specs({"train_mixture": ["ChitChat:train:x"]})

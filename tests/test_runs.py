@@ -227,6 +227,51 @@ def test_output_tag_is_a_plain_folder_name():
             default_output_tag(bad, {"n_layer": 4})
 
 
+def test_prepare_finetune_resolves_checks_and_plans(tmp_path, tokenizer, monkeypatch):
+    from tiny_checkpoint import make_tiny_checkpoint
+
+    from nanochat.checkpoint_manager import prepare_finetune
+
+    base_dir = str(tmp_path)
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", base_dir)  # the tokenizer check reads the tokenizer there
+    source = make_tiny_checkpoint(base_dir, tokenizer, source="base", depth=2, step=3)
+    source_dir, source_step, meta, plan = prepare_finetune("base", None, None, "mid_checkpoints", None)
+    assert (source_dir, source_step, meta["step"]) == (source, 3, 3)
+    assert plan.output_dir == os.path.join(base_dir, "mid_checkpoints", "d2") and os.path.isdir(plan.output_dir)
+    assert plan.resume_dir is None and plan.run_id
+    _, _, _, plan = prepare_finetune("base", "d2", 3, "chatsft_checkpoints", "quokka", base_dir=base_dir)
+    assert plan.output_dir == os.path.join(base_dir, "chatsft_checkpoints", "quokka")
+    with pytest.raises(UserError, match="no optimizer state"):  # the warm-start check, on a fresh start only
+        prepare_finetune("base", None, None, "chatsft_checkpoints", "warm", check_optimizer=True)
+    assert not os.path.exists(os.path.join(base_dir, "chatsft_checkpoints", "warm"))  # refused before writing
+    with open(os.path.join(base_dir, "tokenizer", "tokenizer.json"), "a") as f:
+        f.write(" ")  # another tokenizer than the checkpoint's
+    with pytest.raises(UserError, match="tokenizer"):
+        prepare_finetune("base", None, None, "mid_checkpoints", None)
+
+
+def test_load_resume_restores_run_state_and_optimizers(tmp_path):
+    from nanochat.checkpoint_manager import load_resume
+
+    d = str(tmp_path)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    save_run_state(d, 5, 0, 1, 10, {"cursor": 7}, {"examples": 40}, {"train_loss": [1.0]}, "cpu")
+    save_checkpoint(d, 5, model.state_dict(), [opt.state_dict()], {"step": 5, "world_size": 1})
+    fresh = torch.optim.AdamW(torch.nn.Linear(3, 2).parameters(), lr=0.1)
+    state = load_resume(d, 5, [fresh], 0, 1, 10, "cpu")
+    assert state["step"] == 5 and state["data_state"] == {"cursor": 7} and state["counters"] == {"examples": 40}
+    saved, loaded = opt.state_dict()["state"], fresh.state_dict()["state"]
+    assert saved.keys() == loaded.keys()
+    for k in saved:
+        assert torch.equal(saved[k]["exp_avg"], loaded[k]["exp_avg"]) and float(loaded[k]["step"]) == 1
+    with pytest.raises(UserError, match="schedule of 10 steps"):
+        load_resume(d, 5, [fresh], 0, 1, 12, "cpu")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # unit tests: report results per task
 

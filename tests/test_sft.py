@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from nanochat.common import UserError
 from nanochat.schedules import lr_multiplier
-from nanochat.sft_report import data_summary, format_step, padding_fractions, report_mixture_table
+from nanochat.sft_report import (data_preview, data_summary, format_run_summary, format_step, padding_fractions,
+                                 report_mixture_table, report_section)
 from nanochat.sft import (
     accumulate_step,
     fit_conversation,
@@ -478,3 +479,41 @@ def test_step_line_and_report_table():
     table = report_mixture_table([("ChitChat:train", 12, row)]).splitlines()
     assert table[0] == table[-1] == "```" and not any(line.startswith("|") for line in table)
     assert table[2].split() == ["ChitChat:train", "12", "50.0%", "25.0%", "5.0%"]
+
+
+def test_report_section_and_closing_line():
+    totals = {"supervised": 300, "positions": 1000, "pad_positions": 250, "examples": 8, "truncated": 1,
+              "dropped": 2, "skipped_nonfinite": 1, "skipped_oom": 0}
+    config = {"source": "mid", "device_batch_size": 4, "target_examples_per_step": 8, "num_epochs": 1,
+              "init_lr_frac": 0.02, "loss_normalization": "token", "packing": "pad", "max_seq_len": 64, "seed": 1}
+    row = {"supervised_ratio": 0.5, "padding_pad": 0.25, "padding_bestfit": 0.05}
+    data = report_section(config, [("ChitChat:train", 12, row)], 12, 3, totals, 2.0, {"val_loss": 1.5, "MMLU": None},
+                          ["hello"])
+    assert data[0] == {k: v for k, v in config.items() if k != "seed"}
+    assert data[1] == report_mixture_table([("ChitChat:train", 12, row)])
+    assert data[2]["Supervised ratio"] == 0.3 and data[2]["Padding fraction"] == 0.25
+    assert data[2]["Tokens per second"] == 500 and "MFU" not in data[2] and data[2]["Dropped conversations"] == 2
+    assert data[3] == {"val_loss": 1.5} and data[-1] == "```\nhello\n```" and "token" in data[4]
+    data = report_section(config, [], 12, 3, totals, 2.0, {}, [], useful_mfu=0.25)
+    assert data[2]["MFU"] == 0.25 and data[-1] == "Sample conversations (final model, greedy):"
+    assert format_run_summary(2.04, totals) == ("Training time: 2.0s | skipped steps: 1 non-finite, 0 out of "
+                                                "memory | truncated: 1 | dropped: 2")
+    line = format_run_summary(2.0, totals, peak_memory=512.4, compiled=5, graphs_after_first_step=3)
+    assert line.endswith("| peak memory: 512 MiB | torch.compile: 5 graphs, 2 recompilations after the first step")
+
+
+def test_data_preview_lines():
+    class Tok:
+        def visualize_tokenization(self, ids, mask, color):
+            return f"{list(ids)} {list(mask)} {color}"
+
+    data = [{"i": i, "n": n} for i, n in enumerate([5, 9, 3])]
+    summarize = lambda ds: data_summary(ds, _toy_render, 4, False, 2)  # noqa: E731
+    rows = [("Toy:train", 3, summarize(data))]
+    lines = data_preview(rows, data, data[:1], summarize, {"pad": 2, "bestfit": 1}, Tok(), _toy_render, 4, False)
+    assert lines[0].startswith("Toy:train x3") and lines[1].startswith("training mixture")
+    assert lines[2].startswith("validation mixture") and "|       1 conv |" in lines[2]
+    assert lines[3] == "Optimizer steps: 2 with packing=pad, 1 with packing=bestfit"
+    assert lines[4] == "One training conversation ([supervised] tokens):"
+    ids, mask = _toy_render(data[0])
+    assert lines[5] == f"{list(ids[:4])} {list(mask[:4])} False"  # the first row_capacity tokens only
