@@ -28,7 +28,7 @@ import torch._inductor.config
 
 from nanochat.common import autocast_ctx, get_peak_flops
 from nanochat.gpt import GPT, config_from_depth
-from nanochat.perf import compile_model, compiled_graphs, mfu, pad_to_bucket, peak_memory_mib
+from nanochat.perf import compile_model, compiled_graphs, mfu, peak_memory_mib
 from nanochat.sft import sft_batches
 
 
@@ -56,8 +56,8 @@ def run_one(model_config, device, dtype, conversations, packing, compiled, chunk
     model = compile_model(orig_model, num_shapes=-(-max_seq_len // pad_bucket)) if compiled else orig_model
     optimizers = orig_model.setup_optimizers()
     row_capacity = max_seq_len + 1
-    stream = sft_batches(conversations, lambda c: c, batch_size, 0, packing, row_capacity)
-    bucket = pad_bucket if compiled and packing == "pad" else 1
+    bucket = pad_bucket if compiled and packing == "pad" else 1  # lengths rounded up: a handful of shapes
+    stream = sft_batches(conversations, lambda c: c, batch_size, 0, packing, row_capacity, bucket=bucket)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -69,7 +69,6 @@ def run_one(model_config, device, dtype, conversations, packing, compiled, chunk
     compile_time, compile_steps, timed, iteration, graphs_seen = 0.0, 0, 0, 0, graphs_before
     while timed < steps and iteration < warmup + 4 * steps:
         inputs, targets, segment_ids, stats, _ = next(stream)
-        inputs, targets = pad_to_bucket(inputs, targets, bucket, 0, max_len=max_seq_len)
         sync()
         t0 = time.perf_counter()
         inputs, targets = inputs.to(device), targets.to(device)

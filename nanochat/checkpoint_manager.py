@@ -43,7 +43,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 
 from nanochat.checks import NonFiniteWeightsError, first_nonfinite
-from nanochat.common import UserError, atomic_write_bytes, atomic_write_text, get_base_dir, print0
+from nanochat.common import UserError, atomic_write_bytes, atomic_write_text, get_base_dir, get_git_commit, print0
 from nanochat.config import Option
 from nanochat.gpt import GPT, GPTConfig
 
@@ -625,6 +625,20 @@ def load_resume(checkpoint_dir, step, optimizers, rank, world_size, num_iteratio
     return run_state
 
 
+def save_training_checkpoint(checkpoint_dir, step, model, optimizers, run_state, meta, rank=0, world_size=1,
+                             device="cpu"):
+    """One resumable checkpoint of a training script (base_train, mid_train, chat_sft), in crash-safe order:
+    this rank's run state (run_state: the keyword arguments num_iterations, data_state, counters, loss_series of
+    save_run_state), then save_checkpoint: the model (rank 0), this rank's optimizer states and, last, the meta:
+    step, model_config, git_commit, world_size and num_iterations, then the script's fields (run_id,
+    user_config, ...; they cannot replace the first four)."""
+    save_run_state(checkpoint_dir, step, rank, world_size, device=device, **run_state)
+    meta = {"step": step, "model_config": dataclasses.asdict(model.config), "git_commit": get_git_commit(),
+            "world_size": world_size, "num_iterations": run_state["num_iterations"],
+            **{k: v for k, v in meta.items() if k not in ("step", "model_config", "world_size", "num_iterations")}}
+    save_checkpoint(checkpoint_dir, step, model.state_dict(), [opt.state_dict() for opt in optimizers], meta, rank=rank)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Tokenizer identity: checkpoints record the sha256 of the tokenizer they were trained with
 
@@ -706,13 +720,12 @@ def check_warm_start(checkpoint_dir, step, rank=0, world_size=1):
     return path
 
 
-def load_optimizer_warm_start(optimizers, source, device, rank=0, world_size=1, model_tag=None, step=None):
+def load_optimizer_warm_start(optimizers, checkpoint_dir, step, device, rank=0, world_size=1):
     """Warm start (chat_sft's load_optimizer = 1): copy the per-parameter state (AdamW moments and step
-    count, Muon momentum buffers) of the source checkpoint's optimizers into `optimizers`, keeping their own
-    hyperparameters (learning rates, betas, ...). The source is resolved as load_model does (largest model,
-    last step) and checked by check_warm_start; a file holding other parameters is a UserError too.
+    count, Muon momentum buffers) of checkpoint `step` in checkpoint_dir (the source the model was loaded from,
+    as resolve_checkpoint / prepare_finetune found it) into `optimizers`, keeping their own hyperparameters
+    (learning rates, betas, ...). Checked by check_warm_start; a file holding other parameters is a UserError too.
     Returns the path the state was read from."""
-    checkpoint_dir, step = resolve_checkpoint(source, model_tag, step)
     path = check_warm_start(checkpoint_dir, step, rank, world_size)
     saved = _torch_load(path, device, "optimizer")
     if not isinstance(saved, (list, tuple)) or len(saved) != len(optimizers):

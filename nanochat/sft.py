@@ -25,6 +25,7 @@ import torch
 
 from nanochat.common import UserError, all_reduce_values
 from nanochat.config import ConfigError
+from nanochat.perf import pad_to_bucket
 from nanochat.schedules import num_grad_accum_steps
 
 # ----------------------------------------------------------------------------------------------------------
@@ -149,7 +150,7 @@ def initial_data_state():
 
 
 def sft_batches(dataset, render_fn, batch_size, pad_id, packing="pad", row_capacity=2049, drop_long=False,
-                rank=0, world_size=1, state=None, lookahead=2.0, ignore_index=-1):
+                rank=0, world_size=1, state=None, lookahead=2.0, ignore_index=-1, bucket=1):
     """Yield SFTBatch(inputs, targets, segment_ids, stats, state) forever: CPU batches for one rank.
 
     The rank reads conversations rank, rank + world_size, rank + 2 * world_size, ... of `dataset` (a Task,
@@ -162,6 +163,8 @@ def sft_batches(dataset, render_fn, batch_size, pad_id, packing="pad", row_capac
       first into the next batch. Every conversation appears exactly once per epoch.
     `state` (from initial_data_state() or a previous yield) is the position AFTER the yielded batch, so a
     run that saves the state of the last batch it used resumes exactly there.
+    bucket > 1 (compiled pad mode): a padded batch's length is rounded up to a multiple of it (pad_to_bucket,
+    at most row_capacity - 1), so a compiled model sees a handful of shapes; the extra positions count as padding.
     stats: examples, truncated, dropped, positions (inputs.numel()), pad_positions, supervised, epoch."""
     assert packing in PACKINGS, f"packing must be one of {PACKINGS}, got {packing!r}"
     assert batch_size > 0 and row_capacity >= 2
@@ -214,7 +217,8 @@ def sft_batches(dataset, render_fn, batch_size, pad_id, packing="pad", row_capac
                 item = next_item()
                 if item is not None:
                     batch.append(item)
-            inputs, targets = collate_sft([(ids, mask) for _, ids, mask in batch], pad_id, ignore_index)
+            inputs, targets = pad_to_bucket(*collate_sft([(ids, mask) for _, ids, mask in batch], pad_id, ignore_index),
+                                            bucket, pad_id, max_len=row_capacity - 1, ignore_index=ignore_index)
             pad_positions = sum(inputs.size(1) - (len(ids) - 1) for _, ids, _ in batch)
             yield emit(inputs, targets, None, len(batch), pad_positions, [])
     else:

@@ -28,11 +28,11 @@ from dataclasses import asdict
 import torch
 
 from nanochat.checkpoint_manager import (check_tokenizer, default_output_tag, describe_checkpoint, load_checkpoint,
-                                         load_run_state, prepare_run, run_options, save_checkpoint, save_run_state,
+                                         load_run_state, prepare_run, run_options, save_training_checkpoint,
                                          tokenizer_sha256)
 from nanochat.checks import check_finite_parameters
 from nanochat.common import (UserError, autocast_ctx, autodetect_device_type, compute_cleanup, compute_init,
-                             get_base_dir, get_dist_info, get_git_commit, get_peak_flops, init_wandb,
+                             get_base_dir, get_dist_info, get_peak_flops, init_wandb,
                              install_error_handler, print0)
 from nanochat.config import ConfigError, Option, load_config
 from nanochat.core_eval import evaluate_core, find_eval_bundle
@@ -234,24 +234,12 @@ def every(step, period, last_step):
 def save(step, val_bpb):
     """This rank's run state (data position of the batch in hand, counters, loss series, RNG), then the model,
     optimizer states and, last, the meta."""
-    save_run_state(checkpoint_dir, step, ddp_rank, ddp_world_size, num_iterations, loader_state, loop_state,
-                   loss_series, device)
-    meta = {
-        "step": step,
-        "model_config": asdict(model_config),
-        "user_config": config,
-        "git_commit": get_git_commit(),
-        "run_id": plan.run_id,
-        "run_name": config["run"],
-        "tokenizer_sha256": tokenizer_sha,
-        "world_size": ddp_world_size,
-        "num_iterations": num_iterations,
-        "val_bpb": val_bpb,
-        "device_batch_size": device_batch_size,
-        "max_seq_len": max_seq_len,
-    }
-    save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), [opt.state_dict() for opt in optimizers], meta,
-                    rank=ddp_rank)
+    run_state = dict(num_iterations=num_iterations, data_state=loader_state, counters=loop_state,
+                     loss_series=loss_series)
+    meta = {"user_config": config, "run_id": plan.run_id, "run_name": config["run"], "tokenizer_sha256": tokenizer_sha,
+            "val_bpb": val_bpb, "device_batch_size": device_batch_size, "max_seq_len": max_seq_len}
+    save_training_checkpoint(checkpoint_dir, step, orig_model, optimizers, run_state, meta, ddp_rank, ddp_world_size,
+                             device)
     print0(f"Saved checkpoint: {checkpoint_dir} step {step}")
 
 

@@ -1,47 +1,36 @@
 """
-Chat SFT: supervised fine-tuning of a base or midtrained checkpoint on a mixture of conversations, so that
-the model learns to answer in the chat format. Faithful to nanochat's chat_sft.py (same keys, defaults,
-data mixture, collation, schedule and log lines), plus: per-token loss normalisation, best-fit packing,
-resumable checkpoints, NaN / out-of-memory steps that skip cleanly, and a data preview (--dry_run 1).
-
-Launch:
+Chat SFT: fine-tune a base or midtrained checkpoint on a mixture of conversations, in the chat format. Faithful
+to nanochat's chat_sft.py (keys, defaults, mixture, collation, schedule, log lines), plus per-token loss
+normalisation, best-fit packing, resume, NaN / out-of-memory steps that skip cleanly and a data preview:
     torchrun --standalone --nproc_per_node=8 -m scripts.chat_sft -- --config configs/sft_guide.txt  # 8 GPUs
-    python -m scripts.chat_sft --config configs/sft_guide.txt                                       # 1 GPU
-    python -m scripts.chat_sft --config configs/sft_cpu.txt                                         # tiny, CPU
-    python -m scripts.chat_sft --config configs/sft_cpu.txt --dry_run 1     # preview the data, no model
-
-Config: `key = value` lines with the options below (--help). Mixture specs, your own Task as
-"my_pkg.my_module:MyTask": tasks/mixture.py. Loss normalisation and the differences from the guide: README.
-Outputs: <base_dir>/chatsft_checkpoints/<output_tag or d<depth>>/ (checkpoints, per-rank run state), the
-"Chat SFT" report section, wandb. Tests: tests/test_chat_sft.py (end to end), tests/test_sft.py, test_mixture.py.
+    python -m scripts.chat_sft --config configs/sft_cpu.txt [--dry_run 1]        # tiny, CPU [data preview only]
+Options: --help. Mixture specs and custom tasks: tasks/mixture.py. Loss normalisation: README. Writes
+<base_dir>/chatsft_checkpoints/<output_tag>/ and the "Chat SFT" report section. Tests: tests/test_chat_sft.py.
 """
 
 import random
 import sys
 import time
-from dataclasses import asdict
 
 import numpy as np
 import torch
 
 from nanochat.chat_eval import run_task_metrics
 from nanochat.checkpoint_manager import (build_model, describe_checkpoint, load_optimizer_warm_start, load_resume,
-                                         prepare_finetune, run_options, save_checkpoint, save_run_state,
-                                         tokenizer_sha256)
+                                         prepare_finetune, run_options, save_training_checkpoint, tokenizer_sha256)
 from nanochat.checks import check_finite_parameters
-from nanochat.common import (UserError, all_reduce_values, autocast_ctx, autodetect_device_type, compute_cleanup,
-                             compute_init, get_dist_info, get_git_commit, get_peak_flops, init_wandb,
-                             install_error_handler, print0)
+from nanochat.common import (UserError, autocast_ctx, autodetect_device_type, compute_cleanup, compute_init,
+                             get_dist_info, get_peak_flops, init_wandb, install_error_handler, print0)
 from nanochat.config import Option, load_config
 from nanochat.engine import Engine
 from nanochat.loss_eval import evaluate_sft_loss
-from nanochat.perf import compile_model, compiled_graphs, mfu, pad_to_bucket, peak_memory_mib
+from nanochat.perf import compile_model, compiled_graphs, peak_memory_mib
 from nanochat.report import format_duration, get_report
 from nanochat.schedules import lr_multiplier, scale_initial_lr, set_lr_multiplier
-from nanochat.sft import (LOSS_NORMALIZATIONS, PACKINGS, accumulate_step, grad_accum_steps_for, initial_data_state,
-                          num_sft_steps, sft_batches)
-from nanochat.sft_report import (data_preview, data_summary, format_run_summary, format_step, report_section,
-                                 sample_conversations)
+from nanochat.sft import (LOSS_NORMALIZATIONS, PACKINGS, STAT_KEYS, accumulate_step, grad_accum_steps_for,
+                          initial_data_state, num_sft_steps, sft_batches)
+from nanochat.sft_report import (data_preview, data_summary, format_run_summary, format_skip, format_step,
+                                 report_section, sample_conversations)
 from nanochat.tokenizer import get_tokenizer
 from tasks.mixture import build_mixtures, check_mixture_specs, parse_eval_spec
 
@@ -60,38 +49,30 @@ OPTIONS = [
     Option("device_batch_size", int, 4, "conversations (pad) or rows (bestfit) per device per micro-step", min=1),
     Option("num_epochs", int, 1, "passes over the training mixture", min=1),
     Option("max_iterations", int, -1, "cap on optimizer steps (-1: no cap)", min=1, disabled=-1),
-    Option("target_examples_per_step", int, 32, "examples (pad) or rows (bestfit) per optimizer step, all ranks",
-           min=1),
+    Option("target_examples_per_step", int, 32, "examples (pad) or rows (bestfit) per step, all ranks", min=1),
     Option("unembedding_lr", float, 0.004, "AdamW lr of the lm_head", min=0.0),
     Option("embedding_lr", float, 0.2, "AdamW lr of the token embedding", min=0.0),
     Option("matrix_lr", float, 0.02, "Muon lr of the transformer matrices", min=0.0),
     Option("weight_decay", float, 0.0, "AdamW weight decay", min=0.0),
     Option("init_lr_frac", float, 0.02, "every lr is multiplied by this (SFT starts from a trained model)", min=0.0),
-    Option("eval_every", int, 100, "validation loss every this many steps and at the end (-1 disables)", min=1,
-           disabled=-1),
+    Option("eval_every", int, 100, "validation loss every N steps and at the end (-1: never)", min=1, disabled=-1),
     Option("eval_steps", int, 100, "validation batches per rank per evaluation", min=1),
-    Option("eval_metrics_every", int, 200, "task metrics every this many steps and at the end (-1 disables)", min=1,
-           disabled=-1),
+    Option("eval_metrics_every", int, 200, "task metrics every N steps and at the end (-1: never)", min=1, disabled=-1),
     # beyond the guide
     Option("device_type", str, "", "autodetect if empty", choices=("", "cuda", "cpu", "mps")),
     Option("seed", int, 42, "torch/python/numpy seed", min=0),
     Option("train_mixture", list, ["ARC:ARC-Easy:train", "ARC:ARC-Challenge:train", "GSM8K:main:train",
                                    "SmolTalk:train:0:10000"], "training mixture specs (see tasks/mixture.py)"),
     Option("val_mixture", list, ["SmolTalk:test"], "validation mixture specs"),
-    Option("loss_normalization", str, "token", "per supervised token of the whole step, or the guide's mean of "
-           "micro-batch means (README: Loss normalisation)", choices=LOSS_NORMALIZATIONS),
-    Option("packing", str, "pad", "pad (the guide: pad to the longest) | bestfit (pack whole conversations)",
-           choices=PACKINGS),
+    Option("loss_normalization", str, "token", "README: Loss normalisation", choices=LOSS_NORMALIZATIONS),
+    Option("packing", str, "pad", "pad (the guide's: to the longest) | bestfit (whole conversations)", choices=PACKINGS),
     Option("max_seq_len", int, 2048, "longest conversation / packed row, in input positions", min=1),
     Option("drop_long", bool, False, "drop conversations longer than max_seq_len + 1 tokens instead of truncating"),
-    Option("eval_metrics_tasks", list, ["MMLU:1024", "ARC-Easy:1024", "GSM8K:64", "HumanEval:64"],
-           "run_chat_eval tasks as Name[:max_problems]"),
+    Option("eval_metrics_tasks", list, ["MMLU:1024", "ARC-Easy:1024", "GSM8K:64", "HumanEval:64"], "Task[:max_problems]"),
     Option("eval_max_new_tokens", int, 512, "generation budget of the generative task metrics", min=1),
     Option("compile", bool, None, "torch.compile the model (default: on for CUDA, off elsewhere)"),
-    Option("pad_bucket", int, 128, "compiled pad mode: round batch lengths up to a multiple of this, so the "
-                                   "compiled model sees a handful of shapes (1: no rounding)", min=1),
-    Option("load_optimizer", int, 0, "1: warm-start the optimizers from the source checkpoint's optimizer state",
-           choices=(0, 1)),
+    Option("pad_bucket", int, 128, "compiled pad mode: batch lengths rounded up to a multiple of this", min=1),
+    Option("load_optimizer", int, 0, "1: warm-start the optimizers from the source's optimizer state", choices=(0, 1)),
     Option("dry_run", int, 0, "1: load the mixtures and tokenizer only, print the data preview, exit", choices=(0, 1)),
     *run_options("chatsft_checkpoints"),  # output_tag, overwrite, save_every, resume (checkpoint_manager)
 ]
@@ -113,16 +94,17 @@ random.seed(config["seed"])
 np.random.seed(config["seed"])
 autocast = lambda: autocast_ctx(device_type, config["dtype"])  # noqa: E731  (a fresh context per use)
 synchronize = torch.cuda.synchronize if device_type == "cuda" else lambda: None
+use_compile = device_type == "cuda" if config["compile"] is None else config["compile"]
+pad_bucket = config["pad_bucket"] if use_compile and config["packing"] == "pad" else 1  # eager: no rounding
 
 # -----------------------------------------------------------------------------
 # Output folder and resume, decided before any model or data is loaded; a dry run writes nothing
 
 if not config["dry_run"]:
-    source_dir, source_step, source_meta, plan = prepare_finetune(
+    source_dir, source_step, _, plan = prepare_finetune(
         config["source"], config["model_tag"], config["step"], "chatsft_checkpoints", config["output_tag"],
         config["resume"], config["overwrite"], ddp_rank, ddp_world_size, check_optimizer=config["load_optimizer"])
-    checkpoint_dir = plan.output_dir
-    print0(f"Output folder: {checkpoint_dir} | run id {plan.run_id}")
+    print0(f"Output folder: {plan.output_dir} | run id {plan.run_id}")
 
 # -----------------------------------------------------------------------------
 # Tokenizer and data, before the model: a missing dataset fails in seconds, and --dry_run stops here
@@ -141,12 +123,9 @@ def render(conversation):
     return tokenizer.render_conversation(conversation, max_tokens=row_capacity + 1)
 
 
-def batches(dataset, state=None, bucket=1):
-    # bucket > 1 (compiled pad mode): lengths rounded up to a multiple of it, padding with target -1
-    for batch in sft_batches(dataset, render, device_batch_size, pad_id, config["packing"], row_capacity,
-                             config["drop_long"], ddp_rank, ddp_world_size, state=state):
-        inputs, targets = pad_to_bucket(batch.inputs, batch.targets, bucket, pad_id, max_len=config["max_seq_len"])
-        yield batch._replace(inputs=inputs, targets=targets)
+def batches(dataset, state=None):
+    return sft_batches(dataset, render, device_batch_size, pad_id, config["packing"], row_capacity, config["drop_long"],
+                       ddp_rank, ddp_world_size, state=state, bucket=pad_bucket)
 
 
 step_count_args = (config["target_examples_per_step"], device_batch_size, grad_accum_steps, row_capacity,
@@ -165,9 +144,8 @@ train_rows = [(spec, entries, summarize(task)) for spec, task, entries in parts[
     else []  # per training spec: counts, supervised ratio, padding (for the preview and the report)
 if config["dry_run"]:
     steps = {p: num_sft_steps(train_ds, render, p, *step_count_args, ddp_rank, ddp_world_size, device) for p in PACKINGS}
-    for line in data_preview(train_rows, train_ds, val_ds, summarize, steps, tokenizer, render, row_capacity,
-                             sys.stdout.isatty()):
-        print0(line)
+    print0("\n".join(data_preview(train_rows, train_ds, val_ds, summarize, steps, tokenizer, render, row_capacity,
+                                  sys.stdout.isatty())))
     compute_cleanup()
     sys.exit(0)
 
@@ -180,14 +158,11 @@ model, _, load_meta = build_model(load_dir, load_step, device, phase="train")
 print0(f"{'Resuming from' if plan.resume_dir else 'Loaded checkpoint:'} "
        f"{describe_checkpoint(load_dir, load_step, load_meta)}")
 orig_model = model  # the uncompiled model: for saving and generation (task metrics)
-depth = model.config.n_layer
 num_flops_per_token = model.estimate_flops()
-use_compile = device_type == "cuda" if config["compile"] is None else config["compile"]
-pad_bucket = config["pad_bucket"] if use_compile and config["packing"] == "pad" else 1  # eager: no rounding
 if use_compile:  # bestfit: one shape; pad: one per bucket up to max_seq_len
     model = compile_model(orig_model, num_shapes=-(-config["max_seq_len"] // pad_bucket))
-print0(f"Model: depth {depth}, {model.num_params():,} parameters, from {config['source']} ({source_meta.get('step')})")
-wandb_run = init_wandb(config["run"], "nanochat-sft", config, ddp_rank, run_dir=checkpoint_dir)
+print0(f"Model: depth {orig_model.config.n_layer}, {orig_model.num_params():,} parameters")
+wandb_run = init_wandb(config["run"], "nanochat-sft", config, ddp_rank, run_dir=plan.output_dir)
 
 # -----------------------------------------------------------------------------
 # Optimizers: the guide's three learning rates, all scaled by init_lr_frac
@@ -196,8 +171,7 @@ optimizers = model.setup_optimizers(unembedding_lr=config["unembedding_lr"], emb
                                     matrix_lr=config["matrix_lr"], weight_decay=config["weight_decay"])
 scale_initial_lr(optimizers, config["init_lr_frac"])
 if config["load_optimizer"] and plan.resume_dir is None:  # warm start: the source's moments, this run's lrs
-    path = load_optimizer_warm_start(optimizers, config["source"], device, ddp_rank, ddp_world_size,
-                                     model_tag=config["model_tag"], step=config["step"])
+    path = load_optimizer_warm_start(optimizers, source_dir, source_step, device, ddp_rank, ddp_world_size)
     print0(f"Optimizer state warm-started from {path}")
 
 # -----------------------------------------------------------------------------
@@ -205,31 +179,26 @@ if config["load_optimizer"] and plan.resume_dir is None:  # warm start: the sour
 
 start_step, train_state = 0, initial_data_state()
 val_loss, metrics = None, {}  # the latest evaluation, saved in checkpoint meta
-totals = {"skipped_nonfinite": 0, "skipped_oom": 0, "truncated": 0, "dropped": 0, "examples": 0,
-          "supervised": 0, "positions": 0, "pad_positions": 0}
-loss_series = {"train_steps": [], "train_loss": [], "val_steps": [], "val_loss": []}
+totals = dict.fromkeys(("skipped_nonfinite", "skipped_oom", *STAT_KEYS), 0)  # summed over steps and ranks
+loss_series = {"train": [], "val": []}  # [step, loss] points, both in the unit of loss_normalization
 if plan.resume_dir is not None:
     run_state = load_resume(plan.resume_dir, plan.resume_step, optimizers, ddp_rank, ddp_world_size, num_iterations,
                             device)
     start_step, train_state = run_state["step"], run_state["data_state"]
     totals, loss_series = {**totals, **run_state["counters"]["totals"]}, run_state["loss_series"]
-    metrics = run_state["counters"]["metrics"]
-    val_loss = metrics.pop("val_loss")
-train_iter = batches(train_ds, train_state, pad_bucket)
+    val_loss, metrics = run_state["counters"]["val_loss"], run_state["counters"]["metrics"]
+train_iter = batches(train_ds, train_state)
 
 
-def save(step, metrics):
-    """This rank's run state (data position, step, RNG, counters, loss series), then model (rank 0), optimizer
-    state (every rank) and, last, the meta via checkpoint_manager."""
-    save_run_state(checkpoint_dir, step, ddp_rank, ddp_world_size, num_iterations, train_state,
-                   {"totals": totals, "metrics": dict(metrics)}, loss_series, device)
-    meta = {"step": step, "model_config": asdict(orig_model.config), "user_config": config,
-            "git_commit": get_git_commit(), "run_id": plan.run_id, "run_name": config["run"],
-            "tokenizer_sha256": tokenizer_sha, "source": config["source"], "source_dir": source_dir,
-            "source_step": source_step, "num_iterations": num_iterations, "world_size": ddp_world_size,
-            "metrics": metrics, "totals": totals}
-    save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), [opt.state_dict() for opt in optimizers],
-                    meta, rank=ddp_rank)
+def save(step):
+    """A resumable checkpoint: this rank's run state, the model, the optimizer states and, last, the meta."""
+    run_state = dict(num_iterations=num_iterations, data_state=train_state, loss_series=loss_series,
+                     counters={"totals": totals, "val_loss": val_loss, "metrics": metrics})
+    meta = {"user_config": config, "run_id": plan.run_id, "run_name": config["run"], "tokenizer_sha256": tokenizer_sha,
+            "source": config["source"], "source_dir": source_dir, "source_step": source_step,
+            "metrics": {"val_loss": val_loss, **metrics}, "totals": totals}
+    save_training_checkpoint(plan.output_dir, step, orig_model, optimizers, run_state, meta, ddp_rank, ddp_world_size,
+                             device)
 
 
 # -----------------------------------------------------------------------------
@@ -247,12 +216,11 @@ for step in range(start_step, num_iterations + 1):
     # once in a while: validation loss, over eval_steps batches per rank (the same batches every time)
     if config["eval_every"] > 0 and (last_step or step % config["eval_every"] == 0) and not resumed_here:
         model.eval()
-        val_loss = evaluate_sft_loss(model, batches(val_ds, bucket=pad_bucket), config["eval_steps"],
+        val_loss = evaluate_sft_loss(model, batches(val_ds), config["eval_steps"],
                                      config["loss_normalization"], device, ddp_world_size, ddp_rank, autocast)
         print0(f"Step {step:05d} | Validation loss: {val_loss:.6f}")
         wandb_run.log({"step": step, "val_loss": val_loss})
-        loss_series["val_steps"].append(step)
-        loss_series["val_loss"].append(val_loss)
+        loss_series["val"].append([step, val_loss])
         model.train()
 
     # once in a while: task metrics through run_chat_eval
@@ -269,7 +237,7 @@ for step in range(start_step, num_iterations + 1):
     # once in a while: a resumable checkpoint (the final one is written after the loop)
     if config["save_every"] > 0 and 0 < step < num_iterations and step % config["save_every"] == 0 \
             and not resumed_here:
-        save(step, {"val_loss": val_loss, **metrics})
+        save(step)
 
     if last_step:
         break
@@ -285,10 +253,9 @@ for step in range(start_step, num_iterations + 1):
     progress = f"step {step + 1}/{num_iterations} | elapsed {format_duration(time.time() - loop_t0)}"
     if result.skip is not None:
         totals["skipped_oom" if result.skip == "out of memory" else "skipped_nonfinite"] += 1
-        print0(f"Step {step:05d} | skipped: {result.skip} | optimizer step not taken (skipped so far: "
-               f"{totals['skipped_nonfinite']} non-finite, {totals['skipped_oom']} out of memory) | {progress}")
-        wandb_run.log({"step": step, "skipped_nonfinite": totals["skipped_nonfinite"],
-                       "skipped_oom": totals["skipped_oom"]})
+        line, log = format_skip(step, result.skip, totals)
+        print0(f"{line} | {progress}")
+        wandb_run.log(log)
         continue
     set_lr_multiplier(optimizers, lrm)
     for opt in optimizers:
@@ -299,34 +266,21 @@ for step in range(start_step, num_iterations + 1):
     dt = time.time() - t0
     train_time += dt
 
-    # logging
-    for key in ("examples", "truncated", "dropped", "supervised", "positions", "pad_positions"):
+    # logging (MFU: useful counts the non-padding positions, total every position computed)
+    for key in STAT_KEYS:
         totals[key] += int(result.totals[key])
-    mfu_useful = mfu_total = None
-    if peak_flops:  # useful: non-padding positions only; total: every position computed (bucket rounding too)
-        computed = all_reduce_values([sum(b.inputs.numel() for b in micro_batches)], "sum", device, ddp_world_size)[0]
-        useful = result.totals["positions"] - result.totals["pad_positions"]
-        mfu_useful = mfu(num_flops_per_token, useful, dt, peak_flops, ddp_world_size)
-        mfu_total = mfu(num_flops_per_token, computed, dt, peak_flops, ddp_world_size)
-    line, log = format_step(step, result.loss, lrm, result.totals, dt, mfu_useful, mfu_total)
-    if device_type == "cuda":
-        log["peak_memory_mib"] = peak_memory_mib(device)
-        line += f" | peak mem: {log['peak_memory_mib']:,.0f} MiB"
-    if use_compile:
-        log["compiled_graphs"] = compiled_graphs()  # growing after the first step = recompilations
-        graphs_after_first_step = graphs_after_first_step or log["compiled_graphs"]
-        line += f" | compiled graphs: {log['compiled_graphs']}"
+    line, log = format_step(step, result.loss, lrm, result.totals, dt, num_flops_per_token, peak_flops, ddp_world_size,
+                            peak_memory_mib(device), compiled_graphs() if use_compile else None)
+    graphs_after_first_step = graphs_after_first_step or log.get("compiled_graphs", 0)
     eta = (time.time() - loop_t0) / (step + 1 - start_step) * (num_iterations - step - 1)
     print0(f"{line} | {progress} | eta {format_duration(eta)}")
     wandb_run.log(log)
-    loss_series["train_steps"].append(step)
-    loss_series["train_loss"].append(result.loss)
+    loss_series["train"].append([step, result.loss])
 
 # -----------------------------------------------------------------------------
-# Save the final checkpoint and the report section
+# The final checkpoint, the report section, cleanup
 
-final_metrics = {"val_loss": val_loss, **metrics}
-save(num_iterations, final_metrics)
+save(num_iterations)
 print0(format_run_summary(train_time, totals, peak_memory_mib(device), compiled_graphs() if use_compile else None,
                           graphs_after_first_step))
 
@@ -335,19 +289,11 @@ if master_process:  # two validation prompts answered by the final model, for th
     model.eval()
     with autocast():
         samples = sample_conversations(engine, tokenizer, [val_ds[i] for i in range(min(2, len(val_ds)))])
-useful_mfu = None  # useful MFU: non-padding positions only
-if peak_flops:
-    useful_mfu = mfu(num_flops_per_token, totals["positions"] - totals["pad_positions"], train_time, peak_flops,
-                     ddp_world_size)
 report = get_report()
-report.log(section="Chat SFT", data=report_section(config, train_rows, len(train_ds), num_iterations, totals,
-                                                   train_time, final_metrics, samples, useful_mfu),
-           duration_s=time.time() - script_start)
-report.log_series("Chat SFT", "train_loss", loss_series["train_steps"], loss_series["train_loss"])
-report.log_series("Chat SFT", "val_loss", loss_series["val_steps"], loss_series["val_loss"])
-
-# -----------------------------------------------------------------------------
-# Cleanup
-
+report.log(section="Chat SFT", data=report_section(config, train_rows, len(train_ds), num_iterations, totals, train_time,
+                                                   {"val_loss": val_loss, **metrics}, samples, num_flops_per_token,
+                                                   peak_flops, ddp_world_size), duration_s=time.time() - script_start)
+for name, points in loss_series.items():
+    report.log_series("Chat SFT", f"{name}_loss", [p[0] for p in points], [p[1] for p in points])
 wandb_run.finish()
 compute_cleanup()

@@ -24,16 +24,14 @@ refused before anything is loaded (resume = 1, another output_tag, or overwrite 
 """
 
 import time
-from dataclasses import asdict
 
 import torch
 
 from nanochat.checkpoint_manager import (build_model, describe_checkpoint, load_resume, prepare_finetune, run_options,
-                                         save_checkpoint, save_run_state, tokenizer_sha256)
+                                         save_training_checkpoint, tokenizer_sha256)
 from nanochat.checks import check_finite_parameters
-from nanochat.common import (all_reduce_values, autocast_ctx, autodetect_device_type, compute_cleanup,
-                             compute_init, get_dist_info, get_git_commit, init_wandb,
-                             install_error_handler, print0)
+from nanochat.common import (all_reduce_values, autocast_ctx, autodetect_device_type, compute_cleanup, compute_init,
+                             get_dist_info, init_wandb, install_error_handler, print0)
 from nanochat.config import Option, load_config
 from nanochat.dataloader import conversation_data_loader, count_conversation_tokens
 from nanochat.loss_eval import evaluate_bpb
@@ -120,7 +118,6 @@ print0(f"{'Resuming from' if plan.resume_dir else 'Loaded checkpoint:'} "
 orig_model = model  # the uncompiled model, for saving
 if config["compile"] and device_type == "cuda":
     model = torch.compile(model, dynamic=False)
-model_config_dict = asdict(orig_model.config)
 depth = orig_model.config.n_layer
 max_seq_len = config["max_seq_len"] or orig_model.config.sequence_len
 token_bytes = get_token_bytes(device=device)
@@ -191,14 +188,12 @@ def get_lr_multiplier(step):
 def save(step):
     """This rank's run state (data position of the batch in hand, counters, loss series, RNG), then the model,
     optimizer states and, last, the meta."""
-    save_run_state(checkpoint_dir, step, ddp_rank, ddp_world_size, num_iterations, loader_state, loop_state,
-                   loss_series, device)
-    meta = {"step": step, "model_config": model_config_dict, "user_config": config, "git_commit": get_git_commit(),
-            "run_id": plan.run_id, "run_name": config["run"], "tokenizer_sha256": tokenizer_sha,
-            "world_size": ddp_world_size, "num_iterations": num_iterations, "val_bpb": val_bpb,
-            "source_dir": source_dir, "base_step": source_step}
-    save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), [opt.state_dict() for opt in optimizers], meta,
-                    rank=ddp_rank)
+    run_state = dict(num_iterations=num_iterations, data_state=loader_state, counters=loop_state,
+                     loss_series=loss_series)
+    meta = {"user_config": config, "run_id": plan.run_id, "run_name": config["run"], "tokenizer_sha256": tokenizer_sha,
+            "val_bpb": val_bpb, "source_dir": source_dir, "base_step": source_step}
+    save_training_checkpoint(checkpoint_dir, step, orig_model, optimizers, run_state, meta, ddp_rank, ddp_world_size,
+                             device)
 
 
 # -----------------------------------------------------------------------------

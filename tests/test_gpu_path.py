@@ -284,7 +284,7 @@ def _save_source(base_dir, with_optimizer, steps=2):
 
 
 def test_load_optimizer_warm_start_equals_hand_computed_step(tmp_path, monkeypatch):
-    from nanochat.checkpoint_manager import load_optimizer_warm_start
+    from nanochat.checkpoint_manager import load_optimizer_warm_start, resolve_checkpoint
     from nanochat.muon import zeropower_via_newtonschulz5
 
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
@@ -306,7 +306,7 @@ def test_load_optimizer_warm_start_equals_hand_computed_step(tmp_path, monkeypat
     for warm in (False, True):
         model, optimizers = sft_setup()
         if warm:
-            path = load_optimizer_warm_start(optimizers, "base", "cpu")
+            path = load_optimizer_warm_start(optimizers, *resolve_checkpoint("base"), "cpu")
             assert path.endswith("optim_000002_rank0.pt")
             assert [g["lr"] for g in optimizers[0].param_groups] == \
                    pytest.approx([g["lr"] * lr_frac for g in source_opts[0].param_groups])
@@ -348,13 +348,13 @@ def test_load_optimizer_warm_start_equals_hand_computed_step(tmp_path, monkeypat
 
 
 def test_load_optimizer_without_source_state_is_a_user_error(tmp_path, monkeypatch):
-    from nanochat.checkpoint_manager import load_optimizer_warm_start
+    from nanochat.checkpoint_manager import load_optimizer_warm_start, resolve_checkpoint
 
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     model, _ = _save_source(str(tmp_path), with_optimizer=False, steps=1)
     with pytest.raises(UserError, match=r"no optimizer state for rank 0 .*optim_000001_rank0\.pt is missing.*"
                                         r"load_optimizer = 0"):
-        load_optimizer_warm_start(model.setup_optimizers(), "base", "cpu")
+        load_optimizer_warm_start(model.setup_optimizers(), *resolve_checkpoint("base"), "cpu")
 
 
 @pytest.mark.slow

@@ -272,6 +272,24 @@ def test_load_resume_restores_run_state_and_optimizers(tmp_path):
         load_resume(d, 5, [fresh], 0, 1, 12, "cpu")
 
 
+def test_save_training_checkpoint_writes_run_state_model_optimizers_and_meta(tmp_path):
+    from nanochat.checkpoint_manager import load_checkpoint, load_run_state, save_training_checkpoint
+    from nanochat.gpt import GPTConfig, random_model
+
+    d = str(tmp_path)
+    model = random_model(GPTConfig(sequence_len=16, vocab_size=32, n_layer=1, n_head=2, n_kv_head=2, n_embd=16))
+    optimizers = model.setup_optimizers()
+    run_state = dict(num_iterations=9, data_state={"cursor": 3}, counters={"examples": 12}, loss_series={"train": []})
+    save_training_checkpoint(d, 4, model, optimizers, run_state, {"run_id": "r1", "step": 99})
+    weights, optimizer_data, meta = load_checkpoint(d, 4, "cpu", load_optimizer=True)
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    assert len(optimizer_data) == len(optimizers)
+    assert meta["model_config"]["n_embd"] == 16 and meta["world_size"] == 1 and meta["num_iterations"] == 9
+    assert meta["run_id"] == "r1" and meta["git_commit"] and meta["step"] == 4  # the script cannot change the step
+    state = load_run_state(d, 4, 0, 1, 9, "cpu")
+    assert state["data_state"] == {"cursor": 3} and state["counters"] == {"examples": 12}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # unit tests: report results per task
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from nanochat.common import UserError
 from nanochat.schedules import lr_multiplier
-from nanochat.sft_report import (data_preview, data_summary, format_run_summary, format_step, padding_fractions,
+from nanochat.sft_report import (data_preview, data_summary, format_run_summary, format_skip, format_step, padding_fractions,
                                  report_mixture_table, report_section)
 from nanochat.sft import (
     accumulate_step,
@@ -239,6 +239,19 @@ def test_stream_truncates_or_drops_long_conversations():
     assert stats["dropped"] >= 1 and 1000 not in targets.tolist()[0] + targets.tolist()[1]
     with pytest.raises(ValueError, match="dropped"):
         next(sft_batches([{"i": 0, "n": 10}], _toy_render, 1, PAD, "pad", row_capacity=5, drop_long=True))
+
+
+def test_stream_rounds_pad_batches_up_to_the_bucket():
+    data = [{"i": 0, "n": 6}, {"i": 1, "n": 3}, {"i": 2, "n": 30}, {"i": 3, "n": 2}]
+    plain = sft_batches(data, _toy_render, 2, PAD, "pad", row_capacity=20)
+    bucketed = sft_batches(data, _toy_render, 2, PAD, "pad", row_capacity=20, bucket=8)
+    for expected_T in (8, 19):  # 5 positions -> 8; 19 (truncated to 20 tokens) stays 19, the cap
+        (i1, t1, _, s1, _), (i2, t2, _, s2, _) = next(plain), next(bucketed)
+        T = i1.size(1)
+        assert i2.size(1) == expected_T and torch.equal(i2[:, :T], i1) and torch.equal(t2[:, :T], t1)
+        assert (i2[:, T:] == PAD).all() and (t2[:, T:] == -1).all()
+        assert s2["supervised"] == s1["supervised"] and s2["positions"] == 2 * expected_T
+        assert s2["positions"] - s2["pad_positions"] == s1["positions"] - s1["pad_positions"]
 
 
 def test_bestfit_pads_less_than_pad():
@@ -473,8 +486,16 @@ def test_step_line_and_report_table():
     assert line == ("Step 00003 | Training loss: 2.500000 | lrm: 0.750000 | num_tokens: 300 | supervised: 30.0% | "
                     "padding: 25.0% | tok/s: 2,000 | sup_tok/s: 600")
     assert log["padding_fraction"] == 0.25 and "mfu" not in log
-    line, log = format_step(3, 2.5, 0.75, {**totals, "truncated": 2}, 0.5, mfu=0.125)
-    assert line.endswith("| mfu: 12.50% useful | truncated: 2 | dropped: 0") and log["mfu"] == 0.125
+    line, log = format_step(3, 2.5, 0.75, {**totals, "truncated": 2}, 0.5, flops_per_token=1e6, peak_flops=8e9)
+    assert line.endswith("| mfu: 18.75% useful, 25.00% total | truncated: 2 | dropped: 0")  # useful: 750 of 1000
+    assert log["mfu"] == pytest.approx(0.1875) and log["mfu_total"] == pytest.approx(0.25)
+    line, log = format_step(3, 2.5, 0.75, totals, 0.5, peak_memory=1234.4, graphs=2)
+    assert line.endswith("| sup_tok/s: 600 | peak mem: 1,234 MiB | compiled graphs: 2")
+    assert log["peak_memory_mib"] == 1234.4 and log["compiled_graphs"] == 2
+    line, log = format_skip(4, "out of memory", {"skipped_nonfinite": 1, "skipped_oom": 2})
+    assert line == ("Step 00004 | skipped: out of memory | optimizer step not taken (skipped so far: 1 non-finite, "
+                    "2 out of memory)")
+    assert log == {"step": 4, "skipped_nonfinite": 1, "skipped_oom": 2}
     row = {"supervised_ratio": 0.5, "padding_pad": 0.25, "padding_bestfit": 0.05}
     table = report_mixture_table([("ChitChat:train", 12, row)]).splitlines()
     assert table[0] == table[-1] == "```" and not any(line.startswith("|") for line in table)
@@ -494,8 +515,8 @@ def test_report_section_and_closing_line():
     assert data[2]["Supervised ratio"] == 0.3 and data[2]["Padding fraction"] == 0.25
     assert data[2]["Tokens per second"] == 500 and "MFU" not in data[2] and data[2]["Dropped conversations"] == 2
     assert data[3] == {"val_loss": 1.5} and data[-1] == "```\nhello\n```" and "token" in data[4]
-    data = report_section(config, [], 12, 3, totals, 2.0, {}, [], useful_mfu=0.25)
-    assert data[2]["MFU"] == 0.25 and data[-1] == "Sample conversations (final model, greedy):"
+    data = report_section(config, [], 12, 3, totals, 2.0, {}, [], flops_per_token=1e6, peak_flops=1.5e9)
+    assert data[2]["MFU"] == pytest.approx(0.25) and data[-1] == "Sample conversations (final model, greedy):"
     assert format_run_summary(2.04, totals) == ("Training time: 2.0s | skipped steps: 1 non-finite, 0 out of "
                                                 "memory | truncated: 1 | dropped: 2")
     line = format_run_summary(2.0, totals, peak_memory=512.4, compiled=5, graphs_after_first_step=3)
