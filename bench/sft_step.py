@@ -28,7 +28,7 @@ import torch._inductor.config
 
 from nanochat.common import autocast_ctx, get_peak_flops
 from nanochat.gpt import GPT, config_from_depth
-from nanochat.perf import compile_model, compiled_graphs, mfu, peak_memory_mib
+from nanochat.perf import batch_flops, compile_model, compiled_graphs, mfu, peak_memory_mib, reset_peak_memory
 from nanochat.sft import sft_batches
 
 
@@ -60,9 +60,9 @@ def run_one(model_config, device, dtype, conversations, packing, compiled, chunk
     stream = sft_batches(conversations, lambda c: c, batch_size, 0, packing, row_capacity, bucket=bucket)
     if device.type == "cuda":
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    totals = dict(time=0.0, computed=0, useful=0, supervised=0)
+    totals = dict(time=0.0, computed=0, supervised=0, flops=0, useful_flops=0)
     # a step that built a new graph (the first one; in pad mode each new bucket length) counts as compile
     # time, not throughput; timed steps are the first `steps` steps after warmup that built nothing
     graphs_before = compiled_graphs()
@@ -87,7 +87,8 @@ def run_one(model_config, device, dtype, conversations, packing, compiled, chunk
         elif iteration >= warmup:
             totals["time"] += dt
             totals["computed"] += inputs.numel()
-            totals["useful"] += stats["positions"] - stats["pad_positions"]
+            flops, useful_flops = batch_flops(orig_model, inputs, stats["pad_positions"])
+            totals["flops"], totals["useful_flops"] = totals["flops"] + flops, totals["useful_flops"] + useful_flops
             totals["supervised"] += stats["supervised"]
             timed += 1
         graphs_seen = graphs_now
@@ -96,12 +97,11 @@ def run_one(model_config, device, dtype, conversations, packing, compiled, chunk
         raise RuntimeError(f"no step without a (re)compilation in {iteration} steps: raise --pad_bucket")
     step_time = totals["time"] / timed
     peak = get_peak_flops(device)
-    flops = orig_model.estimate_flops()
     return {
         "tok/s": totals["computed"] / totals["time"],
         "sup tok/s": totals["supervised"] / totals["time"],
-        "MFU useful": mfu(flops, totals["useful"], totals["time"], peak),
-        "MFU total": mfu(flops, totals["computed"], totals["time"], peak),
+        "MFU useful": mfu(totals["useful_flops"], totals["time"], peak),
+        "MFU total": mfu(totals["flops"], totals["time"], peak),
         "peak MiB": peak_memory_mib(device),
         "compile s": max(0.0, compile_time - compile_steps * step_time) if compiled else None,
         "graphs": compiled_graphs() - graphs_before if compiled else None,

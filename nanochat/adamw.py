@@ -77,7 +77,7 @@ class DistAdamW(torch.optim.Optimizer):
         for group, p, sharded, out, work in pending:
             if work is not None:
                 work.wait()
-                if not nccl:
+                if not (sharded and nccl):  # reduce_scatter averaged (AVG); all_reduce summed (SUM, any backend)
                     out.div_(ws)
             if not sharded:
                 self._adamw_(p, out, group, self.state[p])

@@ -311,11 +311,14 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def estimate_flops(self):
-        """FLOPs per token of a training step (fwd+bwd): 6 * (params outside the embedding) + attention."""
+    def estimate_flops(self, seq_len=None):
+        """FLOPs per token of a training step (fwd+bwd): 6 * (params outside the embedding) + attention, the
+        attention term (nanochat's 12 * layers * heads * head_dim * length) for rows of seq_len tokens
+        (default: the config's sequence_len)."""
         nparams_embedding = self.transformer.wte.weight.numel()
         cfg = self.config
-        l, h, q, t = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.sequence_len
+        l, h, q = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head
+        t = cfg.sequence_len if seq_len is None else seq_len
         return 6 * (self.num_params() - nparams_embedding) + 12 * l * h * q * t
 
     def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0):
@@ -367,6 +370,10 @@ class GPT(nn.Module):
             cos_sin = self.cos[None, T0:T0 + T, None, :], self.sin[None, T0:T0 + T, None, :]  # (1, T, 1, D/2)
 
         x = self.transformer.wte(idx)
+        if x.dtype != self.lm_head.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            # nanochat keeps the embedding in bf16 on CUDA and relies on autocast; without it (dtype = float32)
+            # the bf16 activations would meet fp32 weights in the first matmul and fail: run in fp32 instead
+            x = x.to(self.lm_head.weight.dtype)
         x = norm(x)
         for block in self.transformer.h:
             x = block(x, cos_sin, kv_cache, seg)

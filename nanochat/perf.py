@@ -4,8 +4,9 @@ Speed and accounting helpers for the training step (chat_sft, bench/sft_step.py)
 - pad_to_bucket: round a padded batch's length up to a multiple of a bucket size, so a compiled model sees a
   handful of shapes instead of one per batch (the extra positions are padding with target -1: no loss change)
 - compile_model / compiled_graphs: torch.compile for fixed shapes, and how many graphs (recompilations) it built
-- mfu: model FLOPs utilisation for a number of positions (useful = non-padding, or total = all positions)
-- peak_memory_mib: the CUDA allocator's peak (None elsewhere)
+- batch_flops / mfu: a batch's FLOPs at its own length (useful = non-padding positions, or total = all
+  positions) and the model FLOPs utilisation they give
+- reset_peak_memory / peak_memory_mib: the CUDA allocator's peak (None elsewhere)
 
 Tests: tests/test_gpu_path.py.
 """
@@ -48,12 +49,26 @@ def compiled_graphs():
     return int(counters["stats"]["unique_graphs"])
 
 
-def mfu(flops_per_token, num_positions, dt, peak_flops, world_size=1):
-    """Fraction of peak FLOPS: flops_per_token * num_positions (over all ranks) in dt seconds on world_size
-    devices of peak_flops each; None when the peak is unknown (CPU)."""
+def batch_flops(model, inputs, pad_positions):
+    """Training FLOPs (fwd+bwd) of one batch, as (total, useful): the model's FLOPs per token at the batch's own
+    length T (estimate_flops: its attention term grows with T, so a short padded batch is not counted at the
+    checkpoint's sequence_len) times all its positions, and times its non-padding positions."""
+    per_token = model.estimate_flops(inputs.size(1))
+    return per_token * inputs.numel(), per_token * (inputs.numel() - pad_positions)
+
+
+def mfu(flops, dt, peak_flops, world_size=1):
+    """Fraction of peak FLOPS: `flops` (over all ranks) done in dt seconds on world_size devices of peak_flops
+    each; None when the peak is unknown (CPU)."""
     if not peak_flops or dt <= 0:
         return None
-    return flops_per_token * num_positions / dt / (peak_flops * world_size)
+    return flops / dt / (peak_flops * world_size)
+
+
+def reset_peak_memory(device):
+    """Start a new peak for peak_memory_mib (CUDA; nothing elsewhere)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def peak_memory_mib(device):

@@ -25,7 +25,7 @@ import torch
 
 from nanochat.common import UserError, all_reduce_values
 from nanochat.config import ConfigError
-from nanochat.perf import pad_to_bucket
+from nanochat.perf import batch_flops, pad_to_bucket
 from nanochat.schedules import num_grad_accum_steps
 
 # ----------------------------------------------------------------------------------------------------------
@@ -354,13 +354,14 @@ def num_sft_steps(dataset, render_fn, packing, target_examples_per_step, device_
     return min(steps, max_iterations) if max_iterations >= 0 else steps
 
 
-STAT_KEYS = ("supervised", "positions", "pad_positions", "examples", "truncated", "dropped")
+STAT_KEYS = ("supervised", "positions", "pad_positions", "examples", "truncated", "dropped")  # of SFTBatch.stats
+TOTAL_KEYS = (*STAT_KEYS, "flops", "useful_flops")  # StepResult.totals: the stats and perf.batch_flops
 
 
 class StepResult(NamedTuple):
     loss: float  # the step's loss, as the optimizer sees it (mean over ranks of the scaled sums)
     skip: str | None  # why the optimizer step must not be taken (the same on every rank), or None
-    totals: dict  # STAT_KEYS summed over the step's micro-batches and all ranks
+    totals: dict  # TOTAL_KEYS summed over the step's micro-batches and all ranks
 
 
 def accumulate_step(model, micro_batches, loss_normalization, device, world_size=1, rank=0,
@@ -373,8 +374,9 @@ def accumulate_step(model, micro_batches, loss_normalization, device, world_size
     optimizer's collectives); a skipped step leaves no gradient behind. The caller takes the optimizer step
     when result.skip is None."""
     device = torch.device(device)
-    local = [sum(b.stats[k] for b in micro_batches) for k in STAT_KEYS]
-    totals = dict(zip(STAT_KEYS, all_reduce_values(local, "sum", device, world_size)))
+    flops = [batch_flops(model, b.inputs, b.stats["pad_positions"]) for b in micro_batches]
+    local = [sum(b.stats[k] for b in micro_batches) for k in STAT_KEYS] + [sum(f) for f in zip(*flops)]
+    totals = dict(zip(TOTAL_KEYS, all_reduce_values(local, "sum", device, world_size)))
     objective, oom = 0.0, 0.0
     try:
         for batch in micro_batches:
@@ -389,7 +391,8 @@ def accumulate_step(model, micro_batches, loss_normalization, device, world_size
     except torch.cuda.OutOfMemoryError as e:
         print(f"[rank {rank}] out of memory: {str(e).splitlines()[0] if str(e) else ''}")
         oom = 1.0
-        inputs = targets = segment_ids = loss_sum = loss = None  # free the activations before retrying
+    if oom:  # outside the except block: its traceback would keep the forward's activations alive
+        inputs = targets = segment_ids = loss_sum = loss = None
         model.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()

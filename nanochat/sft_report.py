@@ -87,12 +87,11 @@ def sample_conversations(engine, tokenizer, conversations, max_tokens=64):
     return samples
 
 
-def format_step(step, loss, lrm, step_totals, dt, flops_per_token=None, peak_flops=None, world_size=1,
-                peak_memory=None, graphs=None):
+def format_step(step, loss, lrm, step_totals, dt, peak_flops=None, world_size=1, peak_memory=None, graphs=None):
     """chat_sft's step line (the guide's first fields, then throughput) and its wandb dict, from the step's
     StepResult totals (summed over ranks) and its duration dt in seconds. With peak_flops (per device): the MFU
-    of the useful (non-padding) positions and of every position computed; then the peak memory in MiB and the
-    torch.compile graph count (growing after the first step = recompilations), where given."""
+    of the useful (non-padding) positions' FLOPs and of all the FLOPs computed; then the peak memory in MiB and
+    the torch.compile graph count (growing after the first step = recompilations), where given."""
     tokens, positions = step_totals["supervised"], step_totals["positions"]
     log = {"step": step, "train_loss": loss, "lrm": lrm, "num_tokens": tokens,
            "supervised_ratio": tokens / max(positions, 1),
@@ -102,8 +101,8 @@ def format_step(step, loss, lrm, step_totals, dt, flops_per_token=None, peak_flo
             f"supervised: {log['supervised_ratio']:.1%} | padding: {log['padding_fraction']:.1%} | "
             f"tok/s: {log['tok_per_sec']:,.0f} | sup_tok/s: {tokens / dt:,.0f}")
     if peak_flops:
-        log["mfu"] = mfu(flops_per_token, positions - step_totals["pad_positions"], dt, peak_flops, world_size)
-        log["mfu_total"] = mfu(flops_per_token, positions, dt, peak_flops, world_size)
+        log["mfu"] = mfu(step_totals["useful_flops"], dt, peak_flops, world_size)
+        log["mfu_total"] = mfu(step_totals["flops"], dt, peak_flops, world_size)
         line += f" | mfu: {100 * log['mfu']:.2f}% useful, {100 * log['mfu_total']:.2f}% total"
     if step_totals["truncated"] or step_totals["dropped"]:
         line += f" | truncated: {int(step_totals['truncated'])} | dropped: {int(step_totals['dropped'])}"
@@ -136,17 +135,16 @@ def report_mixture_table(train_rows):
 
 
 def report_section(config, train_rows, num_conversations, num_iterations, totals, train_time, final_metrics, samples,
-                   flops_per_token=None, peak_flops=None, world_size=1):
+                   peak_flops=None, world_size=1):
     """The data of chat_sft's "Chat SFT" report section: the key options, the training-mixture table
     (report_mixture_table), the run's counts (totals: summed over the run and the ranks) and figures (supervised
-    ratio, padding fraction, tokens/s, and with peak_flops the MFU of the useful, non-padding, positions), the
+    ratio, padding fraction, tokens/s, and with peak_flops the MFU of the useful, non-padding, FLOPs), the
     final metrics (None values left out) and the sample conversations of the final model."""
     figures = {"Supervised ratio": totals["supervised"] / max(totals["positions"], 1),
                "Padding fraction": padding_fraction(totals["pad_positions"], totals["positions"]),
                "Tokens per second": round(totals["positions"] / max(train_time, 1e-9))}
     if peak_flops:
-        figures["MFU"] = mfu(flops_per_token, totals["positions"] - totals["pad_positions"], train_time, peak_flops,
-                             world_size)
+        figures["MFU"] = mfu(totals["useful_flops"], train_time, peak_flops, world_size)
     return [
         {k: config[k] for k in ("source", "device_batch_size", "target_examples_per_step", "num_epochs",
                                 "init_lr_frac", "loss_normalization", "packing", "max_seq_len")},

@@ -24,10 +24,10 @@ from nanochat.common import (UserError, autocast_ctx, autodetect_device_type, co
 from nanochat.config import Option, load_config
 from nanochat.engine import Engine
 from nanochat.loss_eval import evaluate_sft_loss
-from nanochat.perf import compile_model, compiled_graphs, peak_memory_mib
+from nanochat.perf import compile_model, compiled_graphs, peak_memory_mib, reset_peak_memory
 from nanochat.report import format_duration, get_report
 from nanochat.schedules import lr_multiplier, scale_initial_lr, set_lr_multiplier
-from nanochat.sft import (LOSS_NORMALIZATIONS, PACKINGS, STAT_KEYS, accumulate_step, grad_accum_steps_for,
+from nanochat.sft import (LOSS_NORMALIZATIONS, PACKINGS, TOTAL_KEYS, accumulate_step, grad_accum_steps_for,
                           initial_data_state, num_sft_steps, sft_batches)
 from nanochat.sft_report import (data_preview, data_summary, format_run_summary, format_skip, format_step,
                                  report_section, sample_conversations)
@@ -158,7 +158,6 @@ model, _, load_meta = build_model(load_dir, load_step, device, phase="train")
 print0(f"{'Resuming from' if plan.resume_dir else 'Loaded checkpoint:'} "
        f"{describe_checkpoint(load_dir, load_step, load_meta)}")
 orig_model = model  # the uncompiled model: for saving and generation (task metrics)
-num_flops_per_token = model.estimate_flops()
 if use_compile:  # bestfit: one shape; pad: one per bucket up to max_seq_len
     model = compile_model(orig_model, num_shapes=-(-config["max_seq_len"] // pad_bucket))
 print0(f"Model: depth {orig_model.config.n_layer}, {orig_model.num_params():,} parameters")
@@ -179,7 +178,7 @@ if config["load_optimizer"] and plan.resume_dir is None:  # warm start: the sour
 
 start_step, train_state = 0, initial_data_state()
 val_loss, metrics = None, {}  # the latest evaluation, saved in checkpoint meta
-totals = dict.fromkeys(("skipped_nonfinite", "skipped_oom", *STAT_KEYS), 0)  # summed over steps and ranks
+totals = dict.fromkeys(("skipped_nonfinite", "skipped_oom", *TOTAL_KEYS), 0)  # summed over steps and ranks
 loss_series = {"train": [], "val": []}  # [step, loss] points, both in the unit of loss_normalization
 if plan.resume_dir is not None:
     run_state = load_resume(plan.resume_dir, plan.resume_step, optimizers, ddp_rank, ddp_world_size, num_iterations,
@@ -207,6 +206,7 @@ def save(step):
 
 engine = Engine(orig_model, tokenizer)  # generation runs uncompiled (its shapes change every token)
 peak_flops = get_peak_flops(device)
+reset_peak_memory(device)  # the peak memory logged is the training loop's (evaluation included), not the load's
 train_time, loop_t0 = 0.0, time.time()
 graphs_after_first_step = 0  # torch.compile graphs after the first training step (the rest are recompilations)
 for step in range(start_step, num_iterations + 1):
@@ -266,10 +266,10 @@ for step in range(start_step, num_iterations + 1):
     dt = time.time() - t0
     train_time += dt
 
-    # logging (MFU: useful counts the non-padding positions, total every position computed)
-    for key in STAT_KEYS:
+    # logging (MFU: useful counts the FLOPs of non-padding positions, total all the FLOPs computed)
+    for key in TOTAL_KEYS:
         totals[key] += int(result.totals[key])
-    line, log = format_step(step, result.loss, lrm, result.totals, dt, num_flops_per_token, peak_flops, ddp_world_size,
+    line, log = format_step(step, result.loss, lrm, result.totals, dt, peak_flops, ddp_world_size,
                             peak_memory_mib(device), compiled_graphs() if use_compile else None)
     graphs_after_first_step = graphs_after_first_step or log.get("compiled_graphs", 0)
     eta = (time.time() - loop_t0) / (step + 1 - start_step) * (num_iterations - step - 1)
@@ -291,8 +291,8 @@ if master_process:  # two validation prompts answered by the final model, for th
         samples = sample_conversations(engine, tokenizer, [val_ds[i] for i in range(min(2, len(val_ds)))])
 report = get_report()
 report.log(section="Chat SFT", data=report_section(config, train_rows, len(train_ds), num_iterations, totals, train_time,
-                                                   {"val_loss": val_loss, **metrics}, samples, num_flops_per_token,
-                                                   peak_flops, ddp_world_size), duration_s=time.time() - script_start)
+                                                   {"val_loss": val_loss, **metrics}, samples, peak_flops,
+                                                   ddp_world_size), duration_s=time.time() - script_start)
 for name, points in loss_series.items():
     report.log_series("Chat SFT", f"{name}_loss", [p[0] for p in points], [p[1] for p in points])
 wandb_run.finish()

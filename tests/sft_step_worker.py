@@ -55,6 +55,9 @@ class Faulty(torch.nn.Module):
         loss = self.model(*args, **kwargs)
         return loss * float("nan") if self.fault == "nan" else loss
 
+    def estimate_flops(self, seq_len=None):  # the model's, as torch.compile's wrapper forwards it too
+        return self.model.estimate_flops(seq_len)
+
 
 def grads_of(model):
     return {n: (torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()) for n, p in model.named_parameters()}

@@ -190,3 +190,19 @@ def test_generate_greedy_is_deterministic():
     assert a == b and len(a) == 6
     logits = model(torch.tensor([[1, 2, 3]]))
     assert a[0] == logits[0, -1].argmax().item()
+
+
+def test_bf16_embedding_without_autocast_runs_in_fp32():
+    """On CUDA init_weights keeps the embedding in bf16 (nanochat) and relies on autocast; with dtype = float32
+    there is no autocast, and the forward must then run in fp32 instead of failing in the first matmul."""
+    model = make_model(random_out=True)
+    reference = make_model(random_out=True)
+    with torch.no_grad():
+        model.transformer.wte.to(dtype=torch.bfloat16)  # what init_weights does on CUDA
+        reference.transformer.wte.weight.copy_(model.transformer.wte.weight.float())
+    idx = torch.randint(0, V, (2, 16), generator=torch.Generator().manual_seed(0))
+    loss = model(idx[:, :-1], idx[:, 1:])
+    assert loss.dtype == torch.float32
+    assert torch.equal(loss, reference(idx[:, :-1], idx[:, 1:]))
+    loss.backward()  # and it trains
+    assert model.transformer.wte.weight.grad.dtype == torch.bfloat16

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from nanochat.common import UserError
 from nanochat.gpt import GPTConfig, chunked_cross_entropy, random_model
-from nanochat.perf import bucketed_length, mfu, pad_to_bucket, round_up
+from nanochat.perf import batch_flops, bucketed_length, mfu, pad_to_bucket, round_up
 from nanochat.sft import collate_packed
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -203,10 +203,17 @@ def test_pad_bucketing_changes_no_loss_value():
         assert torch.all(per_token[:, 37:] == 0)
 
 
-def test_mfu_counts_the_positions_given():
-    assert mfu(6e9, 1000, 1.0, None) is None
-    assert mfu(6e9, 1000, 2.0, 1e13, world_size=2) == pytest.approx(6e12 / 2 / 2e13)
-    assert mfu(6e9, 500, 1.0, 1e13) == pytest.approx(0.5 * mfu(6e9, 1000, 1.0, 1e13))
+def test_mfu_and_batch_flops_count_each_batch_at_its_own_length():
+    assert mfu(6e12, 1.0, None) is None
+    assert mfu(6e12, 2.0, 1e13, world_size=2) == pytest.approx(6e12 / 2 / 2e13)
+    model = make_model(sequence_len=64)
+    cfg = model.config
+    dense = 6 * (model.num_params() - model.transformer.wte.weight.numel())
+    attention = 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head)  # per token and per position of the row
+    assert model.estimate_flops() == dense + attention * 64 and model.estimate_flops(16) == dense + attention * 16
+    inputs = torch.zeros(3, 16, dtype=torch.long)  # a short padded batch: its attention term is at T = 16, not 64
+    total, useful = batch_flops(model, inputs, pad_positions=12)
+    assert total == (dense + attention * 16) * 48 and useful == (dense + attention * 16) * 36
 
 
 def _bestfit_batches(num_batches, rows=2, row_capacity=65, seed=0):

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.common import UserError
+from nanochat.perf import batch_flops
 from nanochat.schedules import lr_multiplier
 from nanochat.sft_report import (data_preview, data_summary, format_run_summary, format_skip, format_step, padding_fractions,
                                  report_mixture_table, report_section)
@@ -395,6 +396,9 @@ def test_accumulate_step_gives_one_big_batch_gradient():
     assert four.loss == pytest.approx(one.loss, rel=1e-5)
     assert four.totals["supervised"] == one.totals["supervised"] == sum(sum(m[1:]) for _, m in data)
     assert four.totals["examples"] == 4 and len(big) == len(list(model.parameters()))
+    batch = next(sft_batches(data, lambda c: c, 4, 0, "pad", 64))  # the step's FLOPs, at the batch's own length
+    assert (one.totals["flops"], one.totals["useful_flops"]) == batch_flops(model, batch.inputs,
+                                                                            batch.stats["pad_positions"])
     for name in big:
         torch.testing.assert_close(accumulated[name], big[name], rtol=1e-4, atol=1e-6, msg=name)
     stream = sft_batches(data, lambda c: c, 1, 0, "pad", 64)
@@ -481,13 +485,14 @@ def test_data_summary_and_padding_fractions():
 
 
 def test_step_line_and_report_table():
-    totals = {"supervised": 300, "positions": 1000, "pad_positions": 250, "examples": 8, "truncated": 0, "dropped": 0}
+    totals = {"supervised": 300, "positions": 1000, "pad_positions": 250, "examples": 8, "truncated": 0, "dropped": 0,
+              "flops": 4e9, "useful_flops": 3e9}
     line, log = format_step(3, 2.5, 0.75, totals, 0.5)
     assert line == ("Step 00003 | Training loss: 2.500000 | lrm: 0.750000 | num_tokens: 300 | supervised: 30.0% | "
                     "padding: 25.0% | tok/s: 2,000 | sup_tok/s: 600")
     assert log["padding_fraction"] == 0.25 and "mfu" not in log
-    line, log = format_step(3, 2.5, 0.75, {**totals, "truncated": 2}, 0.5, flops_per_token=1e6, peak_flops=8e9)
-    assert line.endswith("| mfu: 18.75% useful, 25.00% total | truncated: 2 | dropped: 0")  # useful: 750 of 1000
+    line, log = format_step(3, 2.5, 0.75, {**totals, "truncated": 2}, 0.5, peak_flops=32e9)
+    assert line.endswith("| mfu: 18.75% useful, 25.00% total | truncated: 2 | dropped: 0")  # 3e9 / 0.5 s / 32e9
     assert log["mfu"] == pytest.approx(0.1875) and log["mfu_total"] == pytest.approx(0.25)
     line, log = format_step(3, 2.5, 0.75, totals, 0.5, peak_memory=1234.4, graphs=2)
     assert line.endswith("| sup_tok/s: 600 | peak mem: 1,234 MiB | compiled graphs: 2")
@@ -504,7 +509,7 @@ def test_step_line_and_report_table():
 
 def test_report_section_and_closing_line():
     totals = {"supervised": 300, "positions": 1000, "pad_positions": 250, "examples": 8, "truncated": 1,
-              "dropped": 2, "skipped_nonfinite": 1, "skipped_oom": 0}
+              "dropped": 2, "skipped_nonfinite": 1, "skipped_oom": 0, "flops": 4e9, "useful_flops": 1.5e9}
     config = {"source": "mid", "device_batch_size": 4, "target_examples_per_step": 8, "num_epochs": 1,
               "init_lr_frac": 0.02, "loss_normalization": "token", "packing": "pad", "max_seq_len": 64, "seed": 1}
     row = {"supervised_ratio": 0.5, "padding_pad": 0.25, "padding_bestfit": 0.05}
@@ -515,7 +520,7 @@ def test_report_section_and_closing_line():
     assert data[2]["Supervised ratio"] == 0.3 and data[2]["Padding fraction"] == 0.25
     assert data[2]["Tokens per second"] == 500 and "MFU" not in data[2] and data[2]["Dropped conversations"] == 2
     assert data[3] == {"val_loss": 1.5} and data[-1] == "```\nhello\n```" and "token" in data[4]
-    data = report_section(config, [], 12, 3, totals, 2.0, {}, [], flops_per_token=1e6, peak_flops=1.5e9)
+    data = report_section(config, [], 12, 3, totals, 2.0, {}, [], peak_flops=3e9)
     assert data[2]["MFU"] == pytest.approx(0.25) and data[-1] == "Sample conversations (final model, greedy):"
     assert format_run_summary(2.04, totals) == ("Training time: 2.0s | skipped steps: 1 non-finite, 0 out of "
                                                 "memory | truncated: 1 | dropped: 2")
