@@ -48,7 +48,7 @@ TASKS = {
     "GSM8K": ("tasks.gsm8k", "GSM8K", ("subset", "split")),
     "HumanEval": ("tasks.humaneval", "HumanEval", ()),
     "SmolTalk": ("tasks.smoltalk", "SmolTalk", ("split",)),
-    "ChitChat": ("tasks.chitchat", "ChitChat", ("split",)),
+    "ChitChat": ("tasks.smoltalk", "ChitChat", ("split",)),  # SmolTalk's class on the mirror's data
     "CustomJSON": ("tasks.customjson", "CustomJSON", ("filepath",)),
 }
 # the evaluation tasks of chat_eval (nanochat's names) -> their spec (the test splits, as nanochat)

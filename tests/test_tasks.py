@@ -171,7 +171,7 @@ def test_customjson_loads_and_skips_bad_rows(tmp_path):
 
 def test_missing_mirror_file_error_names_path_and_fix(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOCHAT_DATA_DIR", str(tmp_path))
-    from tasks.chitchat import ChitChat
+    from tasks.smoltalk import ChitChat
 
     with pytest.raises(DatasetNotFoundError) as excinfo:
         ChitChat("train")
@@ -215,12 +215,14 @@ ROW_COUNTS = [
     ("chitchat", ("train",), 3816), ("chitchat", ("test",), 201),
 ]
 CLASSES = {"gsm8k": "GSM8K", "arc": "ARC", "mmlu": "MMLU", "humaneval": "HumanEval", "chitchat": "ChitChat"}
+MODULES = {"chitchat": "smoltalk"}  # ChitChat is SmolTalk's class on another dataset
 
 
 def make_task(module, args, **kwargs):
     import importlib
 
-    return getattr(importlib.import_module(f"tasks.{module}"), CLASSES[module])(*args, **kwargs)
+    task_class = getattr(importlib.import_module(f"tasks.{MODULES.get(module, module)}"), CLASSES[module])
+    return task_class(*args, **kwargs)
 
 
 @pytest.mark.parametrize("module,args,expected", ROW_COUNTS)
@@ -289,7 +291,11 @@ def test_humaneval_canonical_solutions_pass_and_bad_bodies_fail(data_dir):
 
 
 def test_chitchat_conversations_are_valid(data_dir, tokenizer):
-    from tasks.chitchat import ChitChat
+    from tasks.smoltalk import ChitChat, SmolTalk
+
+    assert issubclass(ChitChat, SmolTalk) and ChitChat.get_example is SmolTalk.get_example  # one reader
+    with pytest.raises(ValueError, match="ChitChat split must be train or test, got 'val'"):
+        ChitChat("val")
 
     for split in ("train", "test"):
         task = ChitChat(split)
