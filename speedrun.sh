@@ -65,19 +65,17 @@ stage() {  # stage "name" command...: run it, remember how long it took
     echo "=== $name: done in ${STAGE_SECONDS[-1]}s ==="
 }
 print_timings() {  # to the terminal, and as a "Stage timings" section of the report
-    local i section="$NANOCHAT_BASE_DIR/report/stage-timings.md"
-    mkdir -p "$NANOCHAT_BASE_DIR/report"
-    printf "## Stage timings\ntimestamp: %s\n\n" "$(date '+%Y-%m-%d %H:%M:%S')" > "$section"
+    local i pairs=()
     echo
     echo "Stage timings:"
     for i in "${!STAGE_NAMES[@]}"; do
         printf "  %-16s %6ss\n" "${STAGE_NAMES[$i]}" "${STAGE_SECONDS[$i]}"
-        printf -- "- %s (s): %s\n" "${STAGE_NAMES[$i]}" "${STAGE_SECONDS[$i]}" >> "$section"
+        pairs+=("${STAGE_NAMES[$i]}=${STAGE_SECONDS[$i]}")
     done
     local total=0
     for i in "${!STAGE_SECONDS[@]}"; do total=$(( total + STAGE_SECONDS[i] )); done
     printf "  %-16s %6ss (sum of the stages; %ss since the start)\n" "total" "$total" "$(( $(date +%s) - RUN_START ))"
-    printf -- "- total (s): %s\n" "$total" >> "$section"
+    $PY -m nanochat.report timings "${pairs[@]}" >/dev/null
 }
 
 # -----------------------------------------------------------------------------

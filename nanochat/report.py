@@ -4,6 +4,7 @@ The report card: every stage of the pipeline logs a markdown section under <base
 PNG plots of the loss curves.
 
     python -m nanochat.report reset       # start of a run: clear the report dir, write the header
+    python -m nanochat.report timings tok_train=12 base_train=340   # the "Stage timings" section (speedrun.sh)
     python -m nanochat.report generate    # end of a run: write <base_dir>/report/report.md
 
 From a script (rank 0 writes, other ranks get a DummyReport whose methods do nothing):
@@ -14,9 +15,12 @@ From a script (rank 0 writes, other ranks get a DummyReport whose methods do not
     report.log_series("Base model training", "train_loss", steps, values)   # for the plots
     report.log_series("Base model training", "val_bpb", val_steps, val_values)
 
-`log(section, data, duration_s=None)`: data is a list of dicts (written as `- key: value` lines, floats to 4
-decimals) and strings (written as they are); duration_s (the stage's wall-clock seconds) is written as a
-`duration: ...` line. Logging the same section again replaces it.
+`log(section, data, duration_s=None, metrics=None)`: data is a list of dicts (written as `- key: value` lines,
+floats to 4 decimals) and strings (written as they are); duration_s (the stage's wall-clock seconds) is written
+as a `duration: ...` line. Beside the markdown (<slug>.md, for people) the same call keeps the section's data
+in <slug>.json (for `generate`): its title, timestamp, duration_s, the dicts' key/values and `metrics`
+({name: value or {"value": v, "note": "-x 20"}}), so the summary is built from data, never by reading the
+markdown back. Logging the same section again replaces both files.
 `merge_task_results(section, results)`: evaluation results are kept per task in <slug>.results.json, so an
 evaluation of a subset of the tasks updates those and keeps the others; format_task_results() renders them
 as `- Task: value` lines, a result on a subset of the problems (`-x N`) marked `(-x N)`, which the summary
@@ -26,15 +30,19 @@ section in <slug>.series.json; `generate` draws one PNG per section with all its
 report/plots/<slug>.png, linked from report.md. Names starting with "train" go on the left panel, the
 others (validation loss / bpb) on the right one.
 
-Summary table rows (CORE, ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval, ChatCORE) are parsed from the
-`- key: value` lines: keys are matched case-insensitively ignoring punctuation and a trailing "acc" or
-"metric" ("ARC-Easy", "arc_easy_acc" and "ChatCORE metric" all match). Columns read, first hit wins:
-BASE <- "Base model evaluation", "Base model training"; MID <- "Chat evaluation mid", "Midtraining";
-SFT <- "Chat evaluation sft", "Chat SFT". Missing values show "-" (there is no RL stage).
+Summary table rows (CORE, ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval, ChatCORE) come from the sections'
+JSON: a section's `metrics` first, else its numeric values; names are matched case-insensitively ignoring
+punctuation and a trailing "acc" or "metric" ("ARC-Easy", "arc_easy_acc" and "ChatCORE metric" all match).
+Columns read, first hit wins: BASE <- "Base model evaluation", "Base model training"; MID <- "Chat evaluation
+mid", "Midtraining"; SFT <- "Chat evaluation sft", "Chat SFT". Missing values show "-" (there is no RL stage).
 
-"Total wall clock time" is the sum of the stages' times: the entries of the "Stage timings" section that
-speedrun.sh writes when there is one, else the `duration:` lines of the sections (not the time from the
+"Total wall clock time" is the sum of the stages' times: the values of the "Stage timings" section that
+speedrun.sh writes (stage-timings.json) when there is one, else the sections' duration_s (not the time from the
 reset to the report's generation, which counts idle time between stages).
+
+A section written before the JSON files existed (a <slug>.md alone) is still included in report.md as it is,
+but adds nothing to the summary table or the total time; report.md lists such sections under the summary
+(log them again, e.g. rerun the evaluation, to bring their figures back).
 
 Tests: tests/test_report.py.
 """
@@ -114,50 +122,45 @@ def render_section(section, data, timestamp, duration_s=None):
     return "\n".join(lines)
 
 
-def parse_section(text):
-    """(timestamp or None, {key: value-string}) from a section's markdown."""
-    timestamp = None
+def section_record(section, data, timestamp, duration_s=None, metrics=None):
+    """The data `generate` keeps of a section (its <slug>.json): the title, timestamp, duration_s, the dicts'
+    key/values (numbers stay numbers; what JSON cannot hold becomes its str) and the metrics, each as
+    {"value": float, "note": str or None}."""
     values = {}
-    for line in text.splitlines():
-        if line.startswith("timestamp: ") and timestamp is None:
-            timestamp = line[len("timestamp: "):].strip()
-        m = re.match(r"^- (.+?): (.*)$", line)
-        if m:
-            values[m.group(1).strip()] = m.group(2).strip()
-    return timestamp, values
+    for item in data:
+        if isinstance(item, dict):
+            values.update({str(k): _json_value(v) for k, v in item.items()})
+    cells = {}
+    for name, m in (metrics or {}).items():
+        value, note = (m.get("value"), m.get("note")) if isinstance(m, dict) else (m, None)
+        cells[name] = {"value": float(value), "note": note}
+    return {"section": section, "timestamp": timestamp, "duration_s": duration_s, "values": values,
+            "metrics": cells}
 
 
-def parse_duration(text):
-    """The `duration: 12.3s` line of a section's markdown, in seconds, or None."""
-    m = re.search(r"^duration: ([0-9.]+)s$", text, flags=re.M)
-    return float(m.group(1)) if m else None
+def _json_value(value):
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)) and all(isinstance(v, (bool, int, float, str)) for v in value):
+        return list(value)
+    return str(value)
 
 
-def parse_metric_value(text):
-    """'0.2500' -> (0.25, None); '0.2500 (-x 20)' -> (0.25, '-x 20'); not a number -> (None, None)."""
-    m = re.fullmatch(r"\s*([-+]?[0-9.]+(?:[eE][-+]?\d+)?)\s*(?:\((.*)\))?\s*", text)
-    if not m:
-        return None, None
-    try:
-        value = float(m.group(1))
-    except ValueError:
-        return None, None
-    subset = re.search(r"-x \d+", m.group(2) or "")
-    return value, (subset.group(0) if subset else None)
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def find_metric_cell(values, metric):
-    """(value, subset note or None) of `metric` among a section's parsed values, or (None, None)."""
+def metric_cell(record, metric):
+    """(value, note or None) of `metric` in a section record: its `metrics` first, then its numeric values;
+    (None, None) when the section does not have it."""
     want = metric_name_key(metric)
-    for key, value in values.items():
-        if metric_name_key(key) == want:
-            return parse_metric_value(value)
+    for name, cell in record.get("metrics", {}).items():
+        if metric_name_key(name) == want:
+            return cell["value"], cell.get("note")
+    for key, value in record.get("values", {}).items():
+        if metric_name_key(key) == want and _is_number(value):
+            return float(value), None
     return None, None
-
-
-def find_metric(values, metric):
-    """The float value of `metric` among a section's parsed values, or None."""
-    return find_metric_cell(values, metric)[0]
 
 
 def merge_task_results(old, new):
@@ -168,47 +171,54 @@ def merge_task_results(old, new):
     return merged
 
 
+def subset_note(result):
+    """'-x N' for a task result on a subset of the problems, else None."""
+    return f"-x {result['max_problems']}" if result.get("max_problems") is not None else None
+
+
 def format_task_results(results, checkpoint=None):
     """{task: '0.2500'} lines for a section; a result on a subset is marked '(-x N)', one from another
     checkpoint than `checkpoint` (the one just evaluated) names its own."""
     lines = {}
     for task, r in results.items():
-        notes = []
-        if r.get("max_problems") is not None:
-            notes.append(f"-x {r['max_problems']}")
+        notes = [subset_note(r)] if subset_note(r) else []
         if checkpoint is not None and r.get("checkpoint") not in (None, checkpoint):
             notes.append(f"from {r['checkpoint']}")
         lines[task] = f"{r['value']:.4f}" + (f" ({', '.join(notes)})" if notes else "")
     return lines
 
 
-def summary_table(section_values):
-    """Markdown table `Metric | BASE | MID | SFT` from {section: {key: value}}; missing -> '-'."""
+def task_metrics(results):
+    """The summary table's cells of per-task results: {task: {"value", "note": '-x N' or None}}."""
+    return {task: {"value": r["value"], "note": subset_note(r)} for task, r in results.items()}
+
+
+def summary_table(records):
+    """Markdown table `Metric | BASE | MID | SFT` from {section: record} (section_record); missing -> '-'."""
     lines = ["| Metric | " + " | ".join(SUMMARY_COLUMNS) + " |", "|---" * (len(SUMMARY_COLUMNS) + 1) + "|"]
     for metric in SUMMARY_METRICS:
         cells = []
         for sections in SUMMARY_COLUMNS.values():
-            value, subset = None, None
+            value, note = None, None
             for section in sections:
-                if section in section_values:
-                    value, subset = find_metric_cell(section_values[section], metric)
+                if section in records:
+                    value, note = metric_cell(records[section], metric)
                     if value is not None:
                         break
-            cells.append("-" if value is None else f"{value:.4f}" + (f" ({subset})" if subset else ""))
+            cells.append("-" if value is None else f"{value:.4f}" + (f" ({note})" if note else ""))
         lines.append(f"| {metric} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def total_stage_seconds(sections):
-    """The sum of the stages' times: the "Stage timings" section's entries (speedrun.sh) except its total,
-    else the sections' `duration:` lines; None when no stage recorded its time."""
-    if "Stage timings" in sections:
-        _, values = parse_section(sections["Stage timings"])
-        times = [float(v) for k, v in values.items() if k != "total (s)" and re.fullmatch(r"[0-9.]+", v)]
-        if times:
-            return sum(times)
-    durations = [d for d in (parse_duration(text) for text in sections.values()) if d is not None]
-    return sum(durations) if durations else None
+def total_stage_seconds(records):
+    """The sum of the stages' times: the "Stage timings" section's values (speedrun.sh) except its total,
+    else the sections' duration_s; None when no stage recorded its time."""
+    timings = records.get("Stage timings", {}).get("values", {})
+    times = [v for k, v in timings.items() if k != "total (s)" and _is_number(v)]
+    if times:
+        return float(sum(times))
+    durations = [r["duration_s"] for r in records.values() if _is_number(r.get("duration_s"))]
+    return float(sum(durations)) if durations else None
 
 
 def format_duration(seconds):
@@ -313,7 +323,8 @@ def system_info():
 
 
 class Report:
-    """A report directory of section files (<slug>.md), loss curves (<slug>.series.json) and a header."""
+    """A report directory of section files (<slug>.md for people, <slug>.json for `generate`), loss curves
+    (<slug>.series.json), evaluation results (<slug>.results.json) and a header."""
 
     def __init__(self, report_dir):
         self.report_dir = report_dir
@@ -321,11 +332,15 @@ class Report:
     def _now(self):
         return datetime.datetime.now().strftime(TIME_FORMAT)
 
-    def log(self, section, data, duration_s=None):
-        """Write (or replace) the markdown section; returns its path."""
+    def log(self, section, data, duration_s=None, metrics=None):
+        """Write (or replace) the section: its data (<slug>.json, written first: a markdown file without it
+        reads as a section from before the JSON files) and its markdown; returns the markdown's path."""
         os.makedirs(self.report_dir, exist_ok=True)
+        timestamp = self._now()
+        record = section_record(section, data, timestamp, duration_s, metrics)
+        atomic_write_text(os.path.join(self.report_dir, slugify(section) + ".json"), json.dumps(record, indent=1))
         path = os.path.join(self.report_dir, slugify(section) + ".md")
-        atomic_write_text(path, render_section(section, data, self._now(), duration_s))
+        atomic_write_text(path, render_section(section, data, timestamp, duration_s))
         return path
 
     def merge_task_results(self, section, results):
@@ -365,19 +380,32 @@ class Report:
         return os.path.join(self.report_dir, HEADER_FILE)
 
     def _sections(self):
-        """{section title: markdown} of every logged section, in pipeline order."""
-        found = {}
-        if not os.path.isdir(self.report_dir):
-            return found
-        for fname in os.listdir(self.report_dir):
-            if not fname.endswith(".md") or fname in (HEADER_FILE, "report.md"):
-                continue
-            with open(os.path.join(self.report_dir, fname), encoding="utf-8") as f:
-                text = f.read()
-            title = text.splitlines()[0][3:].strip() if text.startswith("## ") else fname[:-3]
-            found[title] = text
+        """(records, markdown) of every logged section in pipeline order: {title: record} from the <slug>.json
+        files and {title: markdown} of the <slug>.md files. A markdown file without its JSON (written before
+        the JSON files existed) is titled by its file name and has no record."""
+        records, texts = {}, {}
+        if os.path.isdir(self.report_dir):
+            for fname in os.listdir(self.report_dir):
+                if not fname.endswith(".md") or fname in (HEADER_FILE, "report.md"):
+                    continue
+                stem = os.path.join(self.report_dir, fname[:-3])
+                title = fname[:-3]
+                if os.path.exists(stem + ".json"):
+                    with open(stem + ".json", encoding="utf-8") as f:
+                        record = json.load(f)
+                    title = record["section"]
+                    records[title] = record
+                with open(stem + ".md", encoding="utf-8") as f:
+                    texts[title] = f.read()
         rank = {name: i for i, name in enumerate(SECTION_ORDER)}
-        return dict(sorted(found.items(), key=lambda kv: (rank.get(kv[0], len(rank)), kv[0])))
+        slug_rank = {slugify(name): i for i, name in enumerate(SECTION_ORDER)}  # sections without a record
+        order = lambda title: (rank.get(title, slug_rank.get(title, len(rank))), title)  # noqa: E731
+        return dict(sorted(records.items(), key=lambda kv: order(kv[0]))), \
+            dict(sorted(texts.items(), key=lambda kv: order(kv[0])))
+
+    def summary(self):
+        """The summary table (markdown) of the logged sections."""
+        return summary_table(self._sections()[0])
 
     def _series(self):
         """{section: {name: curve}} of every logged series, in pipeline order."""
@@ -400,16 +428,20 @@ class Report:
                 header = f.read()
         else:
             header = "# nanochat training report\n\n(no header: run `python -m nanochat.report reset` at the start)\n"
-        sections = self._sections()
-        parsed = {title: parse_section(text) for title, text in sections.items()}
-
-        out = [header.rstrip(), "", f"Report generated: {self._now()}", "", "## Summary", "", summary_table({k: v for k, (_, v) in parsed.items()}), ""]
-        total = total_stage_seconds(sections)
+        records, texts = self._sections()
+        out = [header.rstrip(), "", f"Report generated: {self._now()}", "", "## Summary", "",
+               summary_table(records), ""]
+        total = total_stage_seconds(records)
         if total is not None:
             out.append(f"Total wall clock time: {format_duration(total)} (sum of the stages' times)")
         else:
             out.append("Total wall clock time: unknown (no stage recorded its time)")
         out.append("")
+        old = [f"`{name}.md`" for name in texts if name not in records]
+        if old:
+            out += [f"Sections written before the report kept their data ({', '.join(old)}) are included below "
+                    "as they are, but not in the summary table or the total time: log them again (rerun the "
+                    "stage) to bring their figures in.", ""]
 
         series = self._series()
         if series:
@@ -420,7 +452,7 @@ class Report:
                 out.append(f"![{section}]({rel})")
                 out.append("")
 
-        for text in sections.values():
+        for text in texts.values():
             out += [text.rstrip(), ""]
         path = os.path.join(self.report_dir, "report.md")
         atomic_write_text(path, "\n".join(out))
@@ -445,6 +477,9 @@ class DummyReport:
     def generate(self, *args, **kwargs):
         return None
 
+    def summary(self, *args, **kwargs):
+        return None
+
 
 def get_report(rank=None):
     """Report rooted at <base_dir>/report on rank 0, a DummyReport elsewhere. The rank defaults to the
@@ -458,21 +493,30 @@ def get_report(rank=None):
     return Report(os.path.join(get_base_dir(), "report"))
 
 
+def stage_timings(pairs):
+    """The "Stage timings" section's data from `name=seconds` strings, with their total."""
+    timings = {}
+    for pair in pairs:
+        name, _, seconds = pair.partition("=")
+        timings[f"{name} (s)"] = int(seconds) if seconds.isdigit() else float(seconds)
+    timings["total (s)"] = sum(timings.values())
+    return timings
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="nanochat report card: reset at the start of a run, generate at the end")
-    parser.add_argument("command", choices=["reset", "generate"])
+    parser.add_argument("command", choices=["reset", "timings", "generate"])
+    parser.add_argument("timings", nargs="*", help="timings: the stages' times as name=seconds")
     args = parser.parse_args(argv)
     report = get_report()
     if args.command == "reset":
         print(f"Report reset: {report.reset()}")
+    elif args.command == "timings":
+        print(f"Stage timings: {report.log('Stage timings', [stage_timings(args.timings)])}")
     else:
         path = report.generate()
         print(f"Report written to {path}")
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        m = re.search(r"## Summary\n\n(.*?)\n\n", text, flags=re.S)
-        if m:
-            print(m.group(1))
+        print(report.summary())
 
 
 if __name__ == "__main__":

@@ -1,15 +1,17 @@
 """
-Tests for nanochat/report.py: section files, the summary table parsed from fake sections, the wall-clock
-time, the loss-curve PNGs, the header, DummyReport on non-zero ranks, and the CLI.
+Tests for nanochat/report.py: section files (markdown + the JSON the summary is built from), the summary
+table from fake sections, old sections without JSON, the wall-clock time, the loss-curve PNGs, the header,
+DummyReport on non-zero ranks, and the CLI.
 Run: .venv/bin/python -m pytest tests/test_report.py
 """
 
+import json
 import os
 import subprocess
 import sys
 
-from nanochat.report import (DummyReport, Report, find_metric, format_duration, get_report, metric_name_key,
-                             parse_section, slugify, summary_table)
+from nanochat.report import (DummyReport, Report, format_duration, get_report, metric_cell, metric_name_key,
+                             section_record, slugify, summary_table)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -39,29 +41,50 @@ def test_metric_name_matching():
     assert metric_name_key("ARC-Easy") == metric_name_key("arc_easy_acc") == "arceasy"
     assert metric_name_key("ChatCORE metric") == "chatcore"
     assert metric_name_key("CORE metric") == "core" != metric_name_key("ChatCORE")
-    assert find_metric({"MMLU": "0.5", "x": "y"}, "MMLU") == 0.5
-    assert find_metric({"MMLU": "n/a"}, "MMLU") is None
+    record = section_record("s", [{"MMLU": 0.5, "x": "y", "GSM8K": "0.5"}], "t")
+    assert metric_cell(record, "MMLU") == (0.5, None)
+    assert metric_cell(record, "GSM8K") == (None, None)  # text is never parsed back into a number
+    record = section_record("s", [{"MMLU": 0.5}], "t", metrics={"mmlu_acc": {"value": 0.25, "note": "-x 8"}})
+    assert metric_cell(record, "MMLU") == (0.25, "-x 8")  # the explicit metric wins
     assert slugify("Chat evaluation sft") == "chat-evaluation-sft"
     assert format_duration(3723.4) == "1h02m03s"
 
 
-def test_section_roundtrip(tmp_path):
+def test_section_markdown_and_data(tmp_path):
     report = Report(str(tmp_path / "report"))
-    path = report.log("Base model loss", [{"train bpb": 1.23456, "note": "x: y"}, "free text"])
+    path = report.log("Base model loss", [{"train bpb": 1.23456, "note": "x: y", "shape": (2, 3)}, "free text"],
+                      duration_s=12.5)
     with open(path) as f:
         text = f.read()
-    assert text.startswith("## Base model loss\n")
-    stamp, values = parse_section(text)
-    assert stamp is not None
-    assert values == {"train bpb": "1.2346", "note": "x: y"}
-    assert "free text" in text
+    assert text.startswith("## Base model loss\n") and "- train bpb: 1.2346" in text and "free text" in text
+    with open(tmp_path / "report" / "base-model-loss.json") as f:
+        record = json.load(f)
+    assert record["section"] == "Base model loss" and record["duration_s"] == 12.5 and record["timestamp"]
+    assert record["values"] == {"train bpb": 1.23456, "note": "x: y", "shape": [2, 3]}  # full precision kept
     report.log("Base model loss", [{"train bpb": 2.0}])  # logging again replaces the section
     with open(path) as f:
         assert "1.2346" not in f.read()
+    with open(tmp_path / "report" / "base-model-loss.json") as f:
+        assert json.load(f)["values"] == {"train bpb": 2.0}
+
+
+def test_old_sections_without_json_stay_readable_but_out_of_the_summary(tmp_path):
+    report = Report(str(tmp_path / "report"))
+    report.log("Chat evaluation sft", [{"ARC-Easy": 0.375}], duration_s=30.0)
+    os.makedirs(tmp_path / "report", exist_ok=True)
+    (tmp_path / "report" / "chat-evaluation-mid.md").write_text(
+        "## Chat evaluation mid\ntimestamp: 2025-01-01 00:00:00\nduration: 99.0s\n\n- ARC-Easy: 0.2500\n")
+    with open(report.generate()) as f:
+        text = f.read()
+    assert _table_row(text, "ARC-Easy") == ["-", "-", "0.3750"]  # the old section's 0.25 is not parsed back
+    assert "`chat-evaluation-mid.md`" in text and "not in the summary table" in text
+    assert "- ARC-Easy: 0.2500" in text  # ... but its markdown is in the report, in pipeline order
+    assert text.index("## Chat evaluation mid") < text.index("## Chat evaluation sft")
+    assert "Total wall clock time: 0h00m30s" in text  # its duration line is not read either
 
 
 def test_summary_table_missing_is_dash():
-    table = summary_table({"Chat evaluation sft": {"GSM8K": "0.5"}})
+    table = summary_table({"Chat evaluation sft": section_record("Chat evaluation sft", [{"GSM8K": 0.5}], "t")})
     assert table.splitlines()[0] == "| Metric | BASE | MID | SFT |"
     assert _table_row(table, "GSM8K") == ["-", "-", "0.5000"]
     assert _table_row(table, "CORE") == ["-", "-", "-"]
@@ -126,3 +149,8 @@ def test_cli_reset_generate(tmp_path):
         assert out.returncode == 0, out.stderr
     assert "| Metric | BASE | MID | SFT |" in out.stdout
     assert os.path.exists(tmp_path / "report" / "report.md")
+    out = subprocess.run([sys.executable, "-m", "nanochat.report", "timings", "tok_train=10", "base_train=50.5"],
+                         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    with open(tmp_path / "report" / "stage-timings.json") as f:
+        assert json.load(f)["values"] == {"tok_train (s)": 10, "base_train (s)": 50.5, "total (s)": 60.5}

@@ -28,7 +28,7 @@ from nanochat.checkpoint_manager import (check_tokenizer, checkpoints_trained_wi
                                          load_checkpoint, load_run_state, prepare_run, probe_writable,
                                          save_checkpoint, save_run_state, tokenizer_sha256)
 from nanochat.common import UserError
-from nanochat.report import Report, format_task_results, parse_metric_value, summary_table
+from nanochat.report import Report, format_task_results, task_metrics
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -306,16 +306,16 @@ def test_subset_results_keep_the_other_tasks_and_are_marked(tmp_path):
     lines = format_task_results(merged, "sft d2 step 6")
     assert lines["ARC-Easy"] == "0.7500 (-x 20)" and lines["MMLU"] == "0.3000"
     assert format_task_results(merged, "sft d2 step 9")["MMLU"] == "0.3000 (from sft d2 step 6)"
-    assert parse_metric_value("0.7500 (-x 20)") == (0.75, "-x 20")
-    assert parse_metric_value("0.3000 (from sft d2 step 6)") == (0.3, None)
-    report.log(section, [{"source": "sft"}, lines])
+    assert task_metrics(merged)["ARC-Easy"] == {"value": 0.75, "note": "-x 20"}
+    assert task_metrics(merged)["MMLU"] == {"value": 0.3, "note": None}
+    report.log(section, [{"source": "sft"}, lines], metrics=task_metrics(merged))
     report.log("Stage timings", [{"tok_train (s)": 10, "base_train (s)": 50, "total (s)": 60}])
     text = open(report.generate()).read()
     row = next(line for line in text.splitlines() if line.startswith("| ARC-Easy |"))
     assert "0.7500 (-x 20)" in row
     assert "| ARC-Challenge | - | - | 0.2500 |" in text
     assert "Total wall clock time: 0h01m00s (sum of the stages' times)" in text
-    assert "0.7500 (-x 20)" in summary_table({section: {"ARC-Easy": "0.7500 (-x 20)"}})
+    assert "0.7500 (-x 20)" in report.summary()
 
 
 def test_total_time_is_the_sum_of_section_durations(tmp_path):
