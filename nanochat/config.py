@@ -10,8 +10,11 @@ Precedence: command line > config file > defaults.
   `None`, `[...]`, `{...}`; lists may span lines); `#` starts a comment. The file is parsed with `ast` and
   only literals are accepted: it is data, never executed.
 - `--key=value` or `--key value` (dashes in keys are accepted for underscores; a bare `--flag` sets a bool
-  option to True). A value that is not a literal is taken as a plain string for `str` options, so
-  `--run=my_run` works without quotes.
+  option to True). An option declared with `short="x"` is also `-x value` / `-x=value` / `-xvalue`. A `str`
+  option takes the text as it is (`--run=my_run`, `-p "any prompt"`; a quoted literal is unquoted, `None`
+  is None); other types take a literal.
+- Booleans are `bool` options: `true` / `false` / `1` / `0` (any case on the command line) are accepted on
+  the command line and in config files, and a bare `--flag` means true.
 - An unknown key raises ConfigError naming the key, where it came from and the closest known keys; a wrong
   type names the key and the expected type. An int is accepted where a float is expected.
 - Values are checked where the option is declared: `choices` (allowed values), `min` / `max` (inclusive
@@ -21,7 +24,6 @@ Precedence: command line > config file > defaults.
 Tests: tests/test_config.py.
 """
 
-import argparse
 import ast
 import difflib
 import math
@@ -46,6 +48,7 @@ class Option:
     min: float = None  # inclusive lower bound for int / float options
     max: float = None  # inclusive upper bound
     disabled: Any = None  # one more allowed value outside the bounds, meaning "off" (e.g. -1 for *_every)
+    short: str = None  # one letter: `-x value` on the command line as well as `--name value`
 
 
 _TYPES = (str, int, float, bool, list, dict)
@@ -62,6 +65,8 @@ def coerce_value(option, value, where):
     t = option.type
     ok = False
     if t is bool:
+        if isinstance(value, int) and not isinstance(value, bool) and value in (0, 1):
+            value = bool(value)  # `overwrite = 1` in a file, `--overwrite 1` on the command line
         ok = isinstance(value, bool)
     elif t is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
@@ -135,32 +140,55 @@ def parse_config_text(text, filename="<config>"):
 
 def _parse_cli_value(option, text):
     """A command-line value: a literal if it parses as one, else a plain string (for str options)."""
+    if option.type is bool and text.strip().lower() in ("true", "false"):
+        return text.strip().lower() == "true"  # TRUE / False / true: any case
+    if option.type is str and not text.strip().startswith(("'", '"')):
+        return None if text.strip() in ("None", "none", "null") else text  # plain text (a prompt, a path)
     try:
         value = _literal(ast.parse(text, mode="eval").body, "command line")
-    except (SyntaxError, ConfigError):
+    except (SyntaxError, ConfigError, MemoryError, RecursionError):
         if option.type is str:
             return text
+        if option.type is float:
+            try:
+                return float(text)  # `inf` / `nan`: then refused as not finite, naming the key
+            except ValueError:
+                pass
         raise ConfigError(f"command line: key '{option.name}' expects {option.type.__name__}, got {text!r}") from None
     if option.type is str and value is not None and not isinstance(value, str):
         return text  # --run=123 means the string "123"
     return value
 
 
-def split_argv(argv):
+def _is_flag(arg):
+    """`--key...` or a short flag `-x...` (a letter after the dash: `-1` or `-0.5` are values)."""
+    return arg.startswith("--") or (len(arg) >= 2 and arg[0] == "-" and arg[1].isalpha())
+
+
+def split_argv(argv, shorts=None):
     """Split argv into (config_file or None, [(key, raw_value or None), ...]). A lone `--` is skipped
-    (torchrun examples put one before the script's own arguments)."""
+    (torchrun examples put one before the script's own arguments). `shorts` maps a letter to the option name
+    it stands for: `-x 16`, `-x=16` and `-x16` are `--name 16`."""
+    shorts = shorts or {}
     config_file, pairs, i = None, [], 0
     while i < len(argv):
         arg = argv[i]
         i += 1
         if arg == "--":
             continue
-        if not arg.startswith("--"):
+        if not _is_flag(arg):
             raise ConfigError(f"command line: unexpected argument {arg!r} (use --key=value or --config FILE)")
-        key, eq, value = arg[2:].partition("=")
-        key = key.replace("-", "_")
+        if arg.startswith("--"):
+            key, eq, value = arg[2:].partition("=")
+            key = key.replace("-", "_")
+        else:
+            letter, rest = arg[1], arg[2:]
+            if letter not in shorts:
+                known = ", ".join(f"-{k}" for k in sorted(shorts)) or "none"
+                raise ConfigError(f"command line: unknown option {arg!r} (short options: {known}; see --help)")
+            key, eq, value = shorts[letter], bool(rest), rest.removeprefix("=")
         if not eq:
-            if i < len(argv) and not argv[i].startswith("--"):
+            if i < len(argv) and not _is_flag(argv[i]):
                 value = argv[i]
                 i += 1
             else:
@@ -183,7 +211,8 @@ def format_help(options, description=None):
         bounds += [f"<= {o.max}"] if o.max is not None else []
         bounds += [f"or {o.disabled} to disable"] if o.disabled is not None and bounds else []
         allowed += f" [{' '.join(bounds)}]" if bounds else ""
-        lines.append(f"  --{o.name:<28} {o.type.__name__:<6} default {o.default!r:<14} {o.help}{allowed}")
+        flag = (f"-{o.short}, " if o.short else "") + f"--{o.name}"
+        lines.append(f"  {flag:<30} {o.type.__name__:<6} default {o.default!r:<14} {o.help}{allowed}")
     return "\n".join(lines)
 
 
@@ -192,15 +221,18 @@ def load_config(options, argv=None, description=None, verbose=True):
     argv = sys.argv[1:] if argv is None else list(argv)
     by_name = {o.name: o for o in options}
     assert len(by_name) == len(options), "duplicate option names"
+    shorts = {o.short: o.name for o in options if o.short}
+    assert len(shorts) == sum(1 for o in options if o.short), "duplicate short flags"
     for o in options:
         assert o.type in _TYPES, f"option {o.name}: unsupported type {o.type}"
+        assert o.short is None or (len(o.short) == 1 and o.short.isalpha() and o.short != "h"), o.short
         coerce_value(o, o.default, f"default of {o.name}")
     if any(a in ("-h", "--help") for a in argv):
         print(format_help(options, description))
         sys.exit(0)
 
     config = {o.name: o.default for o in options}
-    config_file, pairs = split_argv(argv)
+    config_file, pairs = split_argv(argv, shorts)
     if config_file is not None:
         try:
             with open(config_file, encoding="utf-8") as f:
@@ -222,7 +254,8 @@ def load_config(options, argv=None, description=None, verbose=True):
             value = True
         else:
             value = _parse_cli_value(option, raw)
-        config[key] = coerce_value(option, value, f"command line --{key}")
+        flag = f"-{option.short}/--{key}" if option.short else f"--{key}"
+        config[key] = coerce_value(option, value, f"command line {flag}")
 
     if verbose:
         source = f" (config file: {config_file})" if config_file else ""
@@ -230,35 +263,3 @@ def load_config(options, argv=None, description=None, verbose=True):
         for key, value in config.items():
             print0(f"  {key} = {value!r}")
     return config
-
-
-# ----------------------------------------------------------------------------------------------------------
-# argparse scripts (chat_eval, chat_cli): the same one-line errors and bounds
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad command line raises ConfigError (one line `error: ...`, exit code 2, no usage dump)."""
-
-    def error(self, message):
-        raise ConfigError(f"{self.prog}: {message} (see --help)")
-
-
-def bounded(type_, min=None, max=None):
-    """An argparse `type=` that also checks inclusive bounds and (for float) finiteness, e.g.
-    parser.add_argument("-x", type=bounded(int, min=1))."""
-
-    def parse(text):
-        try:
-            value = type_(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {type_.__name__}, got {text!r}") from None
-        if isinstance(value, float) and not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-        if min is not None and value < min:
-            raise argparse.ArgumentTypeError(f"must be >= {min}, got {text!r}")
-        if max is not None and value > max:
-            raise argparse.ArgumentTypeError(f"must be <= {max}, got {text!r}")
-        return value
-
-    parse.__name__ = type_.__name__  # argparse names the type in its messages
-    return parse

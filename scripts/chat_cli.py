@@ -19,10 +19,22 @@ from nanochat.chat_turn import reply_budget, stream_reply
 from nanochat.checkpoint_manager import load_model
 from nanochat.common import (UserError, autocast_ctx, autodetect_device_type, compute_cleanup, compute_init,
                              get_base_dir, install_error_handler)
-from nanochat.config import ArgumentParser, bounded
+from nanochat.config import Option, load_config
 from nanochat.engine import Engine
 
 install_error_handler()  # a UserError prints one line `error: ...` and exits with code 2
+
+OPTIONS = [
+    Option("source", str, "sft", "which checkpoint family to load", choices=("base", "mid", "sft"), short="i"),
+    Option("model_tag", str, None, "model tag, e.g. d20 (default: largest)", short="g"),
+    Option("step", int, None, "checkpoint step (default: last)", min=0, short="s"),
+    Option("prompt", str, "", "answer this one prompt and exit (empty: interactive)", short="p"),
+    Option("temperature", float, 0.6, "sampling temperature (0: greedy)", min=0.0, short="t"),
+    Option("top_k", int, 50, "top-k sampling (0: off)", min=0, short="k"),
+    Option("max_tokens", int, 256, "most tokens per answer", min=1, short="m"),
+    Option("dtype", str, "bfloat16", "autocast dtype (bf16 autocast applies on CUDA only)",
+           choices=("float32", "bfloat16"), short="d"),
+]
 
 SPECIAL_DISPLAY = {  # how the tool-use special tokens are shown
     "<|python_start|>": "\n[python] ",
@@ -67,27 +79,17 @@ def main(argv=None):
     # ------------------------------------------------------------------------------------------------------
     # Config
 
-    parser = ArgumentParser(description="Chat with the model")
-    parser.add_argument("-i", "--source", type=str, default="sft", choices=["base", "mid", "sft"],
-                        help="which checkpoint family to load")
-    parser.add_argument("-g", "--model-tag", type=str, default=None, help="model tag, e.g. d20 (default: largest)")
-    parser.add_argument("-s", "--step", type=bounded(int, min=0), default=None, help="checkpoint step (default: last)")
-    parser.add_argument("-p", "--prompt", type=str, default="", help="answer this one prompt and exit")
-    parser.add_argument("-t", "--temperature", type=bounded(float, min=0.0), default=0.6, help="sampling temperature")
-    parser.add_argument("-k", "--top-k", type=bounded(int, min=0), default=50, help="top-k sampling")
-    parser.add_argument("-m", "--max-tokens", type=bounded(int, min=1), default=256, help="most tokens per answer")
-    parser.add_argument("-d", "--dtype", type=str, default="bfloat16", choices=["float32", "bfloat16"],
-                        help="autocast dtype (bf16 autocast applies on CUDA only)")
-    args = parser.parse_args(argv)
+    config = load_config(OPTIONS, argv, description=__doc__, verbose=False)
 
     # ------------------------------------------------------------------------------------------------------
     # Compute init, model and tokenizer
 
     device_type = autodetect_device_type()
     _, _, _, _, device = compute_init(device_type)
-    model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
+    model, tokenizer, _ = load_model(config["source"], device, phase="eval", model_tag=config["model_tag"],
+                                     step=config["step"])
     engine = Engine(model, tokenizer)
-    autocast = autocast_ctx(device_type, args.dtype)
+    autocast = autocast_ctx(device_type, config["dtype"])
     bos = tokenizer.get_bos_token_id()
     user_start, user_end = tokenizer.encode_special("<|user_start|>"), tokenizer.encode_special("<|user_end|>")
     assistant_start = tokenizer.encode_special("<|assistant_start|>")
@@ -98,7 +100,7 @@ def main(argv=None):
 
     sequence_len = model.config.sequence_len
     history_file = os.path.join(get_base_dir(), "chat_cli_history")
-    if not args.prompt:
+    if not config["prompt"]:
         try:
             import readline  # line editing and history for input()
 
@@ -110,8 +112,8 @@ def main(argv=None):
         print("nanochat — type `clear` to start over, `quit` or `exit` to leave; Ctrl-C stops an answer.")
     conversation_tokens = [bos]
     while True:
-        if args.prompt:
-            user_input = args.prompt
+        if config["prompt"]:
+            user_input = config["prompt"]
         else:
             try:
                 user_input = input("\nUser: ").strip()
@@ -127,13 +129,13 @@ def main(argv=None):
             if not user_input:
                 continue
         message = [user_start, *tokenizer.encode(user_input), user_end, assistant_start]
-        budget, refusal = reply_budget(len(conversation_tokens), len(message), sequence_len, args.max_tokens)
+        budget, refusal = reply_budget(len(conversation_tokens), len(message), sequence_len, config["max_tokens"])
         if refusal is not None:
-            if args.prompt:
+            if config["prompt"]:
                 raise UserError(f"-p/--prompt: {refusal}")
             print(f"({refusal})")
             continue
-        if not args.prompt:
+        if not config["prompt"]:
             print()
         conversation_tokens += message
 
@@ -141,19 +143,19 @@ def main(argv=None):
         printer = StreamPrinter(tokenizer)
         with autocast, torch.no_grad():
             stream = engine.generate(conversation_tokens, num_samples=1, max_tokens=budget,
-                                     temperature=args.temperature, top_k=args.top_k)
+                                     temperature=config["temperature"], top_k=config["top_k"])
             response_tokens, interrupted = stream_reply(stream, {assistant_end, bos}, printer.add)
         printer.finish()
         if interrupted:
             print("(answer stopped)")
         conversation_tokens += response_tokens + [assistant_end]
-        if args.prompt:
+        if config["prompt"]:
             break
 
     # ------------------------------------------------------------------------------------------------------
     # Cleanup
 
-    if not args.prompt and readline is not None:
+    if not config["prompt"] and readline is not None:
         try:
             readline.write_history_file(history_file)
         except OSError:

@@ -22,12 +22,29 @@ from nanochat.chat_eval import TASK_NAMES, chatcore, run_chat_eval
 from nanochat.checkpoint_manager import SOURCE_DIRS, load_model, resolve_checkpoint
 from nanochat.common import (autocast_ctx, autodetect_device_type, compute_cleanup, compute_init,
                              install_error_handler, print0)
-from nanochat.config import ArgumentParser, bounded
+from nanochat.config import ConfigError, Option, load_config
 from nanochat.engine import Engine
 from nanochat.execution import describe_isolation
-from nanochat.report import format_task_results, get_report
+from nanochat.report import format_task_results, get_report, task_metrics
 
 install_error_handler()  # a UserError prints one line `error: ...` and exits with code 2
+
+OPTIONS = [
+    Option("source", str, None, "which checkpoint family to load (required)", choices=("base", "mid", "sft"),
+           short="i"),
+    Option("task_name", str, "|".join(TASK_NAMES), "'|'-separated tasks (default: all five)", short="a"),
+    Option("dtype", str, "bfloat16", "autocast dtype (bf16 autocast applies on CUDA only)",
+           choices=("float32", "bfloat16"), short="d"),
+    Option("temperature", float, 0.0, "sampling temperature (0: greedy)", min=0.0, short="t"),
+    Option("max_new_tokens", int, 512, "generation budget per sample", min=1, short="m"),
+    Option("num_samples", int, 1, "samples per problem (pass@n)", min=1, short="n"),
+    Option("top_k", int, 50, "top-k sampling (0: off)", min=0, short="k"),
+    Option("batch_size", int, 8, "batch size for categorical tasks", min=1, short="b"),
+    Option("model_tag", str, None, "model tag, e.g. d20 (default: largest)", short="g"),
+    Option("step", int, None, "checkpoint step (default: last)", min=0, short="s"),
+    Option("max_problems", int, None, "evaluate at most this many problems per task (default: all)", min=1,
+           short="x"),
+]
 
 
 def main(argv=None):
@@ -35,32 +52,15 @@ def main(argv=None):
     # Config
 
     t_start = time.time()
-    parser = ArgumentParser(description="Evaluate a chat model (ChatCORE tasks)")
-    parser.add_argument("-i", "--source", type=str, required=True, choices=["base", "mid", "sft"],
-                        help="which checkpoint family to load")
-    parser.add_argument("-a", "--task-name", type=str, default="|".join(TASK_NAMES),
-                        help="'|'-separated tasks (default: all five)")
-    parser.add_argument("-d", "--dtype", type=str, default="bfloat16", choices=["float32", "bfloat16"],
-                        help="autocast dtype (bf16 autocast applies on CUDA only)")
-    parser.add_argument("-t", "--temperature", type=bounded(float, min=0.0), default=0.0,
-                        help="sampling temperature (0 = greedy)")
-    parser.add_argument("-m", "--max-new-tokens", type=bounded(int, min=1), default=512,
-                        help="generation budget per sample")
-    parser.add_argument("-n", "--num-samples", type=bounded(int, min=1), default=1, help="samples per problem (pass@n)")
-    parser.add_argument("-k", "--top-k", type=bounded(int, min=0), default=50, help="top-k sampling")
-    parser.add_argument("-b", "--batch-size", type=bounded(int, min=1), default=8,
-                        help="batch size for categorical tasks")
-    parser.add_argument("-g", "--model-tag", type=str, default=None, help="model tag, e.g. d20 (default: largest)")
-    parser.add_argument("-s", "--step", type=bounded(int, min=0), default=None, help="checkpoint step (default: last)")
-    parser.add_argument("-x", "--max-problems", type=bounded(int, min=1), default=None,
-                        help="evaluate at most this many problems")
-    args = parser.parse_args(argv)
-    task_names = [name.strip() for name in args.task_name.split("|") if name.strip()]
+    config = load_config(OPTIONS, argv, description=__doc__)
+    if config["source"] is None:
+        raise ConfigError("command line: -i/--source is required: base, mid or sft (see --help)")
+    task_names = [name.strip() for name in config["task_name"].split("|") if name.strip()]
     unknown = [name for name in task_names if name not in TASK_NAMES]
     if unknown:
-        parser.error(f"unknown task(s) {unknown}; choose from {'|'.join(TASK_NAMES)}")
+        raise ConfigError(f"command line -a/--task_name: unknown task(s) {unknown}; choose from {'|'.join(TASK_NAMES)}")
     if not task_names:
-        parser.error(f"-a/--task-name names no task; choose from {'|'.join(TASK_NAMES)}")
+        raise ConfigError(f"command line -a/--task_name names no task; choose from {'|'.join(TASK_NAMES)}")
 
     # ------------------------------------------------------------------------------------------------------
     # Compute init
@@ -71,11 +71,11 @@ def main(argv=None):
     # ------------------------------------------------------------------------------------------------------
     # Model and tokenizer
 
-    checkpoint_dir, step = resolve_checkpoint(args.source, args.model_tag, args.step)
+    checkpoint_dir, step = resolve_checkpoint(config["source"], config["model_tag"], config["step"])
     model_tag = os.path.basename(checkpoint_dir)
-    model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=model_tag, step=step)
+    model, tokenizer, meta = load_model(config["source"], device, phase="eval", model_tag=model_tag, step=step)
     engine = Engine(model, tokenizer)
-    checkpoint = f"{SOURCE_DIRS[args.source]}/{model_tag} step {step}"  # names the results in the report
+    checkpoint = f"{SOURCE_DIRS[config['source']]}/{model_tag} step {step}"  # names the results in the report
 
     # ------------------------------------------------------------------------------------------------------
     # Evaluate
@@ -84,36 +84,40 @@ def main(argv=None):
         print0(f"Code sandbox for HumanEval: {describe_isolation()}")
     results = {}
     for task_name in task_names:
-        with autocast_ctx(device_type, args.dtype), torch.no_grad():
-            accuracy = run_chat_eval(task_name, model, tokenizer, engine, batch_size=args.batch_size,
-                                     num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
-                                     temperature=args.temperature, top_k=args.top_k, max_problems=args.max_problems)
+        with autocast_ctx(device_type, config["dtype"]), torch.no_grad():
+            accuracy = run_chat_eval(task_name, model, tokenizer, engine, batch_size=config["batch_size"],
+                                     num_samples=config["num_samples"], max_new_tokens=config["max_new_tokens"],
+                                     temperature=config["temperature"], top_k=config["top_k"],
+                                     max_problems=config["max_problems"])
         results[task_name] = accuracy
         print0(f"{task_name} accuracy: {100 * accuracy:.2f}%")
 
     if all(name in results for name in TASK_NAMES):
-        subset = f" (-x {args.max_problems})" if args.max_problems else ""
+        subset = f" (-x {config['max_problems']})" if config['max_problems'] else ""
         print0(f"ChatCORE metric: {chatcore(results):.4f}{subset}")
 
     # ------------------------------------------------------------------------------------------------------
     # Report: this evaluation's tasks replace their earlier results; the other tasks keep theirs
 
-    section = f"Chat evaluation {args.source}"
+    section = f"Chat evaluation {config['source']}"
     report = get_report()
-    new = {name: {"value": value, "max_problems": args.max_problems, "checkpoint": checkpoint}
+    new = {name: {"value": value, "max_problems": config["max_problems"], "checkpoint": checkpoint}
            for name, value in results.items()}
     merged = report.merge_task_results(section, new)
     if merged is not None:  # rank 0
-        settings = {"source": args.source, "checkpoint": checkpoint, "run": meta.get("run_name", "unknown"),
-                    "temperature": args.temperature, "num_samples": args.num_samples,
-                    "max_new_tokens": args.max_new_tokens, "max_problems": args.max_problems}
+        settings = {"source": config["source"], "checkpoint": checkpoint, "run": meta.get("run_name", "unknown"),
+                    "temperature": config["temperature"], "num_samples": config["num_samples"],
+                    "max_new_tokens": config["max_new_tokens"], "max_problems": config["max_problems"]}
         data = [settings, format_task_results(merged, checkpoint)]
+        metrics = task_metrics(merged)  # the summary table's cells, kept as data beside the markdown
         same_checkpoint = {merged[n]["checkpoint"] for n in TASK_NAMES if n in merged} == {checkpoint}
         if all(name in merged for name in TASK_NAMES) and same_checkpoint:
             subsets = sorted({merged[n]["max_problems"] for n in TASK_NAMES} - {None})
-            note = f" (-x {', '.join(map(str, subsets))})" if subsets else ""
-            data.append({"ChatCORE metric": f"{chatcore({n: merged[n]['value'] for n in TASK_NAMES}):.4f}{note}"})
-        report.log(section=section, data=data, duration_s=time.time() - t_start)
+            note = f"-x {', '.join(map(str, subsets))}" if subsets else None
+            score = chatcore({n: merged[n]["value"] for n in TASK_NAMES})
+            data.append({"ChatCORE metric": f"{score:.4f}" + (f" ({note})" if note else "")})
+            metrics["ChatCORE"] = {"value": score, "note": note}
+        report.log(section=section, data=data, duration_s=time.time() - t_start, metrics=metrics)
 
     # ------------------------------------------------------------------------------------------------------
     # Cleanup

@@ -18,7 +18,6 @@ calculator had no answer). With --api_key (or $NANOCHAT_API_KEY), /v1/* and /sta
 `Authorization: Bearer KEY`. Library parts: nanochat/web.py; tests: tests/test_chat_web.py.
 """
 
-import argparse
 import asyncio
 import hmac
 import logging
@@ -29,6 +28,7 @@ import time
 import torch
 
 from nanochat.common import UserError, autocast_ctx, autodetect_device_type, compute_init, install_error_handler
+from nanochat.config import ConfigError, Option, load_config
 from nanochat.web import (APIError, Generation, Limits, QueueFull, SamplingDefaults, Worker, WorkerPool,
                           cancel_when_disconnected, completion_chunk, completion_response, error_body,
                           network_exposure_warning, new_completion_id, parse_json_body, prompt_tokens, sse, usage,
@@ -39,63 +39,49 @@ install_error_handler()  # a UserError prints one line `error: ...` and exits wi
 UI_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nanochat", "ui.html")
 logger = logging.getLogger("chat_web")
 
+LIMITS = Limits()  # the defaults of the request limits, and the bounds of the sampling options
+OPTIONS = [
+    Option("source", str, "sft", "which checkpoint family to load", choices=("base", "mid", "sft"), short="i"),
+    Option("model_tag", str, None, "model tag, e.g. d20 (default: largest)", short="g"),
+    Option("step", int, None, "checkpoint step (default: last)", min=0, short="s"),
+    Option("host", str, "127.0.0.1", "address to bind (0.0.0.0 makes the server reachable from the network)"),
+    Option("port", int, 8000, "port to listen on", min=0, max=65535),
+    Option("num_workers", int, None, "generation workers (default: one per GPU, 1 on CPU/MPS)", min=1),
+    Option("api_key", str, None, "require `Authorization: Bearer KEY` on /v1/* and /stats (default: "
+                                 "$NANOCHAT_API_KEY, else no key)"),
+    Option("max_queue", int, 32, "requests that may wait for a worker; beyond it: 503 with Retry-After (0: no "
+                                 "waiting)", min=0),
+    Option("temperature", float, SamplingDefaults.temperature, "default temperature", min=LIMITS.min_temperature,
+           max=LIMITS.max_temperature, short="t"),
+    Option("top_k", int, SamplingDefaults.top_k, "default top-k (0: off)", min=LIMITS.min_top_k,
+           max=LIMITS.max_top_k, short="k"),
+    Option("max_tokens", int, SamplingDefaults.max_tokens, "default max tokens (at most max_max_tokens)",
+           min=LIMITS.min_max_tokens, short="m"),
+    Option("device_type", str, None, "cuda|cpu|mps (default: autodetect)", choices=("cuda", "cpu", "mps")),
+    Option("dtype", str, "bfloat16", "autocast dtype (bf16 autocast applies on CUDA only)",
+           choices=("float32", "bfloat16"), short="d"),
+    Option("max_messages", int, LIMITS.max_messages, "most messages per request", min=1),
+    Option("max_message_chars", int, LIMITS.max_message_chars, "most characters per message", min=1),
+    Option("max_total_chars", int, LIMITS.max_total_chars, "most characters per conversation", min=1),
+    Option("max_max_tokens", int, LIMITS.max_max_tokens, "the largest max_tokens a request may ask for", min=1),
+]
+
 
 def main(argv=None):
     # ------------------------------------------------------------------------------------------------------
     # Config
 
-    limits_default = Limits()
-    parser = argparse.ArgumentParser(description="Chat web UI and OpenAI-compatible API server")
-    parser.add_argument("-i", "--source", type=str, default="sft", choices=["base", "mid", "sft", "rl"],
-                        help="which checkpoint family to load")
-    parser.add_argument("-g", "--model_tag", "--model-tag", type=str, default=None,
-                        help="model tag, e.g. d20 (default: largest)")
-    parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: last)")
-    parser.add_argument("--host", type=str, default="127.0.0.1",
-                        help="address to bind (0.0.0.0 makes the server reachable from the network)")
-    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
-    parser.add_argument("--num_workers", "--num-workers", type=int, default=None,
-                        help="generation workers (default: one per GPU, 1 on CPU/MPS)")
-    parser.add_argument("--api_key", "--api-key", type=str, default=os.environ.get("NANOCHAT_API_KEY"),
-                        help="require `Authorization: Bearer KEY` on /v1/* and /stats (default: $NANOCHAT_API_KEY)")
-    parser.add_argument("--max_queue", "--max-queue", type=int, default=32,
-                        help="requests that may wait for a worker; beyond it: 503 with Retry-After")
-    parser.add_argument("-t", "--temperature", type=float, default=0.8, help="default temperature")
-    parser.add_argument("-k", "--top_k", "--top-k", type=int, default=50, help="default top-k (0: off)")
-    parser.add_argument("-m", "--max_tokens", "--max-tokens", type=int, default=512, help="default max tokens")
-    parser.add_argument("--device_type", "--device-type", type=str, default=None, choices=["cuda", "cpu", "mps"],
-                        help="cuda|cpu|mps (default: autodetect)")
-    parser.add_argument("-d", "--dtype", type=str, default="bfloat16", choices=["float32", "bfloat16"],
-                        help="autocast dtype (bf16 autocast applies on CUDA only)")
-    parser.add_argument("--max_messages", type=int, default=limits_default.max_messages,
-                        help="most messages per request")
-    parser.add_argument("--max_message_chars", type=int, default=limits_default.max_message_chars,
-                        help="most characters per message")
-    parser.add_argument("--max_total_chars", type=int, default=limits_default.max_total_chars,
-                        help="most characters per conversation")
-    parser.add_argument("--max_max_tokens", type=int, default=limits_default.max_max_tokens,
-                        help="the largest max_tokens a request may ask for")
-    args = parser.parse_args(argv)
-
-    def check(ok, message):
-        if not ok:
-            raise UserError(message)
-
-    check(0 <= args.port <= 65535, f"--port {args.port}: must be in 0..65535")
-    check(args.num_workers is None or args.num_workers >= 1, f"--num_workers {args.num_workers}: must be >= 1")
-    check(args.max_queue >= 0, f"--max_queue {args.max_queue}: must be >= 0 (0: no waiting, busy -> 503)")
-    check(args.api_key is None or args.api_key.strip() != "", "--api_key is empty: give a key or leave it out")
-    for name in ("max_messages", "max_message_chars", "max_total_chars", "max_max_tokens"):
-        check(getattr(args, name) >= 1, f"--{name} {getattr(args, name)}: must be >= 1")
-    limits = Limits(max_messages=args.max_messages, max_message_chars=args.max_message_chars,
-                    max_total_chars=args.max_total_chars, max_max_tokens=args.max_max_tokens)
-    check(limits.min_temperature <= args.temperature <= limits.max_temperature,
-          f"-t/--temperature {args.temperature}: must be in {limits.min_temperature}..{limits.max_temperature}")
-    check(limits.min_top_k <= args.top_k <= limits.max_top_k,
-          f"-k/--top_k {args.top_k}: must be in {limits.min_top_k}..{limits.max_top_k}")
-    check(1 <= args.max_tokens <= limits.max_max_tokens,
-          f"-m/--max_tokens {args.max_tokens}: must be in 1..{limits.max_max_tokens} (--max_max_tokens)")
-    defaults = SamplingDefaults(temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_tokens)
+    config = load_config(OPTIONS, argv, description=__doc__)
+    api_key = config["api_key"] if config["api_key"] is not None else os.environ.get("NANOCHAT_API_KEY")
+    if api_key is not None and api_key.strip() == "":
+        raise UserError("--api_key (or $NANOCHAT_API_KEY) is empty: give a key or leave it out")
+    if config["max_tokens"] > config["max_max_tokens"]:
+        raise ConfigError(f"command line -m/--max_tokens: {config['max_tokens']} is above max_max_tokens = "
+                          f"{config['max_max_tokens']}; lower it or raise --max_max_tokens")
+    limits = Limits(max_messages=config["max_messages"], max_message_chars=config["max_message_chars"],
+                    max_total_chars=config["max_total_chars"], max_max_tokens=config["max_max_tokens"])
+    defaults = SamplingDefaults(temperature=config["temperature"], top_k=config["top_k"],
+                                max_tokens=config["max_tokens"])
 
     # ------------------------------------------------------------------------------------------------------
     # Compute init, models (one copy per device) and workers
@@ -110,34 +96,34 @@ def main(argv=None):
     from nanochat.common import get_base_dir
     from nanochat.engine import Engine
 
-    device_type = args.device_type or autodetect_device_type()
+    device_type = config["device_type"] or autodetect_device_type()
     _, _, _, _, device = compute_init(device_type)
     if device_type == "cuda":
         devices = [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
     else:
         devices = [device]
-    num_workers = args.num_workers or len(devices)
+    num_workers = config["num_workers"] or len(devices)
     models = {}  # one copy of the model per device; workers on the same device share it (inference only)
     workers = []
     for i in range(num_workers):
         worker_device = devices[i % len(devices)]
         if worker_device not in models:
-            models[worker_device] = load_model(args.source, worker_device, phase="eval", model_tag=args.model_tag,
-                                               step=args.step)
+            models[worker_device] = load_model(config["source"], worker_device, phase="eval",
+                                               model_tag=config["model_tag"], step=config["step"])
         model, tokenizer, meta = models[worker_device]
         workers.append(Worker(index=i, engine=Engine(model, tokenizer), tokenizer=tokenizer, device=worker_device,
-                              autocast=lambda: autocast_ctx(device_type, args.dtype)))
+                              autocast=lambda: autocast_ctx(device_type, config["dtype"])))
     model, tokenizer, meta = models[devices[0]]
     limits.context_len = model.config.sequence_len
-    model_tag = args.model_tag or find_largest_model(os.path.join(get_base_dir(), SOURCE_DIRS[args.source]))
-    model_id = f"nanochat-{args.source}-{model_tag}-step{meta.get('step', args.step)}"
+    model_tag = config["model_tag"] or find_largest_model(os.path.join(get_base_dir(), SOURCE_DIRS[config["source"]]))
+    model_id = f"nanochat-{config['source']}-{model_tag}-step{meta.get('step', config['step'])}"
     print(f"model {model_id}: context {limits.context_len} tokens, {num_workers} worker(s) on "
-          f"{', '.join(sorted({str(w.device) for w in workers}))}, queue of {args.max_queue}")
+          f"{', '.join(sorted({str(w.device) for w in workers}))}, queue of {config['max_queue']}")
 
     # ------------------------------------------------------------------------------------------------------
     # The app: errors in OpenAI's format, the API key check, the endpoints
 
-    pool = WorkerPool(workers, max_queue=args.max_queue)
+    pool = WorkerPool(workers, max_queue=config["max_queue"])
     app = FastAPI(title="nanochat", docs_url=None, redoc_url=None, openapi_url=None)
     started = int(time.time())
 
@@ -159,11 +145,11 @@ def main(argv=None):
         return JSONResponse(error_body("internal server error", type="server_error"), status_code=500)
 
     def check_api_key(request):
-        if args.api_key is None:
+        if api_key is None:
             return
         header = request.headers.get("authorization", "")
         scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), args.api_key.encode()):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), api_key.encode()):
             raise APIError(401, "missing or wrong API key: send the header `Authorization: Bearer <key>`",
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
@@ -252,12 +238,13 @@ def main(argv=None):
     # ------------------------------------------------------------------------------------------------------
     # Serve
 
-    warning = network_exposure_warning(args.host, args.api_key)
+    warning = network_exposure_warning(config["host"], api_key)
     if warning:
         print(warning)
-    auth = "API key required" if args.api_key else "no API key"
-    print(f"chat page: http://{args.host}:{args.port}/   API: http://{args.host}:{args.port}/v1 ({auth})", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
+    auth = "API key required" if api_key else "no API key"
+    address = f"http://{config['host']}:{config['port']}"
+    print(f"chat page: {address}/   API: {address}/v1 ({auth})", flush=True)
+    uvicorn.run(app, host=config["host"], port=config["port"], log_level="info", timeout_graceful_shutdown=5)
 
 
 if __name__ == "__main__":

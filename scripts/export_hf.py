@@ -14,7 +14,6 @@ are compared with this project's model on the same weights; the fast tokenizer i
 project's on sample text), and only then moved into place. Runs on CPU. Tests: tests/test_export_hf.py.
 """
 
-import argparse
 import os
 import shutil
 import tempfile
@@ -24,6 +23,7 @@ import torch
 
 from nanochat.checkpoint_manager import SOURCE_DIRS, build_model, find_largest_model, find_last_step
 from nanochat.common import UserError, get_base_dir, install_error_handler, print0
+from nanochat.config import ConfigError, Option, load_config
 from nanochat.hf_export import write_hf_folder
 
 install_error_handler()  # a UserError prints one line `error: ...` and exits with code 2
@@ -31,25 +31,24 @@ install_error_handler()  # a UserError prints one line `error: ...` and exits wi
 # -----------------------------------------------------------------------------
 # Config
 
-parser = argparse.ArgumentParser(description="Export a checkpoint to a Hugging Face transformers folder")
-parser.add_argument("-i", "--source", type=str, default="sft", choices=["base", "mid", "sft", "rl"],
-                    help="which checkpoints: base|mid|sft|rl")
-parser.add_argument("-g", "--model-tag", type=str, default=None, help="model tag, e.g. d20 (default: largest)")
-parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: last)")
-parser.add_argument("--out", type=str, required=True, help="output folder (must not exist or be empty)")
-parser.add_argument("--dtype", type=str, default="bfloat16", choices=["bfloat16", "float32"],
-                    help="dtype of the exported weights")
-parser.add_argument("--overwrite", action="store_true", help="replace the contents of an existing --out folder")
-parser.add_argument("--verify", type=int, default=1, choices=[0, 1],
-                    help="1: load the export with transformers and compare logits and tokenization before finishing")
-args = parser.parse_args()
-if args.step is not None and args.step < 0:
-    parser.error(f"--step must be >= 0, got {args.step}")
+OPTIONS = [
+    Option("source", str, "sft", "which checkpoints to export", choices=("base", "mid", "sft"), short="i"),
+    Option("model_tag", str, None, "model tag, e.g. d20 (default: largest)", short="g"),
+    Option("step", int, None, "checkpoint step (default: last)", min=0, short="s"),
+    Option("out", str, None, "output folder (required; must not exist or be empty)"),
+    Option("dtype", str, "bfloat16", "dtype of the exported weights", choices=("bfloat16", "float32")),
+    Option("overwrite", bool, False, "replace the contents of an existing --out folder"),
+    Option("verify", bool, True, "load the export with transformers and compare logits and tokenization before "
+                                 "finishing"),
+]
+config = load_config(OPTIONS, description=__doc__)
+if not config["out"]:
+    raise ConfigError("command line: --out is required: the folder to write the export to (see --help)")
 
-out_dir = os.path.abspath(args.out)
+out_dir = os.path.abspath(config["out"])
 if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     raise UserError(f"--out {out_dir} is a file, not a folder")
-if os.path.isdir(out_dir) and os.listdir(out_dir) and not args.overwrite:
+if os.path.isdir(out_dir) and os.listdir(out_dir) and not config["overwrite"]:
     raise UserError(f"--out {out_dir} is not empty: choose a new folder or pass --overwrite to replace it")
 
 try:
@@ -63,17 +62,17 @@ except ImportError as e:
 # Model and tokenizer
 
 t0 = time.time()
-checkpoints_dir = os.path.join(get_base_dir(), SOURCE_DIRS[args.source])
+checkpoints_dir = os.path.join(get_base_dir(), SOURCE_DIRS[config["source"]])
 try:
-    model_tag = args.model_tag or find_largest_model(checkpoints_dir)
+    model_tag = config["model_tag"] or find_largest_model(checkpoints_dir)
     checkpoint_dir = os.path.join(checkpoints_dir, model_tag)
-    step = args.step if args.step is not None else find_last_step(checkpoint_dir)
+    step = config["step"] if config["step"] is not None else find_last_step(checkpoint_dir)
 except FileNotFoundError as e:
-    raise UserError(f"{e}: nothing to export for -i {args.source} (train one, or import a nanochat checkpoint with "
-                    "python -m scripts.import_nanochat)") from None
-print0(f"Exporting {checkpoint_dir} step {step} as {args.dtype}")
+    raise UserError(f"{e}: nothing to export for -i {config['source']} (train one, or import a nanochat checkpoint "
+                    "with python -m scripts.import_nanochat)") from None
+print0(f"Exporting {checkpoint_dir} step {step} as {config['dtype']}")
 model, tokenizer, meta = build_model(checkpoint_dir, step, "cpu", "eval")
-dtype = getattr(torch, args.dtype)
+dtype = getattr(torch, config["dtype"])
 
 # -----------------------------------------------------------------------------
 # Write into a temporary folder next to --out
@@ -83,12 +82,12 @@ os.makedirs(parent, exist_ok=True)
 tmp_dir = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{os.path.basename(out_dir)}-")
 os.chmod(tmp_dir, 0o755)  # mkdtemp makes it private; the export is an ordinary folder
 try:
-    write_hf_folder(tmp_dir, model, tokenizer, meta, args.source, model_tag, step, args.dtype)
+    write_hf_folder(tmp_dir, model, tokenizer, meta, config["source"], model_tag, step, config["dtype"])
 
     # -----------------------------------------------------------------------------
     # Check: transformers loads it and computes what this project computes on the same (rounded) weights
 
-    if args.verify:
+    if config["verify"]:
         hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_dir, dtype=torch.float32)
         hf_model.eval()
         reference = {k: v.to(dtype).float() for k, v in model.state_dict().items()}  # the exported rounding

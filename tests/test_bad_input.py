@@ -16,7 +16,7 @@ from nanochat.chat_turn import reply_budget, stream_reply
 from nanochat.checkpoint_manager import CheckpointError, load_checkpoint, save_checkpoint
 from nanochat.checks import NonFiniteWeightsError, check_finite_parameters, first_nonfinite
 from nanochat.common import UserError
-from nanochat.config import ArgumentParser, ConfigError, bounded
+from nanochat.config import ConfigError, Option, load_config
 from nanochat.gpt import GPT, ContextLengthError, GPTConfig, config_from_depth
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,12 +73,12 @@ CONFIG_CASES = [
     ("scripts.base_eval", ["--max_per_task=0"], ["'max_per_task'", "-1 to disable"]),
     ("scripts.tok_train", ["--vocab_size=100"], ["'vocab_size'", ">= 265"]),
     ("scripts.tok_eval", ["--shard_chars=-5"], ["'shard_chars'"]),
-    ("scripts.chat_eval", ["-i", "sft", "-x", "0"], ["-x/--max-problems", ">= 1"]),
-    ("scripts.chat_eval", ["-i", "sft", "-b", "0"], ["-b/--batch-size"]),
-    ("scripts.chat_eval", ["-i", "sft", "-n", "0"], ["-n/--num-samples"]),
-    ("scripts.chat_eval", ["-i", "sft", "-a", ""], ["-a/--task-name", "ARC-Easy"]),
+    ("scripts.chat_eval", ["-i", "sft", "-x", "0"], ["-x/--max_problems", ">= 1"]),
+    ("scripts.chat_eval", ["-i", "sft", "-b", "0"], ["-b/--batch_size"]),
+    ("scripts.chat_eval", ["-i", "sft", "-n", "0"], ["-n/--num_samples"]),
+    ("scripts.chat_eval", ["-i", "sft", "-a", ""], ["-a/--task_name", "ARC-Easy"]),
     ("scripts.chat_eval", ["-i", "sft", "-t", "nan"], ["-t/--temperature", "finite"]),
-    ("scripts.chat_cli", ["-m", "0"], ["-m/--max-tokens"]),
+    ("scripts.chat_cli", ["-m", "0"], ["-m/--max_tokens"]),
 ]
 
 
@@ -353,14 +353,15 @@ def test_pure_config_checks():
     with pytest.raises(ConfigError, match="depth"):
         config_from_depth(0, 64, 256, head_dim=64, aspect_ratio=64)
     assert config_from_depth(2, 64, 256, head_dim=32, aspect_ratio=32).n_head == 2
-    parser = ArgumentParser(prog="tool")
-    parser.add_argument("-x", type=bounded(int, min=1))
-    parser.add_argument("-t", type=bounded(float, min=0.0, max=2.0))
-    assert parser.parse_args(["-x", "3", "-t", "0.5"]).x == 3
-    for argv, needle in [(["-x", "0"], ">= 1"), (["-x", "a"], "expected int"), (["-t", "inf"], "finite"),
-                         (["-t", "3"], "<= 2.0"), (["--nope"], "unrecognized arguments")]:
+    options = [Option("max_problems", int, None, min=1, short="x"),
+               Option("temperature", float, 0.6, min=0.0, max=2.0, short="t")]
+    config = load_config(options, ["-x", "3", "-t", "0.5"], verbose=False)
+    assert config == {"max_problems": 3, "temperature": 0.5}
+    for argv, needle in [(["-x", "0"], r"-x/--max_problems: key 'max_problems' must be >= 1"), (["-x", "a"], "expects int"),
+                         (["-t", "1e999"], "finite"), (["-t", "3"], "<= 2.0"), (["--nope"], "unknown config key"),
+                         (["-z", "1"], "unknown option '-z'")]:
         with pytest.raises(ConfigError, match=needle):
-            parser.parse_args(argv)
+            load_config(options, argv, verbose=False)
 
 
 def test_chat_cli_ctrl_c_stops_the_answer_and_keeps_the_session(tmp_path, tokenizer):

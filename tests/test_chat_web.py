@@ -560,13 +560,17 @@ def test_bad_options_exit_2(base_dir, monkeypatch):
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir))
     p = subprocess.run([sys.executable, "-m", "scripts.chat_web", "--max_queue", "-1"], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=60)
-    assert p.returncode == 2 and p.stderr.startswith("error: --max_queue -1") and "Traceback" not in p.stderr
+    assert p.returncode == 2 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert p.stderr.startswith("error: command line --max_queue: key 'max_queue' must be >= 0, got -1")
     monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # the script installs its handler on import
     from nanochat.common import UserError
     from scripts.chat_web import main
 
-    for args, match in ((["-t", "5"], "temperature"), (["--num_workers", "0"], "num_workers"),
-                        (["-m", "5000"], "max_tokens"), (["--api_key", " "], "api_key")):
+    for args, match in ((["-t", "5"], "-t/--temperature: key 'temperature' must be <= 2.0"),
+                        (["--num_workers", "0"], "num_workers"), (["--port", "70000"], "'port' must be <= 65535"),
+                        (["-m", "5000"], "max_tokens: 5000 is above max_max_tokens = 4096"),
+                        (["-i", "rl"], "'source' must be one of 'base', 'mid', 'sft'"),
+                        (["-k", "201"], "'top_k' must be <= 200"), (["--api_key", " "], "api_key")):
         with pytest.raises(UserError, match=match):
             main(args)
 

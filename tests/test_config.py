@@ -143,3 +143,67 @@ def test_choices_bounds_and_finite_floats_are_checked_where_declared():
         load_config(options, ["--eval_every=0"], verbose=False)
     with pytest.raises(ConfigError, match=r"'matrix_lr' must be a finite number, got inf"):
         load_config(options, ["--matrix_lr=1e999"], verbose=False)
+
+
+def test_booleans_accept_true_false_1_0_on_the_command_line_and_in_files(tmp_path):
+    options = [Option("dry_run", bool, False), Option("verify", bool, True), Option("compile", bool, None)]
+    for argv, expected in [(["--dry_run"], True), (["--dry_run=1"], True), (["--dry_run", "0"], False),
+                           (["--dry_run=TRUE"], True), (["--dry_run=false"], False), (["--dry-run", "true"], True)]:
+        config = load_config(options, argv, verbose=False)
+        assert config["dry_run"] is expected, argv
+    path = write(tmp_path, "dry_run = 1\nverify = false\ncompile = 0\n")
+    assert load_config(options, ["--config", path], verbose=False) == {"dry_run": True, "verify": False,
+                                                                        "compile": False}
+    assert load_config(options, [], verbose=False)["compile"] is None  # None: the option's own "auto"
+    for argv in (["--dry_run=2"], ["--dry_run=yes"]):
+        with pytest.raises(ConfigError, match="key 'dry_run' expects bool"):
+            load_config(options, argv, verbose=False)
+    with pytest.raises(ConfigError, match=r"config.txt:1: key 'verify' expects bool, got 2"):
+        load_config(options, ["--config", write(tmp_path, "verify = 2\n", "config.txt")], verbose=False)
+
+
+def test_short_flags():
+    options = [Option("source", str, "sft", choices=("base", "mid", "sft"), short="i"),
+               Option("max_problems", int, None, min=1, short="x"),
+               Option("temperature", float, 0.6, min=0.0, short="t"),
+               Option("overwrite", bool, False)]
+    config = load_config(options, ["-i", "mid", "-x16", "-t=0", "--overwrite"], verbose=False)
+    assert config == {"source": "mid", "max_problems": 16, "temperature": 0.0, "overwrite": True}
+    # a bare bool flag before a short flag does not swallow it; a negative number is a value, not a flag
+    config = load_config(options, ["--overwrite", "-i", "base"], verbose=False)
+    assert config["overwrite"] is True and config["source"] == "base"
+    with pytest.raises(ConfigError, match=r"command line -t/--temperature: key 'temperature' must be >= 0.0, got -1"):
+        load_config(options, ["-t", "-1"], verbose=False)
+    with pytest.raises(ConfigError, match=r"unknown option '-q' \(short options: -i, -t, -x"):
+        load_config(options, ["-q", "1"], verbose=False)
+    with pytest.raises(ConfigError, match=r"'source' must be one of 'base', 'mid', 'sft', got 'rl'"):
+        load_config(options, ["-i", "rl"], verbose=False)
+
+
+def test_help_shows_short_flags_and_every_default(capsys):
+    options = [Option("temperature", float, 0.6, "sampling temperature", min=0.0, short="t"),
+               Option("top_k", int, 50, "top-k sampling", min=0, short="k")]
+    with pytest.raises(SystemExit) as exit_info:
+        load_config(options, ["--help"], description="Chat")
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "-t, --temperature" in out and "default 0.6" in out and "-k, --top_k" in out and "default 50" in out
+
+
+@pytest.mark.parametrize("module", ["scripts.chat_cli", "scripts.chat_eval", "scripts.chat_web"])
+def test_serving_scripts_help_shows_every_default_and_short_flag(module, monkeypatch):
+    import importlib
+    import sys
+
+    from nanochat.config import format_help
+
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # the script installs its handler on import
+    options = importlib.import_module(module).OPTIONS
+    text = format_help(options)
+    for o in options:
+        flag = (f"-{o.short}, " if o.short else "") + f"--{o.name}"
+        line = next(line for line in text.splitlines() if line.strip().startswith(flag + " "))
+        assert f"default {o.default!r}" in line, line
+    if module == "scripts.chat_cli":  # issue 25: the 0.6 of -t was not shown
+        assert any(o.short == "t" and o.default == 0.6 for o in options)
+    assert "rl" not in next(o for o in options if o.name == "source").choices
