@@ -79,6 +79,13 @@ def peak_memory_mib(device):
     return torch.cuda.max_memory_allocated(device) / 1024**2
 
 
+def compile_enabled(option, device_type):
+    """The one `compile` rule of the training scripts (base_train, mid_train, chat_sft): the `compile` option
+    when it is set (true / false), else (None, the default) on for CUDA and off elsewhere: on CPU and MPS the
+    compilation takes longer than it saves on the small models run there."""
+    return device_type == "cuda" if option is None else bool(option)
+
+
 def compile_model(model, num_shapes=1):
     """torch.compile(model, dynamic=False): one specialised graph per input shape (and per grad mode: the
     validation loss under no_grad is one more). Dynamo falls back to eager for a function after

@@ -24,7 +24,7 @@ from nanochat.common import (UserError, autocast_ctx, autodetect_device_type, co
 from nanochat.config import Option, load_config
 from nanochat.engine import Engine
 from nanochat.loss_eval import evaluate_sft_loss
-from nanochat.perf import compile_model, compiled_graphs, peak_memory_mib, reset_peak_memory
+from nanochat.perf import compile_enabled, compile_model, compiled_graphs, peak_memory_mib, reset_peak_memory
 from nanochat.report import format_duration, get_report
 from nanochat.schedules import lr_multiplier, scale_initial_lr, set_lr_multiplier
 from nanochat.sft import (LOSS_NORMALIZATIONS, PACKINGS, TOTAL_KEYS, accumulate_step, grad_accum_steps_for,
@@ -72,8 +72,8 @@ OPTIONS = [
     Option("eval_max_new_tokens", int, 512, "generation budget of the generative task metrics", min=1),
     Option("compile", bool, None, "torch.compile the model (default: on for CUDA, off elsewhere)"),
     Option("pad_bucket", int, 128, "compiled pad mode: batch lengths rounded up to a multiple of this", min=1),
-    Option("load_optimizer", int, 0, "1: warm-start the optimizers from the source's optimizer state", choices=(0, 1)),
-    Option("dry_run", int, 0, "1: load the mixtures and tokenizer only, print the data preview, exit", choices=(0, 1)),
+    Option("load_optimizer", bool, False, "warm-start the optimizers from the source's optimizer state"),
+    Option("dry_run", bool, False, "load the mixtures and tokenizer only, print the data preview, exit"),
     *run_options("chatsft_checkpoints"),  # output_tag, overwrite, save_every, resume (checkpoint_manager)
 ]
 script_start = time.time()  # the stage's wall-clock time goes into its report section
@@ -94,7 +94,7 @@ random.seed(config["seed"])
 np.random.seed(config["seed"])
 autocast = lambda: autocast_ctx(device_type, config["dtype"])  # noqa: E731  (a fresh context per use)
 synchronize = torch.cuda.synchronize if device_type == "cuda" else lambda: None
-use_compile = device_type == "cuda" if config["compile"] is None else config["compile"]
+use_compile = compile_enabled(config["compile"], device_type)  # the option, else on for CUDA only
 pad_bucket = config["pad_bucket"] if use_compile and config["packing"] == "pad" else 1  # eager: no rounding
 
 # -----------------------------------------------------------------------------

@@ -43,8 +43,8 @@ OPTIONS = [
     Option("model_tag", str, None, "in a nanochat base dir: the model tag to import (default: largest d<depth>)"),
     Option("step", int, None, "the step to import (default: the last complete one)", min=0),
     Option("output_tag", str, None, "model tag to write under (default: d<depth>)"),
-    Option("optimizer", int, 1, "also import optim_<step>.pt when present (0: skip)", choices=(0, 1)),
-    Option("overwrite", int, 0, "1: replace an existing different tokenizer / checkpoint folder", choices=(0, 1)),
+    Option("optimizer", bool, True, "also import optim_<step>.pt when present"),
+    Option("overwrite", bool, False, "replace an existing different tokenizer / checkpoint folder"),
 ]
 argv = sys.argv[1:]
 if argv and not argv[0].startswith("-"):

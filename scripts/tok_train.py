@@ -35,7 +35,7 @@ OPTIONS = [
     Option("vocab_size", int, 65536, "vocabulary size including the 9 special tokens (2**16)",
            min=256 + len(SPECIAL_TOKENS)),
     Option("data_dir", str, "", "parquet folder (empty: $NANOCHAT_DATA_DIR/pretrain, else <base_dir>/base_data)"),
-    Option("overwrite", int, 0, "1: replace a tokenizer that existing checkpoints were trained with", choices=(0, 1)),
+    Option("overwrite", bool, False, "replace a tokenizer that existing checkpoints were trained with"),
 ]
 script_start = time.time()  # the stage's wall-clock time goes into its report section
 config = load_config(OPTIONS, description=__doc__)
