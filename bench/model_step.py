@@ -16,6 +16,7 @@ import torch
 
 from nanochat.common import autocast_ctx, get_peak_flops
 from nanochat.gpt import GPT, config_from_depth
+from nanochat.perf import batch_flops, compile_model, mfu
 
 
 def main(argv=None):
@@ -46,7 +47,7 @@ def main(argv=None):
     model.init_weights()
     orig_model = model
     if args.compile:
-        model = torch.compile(model, dynamic=False)
+        model = compile_model(orig_model)
     optimizers = orig_model.setup_optimizers()
     ctx = autocast_ctx(device.type, args.dtype, cpu_bf16=True)
     x = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len + 1), device=device)
@@ -77,9 +78,9 @@ def main(argv=None):
     print(f"step time (median of {args.steps}): {dt * 1000:.1f} ms")
     print(f"tokens/s: {tokens / dt:,.0f}")
     peak = get_peak_flops(device)
-    if peak:
-        mfu = orig_model.estimate_flops() * tokens / dt / peak
-        print(f"MFU: {100 * mfu:.2f}% (peak {peak / 1e12:.0f} TFLOPS bf16)")
+    step_mfu = mfu(batch_flops(orig_model, inputs, 0)[0], dt, peak)  # a fraction, printed as a percentage
+    if step_mfu is not None:
+        print(f"MFU: {100 * step_mfu:.2f}% (peak {peak / 1e12:.0f} TFLOPS bf16)")
     else:
         print("MFU: n/a (no known peak FLOPS for this device)")
     print(f"final loss: {loss.item():.4f}")

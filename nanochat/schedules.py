@@ -6,7 +6,8 @@ chat_sft (nanochat had three copies of get_lr_multiplier).
     base, mid:  lr_multiplier(step, num_steps, warmdown_frac=0.2)    constant, then linear to 0
 
 Also the step arithmetic every training script shares: gradient-accumulation steps (num_grad_accum_steps) and
-applying the learning rates to the optimizers (scale_initial_lr for init_lr_frac, set_lr_multiplier per step).
+applying the learning rates and momentum to the optimizers (scale_initial_lr for init_lr_frac, set_lr_multiplier
+and set_momentum per step).
 
 Tests: tests/test_schedules.py.
 """
@@ -57,3 +58,9 @@ def set_lr_multiplier(optimizers, lrm):
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * lrm
+
+
+def set_momentum(optimizer, momentum):
+    """Set the momentum of every group of `optimizer` (Muon's warm-up: set_momentum(muon, muon_momentum(step)))."""
+    for group in optimizer.param_groups:
+        group["momentum"] = momentum

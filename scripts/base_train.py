@@ -39,8 +39,11 @@ from nanochat.core_eval import evaluate_core, find_eval_bundle
 from nanochat.dataloader import tokenizing_distributed_data_loader
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.loss_eval import evaluate_bpb
+from nanochat.perf import compile_enabled, compile_model, mfu, peak_memory_mib
 from nanochat.report import get_report
-from nanochat.schedules import lr_multiplier, muon_momentum, num_grad_accum_steps, set_lr_multiplier
+from nanochat.schedules import lr_multiplier, muon_momentum, num_grad_accum_steps, set_lr_multiplier, set_momentum
+from nanochat.train_loop import (clip_gradients, counts_toward_time, every, format_train_step, fresh_loop_state,
+                                 smooth_loss)
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 
 install_error_handler()  # a UserError prints one line `error: ...` and exits with code 2
@@ -53,7 +56,7 @@ OPTIONS = [
     Option("device_type", str, "", "cuda|cpu|mps (empty: autodetect)", choices=("", "cuda", "cpu", "mps")),
     Option("dtype", str, "bfloat16", "autocast dtype on CUDA: bfloat16|float32 (CPU runs in fp32)",
            choices=("bfloat16", "float32")),
-    Option("compile", bool, True, "torch.compile the model (CUDA only)"),
+    Option("compile", bool, None, "torch.compile the model (default: on for CUDA, off elsewhere)"),
     # model
     Option("depth", int, 20, "number of transformer layers; sets width and heads", min=1),
     Option("aspect_ratio", int, 64, "model width = depth * aspect_ratio", min=1),
@@ -114,7 +117,6 @@ ddp, ddp_rank, ddp_local_rank, ddp_world_size, device = compute_init(device_type
 master_process = ddp_rank == 0
 autocast = lambda: autocast_ctx(device_type, config["dtype"])  # noqa: E731  (a fresh context per use)
 synchronize = torch.cuda.synchronize if device_type == "cuda" else lambda: None
-get_max_memory = torch.cuda.max_memory_allocated if device_type == "cuda" else lambda: 0
 wandb_run = init_wandb(config["run"], "nanochat", config, ddp_rank)
 
 # -----------------------------------------------------------------------------
@@ -152,8 +154,8 @@ with torch.device("meta"):
 model.to_empty(device=device)
 model.init_weights()
 orig_model = model  # the uncompiled model: for saving, sampling and the CORE metric
-if config["compile"] and device_type == "cuda":
-    model = torch.compile(model, dynamic=False)
+if compile_enabled(config["compile"], device_type):  # the option, else on for CUDA only
+    model = compile_model(orig_model)
 num_params = orig_model.num_params()
 num_flops_per_token = orig_model.estimate_flops()
 print0(f"Number of parameters: {num_params:,} | FLOPs per token: {num_flops_per_token:e}")
@@ -188,8 +190,7 @@ adamw_optimizer, muon_optimizer = optimizers
 
 # Resume: model, optimizer states, counters, loss series and this rank's data position
 start_step = 0  # a checkpoint of step s holds the model before update s
-loop_state = {"min_val_bpb": float("inf"), "smooth_train_loss": 0.0, "total_training_time": 0.0}
-loss_series = {"train_steps": [], "train_loss": [], "val_steps": [], "val_bpb": []}
+loop_state, loss_series = fresh_loop_state()  # counters and loss series, restored on resume
 loader_resume_state = None
 if plan.resume_dir is not None:
     run_state = load_run_state(plan.resume_dir, plan.resume_step, ddp_rank, ddp_world_size, num_iterations, device)
@@ -224,11 +225,6 @@ def get_lr_multiplier(step):
 
 # -----------------------------------------------------------------------------
 # Helpers for the loop
-
-
-def every(step, period, last_step):
-    """True at multiples of `period` and at the last step; never when period is -1 (disabled)."""
-    return period > 0 and (last_step or step % period == 0)
 
 
 def save(step, val_bpb):
@@ -318,15 +314,10 @@ for step in range(start_step, num_iterations + 1):
         (loss / grad_accum_steps).backward()  # the optimizers average gradients over ranks in step()
         loader_state = data_state
         x, y, data_state = next(train_loader)  # prefetch the next batch while the GPU works
-    # Clip each rank's gradient before the cross-rank average: the average of vectors of norm <= c has norm <= c.
-    grad_norm = None
-    if config["grad_clip"] > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(orig_model.parameters(), config["grad_clip"])
+    grad_norm = clip_gradients(orig_model.parameters(), config["grad_clip"])  # per rank, before the average
     lrm = get_lr_multiplier(step)
     set_lr_multiplier(optimizers, lrm)
-    momentum = muon_momentum(step)
-    for group in muon_optimizer.param_groups:
-        group["momentum"] = momentum
+    set_momentum(muon_optimizer, muon_momentum(step))
     for opt in optimizers:
         opt.step()
     check_finite_parameters(orig_model, step)  # stop before NaN/inf weights are trained on or saved
@@ -336,33 +327,25 @@ for step in range(start_step, num_iterations + 1):
 
     # logging: EMA of the training loss (debiased), throughput, MFU
     train_loss_f = train_loss.item()
-    ema_beta = 0.9
-    loop_state["smooth_train_loss"] = ema_beta * loop_state["smooth_train_loss"] + (1 - ema_beta) * train_loss_f
-    debiased = loop_state["smooth_train_loss"] / (1 - ema_beta ** (step + 1))
-    if step > start_step + 10 or num_iterations - start_step <= 20:  # the first steps include compilation
+    loop_state["smooth_train_loss"], debiased = smooth_loss(loop_state["smooth_train_loss"], train_loss_f, step)
+    if counts_toward_time(step, start_step, num_iterations):  # the first steps include compilation
         loop_state["total_training_time"] += dt
-    tok_per_sec = int(total_batch_size / dt)
-    flops_per_sec = num_flops_per_token * total_batch_size / dt
-    mfu = 100 * flops_per_sec / (peak_flops * ddp_world_size) if peak_flops else None
-    mfu_str = f" | mfu: {mfu:.2f}%" if mfu is not None else ""
-    print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.2f}%) | loss: {debiased:.6f} | "
-           f"lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,}{mfu_str} | "
-           f"total time: {loop_state['total_training_time'] / 60:.2f}m")
+    step_mfu = mfu(num_flops_per_token * total_batch_size, dt, peak_flops, ddp_world_size)  # a fraction
+    line, log = format_train_step(step, num_iterations, debiased, lrm, dt, total_batch_size, step_mfu,
+                                  loop_state["total_training_time"])
+    print0(line)
     loss_series["train_steps"].append(step)
     loss_series["train_loss"].append(train_loss_f)
-    log = {"step": step, "total_training_flops": flops_so_far, "train/loss": debiased, "train/lrm": lrm,
-           "train/dt": dt, "train/tok_per_sec": tok_per_sec}
-    if mfu is not None:
-        log["train/mfu"] = mfu
     if grad_norm is not None:
         log["train/grad_norm"] = grad_norm.item()
     if step % 100 == 0:
-        wandb_run.log(log)
+        wandb_run.log({**log, "total_training_flops": flops_so_far})
 
 # -----------------------------------------------------------------------------
 # Report
 
-print0(f"Peak memory usage: {get_max_memory() / 1024 / 1024:.2f} MiB")
+peak_memory = peak_memory_mib(device)  # CUDA's allocator peak; None on CPU / MPS
+print0(f"Peak memory usage: {peak_memory:.2f} MiB" if peak_memory is not None else "Peak memory usage: n/a (not CUDA)")
 print0(f"Total training time: {loop_state['total_training_time'] / 60:.2f}m")
 print0(f"Minimum validation bpb: {loop_state['min_val_bpb']:.4f}")
 report = get_report()
@@ -383,7 +366,7 @@ report.log(section="Base model training", data=[
         "CORE metric estimate": core_results["core_metric"] if core_results else "-",
         "Total training flops": f"{num_flops_per_token * total_tokens:e}",
         "Total training time (min)": loop_state["total_training_time"] / 60,
-        "Peak memory usage (MiB)": get_max_memory() / 1024 / 1024,
+        "Peak memory usage (MiB)": peak_memory if peak_memory is not None else "-",
     },
 ], duration_s=time.time() - script_start)
 report.log_series("Base model training", "train_loss", loss_series["train_steps"], loss_series["train_loss"])

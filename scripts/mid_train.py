@@ -31,13 +31,16 @@ from nanochat.checkpoint_manager import (build_model, describe_checkpoint, load_
                                          save_training_checkpoint, tokenizer_sha256)
 from nanochat.checks import check_finite_parameters
 from nanochat.common import (all_reduce_values, autocast_ctx, autodetect_device_type, compute_cleanup, compute_init,
-                             get_dist_info, init_wandb, install_error_handler, print0)
+                             get_dist_info, get_peak_flops, init_wandb, install_error_handler, print0)
 from nanochat.config import Option, load_config
 from nanochat.dataloader import conversation_data_loader, count_conversation_tokens
 from nanochat.loss_eval import evaluate_bpb
+from nanochat.perf import compile_enabled, compile_model, mfu
 from nanochat.report import get_report
 from nanochat.schedules import (lr_multiplier, muon_momentum, num_grad_accum_steps, scale_initial_lr,
-                                set_lr_multiplier)
+                                set_lr_multiplier, set_momentum)
+from nanochat.train_loop import (clip_gradients, counts_toward_time, every, format_train_step, fresh_loop_state,
+                                 smooth_loss)
 from nanochat.tokenizer import get_token_bytes
 from tasks.mixture import build_mixtures, check_mixture_specs
 
@@ -51,7 +54,7 @@ OPTIONS = [
     Option("device_type", str, "", "cuda|cpu|mps (empty: autodetect)", choices=("", "cuda", "cpu", "mps")),
     Option("dtype", str, "bfloat16", "autocast dtype on CUDA: bfloat16|float32 (CPU runs in fp32)",
            choices=("bfloat16", "float32")),
-    Option("compile", bool, True, "torch.compile the model (CUDA only)"),
+    Option("compile", bool, None, "torch.compile the model (default: on for CUDA, off elsewhere)"),
     Option("model_tag", str, None, "base checkpoint tag to start from (default: largest)"),
     Option("step", int, None, "base checkpoint step (default: last)", min=0),
     Option("max_seq_len", int, None, "row length (default: the model's sequence_len)", min=1),
@@ -116,8 +119,8 @@ model, tokenizer, load_meta = build_model(load_dir, load_step, device, phase="tr
 print0(f"{'Resuming from' if plan.resume_dir else 'Loaded checkpoint:'} "
        f"{describe_checkpoint(load_dir, load_step, load_meta)}")
 orig_model = model  # the uncompiled model, for saving
-if config["compile"] and device_type == "cuda":
-    model = torch.compile(model, dynamic=False)
+if compile_enabled(config["compile"], device_type):  # the option, else on for CUDA only
+    model = compile_model(orig_model)
 depth = orig_model.config.n_layer
 max_seq_len = config["max_seq_len"] or orig_model.config.sequence_len
 token_bytes = get_token_bytes(device=device)
@@ -165,8 +168,7 @@ else:
 
 # Resume: optimizer states, counters, loss series and this rank's data position (the weights came above)
 start_step = 0  # a checkpoint of step s holds the model before update s
-loop_state = {"min_val_bpb": float("inf"), "smooth_train_loss": 0.0, "total_training_time": 0.0}
-loss_series = {"train_steps": [], "train_loss": [], "val_steps": [], "val_bpb": []}
+loop_state, loss_series = fresh_loop_state()  # counters and loss series, restored on resume
 loader_state = None  # where the batch in hand starts: what a checkpoint must store
 if plan.resume_dir is not None:
     run_state = load_resume(plan.resume_dir, plan.resume_step, optimizers, ddp_rank, ddp_world_size, num_iterations,
@@ -199,13 +201,15 @@ def save(step):
 # -----------------------------------------------------------------------------
 # Training loop
 
+peak_flops = get_peak_flops(device)
+num_flops_per_token = orig_model.estimate_flops()
 val_bpb = loss_series["val_bpb"][-1] if loss_series["val_bpb"] else None  # the latest evaluation
 for step in range(start_step, num_iterations + 1):
     last_step = step == num_iterations
 
     # once in a while: validation bits per byte on the validation conversations
     resumed_here = plan.resume_dir is not None and step == start_step  # evaluated before that save already
-    if config["eval_every"] > 0 and (last_step or step % config["eval_every"] == 0) and not resumed_here:
+    if every(step, config["eval_every"], last_step) and not resumed_here:
         model.eval()
         with autocast():
             val_bpb = evaluate_bpb(model, build_val_loader(), eval_steps, token_bytes)
@@ -233,12 +237,10 @@ for step in range(start_step, num_iterations + 1):
         (loss / grad_accum_steps).backward()  # the optimizers average gradients over ranks in step()
         loader_state = data_state
         x, y, data_state = next(train_loader)
-    if config["grad_clip"] > 0:  # per rank, before the cross-rank average (which keeps the bound)
-        torch.nn.utils.clip_grad_norm_(orig_model.parameters(), config["grad_clip"])
+    grad_norm = clip_gradients(orig_model.parameters(), config["grad_clip"])  # per rank, before the average
     lrm = get_lr_multiplier(step)
     set_lr_multiplier(optimizers, lrm)
-    for group in muon_optimizer.param_groups:
-        group["momentum"] = muon_momentum(step)
+    set_momentum(muon_optimizer, muon_momentum(step))
     for opt in optimizers:
         opt.step()
     check_finite_parameters(orig_model, step)  # stop before NaN/inf weights are trained on or saved
@@ -246,20 +248,21 @@ for step in range(start_step, num_iterations + 1):
     synchronize()
     dt = time.time() - t0
 
+    # logging: EMA of the training loss (debiased), throughput, MFU
     train_loss_f = train_loss.item()
-    loop_state["smooth_train_loss"] = 0.9 * loop_state["smooth_train_loss"] + 0.1 * train_loss_f
-    debiased = loop_state["smooth_train_loss"] / (1 - 0.9 ** (step + 1))
-    if step > start_step + 10 or num_iterations - start_step <= 20:  # the first steps include compilation
+    loop_state["smooth_train_loss"], debiased = smooth_loss(loop_state["smooth_train_loss"], train_loss_f, step)
+    if counts_toward_time(step, start_step, num_iterations):  # the first steps include compilation
         loop_state["total_training_time"] += dt
-    tok_per_sec = int(total_batch_size / dt)
-    print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.2f}%) | loss: {debiased:.6f} | "
-           f"lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,} | "
-           f"total time: {loop_state['total_training_time'] / 60:.2f}m")
+    step_mfu = mfu(num_flops_per_token * total_batch_size, dt, peak_flops, ddp_world_size)  # a fraction
+    line, log = format_train_step(step, num_iterations, debiased, lrm, dt, total_batch_size, step_mfu,
+                                  loop_state["total_training_time"])
+    print0(line)
     loss_series["train_steps"].append(step)
     loss_series["train_loss"].append(train_loss_f)
+    if grad_norm is not None:
+        log["train/grad_norm"] = grad_norm.item()
     if step % 10 == 0:
-        wandb_run.log({"step": step, "train/loss": debiased, "train/lrm": lrm, "train/dt": dt,
-                       "train/tok_per_sec": tok_per_sec})
+        wandb_run.log(log)
 
 # -----------------------------------------------------------------------------
 # Save and report
