@@ -1,11 +1,13 @@
 """
-Speed and accounting helpers for the training step (chat_sft, bench/sft_step.py):
+Speed and accounting helpers for the training step (base_train, mid_train, chat_sft and the benches):
 
 - pad_to_bucket: round a padded batch's length up to a multiple of a bucket size, so a compiled model sees a
   handful of shapes instead of one per batch (the extra positions are padding with target -1: no loss change)
-- compile_model / compiled_graphs: torch.compile for fixed shapes, and how many graphs (recompilations) it built
+- compile_enabled / compile_model / compiled_graphs: the one `compile` rule of the training scripts,
+  torch.compile for fixed shapes, and how many graphs (recompilations) it built
 - batch_flops / mfu: a batch's FLOPs at its own length (useful = non-padding positions, or total = all
-  positions) and the model FLOPs utilisation they give
+  positions) and the model FLOPs utilisation they give: the one MFU formula of the project, a fraction
+  (printed as a percentage)
 - reset_peak_memory / peak_memory_mib: the CUDA allocator's peak (None elsewhere)
 
 Tests: tests/test_gpu_path.py.
