@@ -47,8 +47,9 @@ def counts_toward_time(step, start_step, num_iterations, untimed=WARMUP_STEPS_UN
 
 def clip_gradients(parameters, max_norm):
     """Clip the gradients of `parameters` to a total norm of max_norm and return the norm before clipping
-    (a 0-d tensor: no device sync until the caller logs it); None when max_norm <= 0 (clipping off). Called per rank before the optimizers average the
-    gradients over ranks: an average of vectors of norm <= max_norm keeps norm <= max_norm."""
+    (a 0-d tensor: no device sync until the caller logs it); None when max_norm <= 0 (clipping off). Called
+    per rank before the optimizers average the gradients over ranks: an average of vectors of norm <= max_norm
+    keeps norm <= max_norm."""
     if max_norm <= 0:
         return None
     return torch.nn.utils.clip_grad_norm_(parameters, max_norm)

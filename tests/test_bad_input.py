@@ -357,7 +357,8 @@ def test_pure_config_checks():
                Option("temperature", float, 0.6, min=0.0, max=2.0, short="t")]
     config = load_config(options, ["-x", "3", "-t", "0.5"], verbose=False)
     assert config == {"max_problems": 3, "temperature": 0.5}
-    for argv, needle in [(["-x", "0"], r"-x/--max_problems: key 'max_problems' must be >= 1"), (["-x", "a"], "expects int"),
+    for argv, needle in [(["-x", "0"], r"-x/--max_problems: key 'max_problems' must be >= 1"),
+                         (["-x", "a"], "expects int"),
                          (["-t", "1e999"], "finite"), (["-t", "3"], "<= 2.0"), (["--nope"], "unknown config key"),
                          (["-z", "1"], "unknown option '-z'")]:
         with pytest.raises(ConfigError, match=needle):
