@@ -15,20 +15,16 @@ From a script (rank 0 writes, other ranks get a DummyReport whose methods do not
     report.log_series("Base model training", "train_loss", steps, values)   # for the plots
     report.log_series("Base model training", "val_bpb", val_steps, val_values)
 
-`log(section, data, duration_s=None, metrics=None)`: data is a list of dicts (written as `- key: value` lines,
-floats to 4 decimals) and strings (written as they are); duration_s (the stage's wall-clock seconds) is written
-as a `duration: ...` line. Beside the markdown (<slug>.md, for people) the same call keeps the section's data
-in <slug>.json (for `generate`): its title, timestamp, duration_s, the dicts' key/values and `metrics`
-({name: value or {"value": v, "note": "-x 20"}}), so the summary is built from data, never by reading the
-markdown back. Logging the same section again replaces both files.
-`merge_task_results(section, results)`: evaluation results are kept per task in <slug>.results.json, so an
-evaluation of a subset of the tasks updates those and keeps the others; format_task_results() renders them
-as `- Task: value` lines, a result on a subset of the problems (`-x N`) marked `(-x N)`, which the summary
-table shows too.
-`log_series(section, name, steps, values)`: stores one curve (two equal-length lists of numbers) for the
-section in <slug>.series.json; `generate` draws one PNG per section with all its curves, in
-report/plots/<slug>.png, linked from report.md. Names starting with "train" go on the left panel, the
-others (validation loss / bpb) on the right one.
+`log(section, data, duration_s=None, metrics=None)`: data is a list of dicts (`- key: value` lines, floats to 4
+decimals) and strings (as they are), duration_s the stage's wall-clock seconds. It writes <slug>.md for people
+and <slug>.json for `generate` (title, timestamp, duration_s, the dicts' values, and `metrics`: {name: value or
+{"value": v, "note": "-x 20"}}): the summary is built from data, never by reading the markdown back. Logging
+a section again replaces both files.
+`merge_task_results(section, results)`: evaluation results per task in <slug>.results.json, so evaluating a
+subset of the tasks updates those and keeps the others (format_task_results / task_metrics render them, a
+result on a subset of the problems marked `(-x N)`).
+`log_series(section, name, steps, values)`: one curve in <slug>.series.json; `generate` draws one PNG per
+section (report/plots/<slug>.png): "train*" curves on the left panel, the others (validation) on the right.
 
 Summary table rows (CORE, ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval, ChatCORE) come from the sections'
 JSON: a section's `metrics` first, else its numeric values; names are matched case-insensitively ignoring
@@ -44,6 +40,8 @@ A section written before the JSON files existed (a <slug>.md alone) is still inc
 but adds nothing to the summary table or the total time; report.md lists such sections under the summary
 (log them again, e.g. rerun the evaluation, to bring their figures back).
 
+One concern in about 500 lines (over the ~450 guide): the section files and their data, the summary table,
+the loss-curve plots and the environment header of one report card.
 Tests: tests/test_report.py.
 """
 
@@ -61,17 +59,8 @@ import sys
 from nanochat.common import atomic_write_text, dist_rank_world, get_base_dir, get_git_commit
 
 # Pipeline order of the sections in report.md (nanochat's names); unknown sections follow, sorted.
-SECTION_ORDER = [
-    "Tokenizer training",
-    "Tokenizer evaluation",
-    "Base model training",
-    "Base model loss",
-    "Base model evaluation",
-    "Midtraining",
-    "Chat evaluation mid",
-    "Chat SFT",
-    "Chat evaluation sft",
-]
+SECTION_ORDER = ["Tokenizer training", "Tokenizer evaluation", "Base model training", "Base model loss",
+                 "Base model evaluation", "Midtraining", "Chat evaluation mid", "Chat SFT", "Chat evaluation sft"]
 
 SUMMARY_METRICS = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE"]
 SUMMARY_COLUMNS = {
@@ -460,25 +449,12 @@ class Report:
 
 
 class DummyReport:
-    """What non-zero ranks get: every method does nothing."""
+    """What non-zero ranks get: Report's methods, each doing nothing (returning None)."""
 
-    def log(self, *args, **kwargs):
+    def _nothing(self, *args, **kwargs):
         return None
 
-    def merge_task_results(self, *args, **kwargs):
-        return None
-
-    def log_series(self, *args, **kwargs):
-        return None
-
-    def reset(self, *args, **kwargs):
-        return None
-
-    def generate(self, *args, **kwargs):
-        return None
-
-    def summary(self, *args, **kwargs):
-        return None
+    log = merge_task_results = log_series = reset = generate = summary = _nothing
 
 
 def get_report(rank=None):
