@@ -248,10 +248,16 @@ def network_exposure_warning(host, api_key):
 
 
 def parse_json_body(raw, limits):
-    """Request bytes -> parsed JSON (APIError 413 if too large, 400 if not UTF-8 JSON)."""
+    """Request bytes -> parsed JSON (APIError 413 if too large, 400 if not UTF-8 JSON or nested deeper than
+    web_guard.MAX_JSON_DEPTH)."""
+    from nanochat.web_guard import MAX_JSON_DEPTH, json_nesting_depth
+
     if len(raw) > limits.max_body_bytes():
         raise APIError(413, f"the request body is {len(raw)} bytes (at most {limits.max_body_bytes()})", None,
                        "body_too_large")
+    if json_nesting_depth(raw) > MAX_JSON_DEPTH:
+        raise APIError(400, f"the request body nests arrays/objects deeper than {MAX_JSON_DEPTH} levels", None,
+                       "invalid_json")
     try:
         return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError) as e:

@@ -33,6 +33,7 @@ from nanochat.web import (APIError, Generation, Limits, QueueFull, SamplingDefau
                           cancel_when_disconnected, completion_chunk, completion_response, error_body,
                           network_exposure_warning, new_completion_id, parse_json_body, prompt_tokens, sse, usage,
                           validate_chat_request)
+from nanochat.web_guard import HostOriginGuard, check_content_type, deadline_protocol, default_allowed_hosts, read_body
 
 install_error_handler()  # a UserError prints one line `error: ...` and exits with code 2
 
@@ -75,6 +76,14 @@ def main(argv=None):
                         help="most characters per conversation")
     parser.add_argument("--max_max_tokens", type=int, default=limits_default.max_max_tokens,
                         help="the largest max_tokens a request may ask for")
+    # connection and request guards (nanochat/web_guard.py)
+    parser.add_argument("--allowed_hosts", type=str, default=None,
+                        help="comma-separated host names the Host/Origin headers may name ('*': any; default: the "
+                             "loopback names on a loopback address, any otherwise)")
+    parser.add_argument("--header_timeout", type=float, default=10.0,
+                        help="seconds a request's line and headers may take before the connection is closed")
+    parser.add_argument("--body_timeout", type=float, default=30.0,
+                        help="seconds a request's body may take after its headers before the connection is closed")
     args = parser.parse_args(argv)
 
     def check(ok, message):
@@ -85,6 +94,10 @@ def main(argv=None):
     check(args.num_workers is None or args.num_workers >= 1, f"--num_workers {args.num_workers}: must be >= 1")
     check(args.max_queue >= 0, f"--max_queue {args.max_queue}: must be >= 0 (0: no waiting, busy -> 503)")
     check(args.api_key is None or args.api_key.strip() != "", "--api_key is empty: give a key or leave it out")
+    check(args.header_timeout > 0 and args.body_timeout > 0, "--header_timeout and --body_timeout must be > 0")
+    allowed_hosts = ([h.strip() for h in args.allowed_hosts.split(",") if h.strip()] if args.allowed_hosts
+                     else default_allowed_hosts(args.host))
+    check(len(allowed_hosts) > 0, "--allowed_hosts is empty: give host names, or '*' for any")
     for name in ("max_messages", "max_message_chars", "max_total_chars", "max_max_tokens"):
         check(getattr(args, name) >= 1, f"--{name} {getattr(args, name)}: must be >= 1")
     limits = Limits(max_messages=args.max_messages, max_message_chars=args.max_message_chars,
@@ -158,6 +171,8 @@ def main(argv=None):
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
         return JSONResponse(error_body("internal server error", type="server_error"), status_code=500)
 
+    app.add_middleware(HostOriginGuard, allowed=allowed_hosts)  # DNS rebinding and cross-site browser requests
+
     def check_api_key(request):
         if args.api_key is None:
             return
@@ -193,7 +208,9 @@ def main(argv=None):
         if length.isdigit() and int(length) > limits.max_body_bytes():  # refused before reading it
             raise APIError(413, f"the request body is {length} bytes (at most {limits.max_body_bytes()})",
                            code="body_too_large")
-        req = validate_chat_request(parse_json_body(await request.body(), limits), limits, defaults)
+        check_content_type(request.headers)
+        body = await read_body(request, limits.max_body_bytes())  # bounded as it streams in (chunked too)
+        req = validate_chat_request(parse_json_body(body, limits), limits, defaults)
         prompt = prompt_tokens(tokenizer, req, limits.context_len)
         req.max_tokens = min(req.max_tokens, limits.context_len - len(prompt))  # the rest ends as "length"
         seed = req.seed if req.seed is not None else random.getrandbits(63)
@@ -257,7 +274,8 @@ def main(argv=None):
         print(warning)
     auth = "API key required" if args.api_key else "no API key"
     print(f"chat page: http://{args.host}:{args.port}/   API: http://{args.host}:{args.port}/v1 ({auth})", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5,
+                http=deadline_protocol(args.header_timeout, args.body_timeout))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ from tiny_checkpoint import make_tiny_checkpoint
 from nanochat.web import (APIError, ChatRequest, CompletionText, Limits, SamplingDefaults, StopScanner,
                           assistant_message_parts, generate_completion, network_exposure_warning, parse_json_body,
                           validate_chat_request)
+from nanochat.web_guard import (check_content_type, check_host_and_origin, default_allowed_hosts, host_allowed,
+                                json_nesting_depth)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHROMIUM = "/usr/bin/chromium"
@@ -111,6 +113,38 @@ def test_parse_json_body():
     with pytest.raises(APIError) as info:
         parse_json_body(b" " * (LIMITS.max_body_bytes() + 1), LIMITS)
     assert info.value.status == 413
+    with pytest.raises(APIError) as info:  # 100,000 deep: refused before the parser recurses
+        parse_json_body(b"[" * 100_000 + b"]" * 100_000, LIMITS)
+    assert (info.value.status, info.value.code) == (400, "invalid_json")
+
+
+def test_json_nesting_depth_ignores_brackets_in_strings():
+    assert json_nesting_depth(b'{"a": [1, {"b": []}]}') == 4
+    assert json_nesting_depth(b'{"a": "[[[[{{{{", "b": "\\\\", "c": "\\"]"}') == 1  # in strings, escapes too
+    assert json_nesting_depth(b'{"a": "x\\\\"}') == 1 and json_nesting_depth(b'"[[["') == 0
+    assert json_nesting_depth(b"[" * 40) == 40
+
+
+def test_host_origin_and_content_type_checks():
+    loop = default_allowed_hosts("127.0.0.1")
+    assert loop == ["localhost", "127.0.0.1", "::1"] and default_allowed_hosts("0.0.0.0") == ["*"]
+    for host in ("127.0.0.1:8000", "localhost", "[::1]:9", "LOCALHOST:1"):
+        assert host_allowed(host, loop), host
+    for host in ("evil.example", "evil.example:8000", "127.0.0.1.evil.example", "", None):
+        assert not host_allowed(host, loop), host
+    check_host_and_origin({"host": "127.0.0.1:8000", "origin": "http://localhost:8000"}, loop)
+    check_host_and_origin({"host": "anything"}, ["*"])
+    for headers, code in (({"host": "evil.example"}, "host_not_allowed"),
+                          ({"host": "127.0.0.1", "origin": "http://evil.example"}, "origin_not_allowed"),
+                          ({"host": "127.0.0.1", "origin": "null"}, "origin_not_allowed")):
+        with pytest.raises(APIError) as info:
+            check_host_and_origin(headers, loop)
+        assert (info.value.status, info.value.code) == (403, code)
+    check_content_type({"content-type": "application/json; charset=utf-8"})
+    for value in ("text/plain", "application/x-www-form-urlencoded", "", "multipart/form-data; boundary=x"):
+        with pytest.raises(APIError) as info:
+            check_content_type({"content-type": value} if value else {})
+        assert info.value.status == 415
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -303,7 +337,8 @@ def base_dir(tmp_path_factory, tokenizer):
 
 @pytest.fixture(scope="module")
 def server(base_dir):
-    srv = Server(base_dir, "--max_queue", "64", "-m", "32", "--num_workers", "2")  # two workers share the model
+    srv = Server(base_dir, "--max_queue", "64", "-m", "32", "--num_workers", "2",  # two workers share the model
+                 "--header_timeout", "2", "--body_timeout", "2")  # short, so the slow-client tests stay short
     yield srv
     srv.stop()
 
@@ -646,3 +681,103 @@ def test_browser_chat_stop_new_conversation(server, tmp_path):
             assert os.path.getsize(tmp_path / "chat_web.png") > 1000
         finally:
             browser.close()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hostile clients (issue 24): chunked bodies, half-open and slow connections, deep JSON, foreign Host/Origin
+
+
+def raw_request(port, data, read_timeout=10.0):
+    """Send raw bytes, then read until the server closes (or read_timeout); returns what came back."""
+    with socket.create_connection(("127.0.0.1", port), timeout=read_timeout) as s:
+        s.sendall(data)
+        chunks = []
+        try:
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        except socket.timeout:
+            pass
+    return b"".join(chunks)
+
+
+def test_chunked_body_is_bounded_while_it_streams(server):
+    limit = Limits().max_body_bytes()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
+            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n").encode()
+    chunk = b"x" * 65536
+    sent, reply = 0, b""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(head)
+        s.settimeout(0.05)
+        while sent < 20 * limit and not reply:  # at most ~8 MB: the server must answer long before
+            try:
+                s.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+                sent += len(chunk)
+                reply = s.recv(65536)
+            except socket.timeout:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        s.settimeout(10)
+        try:
+            reply += s.recv(65536)
+        except (OSError, socket.timeout):
+            pass
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+    assert sent <= limit + 4 * len(chunk) + 2 ** 20, f"the server read {sent} bytes before refusing"  # not all of it
+
+
+def test_half_open_and_slow_connections_are_closed(server):
+    port = server.port
+    sockets = []
+    try:
+        for i in range(60):  # bounded: 60 connections, each holds a partial request
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            if i % 3 == 0:
+                s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # headers never end
+            elif i % 3 == 1:
+                s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                          b"application/json\r\nContent-Length: 1000\r\n\r\n{\"messages\"")  # body never ends
+            sockets.append(s)  # i % 3 == 2: connected, nothing sent
+        t0 = time.time()
+        assert requests.get(server.url + "/health", timeout=5).status_code == 200  # still answering
+        closed = 0
+        for s in sockets:
+            s.settimeout(max(0.1, 8 - (time.time() - t0)))  # header/body timeouts are 2 s here
+            try:
+                while s.recv(65536):
+                    pass
+                closed += 1
+            except socket.timeout:
+                pass
+            except ConnectionResetError:
+                closed += 1
+        assert closed == len(sockets), f"{len(sockets) - closed} of {len(sockets)} slow connections left open"
+        assert time.time() - t0 < 8
+    finally:
+        for s in sockets:
+            s.close()
+    assert requests.get(server.url + "/health", timeout=5).status_code == 200
+    assert "Traceback" not in server.output()
+
+
+def test_deep_json_foreign_host_and_cross_site_posts_are_refused(server):
+    url = server.url + "/v1/chat/completions"
+    r = requests.post(url, data=b"[" * 100_000 + b"]" * 100_000, headers={"Content-Type": "application/json"},
+                      timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    body = json.dumps({"messages": [user("hi")], "max_tokens": 2})
+    r = requests.post(url, data=body, headers={"Content-Type": "text/plain"}, timeout=30)  # a "simple" CORS request
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
+    r = requests.post(url, data=body, headers={"Content-Type": "application/json", "Origin": "http://evil.example"},
+                      timeout=30)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "origin_not_allowed"
+    r = requests.get(server.url + "/v1/models", headers={"Host": "evil.example"}, timeout=5)  # DNS rebinding
+    assert r.status_code == 403 and r.json()["error"]["code"] == "host_not_allowed"
+    r = requests.post(url, data=body, headers={"Content-Type": "application/json",
+                                               "Origin": f"http://127.0.0.1:{server.port}"}, timeout=30)
+    assert r.status_code == 200  # the page's own origin
+    assert "Traceback" not in server.output() and "RecursionError" not in server.output()
