@@ -29,8 +29,8 @@ import time
 import torch
 
 from nanochat.common import UserError, autocast_ctx, autodetect_device_type, compute_init, install_error_handler
-from nanochat.web import (APIError, Generation, Limits, QueueFull, SamplingDefaults, Worker, WorkerPool,
-                          cancel_when_disconnected, completion_chunk, completion_response, error_body,
+from nanochat.web import (FAVICON_SVG, APIError, Generation, Limits, QueueFull, SamplingDefaults, Worker,
+                          WorkerPool, cancel_when_disconnected, completion_chunk, completion_response, error_body,
                           network_exposure_warning, new_completion_id, parse_json_body, prompt_tokens, sse, usage,
                           validate_chat_request)
 from nanochat.web_guard import HostOriginGuard, check_content_type, deadline_protocol, default_allowed_hosts, read_body
@@ -116,7 +116,7 @@ def main(argv=None):
     import uvicorn  # imported after the checks: `--help` and bad options stay fast
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+    from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from nanochat.checkpoint_manager import SOURCE_DIRS, find_largest_model, load_model
@@ -186,9 +186,19 @@ def main(argv=None):
     async def ui():
         return FileResponse(UI_PATH, media_type="text/html")
 
+    @app.get("/favicon.ico")
+    async def favicon():
+        return Response(FAVICON_SVG, media_type="image/svg+xml")
+
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model_id, "workers": len(workers)}
+
+    @app.get("/info")
+    async def model_info():  # what the chat page needs: the context, the defaults and the limits (no secrets)
+        return {"model": model_id, "context_length": limits.context_len, "max_max_tokens": limits.max_max_tokens,
+                "defaults": {"temperature": defaults.temperature, "top_k": defaults.top_k,
+                             "max_tokens": defaults.max_tokens}}
 
     @app.get("/stats")
     async def stats(request: Request):

@@ -621,6 +621,7 @@ def test_browser_chat_stop_new_conversation(server, tmp_path):
             page = browser.new_page(viewport={"width": 1000, "height": 700})
             page.goto(server.url + "/")
             expect(page.locator("#model")).to_have_text("nanochat-sft-d2-step0")
+            page.click("#toggle-settings")  # temperature, max tokens, API key, system prompt
             # a short first turn that runs to its end
             page.fill("#max-tokens", "8")
             page.fill("#input", "Hello there")
@@ -679,6 +680,128 @@ def test_browser_chat_stop_new_conversation(server, tmp_path):
             expect(page.locator(".message.assistant").nth(0)).to_have_attribute("data-state", "done", timeout=30000)
             assert page.locator(".message").count() == 2
             assert os.path.getsize(tmp_path / "chat_web.png") > 1000
+        finally:
+            browser.close()
+
+
+HOSTILE = ("# Title\nSome **bold** and *italic* and `inline <b>code</b>`.\n\n- one\n- two <img src=x onerror="
+           "\"window.__pwned=1\">\n\n1. first\n2. second\n\n```python\ndef f():\n    return '<script>window.__pwned=2"
+           "</script>'\n```\n\n<script>window.__pwned=3</script> [safe](https://example.com) "
+           "[bad](javascript:window.__pwned=4) <<6*7=42>>")
+
+
+def sse_reply(text, pieces=7):
+    """An OpenAI stream (server-sent events) carrying `text` in a few deltas, as the server sends it."""
+    step = -(-len(text) // pieces)
+    chunks = [{"choices": [{"index": 0, "delta": {"content": text[i:i + step]}, "finish_reason": None}]}
+              for i in range(0, len(text), step)]
+    chunks.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    return "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+
+
+def artifacts_dir():
+    """Where the browser tests leave their screenshots for review (git-ignored)."""
+    path = os.environ.get("NANOCHAT_TEST_ARTIFACTS", os.path.join(REPO, "test-artifacts"))
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def test_browser_markdown_system_prompt_history_layout(server):
+    from playwright.sync_api import expect, sync_playwright
+
+    assert requests.get(server.url + "/favicon.ico", timeout=5).headers["content-type"].startswith("image/svg+xml")
+    info = requests.get(server.url + "/info", timeout=5).json()
+    assert info["context_length"] == 2048 and info["defaults"]["max_tokens"] == 32
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
+        try:
+            context = browser.new_context(viewport={"width": 1280, "height": 800})
+            page = context.new_page()
+            page.goto(server.url + "/")
+            expect(page.locator("#model")).to_have_text("nanochat-sft-d2-step0")
+            page.click("#toggle-settings")
+            page.fill("#max-tokens", "999999")  # clamped to the context (2048 - 1) and the server's limit
+            page.locator("#max-tokens").dispatch_event("change")
+            assert page.input_value("#max-tokens") == "2047"
+            # the system prompt reaches the server as the first message (the request is checked as sent)
+            page.fill("#system", "You are terse.")
+            page.fill("#max-tokens", "6")
+            page.fill("#temperature", "0")
+            with page.expect_request("**/v1/chat/completions") as request:
+                page.fill("#input", "Hello there")
+                page.press("#input", "Enter")
+            sent = json.loads(request.value.post_data)
+            assert sent["messages"] == [{"role": "system", "content": "You are terse."},
+                                        {"role": "user", "content": "Hello there"}] and sent["max_tokens"] == 6
+            first = page.locator(".message.assistant").nth(0)
+            expect(first).to_have_attribute("data-state", "done", timeout=30000)
+            answer = first.get_attribute("data-text")
+            assert answer
+            # reload: the conversation and its system prompt come back from localStorage
+            page.reload()
+            expect(page.locator(".message")).to_have_count(2)
+            assert page.locator(".message.assistant").get_attribute("data-text") == answer
+            page.click("#toggle-settings")
+            assert page.input_value("#system") == "You are terse."
+            expect(page.locator("#conversations li")).to_have_count(1)
+            expect(page.locator("#conversations li.active .title")).to_have_text("Hello there")
+            # hostile markdown (a scripted reply): rendered as structure, never as HTML or script
+            page.route("**/v1/chat/completions", lambda route: route.fulfill(
+                status=200, headers={"Content-Type": "text/event-stream"}, body=sse_reply(HOSTILE)))
+            page.click("#new")
+            page.fill("#input", "show me markdown")
+            page.click("#send")
+            reply = page.locator(".message.assistant").nth(0)
+            expect(reply).to_have_attribute("data-state", "done")
+            body = reply.locator(".body")
+            expect(body.locator("h2")).to_have_text("Title")
+            expect(body.locator("strong")).to_have_text("bold")
+            expect(body.locator("em")).to_have_text("italic")
+            expect(body.locator("p code")).to_have_text("inline <b>code</b>")
+            expect(body.locator("ul li")).to_have_count(2)
+            expect(body.locator("ol li")).to_have_count(2)
+            expect(body.locator(".codeblock pre code")).to_have_text(
+                "def f():\n    return '<script>window.__pwned=2</script>'")
+            expect(body.locator(".codeblock .bar")).to_contain_text("python")
+            expect(body.locator(".tool-call")).to_have_text("calculator6*7 = 42")
+            assert body.locator("img, script, b, iframe").count() == 0
+            links = body.locator("a")
+            expect(links).to_have_count(1)
+            assert links.get_attribute("href") == "https://example.com"
+            assert page.evaluate("window.__pwned") is None
+            assert "javascript:window.__pwned=4" in body.inner_text()  # shown as text, not a link
+            context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.url)
+            body.locator(".codeblock button.copy").click()
+            assert page.evaluate("navigator.clipboard.readText()").startswith("def f():")
+            reply.locator(".actions button.copy").click()
+            assert page.evaluate("navigator.clipboard.readText()") == HOSTILE
+            page.unroute("**/v1/chat/completions")
+            # two conversations in the list: switch back, delete one
+            expect(page.locator("#conversations li")).to_have_count(2)
+            page.locator("#conversations li .title", has_text="Hello there").click()
+            expect(page.locator(".message")).to_have_count(2)
+            page.screenshot(path=os.path.join(artifacts_dir(), "chat_web_1280.png"))
+            page.locator("#conversations li", has_text="show me markdown").locator(".delete").click()
+            expect(page.locator("#conversations li")).to_have_count(1)
+            # Esc stops a running answer
+            page.fill("#max-tokens", "2000")
+            page.fill("#input", "Tell me more")
+            page.press("#input", "Enter")
+            streaming = page.locator(".message.assistant").nth(1)
+            page.wait_for_function("document.querySelectorAll('.message.assistant')[1].dataset.text.length > 10",
+                                   timeout=30000)
+            page.keyboard.press("Escape")
+            expect(streaming).to_have_attribute("data-state", "stopped")
+            # a phone: the input keeps at least half the width, and the conversation list is one tap away
+            page.set_viewport_size({"width": 360, "height": 740})
+            box = page.locator("#input").bounding_box()
+            assert box["width"] >= 180, box
+            page.screenshot(path=os.path.join(artifacts_dir(), "chat_web_360.png"))
+            expect(page.locator("#sidebar")).to_be_hidden()
+            page.click("#toggle-sidebar")
+            expect(page.locator("#sidebar")).to_be_visible()
+            for name in ("chat_web_1280.png", "chat_web_360.png"):
+                assert os.path.getsize(os.path.join(artifacts_dir(), name)) > 1000
         finally:
             browser.close()
 
