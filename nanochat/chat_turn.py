@@ -1,9 +1,16 @@
 """
 One turn of an interactive chat (scripts/chat_cli.py): does the user's message fit the model's context, and
-streaming the answer so that Ctrl-C stops that answer but not the session.
+streaming the answer so that Ctrl-C stops that answer but not the session. `reply_stop_tokens` is where a reply
+ends, for chat_cli and the server (nanochat/web.py) alike; what a reply shows (and which special tokens it hides)
+is nanochat.web.CompletionText, also shared by both.
 
-Tests: tests/test_bad_input.py.
+Tests: tests/test_bad_input.py, tests/test_chat_eval.py.
 """
+
+
+def reply_stop_tokens(tokenizer):
+    """The tokens that end an assistant reply: <|assistant_end|>, and <|bos|> (a new document)."""
+    return {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
 
 
 def reply_budget(context_tokens, message_tokens, sequence_len, max_tokens):

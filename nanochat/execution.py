@@ -20,7 +20,13 @@ Two isolation levels (`ExecutionResult.isolation`; the `isolation` argument: "au
   the timeout ends the PID namespace and with it every process the program started, setsid() or not. When the
   evaluator runs as root, the program runs as uid 65534 (nobody) with no capabilities, so RLIMIT_NPROC
   (`BWRAP_MAX_PROCESSES`, threads included) bounds fork bombs; otherwise bwrap's user namespace gives the same
-  per-sandbox count.
+  per-sandbox count. A seccomp filter (nanochat/seccomp.py, on x86_64 and aarch64) refuses the keyring, new
+  namespaces, mounts, io_uring, perf, bpf, ptrace, memfd and module calls with EPERM.
+  Memory: each process is bounded by RLIMIT_AS (`maximum_memory_bytes`; memfd_create, which would hold memory
+  outside it, is refused), at most `BWRAP_MAX_PROCESSES` processes, the only writable filesystem is the
+  `WORKDIR_BYTES` tmpfs (no new mount can add another), and RLIMIT_NOFILE (`MAX_OPEN_FILES`) bounds what pipes
+  and sockets can queue. Not bounded beyond that: kernel memory such as page tables and the page cache of files
+  the program reads.
 - "guard" (bwrap missing, or unable to create namespaces, e.g. an unprivileged container without user
   namespaces): a child interpreter with only the in-process guard below. A loud warning is printed once. Hostile
   code escapes it (e.g. `del sys.modules['posix']; import posix` gives back fork/unlink/kill, `_io.open` writes
@@ -52,6 +58,7 @@ import functools
 import json
 import math
 import os
+import platform
 import shutil
 import signal
 import subprocess
@@ -60,10 +67,13 @@ import tempfile
 import threading
 import time
 
+from nanochat.seccomp import bwrap_seccomp_filter
+
 SANDBOX_UID = 65534  # "nobody": who the program runs as under bwrap when the evaluator is root
 BWRAP_MAX_PROCESSES = 8  # RLIMIT_NPROC under bwrap (threads included): bounds fork bombs
 WORKDIR_BYTES = 64 * 1024 * 1024  # size of the private tmpfs that is the only writable place under bwrap
 MAX_REPLY_BYTES = 16 * 1024 * 1024  # the largest encoded call or result crossing between candidate and judge
+MAX_OPEN_FILES = 256  # RLIMIT_NOFILE: open files, pipes and sockets per process
 ISOLATION_LEVELS = ("bwrap", "guard")
 
 # ----------------------------------------------------------------------------------------------------------
@@ -108,6 +118,7 @@ except (ValueError, OSError):
 _limit(resource.RLIMIT_FSIZE, cfg["max_fsize"])
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an oversized write raises OSError instead of killing us
 _limit(resource.RLIMIT_CORE, 0)
+_limit(resource.RLIMIT_NOFILE, cfg["max_files"])  # bounds what pipes and sockets can hold in kernel buffers
 if os.geteuid() != 0:
     _limit(resource.RLIMIT_NPROC, cfg["nproc"])  # root ignores it (bwrap makes us non-root first)
 
@@ -293,8 +304,9 @@ def _interpreter():
     return exe, sorted((src, dest or src) for src, dest in binds.items())
 
 
-def bwrap_command(bwrap, workdir, python_binds, as_root, workdir_bytes=WORKDIR_BYTES):
-    """The bwrap arguments that make the sandbox (pure; see the module docstring for what each part is for)."""
+def bwrap_command(bwrap, workdir, python_binds, as_root, workdir_bytes=WORKDIR_BYTES, seccomp_fd=None):
+    """The bwrap arguments that make the sandbox (pure; see the module docstring for what each part is for).
+    seccomp_fd: a readable fd holding nanochat.seccomp's filter program (bwrap installs it before exec)."""
     cmd = [bwrap]
     for path in ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
         if os.path.islink(path):  # merged /usr: /bin -> usr/bin
@@ -320,7 +332,23 @@ def bwrap_command(bwrap, workdir, python_binds, as_root, workdir_bytes=WORKDIR_B
                 "--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
     else:
         cmd += ["--unshare-all"]  # user, ipc, pid, net, uts, cgroup
+    if seccomp_fd is not None:
+        cmd += ["--seccomp", str(seccomp_fd)]
     return cmd + ["--remount-ro", "/", "--"]
+
+
+def seccomp_pipe():
+    """A pipe's read end holding the sandbox's seccomp filter (nanochat/seccomp.py) for bwrap's --seccomp, or
+    None on an architecture without one. The caller passes it to the child and closes it after the start."""
+    program = bwrap_seccomp_filter()
+    if program is None:
+        return None
+    read_fd, write_fd = os.pipe()
+    try:
+        os.write(write_fd, program)  # a few hundred bytes: far below a pipe's buffer, so this never blocks
+    finally:
+        os.close(write_fd)
+    return read_fd
 
 
 PROBE = ("import os, sys\nuid = int(sys.argv[1])\nif uid >= 0:\n    os.setgroups([])\n    os.setgid(uid)\n"
@@ -338,20 +366,25 @@ def bwrap_status():
     workdir = tempfile.mkdtemp(prefix="nanochat_probe_")
     exe, dirs = _interpreter()
     as_root = os.geteuid() == 0
-    cmd = bwrap_command(bwrap, workdir, dirs, as_root) + [exe, "-I", "-c", PROBE, str(SANDBOX_UID if as_root else -1)]
+    seccomp_fd = seccomp_pipe()
+    cmd = bwrap_command(bwrap, workdir, dirs, as_root, seccomp_fd=seccomp_fd) + \
+        [exe, "-I", "-c", PROBE, str(SANDBOX_UID if as_root else -1)]
     try:
         proc = subprocess.run(cmd, capture_output=True, timeout=30, env=_scrubbed_env(workdir),
-                              stdin=subprocess.DEVNULL)
+                              stdin=subprocess.DEVNULL, pass_fds=() if seccomp_fd is None else (seccomp_fd,))
     except (OSError, subprocess.TimeoutExpired) as e:
         return None, f"{bwrap} failed to start: {e}"
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+        if seccomp_fd is not None:
+            os.close(seccomp_fd)
     if proc.returncode != 0 or proc.stdout.split() != [b"ok", b"True"]:
         why = (proc.stderr.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
         return None, (f"{bwrap} cannot create its sandbox here (exit {proc.returncode}: {why}; in Docker allow "
                       "namespaces with --security-opt seccomp=unconfined --security-opt apparmor=unconfined, on "
                       "Ubuntu 24.04 allow unprivileged user namespaces for bwrap)")
-    return bwrap, f"{bwrap}: read-only system dirs, private tmpfs, no network, own PID/IPC/UTS namespaces"
+    syscalls = "seccomp filter" if seccomp_fd is not None else f"NO seccomp filter on {platform.machine()}"
+    return bwrap, f"{bwrap}: read-only system dirs, private tmpfs, no network, own PID/IPC/UTS namespaces, {syscalls}"
 
 
 @functools.lru_cache(maxsize=None)
@@ -426,11 +459,13 @@ class _Child:
                "max_cpu": int(math.ceil(timeout)) + 1, "max_fsize": 64 * 1024 * 1024, "workdir": self.workdir,
                "nproc": BWRAP_MAX_PROCESSES if isolation == "bwrap" else 0,
                "uid": SANDBOX_UID if isolation == "bwrap" and as_root else -1,
-               "entry_point": entry_point, "call_fd": call_fd, "reply_fd": reply_fd, "max_reply": MAX_REPLY_BYTES}
+               "entry_point": entry_point, "call_fd": call_fd, "reply_fd": reply_fd, "max_reply": MAX_REPLY_BYTES,
+               "max_files": MAX_OPEN_FILES}
         cmd = [exe, "-I", "-B", "-X", "utf8", "-c", HARNESS, json.dumps(cfg)]
+        seccomp_fd = seccomp_pipe() if isolation == "bwrap" else None
         if isolation == "bwrap":
-            cmd = bwrap_command(bwrap_status()[0], self.workdir, dirs, as_root) + cmd
-        fds = tuple(fd for fd in (status_w, call_fd, reply_fd) if fd is not None)
+            cmd = bwrap_command(bwrap_status()[0], self.workdir, dirs, as_root, seccomp_fd=seccomp_fd) + cmd
+        fds = tuple(fd for fd in (status_w, call_fd, reply_fd, seccomp_fd) if fd is not None)
         try:
             # start_new_session: one killpg ends the child (under bwrap: bwrap, whose death ends the namespace)
             self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -442,6 +477,8 @@ class _Child:
             raise
         finally:
             os.close(status_w)
+            if seccomp_fd is not None:
+                os.close(seccomp_fd)
         self.out, self.err, self.status = [], [], []
         status_pipe = os.fdopen(status_r, "rb")
         self.readers = [threading.Thread(target=_drain, args=(s, c, n), daemon=True)

@@ -30,6 +30,9 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+FAVICON_SVG = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32"><rect width="32" height="32" rx="7" '
+               'fill="#0b57d0"/><path d="M8 23V9h3l7 9V9h3v14h-3l-7-9v9z" fill="#fff"/></svg>')  # the page's icon
+
 # ----------------------------------------------------------------------------------------------------------
 # Request limits and validation
 
@@ -248,10 +251,16 @@ def network_exposure_warning(host, api_key):
 
 
 def parse_json_body(raw, limits):
-    """Request bytes -> parsed JSON (APIError 413 if too large, 400 if not UTF-8 JSON)."""
+    """Request bytes -> parsed JSON (APIError 413 if too large, 400 if not UTF-8 JSON or nested deeper than
+    web_guard.MAX_JSON_DEPTH)."""
+    from nanochat.web_guard import MAX_JSON_DEPTH, json_nesting_depth
+
     if len(raw) > limits.max_body_bytes():
         raise APIError(413, f"the request body is {len(raw)} bytes (at most {limits.max_body_bytes()})", None,
                        "body_too_large")
+    if json_nesting_depth(raw) > MAX_JSON_DEPTH:
+        raise APIError(400, f"the request body nests arrays/objects deeper than {MAX_JSON_DEPTH} levels", None,
+                       "invalid_json")
     try:
         return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError) as e:
@@ -314,6 +323,9 @@ class CompletionText:
             special(name) for name in ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>",
                                        "<|assistant_end|>", "<|python_start|>", "<|python_end|>",
                                        "<|output_start|>", "<|output_end|>")}
+        # hidden: the special tokens that are neither the tool's nor a reply's end (chat_cli keeps them out of
+        # its history too)
+        self.hidden = self.specials - {self.python_start, self.python_end, self.output_start, self.output_end}
         self.pending = []  # ordinary tokens not yet shown (they end inside a UTF-8 character)
         self.in_call = False  # between `<<` and its `>>`
         self.after_python_end = False  # `=` or `>>` depends on whether the tool's output follows
@@ -425,7 +437,9 @@ def generate_completion(engine, tokenizer, prompt, request, emit=None, cancel=No
 
     emit = emit or (lambda *args: None)
     n = request.n
-    assistant_end, bos = tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()
+    from nanochat.chat_turn import reply_stop_tokens
+
+    stop_tokens = reply_stop_tokens(tokenizer)
     texts = [CompletionText(tokenizer) for _ in range(n)]
     scanners = [StopScanner(request.stop) for _ in range(n)]
     outputs, finish, counts = [""] * n, [None] * n, [0] * n
@@ -453,7 +467,7 @@ def generate_completion(engine, tokenizer, prompt, request, emit=None, cancel=No
                 for i, token in enumerate(token_column):
                     if finish[i] is not None:
                         continue
-                    if token == assistant_end or token == bos:
+                    if token in stop_tokens:
                         out, _ = scanners[i].push(texts[i].finish())
                         put(i, out + scanners[i].flush())
                         end(i, "stop")

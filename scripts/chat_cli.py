@@ -1,6 +1,7 @@
 """
-Chat with a trained model in the terminal. Tokens stream as they are generated; calculator tool calls and
-their outputs are shown inline as [python] ... and [output] ...
+Chat with a trained model in the terminal. Tokens stream as they are generated, shown exactly as the web server
+shows them (nanochat.web.CompletionText): calculator calls inline as <<expr=result>>, other special tokens hidden
+(and kept out of the conversation); a reply ends where the server's does (nanochat.chat_turn.reply_stop_tokens).
 
 one GPU / CPU:  python -m scripts.chat_cli -i sft
 one answer:     python -m scripts.chat_cli -i sft -p "Why is the sky blue?"
@@ -15,12 +16,13 @@ import os
 
 import torch
 
-from nanochat.chat_turn import reply_budget, stream_reply
+from nanochat.chat_turn import reply_budget, reply_stop_tokens, stream_reply
 from nanochat.checkpoint_manager import load_model
 from nanochat.common import (UserError, autocast_ctx, autodetect_device_type, compute_cleanup, compute_init,
                              get_base_dir, install_error_handler)
 from nanochat.config import Option, load_config
 from nanochat.engine import Engine
+from nanochat.web import CompletionText
 
 install_error_handler()  # a UserError prints one line `error: ...` and exits with code 2
 
@@ -35,45 +37,6 @@ OPTIONS = [
     Option("dtype", str, "bfloat16", "autocast dtype (bf16 autocast applies on CUDA only)",
            choices=("float32", "bfloat16"), short="d"),
 ]
-
-SPECIAL_DISPLAY = {  # how the tool-use special tokens are shown
-    "<|python_start|>": "\n[python] ",
-    "<|python_end|>": "\n",
-    "<|output_start|>": "[output] ",
-    "<|output_end|>": "\n",
-}
-
-
-class StreamPrinter:
-    """Prints tokens as they arrive: ordinary tokens are decoded incrementally (so multi-byte characters split
-    across tokens print whole), tool-use special tokens become visible markers."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.special = {tokenizer.encode_special(name): text for name, text in SPECIAL_DISPLAY.items()}
-        self.pending, self.printed = [], ""
-
-    def _flush_text(self, final=False):
-        text = self.tokenizer.decode(self.pending) if self.pending else ""
-        if not final and text.endswith("\ufffd"):
-            return  # an incomplete UTF-8 sequence: wait for the next token
-        print(text[len(self.printed):], end="", flush=True)
-        self.printed = text
-
-    def add(self, token):
-        if token in self.special:
-            self._flush_text(final=True)
-            self.pending, self.printed = [], ""
-            print(self.special[token], end="", flush=True)
-        else:
-            self.pending.append(token)
-            self._flush_text()
-
-    def finish(self):
-        self._flush_text(final=True)
-        self.pending, self.printed = [], ""
-        print(flush=True)
-
 
 def main(argv=None):
     # ------------------------------------------------------------------------------------------------------
@@ -94,6 +57,7 @@ def main(argv=None):
     user_start, user_end = tokenizer.encode_special("<|user_start|>"), tokenizer.encode_special("<|user_end|>")
     assistant_start = tokenizer.encode_special("<|assistant_start|>")
     assistant_end = tokenizer.encode_special("<|assistant_end|>")
+    stop_tokens = reply_stop_tokens(tokenizer)
 
     # ------------------------------------------------------------------------------------------------------
     # Chat loop: the conversation is kept as tokens, rendered as render_conversation does
@@ -140,15 +104,16 @@ def main(argv=None):
         conversation_tokens += message
 
         print("Assistant: ", end="", flush=True)
-        printer = StreamPrinter(tokenizer)
+        reply = CompletionText(tokenizer)
         with autocast, torch.no_grad():
             stream = engine.generate(conversation_tokens, num_samples=1, max_tokens=budget,
                                      temperature=config["temperature"], top_k=config["top_k"])
-            response_tokens, interrupted = stream_reply(stream, {assistant_end, bos}, printer.add)
-        printer.finish()
+            response_tokens, interrupted = stream_reply(stream, stop_tokens,
+                                                        lambda token: print(reply.add(token), end="", flush=True))
+        print(reply.finish(), flush=True)
         if interrupted:
             print("(answer stopped)")
-        conversation_tokens += response_tokens + [assistant_end]
+        conversation_tokens += [t for t in response_tokens if t not in reply.hidden] + [assistant_end]
         if config["prompt"]:
             break
 

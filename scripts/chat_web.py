@@ -29,10 +29,11 @@ import torch
 
 from nanochat.common import UserError, autocast_ctx, autodetect_device_type, compute_init, install_error_handler
 from nanochat.config import ConfigError, Option, load_config
-from nanochat.web import (APIError, Generation, Limits, QueueFull, SamplingDefaults, Worker, WorkerPool,
-                          cancel_when_disconnected, completion_chunk, completion_response, error_body,
+from nanochat.web import (FAVICON_SVG, APIError, Generation, Limits, QueueFull, SamplingDefaults, Worker,
+                          WorkerPool, cancel_when_disconnected, completion_chunk, completion_response, error_body,
                           network_exposure_warning, new_completion_id, parse_json_body, prompt_tokens, sse, usage,
                           validate_chat_request)
+from nanochat.web_guard import HostOriginGuard, check_content_type, deadline_protocol, default_allowed_hosts, read_body
 
 install_error_handler()  # a UserError prints one line `error: ...` and exits with code 2
 
@@ -64,6 +65,13 @@ OPTIONS = [
     Option("max_message_chars", int, LIMITS.max_message_chars, "most characters per message", min=1),
     Option("max_total_chars", int, LIMITS.max_total_chars, "most characters per conversation", min=1),
     Option("max_max_tokens", int, LIMITS.max_max_tokens, "the largest max_tokens a request may ask for", min=1),
+    # connection and request guards (nanochat/web_guard.py)
+    Option("allowed_hosts", str, None, "comma-separated host names the Host/Origin headers may name ('*': any; "
+                                       "default: the loopback names on a loopback address, any otherwise)"),
+    Option("header_timeout", float, 10.0, "seconds a request's line and headers may take before the connection is "
+                                          "closed", min=0.01),
+    Option("body_timeout", float, 30.0, "seconds a request's body may take after its headers before the connection "
+                                        "is closed", min=0.01),
 ]
 
 
@@ -82,6 +90,10 @@ def main(argv=None):
                     max_total_chars=config["max_total_chars"], max_max_tokens=config["max_max_tokens"])
     defaults = SamplingDefaults(temperature=config["temperature"], top_k=config["top_k"],
                                 max_tokens=config["max_tokens"])
+    allowed_hosts = ([h.strip() for h in config["allowed_hosts"].split(",") if h.strip()] if config["allowed_hosts"]
+                     else default_allowed_hosts(config["host"]))
+    if not allowed_hosts:
+        raise ConfigError("command line --allowed_hosts is empty: give host names, or '*' for any")
 
     # ------------------------------------------------------------------------------------------------------
     # Compute init, models (one copy per device) and workers
@@ -89,7 +101,7 @@ def main(argv=None):
     import uvicorn  # imported after the checks: `--help` and bad options stay fast
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+    from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from nanochat.checkpoint_manager import SOURCE_DIRS, find_largest_model, load_model
@@ -144,6 +156,8 @@ def main(argv=None):
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
         return JSONResponse(error_body("internal server error", type="server_error"), status_code=500)
 
+    app.add_middleware(HostOriginGuard, allowed=allowed_hosts)  # DNS rebinding and cross-site browser requests
+
     def check_api_key(request):
         if api_key is None:
             return
@@ -157,9 +171,19 @@ def main(argv=None):
     async def ui():
         return FileResponse(UI_PATH, media_type="text/html")
 
+    @app.get("/favicon.ico")
+    async def favicon():
+        return Response(FAVICON_SVG, media_type="image/svg+xml")
+
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model_id, "workers": len(workers)}
+
+    @app.get("/info")
+    async def model_info():  # what the chat page needs: the context, the defaults and the limits (no secrets)
+        return {"model": model_id, "context_length": limits.context_len, "max_max_tokens": limits.max_max_tokens,
+                "defaults": {"temperature": defaults.temperature, "top_k": defaults.top_k,
+                             "max_tokens": defaults.max_tokens}}
 
     @app.get("/stats")
     async def stats(request: Request):
@@ -179,7 +203,9 @@ def main(argv=None):
         if length.isdigit() and int(length) > limits.max_body_bytes():  # refused before reading it
             raise APIError(413, f"the request body is {length} bytes (at most {limits.max_body_bytes()})",
                            code="body_too_large")
-        req = validate_chat_request(parse_json_body(await request.body(), limits), limits, defaults)
+        check_content_type(request.headers)
+        body = await read_body(request, limits.max_body_bytes())  # bounded as it streams in (chunked too)
+        req = validate_chat_request(parse_json_body(body, limits), limits, defaults)
         prompt = prompt_tokens(tokenizer, req, limits.context_len)
         req.max_tokens = min(req.max_tokens, limits.context_len - len(prompt))  # the rest ends as "length"
         seed = req.seed if req.seed is not None else random.getrandbits(63)
@@ -244,7 +270,8 @@ def main(argv=None):
     auth = "API key required" if api_key else "no API key"
     address = f"http://{config['host']}:{config['port']}"
     print(f"chat page: {address}/   API: {address}/v1 ({auth})", flush=True)
-    uvicorn.run(app, host=config["host"], port=config["port"], log_level="info", timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=config["host"], port=config["port"], log_level="info", timeout_graceful_shutdown=5,
+                http=deadline_protocol(config["header_timeout"], config["body_timeout"]))
 
 
 if __name__ == "__main__":

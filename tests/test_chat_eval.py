@@ -261,17 +261,23 @@ def test_chat_cli_prompt_and_interactive(tiny_sft_base_dir, data_dir):
     assert first == second == answer.strip()
 
 
-def test_chat_cli_stream_printer_shows_tool_calls(capsys):
-    from scripts.chat_cli import StreamPrinter
+def test_chat_cli_shows_and_stops_a_reply_as_the_server_does():
+    # chat_cli prints CompletionText's text and stops at reply_stop_tokens, the server's two pieces: tool calls
+    # as <<expr=result>>, the other special tokens hidden (and kept out of the history), <|assistant_end|> ends it
+    from nanochat.chat_turn import reply_stop_tokens, stream_reply
+    from nanochat.web import CompletionText
 
     sp = TOK.special_ids
-    printer = StreamPrinter(TOK)
     tokens = [*TOK.encode("Café: "), sp["<|python_start|>"], *TOK.encode("1+1"), sp["<|python_end|>"],
-              sp["<|output_start|>"], *TOK.encode("2"), sp["<|output_end|>"], *TOK.encode("done ✓")]
-    for t in tokens:
-        printer.add(t)
-    printer.finish()
-    assert capsys.readouterr().out == "Café: \n[python] 1+1\n[output] 2\ndone ✓\n"
+              sp["<|output_start|>"], *TOK.encode("2"), sp["<|output_end|>"], sp["<|user_end|>"],
+              sp["<|assistant_start|>"], *TOK.encode("done ✓"), sp["<|assistant_end|>"], *TOK.encode("never")]
+    reply, shown = CompletionText(TOK), []
+    kept, interrupted = stream_reply(iter(([t], [1]) for t in tokens), reply_stop_tokens(TOK),
+                                     lambda t: shown.append(reply.add(t)))
+    text = "".join(shown) + reply.finish()
+    assert text == "Café: <<1+1=2>>done ✓" and not interrupted
+    assert "<|" not in text and sp["<|user_end|>"] not in [t for t in kept if t not in reply.hidden]
+    assert sp["<|python_start|>"] in [t for t in kept if t not in reply.hidden]  # tool calls stay in the history
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -22,6 +22,8 @@ from tiny_checkpoint import make_tiny_checkpoint
 from nanochat.web import (APIError, ChatRequest, CompletionText, Limits, SamplingDefaults, StopScanner,
                           assistant_message_parts, generate_completion, network_exposure_warning, parse_json_body,
                           validate_chat_request)
+from nanochat.web_guard import (check_content_type, check_host_and_origin, default_allowed_hosts, host_allowed,
+                                json_nesting_depth)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHROMIUM = "/usr/bin/chromium"
@@ -111,6 +113,38 @@ def test_parse_json_body():
     with pytest.raises(APIError) as info:
         parse_json_body(b" " * (LIMITS.max_body_bytes() + 1), LIMITS)
     assert info.value.status == 413
+    with pytest.raises(APIError) as info:  # 100,000 deep: refused before the parser recurses
+        parse_json_body(b"[" * 100_000 + b"]" * 100_000, LIMITS)
+    assert (info.value.status, info.value.code) == (400, "invalid_json")
+
+
+def test_json_nesting_depth_ignores_brackets_in_strings():
+    assert json_nesting_depth(b'{"a": [1, {"b": []}]}') == 4
+    assert json_nesting_depth(b'{"a": "[[[[{{{{", "b": "\\\\", "c": "\\"]"}') == 1  # in strings, escapes too
+    assert json_nesting_depth(b'{"a": "x\\\\"}') == 1 and json_nesting_depth(b'"[[["') == 0
+    assert json_nesting_depth(b"[" * 40) == 40
+
+
+def test_host_origin_and_content_type_checks():
+    loop = default_allowed_hosts("127.0.0.1")
+    assert loop == ["localhost", "127.0.0.1", "::1"] and default_allowed_hosts("0.0.0.0") == ["*"]
+    for host in ("127.0.0.1:8000", "localhost", "[::1]:9", "LOCALHOST:1"):
+        assert host_allowed(host, loop), host
+    for host in ("evil.example", "evil.example:8000", "127.0.0.1.evil.example", "", None):
+        assert not host_allowed(host, loop), host
+    check_host_and_origin({"host": "127.0.0.1:8000", "origin": "http://localhost:8000"}, loop)
+    check_host_and_origin({"host": "anything"}, ["*"])
+    for headers, code in (({"host": "evil.example"}, "host_not_allowed"),
+                          ({"host": "127.0.0.1", "origin": "http://evil.example"}, "origin_not_allowed"),
+                          ({"host": "127.0.0.1", "origin": "null"}, "origin_not_allowed")):
+        with pytest.raises(APIError) as info:
+            check_host_and_origin(headers, loop)
+        assert (info.value.status, info.value.code) == (403, code)
+    check_content_type({"content-type": "application/json; charset=utf-8"})
+    for value in ("text/plain", "application/x-www-form-urlencoded", "", "multipart/form-data; boundary=x"):
+        with pytest.raises(APIError) as info:
+            check_content_type({"content-type": value} if value else {})
+        assert info.value.status == 415
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -303,7 +337,8 @@ def base_dir(tmp_path_factory, tokenizer):
 
 @pytest.fixture(scope="module")
 def server(base_dir):
-    srv = Server(base_dir, "--max_queue", "64", "-m", "32", "--num_workers", "2")  # two workers share the model
+    srv = Server(base_dir, "--max_queue", "64", "-m", "32", "--num_workers", "2",  # two workers share the model
+                 "--header_timeout", "2", "--body_timeout", "2")  # short, so the slow-client tests stay short
     yield srv
     srv.stop()
 
@@ -590,6 +625,7 @@ def test_browser_chat_stop_new_conversation(server, tmp_path):
             page = browser.new_page(viewport={"width": 1000, "height": 700})
             page.goto(server.url + "/")
             expect(page.locator("#model")).to_have_text("nanochat-sft-d2-step0")
+            page.click("#toggle-settings")  # temperature, max tokens, API key, system prompt
             # a short first turn that runs to its end
             page.fill("#max-tokens", "8")
             page.fill("#input", "Hello there")
@@ -650,3 +686,225 @@ def test_browser_chat_stop_new_conversation(server, tmp_path):
             assert os.path.getsize(tmp_path / "chat_web.png") > 1000
         finally:
             browser.close()
+
+
+HOSTILE = ("# Title\nSome **bold** and *italic* and `inline <b>code</b>`.\n\n- one\n- two <img src=x onerror="
+           "\"window.__pwned=1\">\n\n1. first\n2. second\n\n```python\ndef f():\n    return '<script>window.__pwned=2"
+           "</script>'\n```\n\n<script>window.__pwned=3</script> [safe](https://example.com) "
+           "[bad](javascript:window.__pwned=4) <<6*7=42>>")
+
+
+def sse_reply(text, pieces=7):
+    """An OpenAI stream (server-sent events) carrying `text` in a few deltas, as the server sends it."""
+    step = -(-len(text) // pieces)
+    chunks = [{"choices": [{"index": 0, "delta": {"content": text[i:i + step]}, "finish_reason": None}]}
+              for i in range(0, len(text), step)]
+    chunks.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    return "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+
+
+def artifacts_dir():
+    """Where the browser tests leave their screenshots for review (git-ignored)."""
+    path = os.environ.get("NANOCHAT_TEST_ARTIFACTS", os.path.join(REPO, "test-artifacts"))
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def test_browser_markdown_system_prompt_history_layout(server):
+    from playwright.sync_api import expect, sync_playwright
+
+    assert requests.get(server.url + "/favicon.ico", timeout=5).headers["content-type"].startswith("image/svg+xml")
+    info = requests.get(server.url + "/info", timeout=5).json()
+    assert info["context_length"] == 2048 and info["defaults"]["max_tokens"] == 32
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
+        try:
+            context = browser.new_context(viewport={"width": 1280, "height": 800})
+            page = context.new_page()
+            page.goto(server.url + "/")
+            expect(page.locator("#model")).to_have_text("nanochat-sft-d2-step0")
+            page.click("#toggle-settings")
+            page.fill("#max-tokens", "999999")  # clamped to the context (2048 - 1) and the server's limit
+            page.locator("#max-tokens").dispatch_event("change")
+            assert page.input_value("#max-tokens") == "2047"
+            # the system prompt reaches the server as the first message (the request is checked as sent)
+            page.fill("#system", "You are terse.")
+            page.fill("#max-tokens", "6")
+            page.fill("#temperature", "0")
+            with page.expect_request("**/v1/chat/completions") as request:
+                page.fill("#input", "Hello there")
+                page.press("#input", "Enter")
+            sent = json.loads(request.value.post_data)
+            assert sent["messages"] == [{"role": "system", "content": "You are terse."},
+                                        {"role": "user", "content": "Hello there"}] and sent["max_tokens"] == 6
+            first = page.locator(".message.assistant").nth(0)
+            expect(first).to_have_attribute("data-state", "done", timeout=30000)
+            answer = first.get_attribute("data-text")
+            assert answer
+            # reload: the conversation and its system prompt come back from localStorage
+            page.reload()
+            expect(page.locator(".message")).to_have_count(2)
+            assert page.locator(".message.assistant").get_attribute("data-text") == answer
+            page.click("#toggle-settings")
+            assert page.input_value("#system") == "You are terse."
+            expect(page.locator("#conversations li")).to_have_count(1)
+            expect(page.locator("#conversations li.active .title")).to_have_text("Hello there")
+            # hostile markdown (a scripted reply): rendered as structure, never as HTML or script
+            page.route("**/v1/chat/completions", lambda route: route.fulfill(
+                status=200, headers={"Content-Type": "text/event-stream"}, body=sse_reply(HOSTILE)))
+            page.click("#new")
+            page.fill("#input", "show me markdown")
+            page.click("#send")
+            reply = page.locator(".message.assistant").nth(0)
+            expect(reply).to_have_attribute("data-state", "done")
+            body = reply.locator(".body")
+            expect(body.locator("h2")).to_have_text("Title")
+            expect(body.locator("strong")).to_have_text("bold")
+            expect(body.locator("em")).to_have_text("italic")
+            expect(body.locator("p code")).to_have_text("inline <b>code</b>")
+            expect(body.locator("ul li")).to_have_count(2)
+            expect(body.locator("ol li")).to_have_count(2)
+            expect(body.locator(".codeblock pre code")).to_have_text(
+                "def f():\n    return '<script>window.__pwned=2</script>'")
+            expect(body.locator(".codeblock .bar")).to_contain_text("python")
+            expect(body.locator(".tool-call")).to_have_text("calculator6*7 = 42")
+            assert body.locator("img, script, b, iframe").count() == 0
+            links = body.locator("a")
+            expect(links).to_have_count(1)
+            assert links.get_attribute("href") == "https://example.com"
+            assert page.evaluate("window.__pwned") is None
+            assert "javascript:window.__pwned=4" in body.inner_text()  # shown as text, not a link
+            context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.url)
+            body.locator(".codeblock button.copy").click()
+            assert page.evaluate("navigator.clipboard.readText()").startswith("def f():")
+            reply.locator(".actions button.copy").click()
+            assert page.evaluate("navigator.clipboard.readText()") == HOSTILE
+            page.unroute("**/v1/chat/completions")
+            # two conversations in the list: switch back, delete one
+            expect(page.locator("#conversations li")).to_have_count(2)
+            page.locator("#conversations li .title", has_text="Hello there").click()
+            expect(page.locator(".message")).to_have_count(2)
+            page.screenshot(path=os.path.join(artifacts_dir(), "chat_web_1280.png"))
+            page.locator("#conversations li", has_text="show me markdown").locator(".delete").click()
+            expect(page.locator("#conversations li")).to_have_count(1)
+            # Esc stops a running answer
+            page.fill("#max-tokens", "2000")
+            page.fill("#input", "Tell me more")
+            page.press("#input", "Enter")
+            streaming = page.locator(".message.assistant").nth(1)
+            page.wait_for_function("document.querySelectorAll('.message.assistant')[1].dataset.text.length > 10",
+                                   timeout=30000)
+            page.keyboard.press("Escape")
+            expect(streaming).to_have_attribute("data-state", "stopped")
+            # a phone: the input keeps at least half the width, and the conversation list is one tap away
+            page.set_viewport_size({"width": 360, "height": 740})
+            box = page.locator("#input").bounding_box()
+            assert box["width"] >= 180, box
+            page.screenshot(path=os.path.join(artifacts_dir(), "chat_web_360.png"))
+            expect(page.locator("#sidebar")).to_be_hidden()
+            page.click("#toggle-sidebar")
+            expect(page.locator("#sidebar")).to_be_visible()
+            for name in ("chat_web_1280.png", "chat_web_360.png"):
+                assert os.path.getsize(os.path.join(artifacts_dir(), name)) > 1000
+        finally:
+            browser.close()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hostile clients (issue 24): chunked bodies, half-open and slow connections, deep JSON, foreign Host/Origin
+
+
+def raw_request(port, data, read_timeout=10.0):
+    """Send raw bytes, then read until the server closes (or read_timeout); returns what came back."""
+    with socket.create_connection(("127.0.0.1", port), timeout=read_timeout) as s:
+        s.sendall(data)
+        chunks = []
+        try:
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        except socket.timeout:
+            pass
+    return b"".join(chunks)
+
+
+def test_chunked_body_is_bounded_while_it_streams(server):
+    limit = Limits().max_body_bytes()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
+            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n").encode()
+    chunk = b"x" * 65536
+    sent, reply = 0, b""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(head)
+        s.settimeout(0.05)
+        while sent < 20 * limit and not reply:  # at most ~8 MB: the server must answer long before
+            try:
+                s.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+                sent += len(chunk)
+                reply = s.recv(65536)
+            except socket.timeout:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        s.settimeout(10)
+        try:
+            reply += s.recv(65536)
+        except (OSError, socket.timeout):
+            pass
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+    assert sent <= limit + 4 * len(chunk) + 2 ** 20, f"the server read {sent} bytes before refusing"  # not all of it
+
+
+def test_half_open_and_slow_connections_are_closed(server):
+    port = server.port
+    sockets = []
+    try:
+        for i in range(60):  # bounded: 60 connections, each holds a partial request
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            if i % 3 == 0:
+                s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # headers never end
+            elif i % 3 == 1:
+                s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                          b"application/json\r\nContent-Length: 1000\r\n\r\n{\"messages\"")  # body never ends
+            sockets.append(s)  # i % 3 == 2: connected, nothing sent
+        t0 = time.time()
+        assert requests.get(server.url + "/health", timeout=5).status_code == 200  # still answering
+        closed = 0
+        for s in sockets:
+            s.settimeout(max(0.1, 8 - (time.time() - t0)))  # header/body timeouts are 2 s here
+            try:
+                while s.recv(65536):
+                    pass
+                closed += 1
+            except socket.timeout:
+                pass
+            except ConnectionResetError:
+                closed += 1
+        assert closed == len(sockets), f"{len(sockets) - closed} of {len(sockets)} slow connections left open"
+        assert time.time() - t0 < 8
+    finally:
+        for s in sockets:
+            s.close()
+    assert requests.get(server.url + "/health", timeout=5).status_code == 200
+    assert "Traceback" not in server.output()
+
+
+def test_deep_json_foreign_host_and_cross_site_posts_are_refused(server):
+    url = server.url + "/v1/chat/completions"
+    r = requests.post(url, data=b"[" * 100_000 + b"]" * 100_000, headers={"Content-Type": "application/json"},
+                      timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    body = json.dumps({"messages": [user("hi")], "max_tokens": 2})
+    r = requests.post(url, data=body, headers={"Content-Type": "text/plain"}, timeout=30)  # a "simple" CORS request
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
+    r = requests.post(url, data=body, headers={"Content-Type": "application/json", "Origin": "http://evil.example"},
+                      timeout=30)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "origin_not_allowed"
+    r = requests.get(server.url + "/v1/models", headers={"Host": "evil.example"}, timeout=5)  # DNS rebinding
+    assert r.status_code == 403 and r.json()["error"]["code"] == "host_not_allowed"
+    r = requests.post(url, data=body, headers={"Content-Type": "application/json",
+                                               "Origin": f"http://127.0.0.1:{server.port}"}, timeout=30)
+    assert r.status_code == 200  # the page's own origin
+    assert "Traceback" not in server.output() and "RecursionError" not in server.output()

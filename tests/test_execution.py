@@ -214,3 +214,47 @@ def test_missing_bwrap_is_named(monkeypatch, fresh_probe):
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(RuntimeError, match="bwrap is not installed .*apt-get install bubblewrap"):
         execute_code("print(1)", isolation="bwrap")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The seccomp program, run by a small classic-BPF interpreter (the opcodes nanochat/seccomp.py emits)
+
+
+def _run_bpf(program, nr, arch, arg0=0):
+    import struct
+    data = struct.pack("<iIQ6Q", nr, arch, 0, arg0, 0, 0, 0, 0, 0)
+    ins = [struct.unpack("<HBBI", program[i:i + 8]) for i in range(0, len(program), 8)]
+    pc, acc = 0, 0
+    while True:
+        code, jt, jf, k = ins[pc]
+        if code == 0x20:
+            acc = struct.unpack("<I", data[k:k + 4])[0]
+        elif code == 0x06:
+            return k
+        else:
+            taken = {0x15: acc == k, 0x35: acc >= k, 0x45: bool(acc & k)}[code]
+            pc += jt if taken else jf
+        pc += 1
+
+
+@pytest.mark.parametrize("machine", ["x86_64", "aarch64"])
+def test_seccomp_program_refuses_the_denied_calls_only(machine):
+    import errno
+    from nanochat import seccomp
+    program = seccomp.bwrap_seccomp_filter(machine)
+    column, arch = seccomp.ARCHES[machine]
+    eperm, allow = seccomp.RET_ERRNO | errno.EPERM, seccomp.RET_ALLOW
+    for numbers in seccomp.DENIED.values():
+        assert _run_bpf(program, numbers[column], arch) == eperm
+    for nr in (0, 1, 2, 3, 9, 60, 231):  # read/write/open/close/mmap/exit...: allowed (aarch64: other calls, same)
+        if nr not in [n[column] for n in seccomp.DENIED.values()] + [seccomp.CLONE[column], seccomp.CLONE3[column]]:
+            assert _run_bpf(program, nr, arch) == allow
+    clone = seccomp.CLONE[column]
+    assert _run_bpf(program, clone, arch, arg0=0x01200011) == allow  # fork()'s flags (SIGCHLD|CHILD_*TID)
+    assert _run_bpf(program, clone, arch, arg0=0x003D0F00) == allow  # a thread's flags
+    assert _run_bpf(program, clone, arch, arg0=0x10000000 | 0x11) == eperm  # CLONE_NEWUSER
+    assert _run_bpf(program, seccomp.CLONE3[column], arch) == seccomp.RET_ERRNO | errno.ENOSYS
+    assert _run_bpf(program, 0, 0x40000003) == seccomp.RET_KILL_PROCESS  # another architecture (i386)
+    if machine == "x86_64":
+        assert _run_bpf(program, 0x40000000 + 1, arch) == eperm  # the x32 ABI
+    assert seccomp.bwrap_seccomp_filter("riscv64") is None

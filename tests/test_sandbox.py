@@ -358,3 +358,74 @@ print('kill', libc.kill({os.getpid()}, 9), ctypes.get_errno())
     r = run(code)
     assert "unlink -1" in r.stdout and "kill -1" in r.stdout, r
     assert not marker.exists() and victim.read_text() == "precious"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# System calls the seccomp filter refuses (issue 24): the keyring, namespaces, memfd, io_uring, perf, bpf, ptrace
+
+CTYPES = "import sys\nfor _m in ('ctypes', '_ctypes'):\n    sys.modules.pop(_m, None)\nimport ctypes\n" \
+         "libc = ctypes.CDLL(None, use_errno=True)\n"
+SYSCALL_X86_64 = {"keyctl": 250, "io_uring_setup": 425, "perf_event_open": 298, "bpf": 321, "ptrace": 101}
+
+
+def _add_session_key(payload):
+    """Add a 'user' key to this process's session keyring; returns its serial."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    serial = libc.syscall(248, b"user", b"nanochat-test-key", payload, len(payload), -3)  # add_key, @s
+    assert serial > 0, f"add_key failed with errno {ctypes.get_errno()}"
+    return serial
+
+
+def test_the_evaluators_keyring_is_unreachable():
+    # a secret in the evaluator's session keyring (put there by this test): readable here, not in the sandbox
+    import platform
+    assert platform.machine() == "x86_64", "the syscall numbers of this test are x86_64's"
+    secret = b"s3cr3t-keyring-payload"
+    serial = _add_session_key(secret)
+    code = CTYPES + f"""
+buf = ctypes.create_string_buffer(256)
+n = libc.syscall(250, 11, {serial}, buf, 256)  # KEYCTL_READ
+print('READ', buf.raw[:max(n, 0)]) if n >= 0 else print('refused read', ctypes.get_errno())
+n = libc.syscall(250, 0, -3, 0)  # KEYCTL_GET_KEYRING_ID of the session keyring
+print('SESSION', n) if n >= 0 else print('refused session', ctypes.get_errno())
+n = libc.syscall(248, b"user", b"shared", b"x", 1, -4)  # add_key to the user keyring, shared by every sandbox
+print('ADDED', n) if n >= 0 else print('refused add', ctypes.get_errno())
+"""
+    r = run(code)
+    assert "READ" not in r.stdout and "SESSION" not in r.stdout and "ADDED" not in r.stdout, r.stdout
+    assert r.stdout.count("refused") == 3 and "s3cr3t" not in r.stdout, r.stdout
+    import ctypes  # still readable out here: the test could fail
+    buf = ctypes.create_string_buffer(256)
+    assert ctypes.CDLL(None).syscall(250, 11, serial, buf, 256) == len(secret) and buf.raw[:len(secret)] == secret
+
+
+def test_no_new_namespace_no_mount_no_memfd():
+    code = CTYPES + """
+import os
+for name, flags in (('user+mount', 0x10000000 | 0x00020000), ('user', 0x10000000), ('mount', 0x00020000)):
+    r = libc.unshare(flags)
+    print('UNSHARED', name) if r == 0 else print('refused unshare', name, ctypes.get_errno())
+r = libc.mount(b'none', b'.', b'tmpfs', 0, b'size=1g')
+print('MOUNTED') if r == 0 else print('refused mount', ctypes.get_errno())
+try:
+    print('MEMFD', os.memfd_create('hold'))
+except OSError as e:
+    print('refused memfd', e.errno)
+"""
+    r = run(code)
+    assert "UNSHARED" not in r.stdout and "MOUNTED" not in r.stdout and "MEMFD" not in r.stdout, r.stdout
+    assert r.stdout.count("refused") == 5, r.stdout
+
+
+@pytest.mark.parametrize("name", sorted(SYSCALL_X86_64))
+def test_rarely_needed_syscalls_are_refused(name):
+    import platform
+    assert platform.machine() == "x86_64", "the syscall numbers of this test are x86_64's"
+    code = CTYPES + f"""
+buf = ctypes.create_string_buffer(256)
+r = libc.syscall({SYSCALL_X86_64[name]}, 0, 0, buf, 0, 0)
+print('result', r, 'errno', ctypes.get_errno())
+"""
+    r = run(code)
+    assert "result -1 errno 1" in r.stdout, r.stdout  # EPERM from the filter, whatever the arguments
