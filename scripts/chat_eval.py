@@ -36,7 +36,7 @@ def main(argv=None):
 
     t_start = time.time()
     parser = ArgumentParser(description="Evaluate a chat model (ChatCORE tasks)")
-    parser.add_argument("-i", "--source", type=str, required=True, choices=["base", "mid", "sft"],
+    parser.add_argument("-i", "--source", type=str, required=True, choices=["base", "mid", "sft", "dpo"],
                         help="which checkpoint family to load")
     parser.add_argument("-a", "--task-name", type=str, default="|".join(TASK_NAMES),
                         help="'|'-separated tasks (default: all five)")

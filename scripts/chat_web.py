@@ -46,7 +46,7 @@ def main(argv=None):
 
     limits_default = Limits()
     parser = argparse.ArgumentParser(description="Chat web UI and OpenAI-compatible API server")
-    parser.add_argument("-i", "--source", type=str, default="sft", choices=["base", "mid", "sft", "rl"],
+    parser.add_argument("-i", "--source", type=str, default="sft", choices=["base", "mid", "sft", "rl", "dpo"],
                         help="which checkpoint family to load")
     parser.add_argument("-g", "--model_tag", "--model-tag", type=str, default=None,
                         help="model tag, e.g. d20 (default: largest)")

@@ -32,8 +32,8 @@ install_error_handler()  # a UserError prints one line `error: ...` and exits wi
 # Config
 
 parser = argparse.ArgumentParser(description="Export a checkpoint to a Hugging Face transformers folder")
-parser.add_argument("-i", "--source", type=str, default="sft", choices=["base", "mid", "sft", "rl"],
-                    help="which checkpoints: base|mid|sft|rl")
+parser.add_argument("-i", "--source", type=str, default="sft", choices=["base", "mid", "sft", "rl", "dpo"],
+                    help="which checkpoints: base|mid|sft|rl|dpo")
 parser.add_argument("-g", "--model-tag", type=str, default=None, help="model tag, e.g. d20 (default: largest)")
 parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: last)")
 parser.add_argument("--out", type=str, required=True, help="output folder (must not exist or be empty)")

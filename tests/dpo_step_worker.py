@@ -1,0 +1,76 @@
+"""Worker for tests/test_dpo.py: nanochat.dpo.dpo_accumulate_step on a tiny GPT under
+`python -m torch.distributed.run --standalone --nproc_per_node=2 tests/dpo_step_worker.py OUT PACKING` (gloo).
+Each rank takes its micro-batches of a step of 4 pairs (step_pair_indices: 2 micro-steps of 1 pair); rank 0
+saves to OUT (torch.save): the rank-averaged gradient and metrics of that step, the same step computed in one
+process as one big batch, and which ranks skipped when rank 1 alone gets a NaN or an out-of-memory error."""
+
+import sys
+
+import torch
+import torch.distributed as dist
+
+from nanochat.common import compute_cleanup, compute_init
+from nanochat.dpo import PreferencePair, collate_pairs, dpo_accumulate_step, step_pair_indices
+from sft_step_worker import VOCAB, Faulty, grads_of, tiny_gpt
+
+
+def random_pairs(n, seed=1):
+    """Pairs of random tokens: prompts of different lengths, answers of different lengths, masks as rendered
+    answers have them (the first token, <|assistant_start|>, unsupervised)."""
+    g = torch.Generator().manual_seed(seed)
+    pairs = []
+    for i in range(n):
+        prompt = torch.randint(0, VOCAB, (3 + i,), generator=g).tolist()
+        answers = []
+        for length in (4 + i % 3, 7 + 2 * i):
+            ids = torch.randint(0, VOCAB, (length,), generator=g).tolist()
+            answers.append((ids, [0] + [1] * (length - 1)))
+        pairs.append(PreferencePair(prompt, *answers))
+    return pairs
+
+
+def random_reference(n, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return -20.0 - 10.0 * torch.rand(n, 2, generator=g, dtype=torch.float64)
+
+
+def step_batches(pairs, reference, packing, rank, world_size, device_batch_size, grad_accum):
+    out = []
+    for m in range(grad_accum):
+        idx = step_pair_indices(0, m, rank, world_size, device_batch_size, grad_accum, len(pairs))
+        out.append(collate_pairs([pairs[i] for i in idx], packing, 64, 0, reference[idx]))
+    return out
+
+
+def main(out_path, packing):
+    _, rank, _, world_size, device = compute_init("cpu")
+    pairs, reference = random_pairs(4), random_reference(4)
+    model = tiny_gpt(device)
+    micro_batches = step_batches(pairs, reference, packing, rank, world_size, 1, 2)
+    result = dpo_accumulate_step(model, micro_batches, 0.5, device, world_size, rank)
+    grads = grads_of(model)
+    for g in grads.values():
+        dist.all_reduce(g)
+        g /= world_size  # what the optimizers do with the gradients
+    model.zero_grad(set_to_none=True)
+    whole = step_batches(pairs, reference, packing, 0, 1, 4, 1)
+    single = dpo_accumulate_step(model, whole, 0.5, device)  # one process, one big batch
+    single_grads = grads_of(model)
+    model.zero_grad(set_to_none=True)
+    skipped = {}
+    for fault in ("nan", "oom"):
+        faulty = Faulty(model, fault if rank == 1 else None)
+        faulty_result = dpo_accumulate_step(faulty, micro_batches, 0.5, device, world_size, rank)
+        left = [n for n, p in model.named_parameters() if p.grad is not None]
+        model.zero_grad(set_to_none=True)
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, (faulty_result.skip, left))
+        skipped[fault] = gathered
+    if rank == 0:
+        torch.save({"grads": grads, "single_grads": single_grads, "metrics": result.metrics,
+                    "single_metrics": single.metrics, "skipped": skipped}, out_path)
+    compute_cleanup()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
