@@ -94,7 +94,7 @@ synchronize = torch.cuda.synchronize if device_type == "cuda" else lambda: None
 # -----------------------------------------------------------------------------
 # Output folder and resume, decided before any model or data is loaded
 
-source_dir, source_step, _, plan = prepare_finetune(
+source_dir, source_step, source_meta, plan = prepare_finetune(
     config["source"], config["model_tag"], config["step"], "chatdpo_checkpoints", config["output_tag"],
     config["resume"], config["overwrite"], ddp_rank, ddp_world_size)
 print0(f"Output folder: {plan.output_dir} | run id {plan.run_id}")
@@ -146,8 +146,9 @@ print0(f"Model: depth {model.config.n_layer}, {model.num_params():,} parameters"
 # Reference log-probs: the starting model's, once, before any step (cached beside the run, reused on resume)
 
 reference_path = os.path.join(plan.output_dir, "reference_logps.json")
-fingerprint = reference_fingerprint(kept, f"{source_dir} step {source_step} | dtype {config['dtype']} on "
-                                          f"{device_type} | packing {config['packing']} | val {num_val}")
+fingerprint = reference_fingerprint(kept, f"run {source_meta.get('run_id')} step {source_step} | dtype "
+                                          f"{config['dtype']} on {device_type} | packing {config['packing']} | "
+                                          f"val {num_val}")
 if plan.resume_dir is not None:
     reference = load_reference(reference_path, fingerprint)
     print0(f"Reference log-probs: reused from {reference_path}")
@@ -277,8 +278,9 @@ summary = {"Training pairs": len(splits["train"]), "Held-out pairs": num_val, "D
            **{f"Final train {k}": v for k, v in train_metrics.items()},
            **{f"Final val {k}": v for k, v in val_metrics.items()}}
 report.log(section="Chat DPO", data=[config, summary], duration_s=time.time() - script_start)
-for name, points in series.items():
+for name, points in series.items():  # the log-probs (tens of nats) get their own plot, apart from loss and accuracy
     if points:
-        report.log_series("Chat DPO", name, [p[0] for p in points], [p[1] for p in points])
+        plot = "Chat DPO log-probs" if name.endswith("_logp") else "Chat DPO"
+        report.log_series(plot, name, [p[0] for p in points], [p[1] for p in points])
 wandb_run.finish()
 compute_cleanup()
