@@ -6,7 +6,7 @@ the answer ("7 plus 5 is 12.") against answers that ramble past it ("7 plus 5 is
     python -m scripts.chat_sft --source=base --train_mixture "['CustomJSON:OUT_DIR/sft.jsonl']" ...
     python configs/examples/stop_or_ramble.py measure sft         # ramble rate on held-out prompts
     python -m scripts.chat_dpo --data "['OUT_DIR/prefs.jsonl']" ...
-    python configs/examples/stop_or_ramble.py measure dpo
+    python configs/examples/stop_or_ramble.py measure dpo [MODEL_TAG]
 
 `measure` samples answers (temperature 1.0) to held-out prompts (a seed the files never use) and prints the
 share that rambles (text after the answer's first sentence), the share whose first sentence has the answer's
@@ -46,13 +46,13 @@ def write(out_dir, num_sft=2000, num_pairs=600, seed=0):
             f.write(json.dumps({"prompt": q, "chosen": a, "rejected": ramble(rng, a)}) + "\n")
 
 
-def measure(source, num_prompts=100, num_samples=4, seed=12345):
+def measure(source, model_tag=None, num_prompts=100, num_samples=4, seed=12345):
     import torch
 
     from nanochat.checkpoint_manager import load_model
     from nanochat.engine import Engine
 
-    model, tokenizer, _ = load_model(source, "cpu", phase="eval")
+    model, tokenizer, _ = load_model(source, "cpu", phase="eval", model_tag=model_tag)
     engine = Engine(model, tokenizer)
     rng = random.Random(seed)
     rambled, well_formed, lengths = 0, 0, []
@@ -74,6 +74,6 @@ def measure(source, num_prompts=100, num_samples=4, seed=12345):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] not in ("write", "measure"):
+    if len(sys.argv) not in (3, 4) or sys.argv[1] not in ("write", "measure"):
         sys.exit(__doc__)
-    write(sys.argv[2]) if sys.argv[1] == "write" else measure(sys.argv[2])
+    write(sys.argv[2]) if sys.argv[1] == "write" else measure(*sys.argv[2:])
