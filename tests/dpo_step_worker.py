@@ -1,8 +1,9 @@
 """Worker for tests/test_dpo.py: nanochat.dpo.dpo_accumulate_step on a tiny GPT under
-`python -m torch.distributed.run --standalone --nproc_per_node=2 tests/dpo_step_worker.py OUT PACKING` (gloo).
-Each rank takes its micro-batches of a step of 4 pairs (step_pair_indices: 2 micro-steps of 1 pair); rank 0
-saves to OUT (torch.save): the rank-averaged gradient and metrics of that step, the same step computed in one
-process as one big batch, and which ranks skipped when rank 1 alone gets a NaN or an out-of-memory error."""
+`python -m torch.distributed.run --standalone --nproc_per_node=2 tests/dpo_step_worker.py OUT` (gloo). Under
+each packing (pad, bestfit) each rank takes its micro-batches of a step of 4 pairs (step_pair_indices: 2
+micro-steps of 1 pair); rank 0 saves to OUT (torch.save), per packing: the rank-averaged gradient and metrics of
+that step, the same step computed in one process as one big batch, and which ranks skipped when rank 1 alone
+gets a NaN or an out-of-memory error."""
 
 import sys
 
@@ -42,10 +43,10 @@ def step_batches(pairs, reference, packing, rank, world_size, device_batch_size,
     return out
 
 
-def main(out_path, packing):
-    _, rank, _, world_size, device = compute_init("cpu")
+def step_results(model, packing, rank, world_size, device):
+    """This step on 2 ranks (rank-averaged gradient), in one process as one big batch, and with a fault on
+    rank 1 alone."""
     pairs, reference = random_pairs(4), random_reference(4)
-    model = tiny_gpt(device)
     micro_batches = step_batches(pairs, reference, packing, rank, world_size, 1, 2)
     result = dpo_accumulate_step(model, micro_batches, 0.5, device, world_size, rank)
     grads = grads_of(model)
@@ -66,11 +67,18 @@ def main(out_path, packing):
         gathered = [None] * world_size
         dist.all_gather_object(gathered, (faulty_result.skip, left))
         skipped[fault] = gathered
+    return {"grads": grads, "single_grads": single_grads, "metrics": result.metrics, "single_metrics": single.metrics,
+            "skipped": skipped}
+
+
+def main(out_path):
+    _, rank, _, world_size, device = compute_init("cpu")
+    model = tiny_gpt(device)
+    results = {packing: step_results(model, packing, rank, world_size, device) for packing in ("pad", "bestfit")}
     if rank == 0:
-        torch.save({"grads": grads, "single_grads": single_grads, "metrics": result.metrics,
-                    "single_metrics": single.metrics, "skipped": skipped}, out_path)
+        torch.save(results, out_path)
     compute_cleanup()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1])

@@ -225,10 +225,15 @@ def test_accumulation_equals_one_big_batch(packing):
     assert len(big_grads) == len(list(model.parameters()))
     for name in big_grads:
         torch.testing.assert_close(four_grads[name], big_grads[name], rtol=1e-4, atol=1e-7, msg=name)
-    # the loss is the mean per pair: the sum over pairs would be 4x
-    logps = batch_logps(model, step_batches(pairs, reference, packing, 0, 1, 4, 1)[0], "cpu").double()
-    losses, _, _ = dpo_loss(logps[0::2], logps[1::2], reference[:, 0], reference[:, 1], 0.5)
+    # the loss and its gradient are those of the mean per pair (the sum over pairs would be 4x)
+    logps = batch_logps(model, step_batches(pairs, reference, packing, 0, 1, 4, 1)[0], "cpu")
+    ref = reference.float()
+    losses, _, _ = dpo_loss(logps[0::2], logps[1::2], ref[:, 0], ref[:, 1], 0.5)
+    losses.mean().backward()
+    mean_grads = _grads(model)
     assert big.loss == pytest.approx(float(losses.detach().mean()), rel=1e-5)
+    for name in big_grads:
+        torch.testing.assert_close(big_grads[name], mean_grads[name], rtol=1e-4, atol=1e-7, msg=name)
 
 
 def test_skips_nan_and_out_of_memory_without_gradients():
@@ -242,25 +247,24 @@ def test_skips_nan_and_out_of_memory_without_gradients():
     assert result.skip is None and all(p.grad is not None for p in model.parameters())
 
 
-@pytest.mark.parametrize("packing", ["pad", "bestfit"])
-def test_two_gloo_ranks_equal_one_process(tmp_path, packing):
-    """2 gloo ranks x 2 micro-batches of 1 pair == one process with the step's 4 pairs as one batch; a NaN or
-    an out-of-memory error on rank 1 alone makes both ranks skip, with no gradient left on either."""
+def test_two_gloo_ranks_equal_one_process(tmp_path):
+    """2 gloo ranks x 2 micro-batches of 1 pair == one process with the step's 4 pairs as one batch (pad and
+    bestfit); a NaN or an out-of-memory error on rank 1 alone makes both ranks skip, with no gradient left."""
     out = tmp_path / "worker.pt"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{REPO_ROOT}{os.pathsep}{os.path.join(REPO_ROOT, 'tests')}")
     env.pop("RANK", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(REPO_ROOT, "tests", "dpo_step_worker.py"), str(out), packing]
+           os.path.join(REPO_ROOT, "tests", "dpo_step_worker.py"), str(out)]
     result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    got = torch.load(out, weights_only=True)
-    for key in METRIC_KEYS:
-        assert got["metrics"][key] == pytest.approx(got["single_metrics"][key], rel=1e-5, abs=1e-6), key
-    assert got["metrics"]["pairs"] == 4
-    for name, want in got["single_grads"].items():
-        torch.testing.assert_close(got["grads"][name], want, rtol=1e-4, atol=1e-7, msg=name)
-    assert got["skipped"]["nan"] == [("non-finite loss (nan)", []), ("non-finite loss (nan)", [])]
-    assert got["skipped"]["oom"] == [("out of memory", []), ("out of memory", [])]
+    for packing, got in torch.load(out, weights_only=True).items():
+        for key in METRIC_KEYS:
+            assert got["metrics"][key] == pytest.approx(got["single_metrics"][key], rel=1e-5, abs=1e-6), (packing, key)
+        assert got["metrics"]["pairs"] == 4
+        for name, want in got["single_grads"].items():
+            torch.testing.assert_close(got["grads"][name], want, rtol=1e-4, atol=1e-7, msg=f"{packing} {name}")
+        assert got["skipped"]["nan"] == [("non-finite loss (nan)", []), ("non-finite loss (nan)", [])]
+        assert got["skipped"]["oom"] == [("out of memory", []), ("out of memory", [])]
 
 
 # ---------------------------------------------------------------------------------------------------------
