@@ -63,6 +63,8 @@ SECTION_ORDER = [
     "Chat evaluation mid",
     "Chat SFT",
     "Chat evaluation sft",
+    "Chat DPO",
+    "Chat evaluation dpo",
 ]
 
 SUMMARY_METRICS = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE"]
