@@ -149,9 +149,12 @@ reference_path = os.path.join(plan.output_dir, "reference_logps.json")
 fingerprint = reference_fingerprint(kept, f"run {source_meta.get('run_id')} step {source_step} | dtype "
                                           f"{config['dtype']} on {device_type} | packing {config['packing']} | "
                                           f"val {num_val}")
-if plan.resume_dir is not None:
-    reference = load_reference(reference_path, fingerprint)
-    print0(f"Reference log-probs: reused from {reference_path}")
+if plan.resume_dir is not None:  # the resumed run's cache (resume = <folder> may continue into another folder)
+    resumed_path = os.path.join(plan.resume_dir, "reference_logps.json")
+    reference = load_reference(resumed_path, fingerprint)
+    if master_process and os.path.realpath(resumed_path) != os.path.realpath(reference_path):
+        save_reference(reference_path, fingerprint, reference)
+    print0(f"Reference log-probs: reused from {resumed_path}")
 else:
     t0 = time.time()
     model.eval()
