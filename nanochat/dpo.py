@@ -5,7 +5,8 @@ functions with explicit arguments, each tested in tests/test_dpo.py (`python -m 
 - parse_preference_row / render_pair / load_preferences: `{"prompt" | "messages", "chosen", "rejected"}` rows
   (chosen / rejected: a string or a list of one assistant message, TRL's format) -> rendered pairs, the prompt
   rendered once; a bad row is a one-line UserError naming `file:line`
-- step_pair_indices: which pairs a rank's micro-batch of a step holds (the plan is the step: exact resume)
+- step_pair_indices: which pairs a rank's micro-batch of a step holds (the plan is the step: exact resume);
+  rank_batch_indices: a rank's batches of the held-out pairs
 - collate_pairs: a micro-batch of pairs -> the tensors of the forward (padded, or best-fit packed into rows
   with per-sequence segments) plus, per target position, the sequence it belongs to
 - sequence_logps / batch_logps: per-sequence sums of the assistant tokens' log-probabilities
@@ -137,6 +138,13 @@ def step_pair_indices(step, micro_step, rank, world_size, device_batch_size, gra
     pairs_per_step = device_batch_size * world_size * grad_accum_steps
     start = step * pairs_per_step + (micro_step * world_size + rank) * device_batch_size
     return [(start + j) % num_pairs for j in range(device_batch_size)]
+
+
+def rank_batch_indices(num_pairs, batch_size, rank=0, world_size=1):
+    """This rank's share of num_pairs pairs (the held-out set), in batches of at most batch_size: batch k of the
+    whole set (pairs k * batch_size ...) goes to rank k % world_size, so ranks may hold different numbers."""
+    return [list(range(start, min(start + batch_size, num_pairs)))
+            for start in range(rank * batch_size, num_pairs, batch_size * world_size)]
 
 
 class DPOBatch(NamedTuple):

@@ -25,8 +25,8 @@ from nanochat.common import (UserError, autocast_ctx, autodetect_device_type, co
                              get_dist_info, init_wandb, install_error_handler, print0)
 from nanochat.config import Option, load_config
 from nanochat.dpo import (METRIC_KEYS, PACKINGS, collate_pairs, dpo_accumulate_step, evaluate_dpo, fits,
-                          load_preferences, load_reference, reference_fingerprint, reference_logps, save_reference,
-                          step_pair_indices)
+                          load_preferences, load_reference, rank_batch_indices, reference_fingerprint, reference_logps,
+                          save_reference, step_pair_indices)
 from nanochat.report import format_duration, get_report
 from nanochat.schedules import lr_multiplier, num_grad_accum_steps, scale_initial_lr, set_lr_multiplier
 from nanochat.sft_report import format_skip
@@ -170,8 +170,8 @@ def pair_batch(split, indices):
     return collate([splits[split][i] for i in indices], reference[split][indices])
 
 
-val_batches = [pair_batch("val", list(range(start, min(start + device_batch_size, num_val))))  # this rank's share
-               for start in range(ddp_rank * device_batch_size, num_val, device_batch_size * ddp_world_size)]
+val_batches = [pair_batch("val", indices)  # this rank's share of the held-out pairs
+               for indices in rank_batch_indices(num_val, device_batch_size, ddp_rank, ddp_world_size)]
 wandb_run = init_wandb(config["run"], "nanochat-dpo", config, ddp_rank, run_dir=plan.output_dir)
 
 # -----------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 each packing (pad, bestfit) each rank takes its micro-batches of a step of 4 pairs (step_pair_indices: 2
 micro-steps of 1 pair); rank 0 saves to OUT (torch.save), per packing: the rank-averaged gradient and metrics of
 that step, the same step computed in one process as one big batch, and which ranks skipped when rank 1 alone
-gets a NaN or an out-of-memory error."""
+gets a NaN or an out-of-memory error; and the reference log-probs and held-out metrics computed on 2 ranks and
+on one (reference_and_eval)."""
 
 import sys
 
@@ -11,7 +12,8 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import compute_cleanup, compute_init
-from nanochat.dpo import PreferencePair, collate_pairs, dpo_accumulate_step, step_pair_indices
+from nanochat.dpo import (PreferencePair, collate_pairs, dpo_accumulate_step, evaluate_dpo, rank_batch_indices,
+                          reference_logps, step_pair_indices)
 from sft_step_worker import VOCAB, Faulty, grads_of, tiny_gpt
 
 
@@ -71,10 +73,25 @@ def step_results(model, packing, rank, world_size, device):
             "skipped": skipped}
 
 
+def reference_and_eval(model, rank, world_size, device):
+    """reference_logps split over the ranks and on one, and evaluate_dpo on 5 pairs in batches of 2 split over
+    the ranks (rank 0 gets 2 batches, rank 1 one) and on one."""
+    pairs = random_pairs(5)
+    collate = lambda p, ref=None: collate_pairs(p, "pad", 64, 0, ref)  # noqa: E731
+    split = reference_logps(model, pairs, 2, collate, device, rank, world_size)
+    alone = reference_logps(model, pairs, 2, collate, device)
+    reference = random_reference(5)
+    mine = [collate([pairs[i] for i in idx], reference[idx]) for idx in rank_batch_indices(5, 2, rank, world_size)]
+    evaluated = evaluate_dpo(model, mine, 0.5, device, world_size)
+    evaluated_alone = evaluate_dpo(model, [collate(pairs, reference)], 0.5, device)
+    return {"reference": split, "reference_alone": alone, "eval": evaluated, "eval_alone": evaluated_alone}
+
+
 def main(out_path):
     _, rank, _, world_size, device = compute_init("cpu")
     model = tiny_gpt(device)
     results = {packing: step_results(model, packing, rank, world_size, device) for packing in ("pad", "bestfit")}
+    results["reference_and_eval"] = reference_and_eval(model, rank, world_size, device)
     if rank == 0:
         torch.save(results, out_path)
     compute_cleanup()

@@ -4,9 +4,9 @@ End-to-end tests of scripts/chat_dpo.py, run as subprocesses from a tiny random 
 - a tiny run writes chatdpo_checkpoints/<tag>/ (checkpoint, cached reference log-probs), its log lines and the
   "Chat DPO" report section with its curves, and chat_cli loads the result with `-i dpo`;
 - save + resume reaches bit-identical final weights, reusing the cached reference log-probs;
-- a bad preference row stops the run with one `error: file:line: ...` line, before any model is loaded;
-- 2 gloo ranks take the same step as one process.
-The loss, the optimizer step and the data functions are tested directly in tests/test_dpo.py.
+- a bad preference row stops the run with one `error: file:line: ...` line, before any model is loaded.
+The loss, the optimizer step (accumulation, 2 gloo ranks == 1 process, NaN / out-of-memory skips), the reference
+log-probs and the data functions are tested directly in tests/test_dpo.py.
 
     .venv/bin/python -m pytest tests/test_chat_dpo.py --durations=5
 """
@@ -160,28 +160,3 @@ def test_bad_row_is_one_line_error_before_the_model(dpo_env, tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip() == f"error: {data}:3: missing 'rejected' (a string, or a list of one assistant message)"
     assert "Model:" not in out.stdout
-
-
-@pytest.mark.slow
-def test_two_gloo_ranks_match_one_process(dpo_env, tmp_path):
-    """torchrun with 2 gloo ranks x 1 micro-step takes the same first step as one process with 2 micro-steps: the
-    same pairs, the reference log-probs split over the ranks, one gradient of the mean loss per pair."""
-    args = TINY + [f"--data=['{dpo_env['data']}']", "--max_iterations=1", "--device_batch_size=2",
-                   "--eval_every=1"]
-    weights, outs = {}, {}
-    for name, nproc in (("one", 1), ("two", 2)):
-        base_dir = _copy(dpo_env, tmp_path, name)
-        outs[name] = _run(base_dir, args, nproc=nproc).stdout
-        assert f"world_size {nproc} x grad_accum_steps {2 // nproc}" in outs[name]
-        weights[name], meta = _final_weights(base_dir)
-        assert meta["world_size"] == nproc
-    lines = {name: re.findall(r"^Step 00001 \| Validation \| loss: (\d+\.\d+) \| reward_accuracy: (\d\.\d+)", out,
-                              re.M) for name, out in outs.items()}
-    assert len(lines["one"]) == 1 and float(lines["two"][0][0]) == pytest.approx(float(lines["one"][0][0]), abs=1e-5)
-    from nanochat.checkpoint_manager import load_checkpoint
-
-    base = load_checkpoint(os.path.join(dpo_env["base_dir"], "chatsft_checkpoints", "d2"), 0, "cpu")[0]
-    for key, want in weights["one"].items():
-        moved = (want - base[key]).abs().max()
-        assert moved > 0 or key.endswith("rotary"), key
-        torch.testing.assert_close(weights["two"][key], want, rtol=1e-4, atol=1e-5 * max(float(moved), 1e-3), msg=key)

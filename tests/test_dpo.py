@@ -21,8 +21,8 @@ from dpo_step_worker import random_pairs, random_reference, step_batches
 from nanochat.common import UserError
 from nanochat.dpo import (METRIC_KEYS, PreferencePair, batch_logps, collate_pairs, dpo_accumulate_step, dpo_loss,
                           evaluate_dpo, fits, load_preferences, load_reference, parse_preference_row,
-                          reference_fingerprint, reference_logps, render_pair, save_reference, sequence_logps,
-                          step_pair_indices)
+                          rank_batch_indices, reference_fingerprint, reference_logps, render_pair, save_reference,
+                          sequence_logps, step_pair_indices)
 from sft_step_worker import Faulty, tiny_gpt
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -205,6 +205,11 @@ def test_step_pair_indices_same_pairs_for_any_split():
     assert step_pair_indices(1, 1, 1, 2, 2, 2, 100) == [14, 15]
 
 
+def test_rank_batch_indices_cover_the_held_out_pairs_once():
+    assert rank_batch_indices(5, 2, 0, 2) == [[0, 1], [4]] and rank_batch_indices(5, 2, 1, 2) == [[2, 3]]
+    assert rank_batch_indices(5, 2) == [[0, 1], [2, 3], [4]] and rank_batch_indices(1, 2, 1, 2) == []
+
+
 @pytest.mark.parametrize("packing", ["pad", "bestfit"])
 def test_accumulation_equals_one_big_batch(packing):
     """4 micro-batches of 1 pair == 1 micro-batch of 4 pairs: the same loss (mean per pair), metrics and
@@ -249,7 +254,8 @@ def test_skips_nan_and_out_of_memory_without_gradients():
 
 def test_two_gloo_ranks_equal_one_process(tmp_path):
     """2 gloo ranks x 2 micro-batches of 1 pair == one process with the step's 4 pairs as one batch (pad and
-    bestfit); a NaN or an out-of-memory error on rank 1 alone makes both ranks skip, with no gradient left."""
+    bestfit); a NaN or an out-of-memory error on rank 1 alone makes both ranks skip, with no gradient left. The
+    reference log-probs and the held-out metrics, split over the 2 ranks, equal those of one process."""
     out = tmp_path / "worker.pt"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{REPO_ROOT}{os.pathsep}{os.path.join(REPO_ROOT, 'tests')}")
     env.pop("RANK", None)
@@ -257,7 +263,11 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
            os.path.join(REPO_ROOT, "tests", "dpo_step_worker.py"), str(out)]
     result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    for packing, got in torch.load(out, weights_only=True).items():
+    results = torch.load(out, weights_only=True)
+    shared = results.pop("reference_and_eval")  # the reference split over ranks, the held-out metrics too
+    torch.testing.assert_close(shared["reference"], shared["reference_alone"], rtol=1e-5, atol=1e-5)
+    assert shared["eval"] == pytest.approx(shared["eval_alone"], rel=1e-5, abs=1e-6)
+    for packing, got in results.items():
         for key in METRIC_KEYS:
             assert got["metrics"][key] == pytest.approx(got["single_metrics"][key], rel=1e-5, abs=1e-6), (packing, key)
         assert got["metrics"]["pairs"] == 4
