@@ -60,7 +60,8 @@ from nanochat.common import atomic_write_text, dist_rank_world, get_base_dir, ge
 
 # Pipeline order of the sections in report.md (nanochat's names); unknown sections follow, sorted.
 SECTION_ORDER = ["Tokenizer training", "Tokenizer evaluation", "Base model training", "Base model loss",
-                 "Base model evaluation", "Midtraining", "Chat evaluation mid", "Chat SFT", "Chat evaluation sft"]
+                 "Base model evaluation", "Midtraining", "Chat evaluation mid", "Chat SFT", "Chat evaluation sft",
+                 "Chat DPO", "Chat evaluation dpo"]
 
 SUMMARY_METRICS = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE"]
 SUMMARY_COLUMNS = {

@@ -17,7 +17,7 @@ import os
 import torch
 
 from nanochat.chat_turn import reply_budget, reply_stop_tokens, stream_reply
-from nanochat.checkpoint_manager import load_model
+from nanochat.checkpoint_manager import SOURCE_DIRS, load_model
 from nanochat.common import (UserError, autocast_ctx, autodetect_device_type, compute_cleanup, compute_init,
                              get_base_dir, install_error_handler)
 from nanochat.config import Option, load_config
@@ -27,7 +27,7 @@ from nanochat.web import CompletionText
 install_error_handler()  # a UserError prints one line `error: ...` and exits with code 2
 
 OPTIONS = [
-    Option("source", str, "sft", "which checkpoint family to load", choices=("base", "mid", "sft"), short="i"),
+    Option("source", str, "sft", "which checkpoint family to load", choices=tuple(SOURCE_DIRS), short="i"),
     Option("model_tag", str, None, "model tag, e.g. d20 (default: largest)", short="g"),
     Option("step", int, None, "checkpoint step (default: last)", min=0, short="s"),
     Option("prompt", str, "", "answer this one prompt and exit (empty: interactive)", short="p"),

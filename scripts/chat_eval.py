@@ -30,7 +30,7 @@ from nanochat.report import format_task_results, get_report, task_metrics
 install_error_handler()  # a UserError prints one line `error: ...` and exits with code 2
 
 OPTIONS = [
-    Option("source", str, None, "which checkpoint family to load (required)", choices=("base", "mid", "sft"),
+    Option("source", str, None, "which checkpoint family to load (required)", choices=tuple(SOURCE_DIRS),
            short="i"),
     Option("task_name", str, "|".join(TASK_NAMES), "'|'-separated tasks (default: all five)", short="a"),
     Option("dtype", str, "bfloat16", "autocast dtype (bf16 autocast applies on CUDA only)",

@@ -27,6 +27,7 @@ import time
 
 import torch
 
+from nanochat.checkpoint_manager import SOURCE_DIRS
 from nanochat.common import UserError, autocast_ctx, autodetect_device_type, compute_init, install_error_handler
 from nanochat.config import ConfigError, Option, load_config
 from nanochat.web import (FAVICON_SVG, APIError, Generation, Limits, QueueFull, SamplingDefaults, Worker,
@@ -42,7 +43,7 @@ logger = logging.getLogger("chat_web")
 
 LIMITS = Limits()  # the defaults of the request limits, and the bounds of the sampling options
 OPTIONS = [
-    Option("source", str, "sft", "which checkpoint family to load", choices=("base", "mid", "sft"), short="i"),
+    Option("source", str, "sft", "which checkpoint family to load", choices=tuple(SOURCE_DIRS), short="i"),
     Option("model_tag", str, None, "model tag, e.g. d20 (default: largest)", short="g"),
     Option("step", int, None, "checkpoint step (default: last)", min=0, short="s"),
     Option("host", str, "127.0.0.1", "address to bind (0.0.0.0 makes the server reachable from the network)"),
@@ -104,7 +105,7 @@ def main(argv=None):
     from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from nanochat.checkpoint_manager import SOURCE_DIRS, find_largest_model, load_model
+    from nanochat.checkpoint_manager import find_largest_model, load_model
     from nanochat.common import get_base_dir
     from nanochat.engine import Engine
 

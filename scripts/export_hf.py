@@ -32,7 +32,7 @@ install_error_handler()  # a UserError prints one line `error: ...` and exits wi
 # Config
 
 OPTIONS = [
-    Option("source", str, "sft", "which checkpoints to export", choices=("base", "mid", "sft"), short="i"),
+    Option("source", str, "sft", "which checkpoints to export", choices=tuple(SOURCE_DIRS), short="i"),
     Option("model_tag", str, None, "model tag, e.g. d20 (default: largest)", short="g"),
     Option("step", int, None, "checkpoint step (default: last)", min=0, short="s"),
     Option("out", str, None, "output folder (required; must not exist or be empty)"),
