@@ -1,35 +1,47 @@
 """
-Supervised fine-tuning (SFT) building blocks, shared by scripts/chat_sft.py and bench/sft_throughput.py.
-Everything here is a small function with explicit arguments (rank / world_size / device passed in, no
-globals), so each off-by-one risk has a unit test: tests/test_sft.py (`python -m pytest tests/test_sft.py`).
+Supervised fine-tuning (SFT) building blocks, shared by scripts/chat_sft.py and the benches. Small functions with
+explicit arguments (rank / world_size / device passed in, no globals); tests: tests/test_sft.py.
 
-- collate_sft: the SFT guide's padded batch (pad with <|assistant_end|>, targets -1 off the assistant mask)
-- pack_best_fit / collate_packed: whole conversations best-fit into rows, with segment ids
-- fit_conversation: the one truncate / drop filter, used by the batches and by the step count alike
-- sft_batches: the per-rank stream of CPU batches (SFTBatch, pad or bestfit), resumable from a small state
-- grad_accum_steps_for / num_sft_iterations / count_steps_bestfit / num_sft_steps: step arithmetic
+The epoch is planned once, then materialised (as TRL's pack_dataset(strategy="bfd") plans its packing up front):
+- render_share: each rank renders its share of a dataset once (conversations rank, rank + world_size, ...) and
+  keeps, per conversation, only numbers (a Share): its rendered length, the outcome of fit_conversation (the one
+  truncate / drop filter), its fitted length, supervised targets and the mixture part it came from
+- plan_epoch: the packing, on lengths alone. "pad": consecutive groups of batch_size conversations (the guide);
+  "bestfit": pack_best_fit over the whole epoch in decreasing length order, rows shuffled with the seed, then
+  batch_size rows to a micro-batch. A plan is a list of micro-batches of rows of positions in the Share.
+- Epochs beyond the first repeat the first epoch's plan (as the guide's stream cycles the mixture in one order):
+  micro-batch k of a run is plan[k % len(plan)], so the step number alone is the resume state; num_sft_steps
+  counts the steps from the plan (the smallest count over ranks).
+- sft_batches: micro-batch k onwards, rendered again and collated (collate_sft / collate_packed) into SFTBatch;
+  plan_positions counts positions and padding for the batches and the data preview alike, so what the preview
+  and the step count describe is what the loop trains on. Rendering happens twice per trained epoch (to plan, then
+  to materialise; the ids are not kept: a large mixture would hold every token in memory), once in a dry run.
 - micro_batch_loss_scale: "token" vs the guide's "micro_batch_mean" (README, "Loss normalisation")
 - accumulate_step: one optimizer step's forward/backward over its micro-batches, and the rank-agreed decision
   to skip it (skip_reason: NaN / out of memory)
-(the per-rank resume state lives in nanochat/checkpoint_manager.py: save_run_state / load_run_state)
-
-Mixture specs (train_mixture / val_mixture) are parsed and built by tasks/mixture.py; what chat_sft prints
-about its data and steps (the --dry_run preview, the step line, the report's figures) is nanochat/sft_report.py.
+Mixture specs are parsed by tasks/mixture.py; what chat_sft prints and reports is nanochat/sft_report.py.
 """
 
+import bisect
 import contextlib
+import itertools
 import math
+import random
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 
 from nanochat.common import UserError, all_reduce_values
 from nanochat.config import ConfigError
-from nanochat.perf import batch_flops, pad_to_bucket
+from nanochat.perf import batch_flops, bucketed_length, pad_to_bucket
 from nanochat.schedules import num_grad_accum_steps
 
+LOSS_NORMALIZATIONS = ("token", "micro_batch_mean")  # see README, "Loss normalisation"
+PACKINGS = ("pad", "bestfit")
+
 # ----------------------------------------------------------------------------------------------------------
-# Collation
+# Collation and packing
 
 
 def collate_sft(batch, pad_id, ignore_index=-1):
@@ -54,29 +66,30 @@ def collate_sft(batch, pad_id, ignore_index=-1):
     return inputs, targets
 
 
-def pack_best_fit(lengths, row_capacity, num_rows=None):
-    """Best-fit bin packing of items (conversation lengths, in tokens) into rows of `row_capacity` tokens.
-    Items are taken in the given order; each goes to the open row with the least room that still fits it,
-    or opens a new row (while fewer than `num_rows` rows are open; unlimited if None). Items that fit
-    nowhere are returned as leftovers, in order. Every item must fit an empty row.
-    Returns (rows, leftover): rows = list of lists of item indices, leftover = list of item indices."""
-    rows, room, leftover = [], [], []
+def pack_best_fit(lengths, row_capacity):
+    """Best-fit packing of items (conversation lengths, in tokens) into rows of `row_capacity` tokens, taken in the
+    given order: each goes to the open row with the least room that still fits it, or opens a new row. Returns
+    rows: lists of item indices, in the order the rows were opened. O(n log row_capacity): the open rows are kept
+    by their room, and only the distinct rooms (at most row_capacity) are searched."""
+    rows, rooms, rows_with_room = [], [], {}  # rooms: sorted distinct rooms of open rows; room -> row indices
     for i, n in enumerate(lengths):
         assert 0 < n <= row_capacity, f"item {i} has length {n}, outside (0, {row_capacity}]"
-        best = -1
-        for r, free in enumerate(room):
-            if n <= free and (best < 0 or free < room[best]):
-                best = r
-        if best < 0 and (num_rows is None or len(rows) < num_rows):
+        k = bisect.bisect_left(rooms, n)
+        if k < len(rooms):  # the tightest room that fits
+            room = rooms[k]
+            r = rows_with_room[room].pop()
+            if not rows_with_room[room]:
+                del rows_with_room[room], rooms[k]
+        else:
+            room, r = row_capacity, len(rows)
             rows.append([])
-            room.append(row_capacity)
-            best = len(rows) - 1
-        if best < 0:
-            leftover.append(i)
-            continue
-        rows[best].append(i)
-        room[best] -= n
-    return rows, leftover
+        rows[r].append(i)
+        if room > n:
+            if room - n not in rows_with_room:
+                bisect.insort(rooms, room - n)
+                rows_with_room[room - n] = []
+            rows_with_room[room - n].append(r)
+    return rows
 
 
 def collate_packed(rows, row_capacity, pad_id, ignore_index=-1, num_rows=None):
@@ -115,20 +128,6 @@ def padding_fraction(num_pad_positions, num_positions):
     return num_pad_positions / num_positions if num_positions > 0 else 0.0
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The per-rank data stream (resumable)
-
-
-class SFTBatch(NamedTuple):
-    """One micro-batch of one rank, on the CPU. segment_ids is None under packing "pad"; stats counts examples,
-    truncated, dropped, positions, pad_positions, supervised, epoch; state is the stream position after it."""
-    inputs: torch.Tensor
-    targets: torch.Tensor
-    segment_ids: torch.Tensor | None
-    stats: dict
-    state: dict
-
-
 def fit_conversation(ids, mask, row_capacity, drop_long):
     """The one filter of rendered conversations, for the batches and for the step count alike:
     -> (ids, mask, "kept" | "truncated" | "dropped"); ids and mask are None when dropped (longer than
@@ -144,159 +143,137 @@ def fit_conversation(ids, mask, row_capacity, drop_long):
     return ids, mask, outcome
 
 
-def initial_data_state():
-    """Where a rank's stream starts: epoch 0, first conversation, nothing pending (JSON-serialisable)."""
-    return {"epoch": 0, "cursor": 0, "pending": []}
+# ----------------------------------------------------------------------------------------------------------
+# The plan: one rank's share rendered once, packed once
 
 
-def sft_batches(dataset, render_fn, batch_size, pad_id, packing="pad", row_capacity=2049, drop_long=False,
-                rank=0, world_size=1, state=None, lookahead=2.0, ignore_index=-1, bucket=1):
-    """Yield SFTBatch(inputs, targets, segment_ids, stats, state) forever: CPU batches for one rank.
-
-    The rank reads conversations rank, rank + world_size, rank + 2 * world_size, ... of `dataset` (a Task,
-    a list: anything with len() and [i]); epochs repeat. `render_fn(conversation)` returns
-    (ids, mask); fit_conversation truncates a conversation longer than `row_capacity` tokens (counted in
-    stats["truncated"]) or, with drop_long, skips it (stats["dropped"]).
-    - packing "pad": batch_size conversations per batch, padded to the longest (collate_sft); segment_ids None.
-    - packing "bestfit": conversations buffered until about lookahead * batch_size * row_capacity tokens are
-      at hand, then best-fit into batch_size rows of row_capacity tokens (collate_packed); the leftovers go
-      first into the next batch. Every conversation appears exactly once per epoch.
-    `state` (from initial_data_state() or a previous yield) is the position AFTER the yielded batch, so a
-    run that saves the state of the last batch it used resumes exactly there.
-    bucket > 1 (compiled pad mode): a padded batch's length is rounded up to a multiple of it (pad_to_bucket,
-    at most row_capacity - 1), so a compiled model sees a handful of shapes; the extra positions count as padding.
-    stats: examples, truncated, dropped, positions (inputs.numel()), pad_positions, supervised, epoch."""
-    assert packing in PACKINGS, f"packing must be one of {PACKINGS}, got {packing!r}"
-    assert batch_size > 0 and row_capacity >= 2
-    num_examples = len(dataset)
-    per_rank = len(range(rank, num_examples, world_size))
-    if per_rank <= 0:
-        raise UserError(f"rank {rank} of {world_size} gets no conversations from a dataset of {num_examples}: "
-                        f"use more data or fewer processes")
-    state = dict(initial_data_state() if state is None else state)
-    epoch, cursor = state["epoch"], state["cursor"]
-    counts = {"truncated": 0, "dropped": 0}
-    skipped = {"run": 0}  # consecutive skipped conversations, to fail instead of looping forever
-
-    def render(index):
-        ids, mask, outcome = fit_conversation(*render_fn(dataset[index]), row_capacity, drop_long)
-        if outcome != "kept":
-            counts[outcome] += 1
-        return None if ids is None else (index, ids, mask)
-
-    def next_index():
-        nonlocal epoch, cursor
-        if cursor >= per_rank:
-            epoch, cursor = epoch + 1, 0
-        index = rank + cursor * world_size
-        cursor += 1
-        return index
-
-    def next_item():
-        item = render(next_index())
-        skipped["run"] = 0 if item is not None else skipped["run"] + 1
-        if skipped["run"] > per_rank:
-            raise ConfigError(f"every conversation of rank {rank} is dropped (longer than row_capacity="
-                              f"{row_capacity} with drop_long, or shorter than 2 tokens): raise max_seq_len or set "
-                              f"drop_long = false")
-        return item
-
-    def emit(inputs, targets, segment_ids, examples, pad_positions, pending_indices):
-        stats = dict(examples=examples, truncated=counts["truncated"], dropped=counts["dropped"],
-                     positions=inputs.numel(), pad_positions=pad_positions,
-                     supervised=int((targets != ignore_index).sum()), epoch=epoch)
-        counts["truncated"] = counts["dropped"] = 0
-        return SFTBatch(inputs, targets, segment_ids, stats, {"epoch": epoch, "cursor": cursor, "pending": pending_indices})
-
-    pending = [item for item in (render(i) for i in state["pending"]) if item is not None]
-    if packing == "pad":
-        while True:
-            batch = pending
-            pending = []
-            while len(batch) < batch_size:
-                item = next_item()
-                if item is not None:
-                    batch.append(item)
-            inputs, targets = pad_to_bucket(*collate_sft([(ids, mask) for _, ids, mask in batch], pad_id, ignore_index),
-                                            bucket, pad_id, max_len=row_capacity - 1, ignore_index=ignore_index)
-            pad_positions = sum(inputs.size(1) - (len(ids) - 1) for _, ids, _ in batch)
-            yield emit(inputs, targets, None, len(batch), pad_positions, [])
-    else:
-        T = row_capacity - 1
-        for rows, pending in best_fit_batches(next_item, lambda item: len(item[1]), pending, batch_size,
-                                              row_capacity, lookahead):
-            row_items = [[(ids, mask) for _, ids, mask in row] for row in rows]
-            inputs, targets, segment_ids = collate_packed(row_items, row_capacity, pad_id, ignore_index,
-                                                          num_rows=batch_size)
-            pad_positions = batch_size * T - sum(min(sum(len(ids) for ids, _ in row), T) for row in row_items)
-            yield emit(inputs, targets, segment_ids, sum(len(r) for r in rows), pad_positions,
-                       [index for index, _, _ in pending])
+class BatchSettings(NamedTuple):
+    packing: str = "pad"  # PACKINGS
+    batch_size: int = 4  # conversations (pad) or rows (bestfit) per micro-batch
+    row_capacity: int = 2049  # tokens per row: max_seq_len input positions + the last target
+    pad_id: int = 0  # <|assistant_end|> in chat_sft: padding has no target anyway
+    drop_long: bool = False  # drop conversations longer than row_capacity instead of truncating them
+    bucket: int = 1  # pad mode, compiled: batch lengths rounded up to a multiple of this (pad_to_bucket)
+    ignore_index: int = -1
 
 
-def best_fit_batches(next_item, length_of, pending, batch_size, row_capacity, lookahead=2.0):
-    """The bestfit stream on abstract items: pull items with next_item() (None = skipped; StopIteration = no
-    more: the rest is packed, then the stream ends) until about
-    lookahead * batch_size * row_capacity tokens are buffered, best-fit them into batch_size rows, yield
-    (rows of items, leftover items); leftovers go first into the next batch (oldest first, so none waits
-    long), new items longest first (best-fit decreasing packs tighter)."""
-    budget = lookahead * batch_size * row_capacity
-    pending, exhausted = list(pending), False
-    while True:
-        fresh, buffered = [], sum(length_of(item) for item in pending)
-        while buffered < budget and not exhausted:
-            try:
-                item = next_item()
-            except StopIteration:  # a finite source (the data preview): pack what is left, then stop
-                exhausted = True
-                break
-            if item is not None:
-                fresh.append(item)
-                buffered += length_of(item)
-        buffer = pending + sorted(fresh, key=lambda item: -length_of(item))
-        if not buffer:
-            return
-        rows, leftover = pack_best_fit([length_of(item) for item in buffer], row_capacity, num_rows=batch_size)
-        pending = [buffer[i] for i in leftover]
-        yield [[buffer[i] for i in row] for row in rows], pending
+class Share(NamedTuple):
+    """One rank's share of a dataset, rendered once: per conversation in reading order (lists), its dataset
+    index, its rendered length, its length after fit_conversation (0: dropped), its supervised targets after
+    fitting, the outcome ("kept" | "truncated" | "dropped") and its source (the mixture part it came from)."""
+    indices: list
+    tokens: list
+    lengths: list
+    supervised: list
+    outcomes: list
+    sources: list
 
 
-def count_steps_bestfit(lengths, batch_size, row_capacity, num_batches_per_step, num_epochs, lookahead=2.0):
-    """How many optimizer steps a bestfit stream over conversations of these `lengths` (one rank's, in its
-    reading order, after truncation/dropping) needs to cover num_epochs epochs: the packing of sft_batches
-    replayed on lengths only (no rendering, no tensors). At least 1."""
-    assert len(lengths) > 0 and all(0 < n <= row_capacity for n in lengths)
-    position = {"epoch": 0, "cursor": 0}
-
-    def next_item():
-        if position["cursor"] >= len(lengths):
-            position["epoch"] += 1
-            position["cursor"] = 0
-        position["cursor"] += 1
-        return lengths[position["cursor"] - 1]
-
-    num_batches = 0
-    for _ in best_fit_batches(next_item, lambda n: n, [], batch_size, row_capacity, lookahead):
-        if position["epoch"] >= num_epochs:
-            break
-        num_batches += 1
-    return max(1, num_batches // num_batches_per_step)
-
-
-def rank_lengths(dataset, render_fn, row_capacity, drop_long, rank=0, world_size=1):
-    """The lengths, after fit_conversation, of the conversations this rank reads (in its reading order)."""
-    lengths = []
+def render_share(dataset, render_fn, settings, rank=0, world_size=1, source_of=None):
+    """Render conversations rank, rank + world_size, ... of `dataset` (anything with len() and [i]) with
+    render_fn (-> ids, mask) and fit each (fit_conversation) -> Share. source_of(index) names the mixture part
+    (default 0). Fails in one line when the rank gets no conversation or every one of them is dropped."""
+    share = Share([], [], [], [], [], [])
     for index in range(rank, len(dataset), world_size):
-        ids, _, _ = fit_conversation(*render_fn(dataset[index]), row_capacity, drop_long)
-        if ids is not None:
-            lengths.append(len(ids))
-    return lengths
+        ids, mask = render_fn(dataset[index])
+        fitted, fitted_mask, outcome = fit_conversation(ids, mask, settings.row_capacity, settings.drop_long)
+        row = (index, len(ids), len(fitted or ()), sum(fitted_mask[1:]) if fitted else 0, outcome,
+               0 if source_of is None else source_of(index))
+        for column, value in zip(share, row):
+            column.append(value)
+    if not share.indices:
+        raise UserError(f"rank {rank} of {world_size} gets no conversations from a dataset of {len(dataset)}: use "
+                        f"more data or fewer processes")
+    if not any(share.lengths):
+        raise ConfigError(f"every conversation of rank {rank} is dropped (longer than row_capacity="
+                          f"{settings.row_capacity} with drop_long, or shorter than 2 tokens): raise max_seq_len or "
+                          f"set drop_long = false")
+    return share
+
+
+def gather_share(share, world_size=1):
+    """Every rank's Share joined into one, rank after rank: the whole dataset's figures (a collective)."""
+    if world_size == 1:
+        return share
+    shares = [None] * world_size
+    dist.all_gather_object(shares, tuple(share))
+    return Share(*(sum((list(s[k]) for s in shares), []) for k in range(len(Share._fields))))
+
+
+def plan_epoch(lengths, settings, seed=0):
+    """The epoch's micro-batches from the fitted lengths of a Share (0 = dropped): a list of micro-batches, each
+    a list of rows, each a list of positions in the Share. "pad": one conversation per row, batch_size
+    consecutive conversations per micro-batch (the last may have fewer). "bestfit": pack_best_fit over the epoch in
+    decreasing length order (best-fit decreasing, TRL's "bfd"; every conversation exactly once), the rows shuffled
+    with random.Random(seed) (else the first steps would see only the longest conversations), batch_size rows per
+    micro-batch."""
+    kept = [j for j, n in enumerate(lengths) if n > 0]
+    if settings.packing == "pad":
+        rows = [[j] for j in kept]
+    else:
+        kept.sort(key=lambda j: -lengths[j])  # stable: ties keep the reading order
+        rows = [[kept[i] for i in row] for row in pack_best_fit([lengths[j] for j in kept], settings.row_capacity)]
+        random.Random(seed).shuffle(rows)
+    return [rows[i:i + settings.batch_size] for i in range(0, len(rows), settings.batch_size)]
+
+
+def plan_positions(plan, lengths, settings):
+    """(positions, pad_positions) summed over a plan's micro-batches, as their collated batches have them: "pad" =
+    one row per conversation of the micro-batch's longest length - 1 positions, rounded up to the bucket
+    (pad_to_bucket), n - 1 real ones per conversation of n tokens; "bestfit" = batch_size rows of
+    row_capacity - 1 positions, min(n, row_capacity - 1) real ones per row of n tokens."""
+    positions = pad_positions = 0
+    for rows in plan:
+        row_lengths = [sum(lengths[j] for j in row) for row in rows]
+        if settings.packing == "pad":
+            T = bucketed_length(max(row_lengths) - 1, settings.bucket, settings.row_capacity - 1)
+            positions, pad_positions = positions + len(rows) * T, pad_positions + sum(T + 1 - n for n in row_lengths)
+        else:
+            T = settings.row_capacity - 1
+            positions += settings.batch_size * T
+            pad_positions += settings.batch_size * T - sum(min(n, T) for n in row_lengths)
+    return positions, pad_positions
+
+
+class SFTBatch(NamedTuple):
+    """One micro-batch of one rank, on the CPU. segment_ids is None under packing "pad"; stats counts examples,
+    truncated, dropped, positions, pad_positions, supervised."""
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    segment_ids: torch.Tensor | None
+    stats: dict
+
+
+def sft_batches(dataset, render_fn, share, plan, settings, start=0):
+    """Yield SFTBatch forever: micro-batch start, start + 1, ... of the run, micro-batch k being
+    plan[k % len(plan)] (epochs repeat the plan). Conversations are rendered again and fitted as render_share did;
+    "pad" collates with collate_sft (lengths rounded up to settings.bucket), "bestfit" with collate_packed.
+    stats["dropped"] counts the share's dropped conversations on the first micro-batch of each epoch."""
+    s = settings
+    for k in itertools.count(start):
+        rows = plan[k % len(plan)]
+        items = [[fit_conversation(*render_fn(dataset[share.indices[j]]), s.row_capacity, s.drop_long)[:2]
+                  for j in row] for row in rows]
+        assert [len(ids) for row in items for ids, _ in row] == [share.lengths[j] for row in rows for j in row], \
+            "render_fn gave other lengths than when the epoch was planned"
+        if s.packing == "pad":
+            inputs, targets = pad_to_bucket(*collate_sft([row[0] for row in items], s.pad_id, s.ignore_index),
+                                            s.bucket, s.pad_id, s.row_capacity - 1, s.ignore_index)
+            segment_ids = None
+        else:
+            inputs, targets, segment_ids = collate_packed(items, s.row_capacity, s.pad_id, s.ignore_index,
+                                                          s.batch_size)
+        positions, pad_positions = plan_positions([rows], share.lengths, s)
+        assert positions == inputs.numel(), "the plan counts other positions than the batch has"
+        stats = dict(examples=sum(map(len, rows)), positions=positions, pad_positions=pad_positions,
+                     truncated=sum(share.outcomes[j] == "truncated" for row in rows for j in row),
+                     dropped=share.outcomes.count("dropped") if k % len(plan) == 0 else 0,
+                     supervised=int((targets != s.ignore_index).sum()))
+        yield SFTBatch(inputs, targets, segment_ids, stats)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Step arithmetic and loss normalisation
-
-LOSS_NORMALIZATIONS = ("token", "micro_batch_mean")  # see README, "Loss normalisation"
-PACKINGS = ("pad", "bestfit")
 
 
 def grad_accum_steps_for(target_examples_per_step, device_batch_size, world_size):
@@ -304,14 +281,6 @@ def grad_accum_steps_for(target_examples_per_step, device_batch_size, world_size
     return num_grad_accum_steps(target_examples_per_step, device_batch_size * world_size, "target_examples_per_step",
                             f"device_batch_size * world_size = {device_batch_size} * {world_size}")
 
-
-def num_sft_iterations(num_examples, target_examples_per_step, num_epochs, max_iterations=-1):
-    """The guide's step count: len(train) // target_examples_per_step * num_epochs, capped by max_iterations
-    (-1: no cap)."""
-    num_iterations = (num_examples // target_examples_per_step) * num_epochs
-    if max_iterations >= 0:
-        num_iterations = min(num_iterations, max_iterations)
-    return num_iterations
 
 
 def micro_batch_loss_scale(loss_normalization, micro_tokens, step_tokens, world_size, grad_accum_steps):
@@ -341,16 +310,11 @@ def skip_reason(step_loss, oom_count):
     return None
 
 
-def num_sft_steps(dataset, render_fn, packing, target_examples_per_step, device_batch_size, grad_accum,
-                  row_capacity, drop_long, num_epochs, max_iterations=-1, rank=0, world_size=1, device="cpu"):
-    """Optimizer steps of the run. pad: the guide's count (num_sft_iterations). bestfit: a step holds as many
-    conversations as fit, so the packing of sft_batches is replayed on this rank's lengths (rank_lengths: the
-    same filter the batches use) and every rank runs the smallest count. Capped by max_iterations (-1: none)."""
-    if packing == "pad":
-        return num_sft_iterations(len(dataset), target_examples_per_step, num_epochs, max_iterations)
-    lengths = rank_lengths(dataset, render_fn, row_capacity, drop_long, rank, world_size)
-    steps = count_steps_bestfit(lengths, device_batch_size, row_capacity, grad_accum, num_epochs) if lengths else 0
-    steps = int(all_reduce_values([steps], "min", device, world_size)[0])
+def num_sft_steps(num_micro_batches, grad_accum, num_epochs, max_iterations=-1, device="cpu", world_size=1):
+    """Optimizer steps of the run: num_epochs passes over a plan of num_micro_batches, grad_accum micro-batches a
+    step, the smallest count over ranks (a rank with more would wait forever in a collective), capped by
+    max_iterations (-1: none)."""
+    steps = int(all_reduce_values([num_epochs * num_micro_batches // grad_accum], "min", device, world_size)[0])
     return min(steps, max_iterations) if max_iterations >= 0 else steps
 
 
@@ -402,6 +366,3 @@ def accumulate_step(model, micro_batches, loss_normalization, device, world_size
     if reason is not None:
         model.zero_grad(set_to_none=True)  # no gradient of a skipped step survives into the next
     return StepResult(step_loss, reason, totals)
-
-
-# ----------------------------------------------------------------------------------------------------------
