@@ -1,25 +1,17 @@
 """
-Supervised fine-tuning (SFT) building blocks, shared by scripts/chat_sft.py and the benches. Small functions with
-explicit arguments (rank / world_size / device passed in, no globals); tests: tests/test_sft.py.
-
+Supervised fine-tuning (SFT) building blocks for scripts/chat_sft.py and the benches; tests: tests/test_sft.py.
 The epoch is planned once, then materialised (as TRL's pack_dataset(strategy="bfd") plans its packing up front):
-- render_share: each rank renders its share of a dataset once (conversations rank, rank + world_size, ...) and
-  keeps, per conversation, only numbers (a Share): its rendered length, the outcome of fit_conversation (the one
-  truncate / drop filter), its fitted length, supervised targets and the mixture part it came from
-- plan_epoch: the packing, on lengths alone. "pad": consecutive groups of batch_size conversations (the guide);
-  "bestfit": pack_best_fit over the whole epoch in decreasing length order, rows shuffled with the seed, then
-  batch_size rows to a micro-batch. A plan is a list of micro-batches of rows of positions in the Share.
-- Epochs beyond the first repeat the first epoch's plan (as the guide's stream cycles the mixture in one order):
-  micro-batch k of a run is plan[k % len(plan)], so the step number alone is the resume state; num_sft_steps
-  counts the steps from the plan (the smallest count over ranks).
-- sft_batches: micro-batch k onwards, rendered again and collated (collate_sft / collate_packed) into SFTBatch;
-  plan_positions counts positions and padding for the batches and the data preview alike, so what the preview
-  and the step count describe is what the loop trains on. Rendering happens twice per trained epoch (to plan, then
-  to materialise; the ids are not kept: a large mixture would hold every token in memory), once in a dry run.
-- micro_batch_loss_scale: "token" vs the guide's "micro_batch_mean" (README, "Loss normalisation")
-- accumulate_step: one optimizer step's forward/backward over its micro-batches, and the rank-agreed decision
-  to skip it (skip_reason: NaN / out of memory)
-Mixture specs are parsed by tasks/mixture.py; what chat_sft prints and reports is nanochat/sft_report.py.
+- render_share: each rank renders its share (conversations rank, rank + world_size, ...) once and keeps numbers
+  only: lengths, the outcome of fit_conversation (the one truncate / drop filter), supervised targets, source part
+- plan_epoch: the packing, on lengths: "pad" = consecutive groups of batch_size conversations (the guide's);
+  "bestfit" = pack_best_fit over the epoch in decreasing length order, rows shuffled with the seed
+- epochs beyond the first repeat the first one's plan (the guide's stream also cycles the mixture in one order):
+  micro-batch k of a run is plan[k % len(plan)], so the step number is the whole resume state
+- sft_batches: the micro-batches, rendered again (the ids are not kept: a large mixture would hold every token in
+  memory; so a dry run renders once, a run twice per epoch) and collated by collate_sft / collate_packed;
+  plan_positions counts positions and padding for the batches and the preview alike
+- micro_batch_loss_scale ("token" vs the guide's "micro_batch_mean", README) and accumulate_step: one optimizer
+  step's forward/backward and the rank-agreed decision to skip it (skip_reason: NaN / out of memory)
 """
 
 import bisect
@@ -67,10 +59,9 @@ def collate_sft(batch, pad_id, ignore_index=-1):
 
 
 def pack_best_fit(lengths, row_capacity):
-    """Best-fit packing of items (conversation lengths, in tokens) into rows of `row_capacity` tokens, taken in the
-    given order: each goes to the open row with the least room that still fits it, or opens a new row. Returns
-    rows: lists of item indices, in the order the rows were opened. O(n log row_capacity): the open rows are kept
-    by their room, and only the distinct rooms (at most row_capacity) are searched."""
+    """Best-fit packing of items (lengths, in tokens) into rows of `row_capacity` tokens, in the given order: each
+    goes to the open row with the least room that fits it, or opens a row. -> rows (lists of item indices) in the
+    order opened. Open rows are kept by room: a bisection over the distinct rooms (at most row_capacity) per item."""
     rows, rooms, rows_with_room = [], [], {}  # rooms: sorted distinct rooms of open rows; room -> row indices
     for i, n in enumerate(lengths):
         assert 0 < n <= row_capacity, f"item {i} has length {n}, outside (0, {row_capacity}]"
@@ -144,7 +135,7 @@ def fit_conversation(ids, mask, row_capacity, drop_long):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The plan: one rank's share rendered once, packed once
+# The plan: one rank's share rendered once, packed once, then materialised
 
 
 class BatchSettings(NamedTuple):
@@ -158,9 +149,9 @@ class BatchSettings(NamedTuple):
 
 
 class Share(NamedTuple):
-    """One rank's share of a dataset, rendered once: per conversation in reading order (lists), its dataset
-    index, its rendered length, its length after fit_conversation (0: dropped), its supervised targets after
-    fitting, the outcome ("kept" | "truncated" | "dropped") and its source (the mixture part it came from)."""
+    """One rank's share of a dataset, rendered once: lists with, per conversation in reading order, its dataset
+    index, rendered length, length after fit_conversation (0: dropped), supervised targets after fitting, outcome
+    ("kept" | "truncated" | "dropped") and source (the mixture part it came from)."""
     indices: list
     tokens: list
     lengths: list
@@ -201,12 +192,10 @@ def gather_share(share, world_size=1):
 
 
 def plan_epoch(lengths, settings, seed=0):
-    """The epoch's micro-batches from the fitted lengths of a Share (0 = dropped): a list of micro-batches, each
-    a list of rows, each a list of positions in the Share. "pad": one conversation per row, batch_size
-    consecutive conversations per micro-batch (the last may have fewer). "bestfit": pack_best_fit over the epoch in
-    decreasing length order (best-fit decreasing, TRL's "bfd"; every conversation exactly once), the rows shuffled
-    with random.Random(seed) (else the first steps would see only the longest conversations), batch_size rows per
-    micro-batch."""
+    """The epoch's micro-batches (lists of rows, each a list of positions in the Share) from a Share's fitted
+    lengths (0: dropped). "pad": one conversation a row, batch_size consecutive ones a micro-batch (the last may
+    have fewer). "bestfit": pack_best_fit in decreasing length order (TRL's "bfd"; each conversation once), rows
+    shuffled with random.Random(seed) (else the first steps would hold only the longest), batch_size a batch."""
     kept = [j for j, n in enumerate(lengths) if n > 0]
     if settings.packing == "pad":
         rows = [[j] for j in kept]
@@ -218,10 +207,9 @@ def plan_epoch(lengths, settings, seed=0):
 
 
 def plan_positions(plan, lengths, settings):
-    """(positions, pad_positions) summed over a plan's micro-batches, as their collated batches have them: "pad" =
-    one row per conversation of the micro-batch's longest length - 1 positions, rounded up to the bucket
-    (pad_to_bucket), n - 1 real ones per conversation of n tokens; "bestfit" = batch_size rows of
-    row_capacity - 1 positions, min(n, row_capacity - 1) real ones per row of n tokens."""
+    """(positions, pad_positions) over a plan's micro-batches, as collated: "pad" = a row per conversation of the
+    longest length - 1 positions, rounded up to the bucket, n - 1 real ones for n tokens; "bestfit" = batch_size
+    rows of row_capacity - 1 positions, min(n, row_capacity - 1) real ones for a row of n tokens."""
     positions = pad_positions = 0
     for rows in plan:
         row_lengths = [sum(lengths[j] for j in row) for row in rows]
@@ -282,7 +270,6 @@ def grad_accum_steps_for(target_examples_per_step, device_batch_size, world_size
                             f"device_batch_size * world_size = {device_batch_size} * {world_size}")
 
 
-
 def micro_batch_loss_scale(loss_normalization, micro_tokens, step_tokens, world_size, grad_accum_steps):
     """The factor that turns a micro-batch's SUMMED token loss into the loss to backpropagate, assuming the
     optimizer averages gradients across ranks.
@@ -331,12 +318,10 @@ class StepResult(NamedTuple):
 def accumulate_step(model, micro_batches, loss_normalization, device, world_size=1, rank=0,
                     autocast=contextlib.nullcontext):
     """Forward and backward of one optimizer step's micro-batches (SFTBatch list) on this rank, leaving the
-    gradients in .grad for the optimizer. The step's supervised-token count is all-reduced first (the "token"
-    normalisation needs it up front); each micro-batch's summed loss is scaled by micro_batch_loss_scale.
-    A CUDA out-of-memory error in any micro-batch, or a non-finite loss on any rank, makes every rank skip the
-    step (one all-reduce carries the loss and the out-of-memory count, so no rank waits alone in the
-    optimizer's collectives); a skipped step leaves no gradient behind. The caller takes the optimizer step
-    when result.skip is None."""
+    gradients in .grad. The step's supervised-token count is all-reduced first ("token" normalisation needs it);
+    each micro-batch's summed loss is scaled by micro_batch_loss_scale. An out-of-memory error or a non-finite
+    loss on any rank makes every rank skip the step (one all-reduce carries the loss and the out-of-memory count,
+    so no rank waits alone in the optimizer's collectives), leaving no gradient; else result.skip is None."""
     device = torch.device(device)
     flops = [batch_flops(model, b.inputs, b.stats["pad_positions"]) for b in micro_batches]
     local = [sum(b.stats[k] for b in micro_batches) for k in STAT_KEYS] + [sum(f) for f in zip(*flops)]

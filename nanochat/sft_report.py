@@ -18,10 +18,9 @@ def share_part(share, source):
 
 
 def data_summary(share, settings, seed=0):
-    """Figures of a rendered Share (a whole mixture, or one part of it: share_part): conversations, token length
-    mean / p50 / p95 / max (as rendered, before fitting), supervised ratio (supervised targets / target positions,
-    after fitting), truncated and dropped counts and the padding fraction of the epoch's micro-batches under pad and
-    bestfit (plan_epoch and plan_positions: the batches' own count)."""
+    """Figures of a Share (a mixture, or a part of one: share_part) from its recorded numbers: conversations, length
+    mean / p50 / p95 / max (as rendered), supervised ratio (supervised targets / target positions, after fitting),
+    truncated and dropped counts, the padding of the epoch under pad and bestfit (plan_positions, as batched)."""
     padding = {}
     for packing in PACKINGS:
         packed = settings._replace(packing=packing)
@@ -35,20 +34,15 @@ def data_summary(share, settings, seed=0):
             "padding_pad": padding["pad"], "padding_bestfit": padding["bestfit"]}
 
 
-def format_data_summary(name, row, width=0):
-    return (f"{name:<{width}} | {row['conversations']:>7,} conv | tokens mean {row['tokens_mean']:6.1f} p50 "
-            f"{row['tokens_p50']:5.0f} p95 {row['tokens_p95']:5.0f} max {row['tokens_max']:6,} | supervised "
-            f"{row['supervised_ratio']:5.1%} | truncated {row['truncated']:,} dropped {row['dropped']:,} | padding "
-            f"pad {row['padding_pad']:5.1%} bestfit {row['padding_bestfit']:5.1%}")
-
-
 def data_preview(rows, steps, tokenizer, first, row_capacity, color):
-    """The lines of chat_sft's --dry_run: one per (name, data_summary) of `rows` (each training spec, then the
-    mixtures), the optimizer steps ({packing: steps}) and the first training conversation (first: its ids, mask;
-    its first row_capacity tokens) shown by the tokenizer's visualize_tokenization (colour, or [supervised] tokens
-    in brackets)."""
+    """The lines of chat_sft's --dry_run: one per (name, data_summary) of `rows`, the optimizer steps ({packing:
+    steps}) and the first training conversation (first: ids, mask; its first row_capacity tokens) shown by the
+    tokenizer's visualize_tokenization (colour, or [supervised] tokens in brackets)."""
     width = max(len(name) for name, _ in rows)
-    lines = [format_data_summary(name, row, width) for name, row in rows]
+    lines = [f"{name:<{width}} | {r['conversations']:>7,} conv | tokens mean {r['tokens_mean']:6.1f} p50 "
+             f"{r['tokens_p50']:5.0f} p95 {r['tokens_p95']:5.0f} max {r['tokens_max']:6,} | supervised "
+             f"{r['supervised_ratio']:5.1%} | truncated {r['truncated']:,} dropped {r['dropped']:,} | padding pad "
+             f"{r['padding_pad']:5.1%} bestfit {r['padding_bestfit']:5.1%}" for name, r in rows]
     lines.append("Optimizer steps: " + ", ".join(f"{n} with packing={p}" for p, n in steps.items()))
     lines.append(f"One training conversation ({'supervised in green' if color else '[supervised] tokens'}):")
     lines.append(tokenizer.visualize_tokenization(first[0][:row_capacity], first[1][:row_capacity], color=color))
@@ -56,9 +50,9 @@ def data_preview(rows, steps, tokenizer, first, row_capacity, color):
 
 
 def sample_conversations(engine, tokenizer, conversations, context, max_tokens=64, num=2):
-    """The report's sample answers: the first `num` conversations whose prompt (without the last assistant turn)
-    leaves room for max_tokens new tokens in the model's context (its sequence_len; a longer prompt is skipped,
-    not cut), each as prompt + greedy answer text. Returns report items: a heading saying so, then the samples."""
+    """The report's samples: the first `num` conversations whose prompt (without the last assistant turn) leaves
+    room for max_tokens new tokens in the model's context (sequence_len; longer ones are skipped, not cut), as
+    prompt + greedy answer. Returns report items: a heading that says so, then the samples."""
     samples = []
     for conversation in conversations:
         if len(samples) == num:
@@ -73,10 +67,9 @@ def sample_conversations(engine, tokenizer, conversations, context, max_tokens=6
 
 
 def format_step(step, loss, lrm, step_totals, dt, peak_flops=None, world_size=1, peak_memory=None, graphs=None):
-    """chat_sft's step line (the guide's first fields, then throughput) and its wandb dict, from the step's
-    StepResult totals (summed over ranks) and its duration dt in seconds. With peak_flops (per device): the MFU
-    of the useful (non-padding) positions' FLOPs and of all the FLOPs computed; then the peak memory in MiB and
-    the torch.compile graph count (growing after the first step = recompilations), where given."""
+    """chat_sft's step line (the guide's fields, then throughput) and wandb dict, from the step's StepResult totals
+    (all ranks) and duration dt (s). With peak_flops (per device): the MFU of the useful (non-padding) and of all
+    FLOPs; then, where given, the peak memory (MiB) and the torch.compile graph count (growth = recompilations)."""
     tokens, positions = step_totals["supervised"], step_totals["positions"]
     log = {"step": step, "train_loss": loss, "lrm": lrm, "num_tokens": tokens,
            "supervised_ratio": tokens / max(positions, 1),
@@ -109,9 +102,8 @@ def format_skip(step, reason, totals):
 
 
 def report_mixture_table(train_rows):
-    """The report's training-mixture table (a fenced text block, so the report's summary-table parser never
-    reads it): per spec, its entries in the mixture (after weights and repeats), supervised ratio and padding
-    fraction under pad / bestfit."""
+    """The report's training-mixture table (fenced: the report's summary-table parser never reads it): per spec,
+    its entries in the mixture (after weights and repeats), supervised ratio and padding under pad / bestfit."""
     width = max([len("training mixture")] + [len(spec) for spec, _, _ in train_rows])
     lines = [f"{'training mixture':<{width}}  entries  supervised  padding(pad)  padding(bestfit)"]
     lines += [f"{spec:<{width}}  {entries:>7,}  {row['supervised_ratio']:>10.1%}  {row['padding_pad']:>12.1%}  "
@@ -121,10 +113,9 @@ def report_mixture_table(train_rows):
 
 def report_section(config, train_rows, num_conversations, num_iterations, totals, train_time, final_metrics, samples,
                    peak_flops=None, world_size=1):
-    """The data of chat_sft's "Chat SFT" report section: the key options, the training-mixture table
-    (report_mixture_table), the run's counts (totals: summed over the run and the ranks) and figures (supervised
-    ratio, padding fraction, tokens/s, and with peak_flops the MFU of the useful, non-padding, FLOPs), the
-    final metrics (None values left out) and the sample conversations (report items: sample_conversations)."""
+    """chat_sft's "Chat SFT" report section: key options, the mixture table, the run's counts (totals: the run's,
+    all ranks) and figures (supervised ratio, padding, tokens/s, with peak_flops the MFU of the useful FLOPs), the
+    final metrics (None left out) and the sample conversations (report items: sample_conversations)."""
     figures = {"Supervised ratio": totals["supervised"] / max(totals["positions"], 1),
                "Padding fraction": padding_fraction(totals["pad_positions"], totals["positions"]),
                "Tokens per second": round(totals["positions"] / max(train_time, 1e-9))}
@@ -146,7 +137,7 @@ def report_section(config, train_rows, num_conversations, num_iterations, totals
 
 def format_run_summary(train_time, totals, peak_memory=None, compiled=None, graphs_after_first_step=0):
     """chat_sft's closing line: training time, skipped steps, truncated / dropped conversations, the peak memory
-    (if measured) and, for a compiled model (compiled: its graph count now), the recompilations."""
+    (if measured) and, compiled (compiled: the graph count now), the recompilations."""
     return (f"Training time: {train_time:.1f}s | skipped steps: {totals['skipped_nonfinite']} non-finite, "
             f"{totals['skipped_oom']} out of memory | truncated: {totals['truncated']} | dropped: {totals['dropped']}"
             + (f" | peak memory: {peak_memory:.0f} MiB" if peak_memory else "")

@@ -123,8 +123,9 @@ spec_of = {id(task): k for k, (_, task, _) in enumerate(parts["train_mixture"])}
 train_share = render_share(train_ds, render, settings, ddp_rank, ddp_world_size,
                            source_of=lambda i: spec_of[id(train_ds.tasks[train_ds.locate(i)[0]])])
 train_plan = plan_epoch(train_share.lengths, settings, seed)
-num_iterations = num_sft_steps(len(train_plan), grad_accum_steps, config["num_epochs"], config["max_iterations"],
-                               device, ddp_world_size)
+count_steps = lambda epoch_plan: num_sft_steps(len(epoch_plan), grad_accum_steps, config["num_epochs"],  # noqa
+                                              config["max_iterations"], device, ddp_world_size)
+num_iterations = count_steps(train_plan)
 if num_iterations <= 0:
     raise UserError(f"no optimizer steps: {len(train_ds)} training conversations make {len(train_plan)} micro-batches "
                     f"on rank {ddp_rank}, fewer than grad_accum_steps = {grad_accum_steps}; add data or lower "
@@ -140,9 +141,7 @@ whole_train = gather_share(train_share, ddp_world_size)  # every rank's numbers:
 train_rows = [(spec, entries, data_summary(share_part(whole_train, k), settings, seed)) for k, (spec, _, entries)
               in enumerate(parts["train_mixture"])] if master_process else []  # for the preview and the report
 if config["dry_run"]:
-    steps = {p: num_sft_steps(len(plan_epoch(train_share.lengths, settings._replace(packing=p), seed)),
-                              grad_accum_steps, config["num_epochs"], config["max_iterations"], device, ddp_world_size)
-             for p in PACKINGS}
+    steps = {p: count_steps(plan_epoch(train_share.lengths, settings._replace(packing=p), seed)) for p in PACKINGS}
     whole_val = gather_share(val_share, ddp_world_size)
     if master_process:
         rows = [(f"{spec} x{entries:,}", row) for spec, entries, row in train_rows]

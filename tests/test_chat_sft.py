@@ -190,6 +190,16 @@ def test_resume_gives_bit_identical_weights(sft_env, tmp_path):
     assert final_files
     for path in final_files:
         os.remove(path)
+    # a checkpoint of the streaming loader (data state {epoch, cursor, pending}) is refused in one line
+    old = tmp_path / "old"
+    shutil.copytree(interrupted, old)
+    state_path = os.path.join(old, "chatsft_checkpoints", "d2", "state_000003_rank0.pt")
+    state = torch.load(state_path, weights_only=True)
+    torch.save({**state, "data_state": {"epoch": 0, "cursor": 6, "pending": [1]}}, state_path)
+    res = _run_any(old, args + ["--save_every=3", "--resume=1"])
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert res.stderr.strip() == (f"error: cannot resume {old}/chatsft_checkpoints/d2 step 3: it was saved by an older "
+                                  f"chat_sft whose data order this version cannot reproduce; start a new run (resume = 0)")
     out = _run(interrupted, args + ["--save_every=3", "--resume=1"])
     assert "Resuming from" in out and "step 3" in out
     assert re.search(r"^Step 00003 \| Training loss", out, re.M) and not re.search(r"^Step 00002 \|", out, re.M)
