@@ -120,18 +120,13 @@ def padding_fraction(num_pad_positions, num_positions):
 
 
 def fit_conversation(ids, mask, row_capacity, drop_long):
-    """The one filter of rendered conversations, for the batches and for the step count alike:
-    -> (ids, mask, "kept" | "truncated" | "dropped"); ids and mask are None when dropped (longer than
-    row_capacity with drop_long, or shorter than 2 tokens: nothing to learn from, nothing to pack)."""
-    ids, mask = list(ids), list(mask)
-    outcome = "kept"
-    if len(ids) > row_capacity:
-        if drop_long:
-            return None, None, "dropped"
-        ids, mask, outcome = ids[:row_capacity], mask[:row_capacity], "truncated"
-    if len(ids) < 2:
+    """The one filter of rendered conversations, for the plan and the batches alike: -> (ids, mask, "kept" |
+    "truncated" | "dropped"); ids and mask are None when dropped (longer than row_capacity with drop_long, or
+    shorter than 2 tokens: nothing to learn from, nothing to pack)."""
+    outcome = "kept" if len(ids) <= row_capacity else "dropped" if drop_long else "truncated"
+    if outcome == "dropped" or len(ids) < 2:
         return None, None, "dropped"
-    return ids, mask, outcome
+    return list(ids[:row_capacity]), list(mask[:row_capacity]), outcome
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -271,14 +266,10 @@ def grad_accum_steps_for(target_examples_per_step, device_batch_size, world_size
 
 
 def micro_batch_loss_scale(loss_normalization, micro_tokens, step_tokens, world_size, grad_accum_steps):
-    """The factor that turns a micro-batch's SUMMED token loss into the loss to backpropagate, assuming the
-    optimizer averages gradients across ranks.
-    - "token": world_size / step_tokens, where step_tokens = supervised tokens of the whole step, all
-      micro-batches, all ranks. Averaged over ranks and summed over micro-batches this is the mean token
-      loss of the step.
-    - "micro_batch_mean": 1 / (micro_tokens * grad_accum_steps), the guide's mean per micro-batch divided
-      by the number of micro-steps.
-    A count of zero gives a zero scale (nothing to learn from) instead of a NaN."""
+    """The factor that turns a micro-batch's SUMMED token loss into the loss to backpropagate, the optimizer
+    averaging gradients over ranks. "token": world_size / step_tokens (supervised tokens of the whole step, all
+    micro-batches and ranks): the step's mean token loss. "micro_batch_mean": 1 / (micro_tokens *
+    grad_accum_steps), the guide's mean per micro-batch over the micro-steps. A zero count gives 0, not NaN."""
     if loss_normalization == "token":
         return world_size / step_tokens if step_tokens > 0 else 0.0
     if loss_normalization == "micro_batch_mean":
@@ -287,9 +278,8 @@ def micro_batch_loss_scale(loss_normalization, micro_tokens, step_tokens, world_
 
 
 def skip_reason(step_loss, oom_count):
-    """Why an optimizer step must be skipped, or None. Called with values already reduced over ranks (the
-    summed loss, where any rank's NaN/inf propagates, and the number of ranks that ran out of memory), so
-    every rank takes the same decision and none waits forever in the optimizer's collectives."""
+    """Why an optimizer step must be skipped, or None, from values reduced over ranks (the summed loss: any NaN/inf
+    propagates; the ranks out of memory), so every rank decides the same and none waits in a collective."""
     if oom_count > 0:
         return "out of memory"
     if not math.isfinite(step_loss):

@@ -34,15 +34,20 @@ def data_summary(share, settings, seed=0):
             "padding_pad": padding["pad"], "padding_bestfit": padding["bestfit"]}
 
 
+def summary_lines(rows):
+    """One line per (name, data_summary) of `rows`: the mixture table of the data preview and of the report."""
+    width = max((len(name) for name, _ in rows), default=0)
+    return [f"{name:<{width}} | {r['conversations']:>7,} conv | tokens mean {r['tokens_mean']:6.1f} p50 "
+            f"{r['tokens_p50']:5.0f} p95 {r['tokens_p95']:5.0f} max {r['tokens_max']:6,} | supervised "
+            f"{r['supervised_ratio']:5.1%} | truncated {r['truncated']:,} dropped {r['dropped']:,} | padding pad "
+            f"{r['padding_pad']:5.1%} bestfit {r['padding_bestfit']:5.1%}" for name, r in rows]
+
+
 def data_preview(rows, steps, tokenizer, first, row_capacity, color):
-    """The lines of chat_sft's --dry_run: one per (name, data_summary) of `rows`, the optimizer steps ({packing:
-    steps}) and the first training conversation (first: ids, mask; its first row_capacity tokens) shown by the
-    tokenizer's visualize_tokenization (colour, or [supervised] tokens in brackets)."""
-    width = max(len(name) for name, _ in rows)
-    lines = [f"{name:<{width}} | {r['conversations']:>7,} conv | tokens mean {r['tokens_mean']:6.1f} p50 "
-             f"{r['tokens_p50']:5.0f} p95 {r['tokens_p95']:5.0f} max {r['tokens_max']:6,} | supervised "
-             f"{r['supervised_ratio']:5.1%} | truncated {r['truncated']:,} dropped {r['dropped']:,} | padding pad "
-             f"{r['padding_pad']:5.1%} bestfit {r['padding_bestfit']:5.1%}" for name, r in rows]
+    """The lines of chat_sft's --dry_run: summary_lines(rows), the optimizer steps ({packing: steps}) and the first
+    training conversation (first: ids, mask; its first row_capacity tokens) shown by the tokenizer's
+    visualize_tokenization (colour, or [supervised] tokens in brackets)."""
+    lines = summary_lines(rows)
     lines.append("Optimizer steps: " + ", ".join(f"{n} with packing={p}" for p, n in steps.items()))
     lines.append(f"One training conversation ({'supervised in green' if color else '[supervised] tokens'}):")
     lines.append(tokenizer.visualize_tokenization(first[0][:row_capacity], first[1][:row_capacity], color=color))
@@ -101,21 +106,11 @@ def format_skip(step, reason, totals):
     return line, {"step": step, "skipped_nonfinite": totals["skipped_nonfinite"], "skipped_oom": totals["skipped_oom"]}
 
 
-def report_mixture_table(train_rows):
-    """The report's training-mixture table (fenced: the report's summary-table parser never reads it): per spec,
-    its entries in the mixture (after weights and repeats), supervised ratio and padding under pad / bestfit."""
-    width = max([len("training mixture")] + [len(spec) for spec, _, _ in train_rows])
-    lines = [f"{'training mixture':<{width}}  entries  supervised  padding(pad)  padding(bestfit)"]
-    lines += [f"{spec:<{width}}  {entries:>7,}  {row['supervised_ratio']:>10.1%}  {row['padding_pad']:>12.1%}  "
-              f"{row['padding_bestfit']:>16.1%}" for spec, entries, row in train_rows]
-    return "```\n" + "\n".join(lines) + "\n```"
-
-
 def report_section(config, train_rows, num_conversations, num_iterations, totals, train_time, final_metrics, samples,
                    peak_flops=None, world_size=1):
-    """chat_sft's "Chat SFT" report section: key options, the mixture table, the run's counts (totals: the run's,
-    all ranks) and figures (supervised ratio, padding, tokens/s, with peak_flops the MFU of the useful FLOPs), the
-    final metrics (None left out) and the sample conversations (report items: sample_conversations)."""
+    """chat_sft's "Chat SFT" report section: key options, summary_lines(train_rows) (fenced: the report's table
+    parser never reads them), the run's counts (totals: all steps and ranks) and figures (supervised ratio, padding,
+    tokens/s, with peak_flops the MFU of the useful FLOPs), the final metrics (None left out) and the samples."""
     figures = {"Supervised ratio": totals["supervised"] / max(totals["positions"], 1),
                "Padding fraction": padding_fraction(totals["pad_positions"], totals["positions"]),
                "Tokens per second": round(totals["positions"] / max(train_time, 1e-9))}
@@ -124,7 +119,7 @@ def report_section(config, train_rows, num_conversations, num_iterations, totals
     return [
         {k: config[k] for k in ("source", "device_batch_size", "target_examples_per_step", "num_epochs",
                                 "init_lr_frac", "loss_normalization", "packing", "max_seq_len")},
-        report_mixture_table(train_rows),
+        "```\n" + "\n".join(summary_lines(train_rows)) + "\n```",
         {"Training conversations": num_conversations, "Number of iterations": num_iterations,
          "Examples seen": totals["examples"], "Skipped steps (non-finite)": totals["skipped_nonfinite"],
          "Skipped steps (out of memory)": totals["skipped_oom"], "Truncated conversations": totals["truncated"],

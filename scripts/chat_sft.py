@@ -138,15 +138,14 @@ print0(f"Target examples per step: {config['target_examples_per_step']} = device
        f"x world_size {ddp_world_size} x grad_accum_steps {grad_accum_steps}")
 print0(f"Number of iterations: {num_iterations} | loss normalisation: {config['loss_normalization']}")
 whole_train = gather_share(train_share, ddp_world_size)  # every rank's numbers: the figures of the whole mixture
-train_rows = [(spec, entries, data_summary(share_part(whole_train, k), settings, seed)) for k, (spec, _, entries)
-              in enumerate(parts["train_mixture"])] if master_process else []  # for the preview and the report
+train_rows = [(f"{spec} x{entries:,}", data_summary(share_part(whole_train, k), settings, seed))  # per spec
+              for k, (spec, _, entries) in enumerate(parts["train_mixture"])] if master_process else []
 if config["dry_run"]:
     steps = {p: count_steps(plan_epoch(train_share.lengths, settings._replace(packing=p), seed)) for p in PACKINGS}
     whole_val = gather_share(val_share, ddp_world_size)
     if master_process:
-        rows = [(f"{spec} x{entries:,}", row) for spec, entries, row in train_rows]
-        rows += [(name, data_summary(share, settings, seed)) for name, share in
-                 (("training mixture", whole_train), ("validation mixture", whole_val))]
+        rows = train_rows + [(name, data_summary(share, settings, seed)) for name, share in
+                             (("training mixture", whole_train), ("validation mixture", whole_val))]
         print0("\n".join(data_preview(rows, steps, tokenizer, render(train_ds[0]), settings.row_capacity,
                                       sys.stdout.isatty())))
     compute_cleanup()

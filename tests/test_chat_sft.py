@@ -284,8 +284,9 @@ def test_cpu_config_dry_run_and_run(sft_env, data_dir, tmp_path):
                               "--eval_steps=1", "--eval_metrics_every=-1"])
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     section = (base_dir / "report" / "chat-sft.md").read_text()
-    assert re.search(r"^ChitChat:train:0:400 +400 +[\d.]+% +[\d.]+% +[\d.]+%$", section, re.M), section
-    assert re.search(r"^GSM8K:main:train:0:200 +200 ", section, re.M)
+    assert re.search(r"^ChitChat:train:0:400 x400 +\|     400 conv \| .* supervised +[\d.]+% \| .* padding pad +[\d.]+% "
+                     r"bestfit +[\d.]+%$", section, re.M), section  # the preview's lines
+    assert re.search(r"^GSM8K:main:train:0:200 x200 +\|     200 conv ", section, re.M)
     assert re.search(r"- Supervised ratio: 0\.\d+", section) and re.search(r"- Tokens per second: \d+", section)
     assert section.count("```") == 2 + 4  # the mixture table and two sample conversations from the final model
     assert "unit of loss_normalization = token" in section
