@@ -2,7 +2,8 @@
 SFT start-up time: seconds from launching scripts.chat_sft to its first training step, on CPU, from a tiny random
 base checkpoint (depth 2, width 64: the model's own cost is small, what is measured is the data work). Per run it
 prints when three lines appear: "Number of iterations" (tokenizer, mixture loaded, the epoch planned), "Model:" (the
-preview figures computed and the model built) and the first "Step 00000 | Training loss" (one training step later).
+preview figures computed and the model built) and the first "Step 00000 | Training loss" (one training step later),
+then the CPU seconds of the whole run (one step, its checkpoint and report included).
 
     NANOCHAT_DATA_DIR=/work/shared/data python -m bench.sft_startup                   # this checkout
     NANOCHAT_DATA_DIR=/work/shared/data python -m bench.sft_startup --repo=/tmp/old   # another checkout, same runs
@@ -14,6 +15,7 @@ are noisy: run it twice.
 """
 
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -28,7 +30,8 @@ OPTIONS = [
     Option("repo", str, ".", "checkout whose scripts.chat_sft is launched"),
     Option("runs", list, ["cpu", "20k-pad", "20k-bestfit"], "which runs (cpu, 20k-pad, 20k-bestfit)"),
 ]
-MIXTURE_20K = "--train_mixture=['ChitChat:train*2', 'ARC:ARC-Easy:train*2', 'ARC:ARC-Challenge:train', 'GSM8K:main:train']"
+MIXTURE_20K = ("--train_mixture=['ChitChat:train*2', 'ARC:ARC-Easy:train*2', 'ARC:ARC-Challenge:train', "
+               "'GSM8K:main:train']")
 COMMON = ["--config", "configs/sft_cpu.txt", "--max_iterations=1", "--eval_every=-1", "--eval_metrics_every=-1"]
 RUNS = {"cpu": COMMON, "20k-pad": [*COMMON, MIXTURE_20K, "--packing=pad"],
         "20k-bestfit": [*COMMON, MIXTURE_20K, "--packing=bestfit"]}
@@ -46,10 +49,11 @@ def write_base_dir(base_dir, tokenizer):
 
 
 def time_run(repo, base_dir, args):
-    """Seconds from launch to the first line starting with each of MARKS (None: not seen), and the exit code."""
+    """Seconds from launch to the first line starting with each of MARKS (absent: not seen), the CPU seconds of the
+    whole run (user + system: less sensitive to a loaded machine than wall time) and the exit code."""
     env = dict(os.environ, NANOCHAT_BASE_DIR=base_dir, WANDB_MODE="disabled", PYTHONPATH=os.path.abspath(repo),
                PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    t0, seen, tail = time.time(), {}, []
+    t0, seen, tail, cpu0 = time.time(), {}, [], resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.Popen([sys.executable, "-m", "scripts.chat_sft", *args, "--overwrite=1"], cwd=repo, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
@@ -59,7 +63,8 @@ def time_run(repo, base_dir, args):
                 seen[name] = time.time() - t0
     if proc.wait() != 0:
         print("".join(tail))
-    return seen, proc.returncode
+    cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return seen, cpu.ru_utime + cpu.ru_stime - cpu0.ru_utime - cpu0.ru_stime, proc.returncode
 
 
 def main():
@@ -69,9 +74,9 @@ def main():
         write_base_dir(base_dir, tokenizer)
         print(f"repo {os.path.abspath(config['repo'])} | seconds from launch to the line:")
         for name in config["runs"]:
-            seen, code = time_run(config["repo"], base_dir, RUNS[name])
+            seen, cpu, code = time_run(config["repo"], base_dir, RUNS[name])
             figures = " | ".join(f"{mark} {seen[mark]:6.1f}" if mark in seen else f"{mark}   -" for mark in MARKS)
-            print(f"{name:<12} | {figures}" + ("" if code == 0 else f" | exit code {code}"))
+            print(f"{name:<12} | {figures} | CPU s (whole run) {cpu:6.1f}" + (f" | exit code {code}" if code else ""))
 
 
 if __name__ == "__main__":

@@ -155,17 +155,19 @@ class Share(NamedTuple):
     sources: list
 
 
-def render_share(dataset, render_fn, settings, rank=0, world_size=1, source_of=None):
+def render_share(dataset, render_fn, settings, rank=0, world_size=1, locate=None):
     """Render conversations rank, rank + world_size, ... of `dataset` (anything with len() and [i]) with
-    render_fn (-> ids, mask) and fit each (fit_conversation) -> Share. source_of(index) names the mixture part
-    (default 0). Fails in one line when the rank gets no conversation or every one of them is dropped."""
-    share = Share([], [], [], [], [], [])
+    render_fn (-> ids, mask) and fit each (fit_conversation) -> Share. locate(index) -> (source, key): the mixture
+    part of the entry and which conversation of it, so a conversation a mixture repeats is rendered once here
+    (default: source 0, no repeats). Fails in one line when the rank gets no conversation or all are dropped."""
+    share, seen = Share([], [], [], [], [], []), {}
     for index in range(rank, len(dataset), world_size):
-        ids, mask = render_fn(dataset[index])
-        fitted, fitted_mask, outcome = fit_conversation(ids, mask, settings.row_capacity, settings.drop_long)
-        row = (index, len(ids), len(fitted or ()), sum(fitted_mask[1:]) if fitted else 0, outcome,
-               0 if source_of is None else source_of(index))
-        for column, value in zip(share, row):
+        where = (0, index) if locate is None else locate(index)
+        if where not in seen:
+            ids, mask = render_fn(dataset[index])
+            fitted, fitted_mask, outcome = fit_conversation(ids, mask, settings.row_capacity, settings.drop_long)
+            seen[where] = (len(ids), len(fitted or ()), sum(fitted_mask[1:]) if fitted else 0, outcome)
+        for column, value in zip(share, (index, *seen[where], where[0])):
             column.append(value)
     if not share.indices:
         raise UserError(f"rank {rank} of {world_size} gets no conversations from a dataset of {len(dataset)}: use "

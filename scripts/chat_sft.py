@@ -120,8 +120,14 @@ settings = BatchSettings(config["packing"], device_batch_size, config["max_seq_l
 render = lambda conversation: tokenizer.render_conversation(conversation, max_tokens=None)  # noqa: E731
 # plan the epoch: this rank's share rendered once (lengths, fit outcomes, mixture part of each), packed once
 spec_of = {id(task): k for k, (_, task, _) in enumerate(parts["train_mixture"])}
-train_share = render_share(train_ds, render, settings, ddp_rank, ddp_world_size,
-                           source_of=lambda i: spec_of[id(train_ds.tasks[train_ds.locate(i)[0]])])
+
+
+def locate(index):  # (the spec an entry comes from, which of its conversations): repeats are rendered once
+    task, i = train_ds.locate(index)
+    return spec_of[id(train_ds.tasks[task])], i
+
+
+train_share = render_share(train_ds, render, settings, ddp_rank, ddp_world_size, locate)
 train_plan = plan_epoch(train_share.lengths, settings, seed)
 count_steps = lambda epoch_plan: num_sft_steps(len(epoch_plan), grad_accum_steps, config["num_epochs"],  # noqa
                                               config["max_iterations"], device, ddp_world_size)

@@ -151,7 +151,7 @@ def _toy_render(conv):
 
 
 def _planned(data, settings, rank=0, world_size=1, seed=0):
-    share = render_share(data, _toy_render, settings, rank, world_size, source_of=lambda i: i % 3)
+    share = render_share(data, _toy_render, settings, rank, world_size, locate=lambda i: (i % 3, i))
     plan = plan_epoch(share.lengths, settings, seed)
     return share, plan, sft_batches(data, _toy_render, share, plan, settings)
 
@@ -238,6 +238,10 @@ def test_plan_truncates_or_drops_long_conversations():
     stats = [next(stream).stats for _ in range(2 * len(plan))]
     assert [s["dropped"] for s in stats] == [1] + [0] * (len(plan) - 1) + [1] + [0] * (len(plan) - 1)  # per epoch
     assert all(1000 not in next(stream).targets.tolist()[0] for _ in range(3))
+    # a conversation a mixture repeats (the same source and key) is rendered once, recorded at each entry
+    rendered = []
+    share = render_share(data * 2, lambda c: rendered.append(c) or _toy_render(c), settings, locate=lambda i: (0, i % 3))
+    assert rendered == data and share.indices == list(range(6)) and share.lengths == [0, 3, 4] * 2
     with pytest.raises(ConfigError, match="dropped"):
         render_share([{"i": 0, "n": 10}], _toy_render, settings)
     with pytest.raises(UserError, match="no conversations"):
@@ -453,7 +457,7 @@ def test_fit_conversation():
 def test_data_summary_from_the_recorded_numbers():
     data = [{"i": i, "n": n} for i, n in enumerate([5, 9, 3, 30, 1])]
     settings = BatchSettings("pad", 2, row_capacity=12, pad_id=PAD)
-    share = render_share(data, _toy_render, settings, source_of=lambda i: int(i >= 3))
+    share = render_share(data, _toy_render, settings, locate=lambda i: (int(i >= 3), i))
     row = data_summary(share, settings)
     assert row["conversations"] == 5 and row["tokens_max"] == 30 and row["tokens_p50"] == 5
     assert row["truncated"] == 1 and row["dropped"] == 1  # 30 > 12 is cut; a 1-token conversation is dropped
