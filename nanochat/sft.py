@@ -19,6 +19,7 @@ import contextlib
 import itertools
 import math
 import random
+from collections import defaultdict
 from typing import NamedTuple
 
 import torch
@@ -62,23 +63,21 @@ def pack_best_fit(lengths, row_capacity):
     """Best-fit packing of items (lengths, in tokens) into rows of `row_capacity` tokens, in the given order: each
     goes to the open row with the least room that fits it, or opens a row. -> rows (lists of item indices) in the
     order opened. Open rows are kept by room: a bisection over the distinct rooms (at most row_capacity) per item."""
-    rows, rooms, rows_with_room = [], [], {}  # rooms: sorted distinct rooms of open rows; room -> row indices
+    rows, rooms, rows_with_room = [], [], defaultdict(list)  # rooms: the sorted distinct rooms of open rows
     for i, n in enumerate(lengths):
         assert 0 < n <= row_capacity, f"item {i} has length {n}, outside (0, {row_capacity}]"
         k = bisect.bisect_left(rooms, n)
         if k < len(rooms):  # the tightest room that fits
-            room = rooms[k]
-            r = rows_with_room[room].pop()
+            room, r = rooms[k], rows_with_room[rooms[k]].pop()
             if not rows_with_room[room]:
-                del rows_with_room[room], rooms[k]
+                del rooms[k]
         else:
             room, r = row_capacity, len(rows)
             rows.append([])
         rows[r].append(i)
         if room > n:
-            if room - n not in rows_with_room:
+            if not rows_with_room[room - n]:
                 bisect.insort(rooms, room - n)
-                rows_with_room[room - n] = []
             rows_with_room[room - n].append(r)
     return rows
 

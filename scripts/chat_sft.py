@@ -60,7 +60,7 @@ OPTIONS = [
     Option("eval_metrics_every", int, 200, "task metrics every N steps and at the end (-1: never)", min=1, disabled=-1),
     # beyond the guide
     Option("device_type", str, "", "autodetect if empty", choices=("", "cuda", "cpu", "mps")),
-    Option("seed", int, 42, "torch/python/numpy seed", min=0),
+    Option("seed", int, 42, "torch/python/numpy seed, and the order of bestfit rows", min=0),
     Option("train_mixture", list, ["ARC:ARC-Easy:train", "ARC:ARC-Challenge:train", "GSM8K:main:train",
                                    "SmolTalk:train:0:10000"], "training mixture specs (see tasks/mixture.py)"),
     Option("val_mixture", list, ["SmolTalk:test"], "validation mixture specs"),
