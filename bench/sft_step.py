@@ -70,7 +70,7 @@ def run_one(model_config, device, dtype, conversations, packing, compiled, chunk
     graphs_before = compiled_graphs()
     compile_time, compile_steps, timed, iteration, graphs_seen = 0.0, 0, 0, 0, graphs_before
     while timed < steps and iteration < warmup + 4 * steps:
-        inputs, targets, segment_ids, stats = next(stream)
+        inputs, targets, segment_ids, stats, _ = next(stream)
         sync()
         t0 = time.perf_counter()
         inputs, targets = inputs.to(device), targets.to(device)

@@ -87,7 +87,7 @@ def main():
         stream = sft_batches(dataset, render, share, plan_epoch(share.lengths, settings), settings)
         totals = dict(positions=0, pad_positions=0, supervised=0, examples=0, time=0.0)
         for step in range(config["warmup_steps"] + config["steps"]):
-            inputs, targets, segment_ids, stats = next(stream)
+            inputs, targets, segment_ids, stats, _ = next(stream)
             if device_type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.time()

@@ -221,11 +221,13 @@ def plan_positions(plan, lengths, settings):
 
 class SFTBatch(NamedTuple):
     """One micro-batch of one rank, on the CPU. segment_ids is None under packing "pad"; stats counts examples,
-    truncated, dropped, positions, pad_positions, supervised."""
+    truncated, dropped, positions, pad_positions, supervised; sources: the Share source (mixture part) of each
+    target, -1 where there is none."""
     inputs: torch.Tensor
     targets: torch.Tensor
     segment_ids: torch.Tensor | None
     stats: dict
+    sources: torch.Tensor
 
 
 def sft_batches(dataset, render_fn, share, plan, settings, start=0):
@@ -247,13 +249,18 @@ def sft_batches(dataset, render_fn, share, plan, settings, start=0):
         else:
             inputs, targets, segment_ids = collate_packed(items, s.row_capacity, s.pad_id, s.ignore_index,
                                                           s.batch_size)
+        table = torch.full((inputs.size(0), 1 + max(map(len, rows))), -1, dtype=torch.long)  # row, segment -> source
+        for r, row in enumerate(rows):
+            table[r, 1:1 + len(row)] = torch.tensor([share.sources[j] for j in row])
+        sources = table.gather(1, torch.ones_like(inputs) if segment_ids is None else segment_ids)
+        sources[targets == s.ignore_index] = -1
         positions, pad_positions = plan_positions([rows], share.lengths, s)
         assert positions == inputs.numel(), "the plan counts other positions than the batch has"
         stats = dict(examples=sum(map(len, rows)), positions=positions, pad_positions=pad_positions,
                      truncated=sum(share.outcomes[j] == "truncated" for row in rows for j in row),
                      dropped=share.outcomes.count("dropped") if k % len(plan) == 0 else 0,
                      supervised=int((targets != s.ignore_index).sum()))
-        yield SFTBatch(inputs, targets, segment_ids, stats)
+        yield SFTBatch(inputs, targets, segment_ids, stats, sources)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -304,26 +311,33 @@ class StepResult(NamedTuple):
     loss: float  # the step's loss, as the optimizer sees it (mean over ranks of the scaled sums)
     skip: str | None  # why the optimizer step must not be taken (the same on every rank), or None
     totals: dict  # TOTAL_KEYS summed over the step's micro-batches and all ranks
+    source_loss: list  # per source (SFTBatch.sources): summed token loss, all micro-batches and ranks
+    source_tokens: list  # per source: supervised tokens
 
 
 def accumulate_step(model, micro_batches, loss_normalization, device, world_size=1, rank=0,
-                    autocast=contextlib.nullcontext):
+                    autocast=contextlib.nullcontext, num_sources=1):
     """Forward and backward of one optimizer step's micro-batches (SFTBatch list) on this rank, leaving the
     gradients in .grad. The step's supervised-token count is all-reduced first ("token" normalisation needs it);
     each micro-batch's summed loss is scaled by micro_batch_loss_scale. An out-of-memory error or a non-finite
     loss on any rank makes every rank skip the step (one all-reduce carries the loss and the out-of-memory count,
-    so no rank waits alone in the optimizer's collectives), leaving no gradient; else result.skip is None."""
+    so no rank waits alone in the optimizer's collectives), leaving no gradient; else result.skip is None. The
+    same all-reduce sums the token loss and the supervised tokens of each of the num_sources sources."""
     device = torch.device(device)
     flops = [batch_flops(model, b.inputs, b.stats["pad_positions"]) for b in micro_batches]
     local = [sum(b.stats[k] for b in micro_batches) for k in STAT_KEYS] + [sum(f) for f in zip(*flops)]
     totals = dict(zip(TOTAL_KEYS, all_reduce_values(local, "sum", device, world_size)))
-    objective, oom = 0.0, 0.0
+    objective, oom, by_source = 0.0, 0.0, torch.zeros(2, num_sources, dtype=torch.float64)  # loss, tokens
     try:
         for batch in micro_batches:
             inputs, targets, segment_ids = (None if t is None else t.to(device, non_blocking=device.type == "cuda")
                                             for t in batch[:3])
             with autocast():
-                loss_sum = model(inputs, targets, loss_reduction="sum", segment_ids=segment_ids)
+                token_loss = model(inputs, targets, loss_reduction="none", segment_ids=segment_ids)
+            loss_sum, valid = token_loss.sum(), batch.sources >= 0
+            weights = token_loss.detach().double().cpu()[valid]
+            by_source[0] += torch.bincount(batch.sources[valid], weights=weights, minlength=num_sources)
+            by_source[1] += torch.bincount(batch.sources[valid], minlength=num_sources)
             loss = loss_sum * micro_batch_loss_scale(loss_normalization, batch.stats["supervised"],
                                                      totals["supervised"], world_size, len(micro_batches))
             loss.backward()
@@ -332,13 +346,14 @@ def accumulate_step(model, micro_batches, loss_normalization, device, world_size
         print(f"[rank {rank}] out of memory: {str(e).splitlines()[0] if str(e) else ''}")
         oom = 1.0
     if oom:  # outside the except block: its traceback would keep the forward's activations alive
-        inputs = targets = segment_ids = loss_sum = loss = None
+        inputs = targets = segment_ids = token_loss = loss_sum = loss = None
         model.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    objective, oom = all_reduce_values([0.0 if oom else objective, oom], "sum", device, world_size)
+    objective, oom, *by_source = all_reduce_values([0.0 if oom else objective, oom, *by_source.flatten().tolist()],
+                                                   "sum", device, world_size)
     step_loss = objective / world_size
     reason = skip_reason(step_loss, oom)
     if reason is not None:
         model.zero_grad(set_to_none=True)  # no gradient of a skipped step survives into the next
-    return StepResult(step_loss, reason, totals)
+    return StepResult(step_loss, reason, totals, by_source[:num_sources], by_source[num_sources:])

@@ -98,6 +98,16 @@ def format_step(step, loss, lrm, step_totals, dt, peak_flops=None, world_size=1,
     return line, log
 
 
+def format_sources(step, names, result):
+    """chat_sft's per-source line and wandb dict: each source's (training spec's) mean token loss in the step and
+    its supervised tokens, from a StepResult (sources without tokens left out). Weighted by the tokens, the losses
+    average to the step's loss under loss_normalization = "token"."""
+    found = [(n, loss / k, k) for n, loss, k in zip(names, result.source_loss, result.source_tokens) if k > 0]
+    log = {**{f"train_loss/{n}": mean for n, mean, _ in found}, **{f"num_tokens/{n}": int(k) for n, _, k in found}}
+    line = f"Step {step:05d} | by source: " + " | ".join(f"{n} {mean:.4f} ({int(k):,} tok)" for n, mean, k in found)
+    return line, log
+
+
 def format_skip(step, reason, totals):
     """chat_sft's line and wandb dict for an optimizer step skipped for `reason` (StepResult.skip); totals: the
     run's counts so far, this step included."""

@@ -29,8 +29,8 @@ from nanochat.report import format_duration, get_report
 from nanochat.schedules import lr_multiplier, scale_initial_lr, set_lr_multiplier
 from nanochat.sft import (LOSS_NORMALIZATIONS, PACKINGS, TOTAL_KEYS, BatchSettings, accumulate_step, gather_share,
                           grad_accum_steps_for, num_sft_steps, plan_epoch, render_share, sft_batches)
-from nanochat.sft_report import (data_preview, data_summary, format_run_summary, format_skip, format_step,
-                                 report_section, sample_conversations, share_part)
+from nanochat.sft_report import (data_preview, data_summary, format_run_summary, format_skip, format_sources,
+                                 format_step, report_section, sample_conversations, share_part)
 from nanochat.tokenizer import get_tokenizer
 from tasks.mixture import build_mixtures, check_mixture_specs, parse_eval_spec
 
@@ -259,7 +259,7 @@ for step in range(start_step, num_iterations + 1):
     t0 = time.time()
     micro_batches = [next(train_iter) for _ in range(grad_accum_steps)]
     result = accumulate_step(model, micro_batches, config["loss_normalization"], device, ddp_world_size, ddp_rank,
-                             autocast)
+                             autocast, len(spec_of))
     lrm = lr_multiplier(step, num_iterations)
     progress = f"step {step + 1}/{num_iterations} | elapsed {format_duration(time.time() - loop_t0)}"
     if result.skip is not None:
@@ -285,8 +285,14 @@ for step in range(start_step, num_iterations + 1):
     graphs_after_first_step = graphs_after_first_step or log.get("compiled_graphs", 0)
     eta = (time.time() - loop_t0) / (step + 1 - start_step) * (num_iterations - step - 1)
     print0(f"{line} | {progress} | eta {format_duration(eta)}")
-    wandb_run.log(log)
     loss_series["train"].append([step, result.loss])
+    if len(spec_of) > 1:  # each training spec's token loss and tokens ("token": the step loss is their mean)
+        line, source_log = format_sources(step, [spec for spec, _, _ in parts["train_mixture"]], result)
+        print0(line)
+        log.update(source_log)
+        for name in (k for k in source_log if k.startswith("train_loss/")):
+            loss_series.setdefault(name, []).append([step, source_log[name]])
+    wandb_run.log(log)
 
 # -----------------------------------------------------------------------------
 # The final checkpoint, the report section, cleanup
@@ -306,6 +312,7 @@ report.log(section="Chat SFT", data=report_section(config, train_rows, len(train
                                                    {"val_loss": val_loss, **metrics}, samples, peak_flops,
                                                    ddp_world_size), duration_s=time.time() - script_start)
 for name, points in loss_series.items():
-    report.log_series("Chat SFT", f"{name}_loss", [p[0] for p in points], [p[1] for p in points])
+    name = name if "/" in name else f"{name}_loss"  # train_loss/<spec>: one curve per training spec
+    report.log_series("Chat SFT", name, [p[0] for p in points], [p[1] for p in points])
 wandb_run.finish()
 compute_cleanup()

@@ -166,6 +166,10 @@ def test_guide_config_end_to_end(sft_env, data_dir, tmp_path):
         series = json.load(f)["series"]
     assert series["train_loss"]["values"] == pytest.approx(train, abs=1e-6)
     assert series["val_loss"]["steps"] == [0, 8, 16]
+    # per training spec: a "by source" line per step and a curve in the report
+    assert len(re.findall(r"^Step \d{5} \| by source: \S+ \d+\.\d{4} \([\d,]+ tok\)", out, re.M)) == 16
+    specs = ["ARC:ARC-Easy:train:0:64", "GSM8K:main:train:0:64", "ChitChat:train:0:64"]
+    assert {f"train_loss/{spec}" for spec in specs} <= set(series)
 
     # chat_eval loads the SFT checkpoint
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), WANDB_MODE="disabled")

@@ -22,7 +22,8 @@ from nanochat.config import ConfigError
 from nanochat.sft import (BatchSettings, Share, accumulate_step, collate_packed, collate_sft, fit_conversation,
                           gather_share, grad_accum_steps_for, micro_batch_loss_scale, num_sft_steps, pack_best_fit,
                           padding_fraction, plan_epoch, plan_positions, render_share, sft_batches, skip_reason)
-from nanochat.sft_report import (data_preview, data_summary, format_run_summary, format_skip, format_step,
+from nanochat.sft_report import (data_preview, data_summary, format_run_summary, format_skip, format_sources,
+                                 format_step,
                                  report_section, sample_conversations, share_part, summary_lines)
 
 PAD = 99
@@ -180,8 +181,11 @@ def test_plan_covers_every_conversation_once_per_epoch_and_repeats(packing):
         for _ in range(2):
             seen, positions = [], [0, 0]
             for _ in range(len(plan)):
-                inputs, targets, seg, stats = next(stream)
+                inputs, targets, seg, stats, sources = next(stream)
                 assert inputs.shape[0] == (3 if packing == "bestfit" else stats["examples"])
+                supervised = targets != -1  # each target's source is its conversation's (locate: i % 3), else -1
+                assert (sources[supervised] == (targets[supervised] - 1000) % 3).all()
+                assert (sources[~supervised] == -1).all()
                 assert (seg is None) == (packing == "pad")
                 batch_seen = _whole_conversations(targets, data)
                 assert stats["examples"] == len(batch_seen) and stats["supervised"] == int((targets != -1).sum())
@@ -189,7 +193,7 @@ def test_plan_covers_every_conversation_once_per_epoch_and_repeats(packing):
                 positions = [positions[0] + stats["positions"], positions[1] + stats["pad_positions"]]
                 seen.extend(batch_seen)
             assert sorted(seen) == share.indices  # every conversation exactly once per epoch
-            assert tuple(positions) == plan_positions(plan, share.lengths, settings)  # the preview's count is the batches'
+            assert tuple(positions) == plan_positions(plan, share.lengths, settings)  # the preview counts the batches
             epochs.append(seen)
         assert epochs[0] == epochs[1]  # the second epoch repeats the first one's plan
         if packing == "pad":
@@ -206,7 +210,7 @@ def test_plan_bestfit_is_decreasing_best_fit_with_shuffled_rows():
     want = [[by_length[i] for i in row] for row in pack_best_fit([share.lengths[j] for j in by_length], 40)]
     assert sorted(rows) == sorted(want) and rows != want  # the same rows, shuffled with the seed
     assert plan == plan_epoch(share.lengths, settings, seed=7) != plan_epoch(share.lengths, settings, seed=8)
-    inputs, targets, seg, stats = next(stream)
+    inputs, targets, seg, stats, _ = next(stream)
     for r in range(inputs.shape[0]):  # segment ids: one per conversation, in row order, then padding 0
         segs = seg[r].tolist()
         assert segs == sorted(segs, key=lambda s: (s == 0, s)) and max(segs) == len(plan[0][r])
@@ -229,7 +233,7 @@ def test_plan_truncates_or_drops_long_conversations():
     data = [{"i": 0, "n": 10}, {"i": 1, "n": 3}, {"i": 2, "n": 4}]
     share, _, stream = _planned(data, BatchSettings("pad", 3, row_capacity=5, pad_id=PAD))
     assert share.tokens == [10, 3, 4] and share.lengths == [5, 3, 4] and share.outcomes[0] == "truncated"
-    inputs, targets, _, stats = next(stream)
+    inputs, targets, _, stats, _ = next(stream)
     assert stats["truncated"] == 1 and stats["dropped"] == 0
     assert inputs.shape[1] == 4  # truncated to 5 tokens -> 4 positions
     settings = BatchSettings("bestfit", 2, row_capacity=5, pad_id=PAD, drop_long=True)
@@ -240,7 +244,8 @@ def test_plan_truncates_or_drops_long_conversations():
     assert all(1000 not in next(stream).targets.tolist()[0] for _ in range(3))
     # a conversation a mixture repeats (the same source and key) is rendered once, recorded at each entry
     rendered = []
-    share = render_share(data * 2, lambda c: rendered.append(c) or _toy_render(c), settings, locate=lambda i: (0, i % 3))
+    render = lambda c: rendered.append(c) or _toy_render(c)  # noqa: E731
+    share = render_share(data * 2, render, settings, locate=lambda i: (0, i % 3))
     assert rendered == data and share.indices == list(range(6)) and share.lengths == [0, 3, 4] * 2
     with pytest.raises(ConfigError, match="dropped"):
         render_share([{"i": 0, "n": 10}], _toy_render, settings)
@@ -253,7 +258,7 @@ def test_batches_round_pad_lengths_up_to_the_bucket():
     _, _, plain = _planned(data, BatchSettings("pad", 2, row_capacity=20, pad_id=PAD))
     _, _, bucketed = _planned(data, BatchSettings("pad", 2, row_capacity=20, pad_id=PAD, bucket=8))
     for expected_T in (8, 19):  # 5 positions -> 8; 19 (truncated to 20 tokens) stays 19, the cap
-        (i1, t1, _, s1), (i2, t2, _, s2) = next(plain), next(bucketed)
+        (i1, t1, _, s1, _), (i2, t2, _, s2, _) = next(plain), next(bucketed)
         T = i1.size(1)
         assert i2.size(1) == expected_T and torch.equal(i2[:, :T], i1) and torch.equal(t2[:, :T], t1)
         assert (i2[:, T:] == PAD).all() and (t2[:, T:] == -1).all()
@@ -407,6 +412,24 @@ def test_accumulate_step_gives_one_big_batch_gradient():
     accumulate_step(model, [next(stream) for _ in range(4)], "micro_batch_mean", "cpu")
     guide = _grads(model)
     assert any(not torch.allclose(guide[n], big[n], rtol=1e-2, atol=1e-6) for n in big)
+
+
+@pytest.mark.parametrize("packing", ["pad", "bestfit"])
+def test_accumulate_step_loss_by_source(packing):
+    """Each source's (training spec's) summed token loss and supervised tokens: weighted by the tokens, the per-source
+    losses average to the step's loss under "token" normalisation, and the tokens add up to the step's."""
+    from sft_step_worker import conversations, tiny_gpt
+
+    model, data = tiny_gpt("cpu"), conversations(6)
+    settings = BatchSettings(packing, 2, row_capacity=64)
+    share = render_share(data, lambda c: c, settings, locate=lambda i: (i % 3, i))
+    stream = sft_batches(data, lambda c: c, share, plan_epoch(share.lengths, settings), settings)
+    result = accumulate_step(model, [next(stream) for _ in range(2)], "token", "cpu", num_sources=3)
+    assert sum(result.source_tokens) == result.totals["supervised"] and min(result.source_tokens) > 0
+    line, log = format_sources(7, ["a", "b", "c"], result)
+    weighted = sum(log[f"train_loss/{n}"] * log[f"num_tokens/{n}"] for n in "abc") / result.totals["supervised"]
+    assert weighted == pytest.approx(result.loss, rel=1e-5)
+    assert line.startswith("Step 00007 | by source: a ") and f"({log['num_tokens/c']:,} tok)" in line
 
 
 def test_accumulate_step_skips_nan_and_out_of_memory_without_gradients():
