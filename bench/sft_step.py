@@ -29,7 +29,7 @@ import torch._inductor.config
 from nanochat.common import autocast_ctx, get_peak_flops
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.perf import batch_flops, compile_model, compiled_graphs, mfu, peak_memory_mib, reset_peak_memory
-from nanochat.sft import sft_batches
+from nanochat.sft import BatchSettings, plan_epoch, render_share, sft_batches
 
 
 def synthetic_conversations(num, vocab_size, median_len, max_len, seed=0):
@@ -57,7 +57,9 @@ def run_one(model_config, device, dtype, conversations, packing, compiled, chunk
     optimizers = orig_model.setup_optimizers()
     row_capacity = max_seq_len + 1
     bucket = pad_bucket if compiled and packing == "pad" else 1  # lengths rounded up: a handful of shapes
-    stream = sft_batches(conversations, lambda c: c, batch_size, 0, packing, row_capacity, bucket=bucket)
+    settings = BatchSettings(packing, batch_size, row_capacity, bucket=bucket)
+    share = render_share(conversations, lambda c: c, settings)
+    stream = sft_batches(conversations, lambda c: c, share, plan_epoch(share.lengths, settings), settings)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     reset_peak_memory(device)

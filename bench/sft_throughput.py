@@ -18,7 +18,7 @@ import torch
 
 from nanochat.common import autocast_ctx, autodetect_device_type, get_base_dir, get_data_dir, print0
 from nanochat.config import Option, load_config
-from nanochat.sft import sft_batches
+from nanochat.sft import BatchSettings, plan_epoch, render_share, sft_batches
 from tasks.mixture import build_mixture
 
 OPTIONS = [
@@ -74,6 +74,7 @@ def main():
     def render(conversation):
         return tokenizer.render_conversation(conversation, max_tokens=row_capacity + 1)
 
+    share = render_share(dataset, render, BatchSettings(batch_size=B, row_capacity=row_capacity))  # rendered once
     results = {}
     for packing in ("pad", "bestfit"):
         torch.manual_seed(0)
@@ -82,7 +83,8 @@ def main():
         model.to_empty(device=device)
         model.init_weights()
         optimizers = model.setup_optimizers()
-        stream = sft_batches(dataset, render, B, pad_id, packing, row_capacity)
+        settings = BatchSettings(packing, B, row_capacity, pad_id)
+        stream = sft_batches(dataset, render, share, plan_epoch(share.lengths, settings), settings)
         totals = dict(positions=0, pad_positions=0, supervised=0, examples=0, time=0.0)
         for step in range(config["warmup_steps"] + config["steps"]):
             inputs, targets, segment_ids, stats, _ = next(stream)

@@ -1,35 +1,40 @@
 """
-Supervised fine-tuning (SFT) building blocks, shared by scripts/chat_sft.py and bench/sft_throughput.py.
-Everything here is a small function with explicit arguments (rank / world_size / device passed in, no
-globals), so each off-by-one risk has a unit test: tests/test_sft.py (`python -m pytest tests/test_sft.py`).
-
-- collate_sft: the SFT guide's padded batch (pad with <|assistant_end|>, targets -1 off the assistant mask)
-- pack_best_fit / collate_packed: whole conversations best-fit into rows, with segment ids
-- fit_conversation: the one truncate / drop filter, used by the batches and by the step count alike
-- sft_batches: the per-rank stream of CPU batches (SFTBatch, pad or bestfit), resumable from a small state
-- grad_accum_steps_for / num_sft_iterations / count_steps_bestfit / num_sft_steps: step arithmetic
-- micro_batch_loss_scale: "token" vs the guide's "micro_batch_mean" (README, "Loss normalisation")
-- accumulate_step: one optimizer step's forward/backward over its micro-batches, and the rank-agreed decision
-  to skip it (skip_reason: NaN / out of memory)
-(the per-rank resume state lives in nanochat/checkpoint_manager.py: save_run_state / load_run_state)
-
-Mixture specs (train_mixture / val_mixture) are parsed and built by tasks/mixture.py; what chat_sft prints
-about its data and steps (the --dry_run preview, the step line, the report's figures) is nanochat/sft_report.py.
+Supervised fine-tuning (SFT) building blocks for scripts/chat_sft.py and the benches; tests: tests/test_sft.py.
+The epoch is planned once, then materialised (as TRL's pack_dataset(strategy="bfd") plans its packing up front):
+- render_share: each rank renders its share (conversations rank, rank + world_size, ...) once and keeps numbers
+  only: lengths, the outcome of fit_conversation (the one truncate / drop filter), supervised targets, source part
+- plan_epoch: the packing, on lengths: "pad" = consecutive groups of batch_size conversations (the guide's);
+  "bestfit" = pack_best_fit over the epoch in decreasing length order, rows shuffled with the seed
+- epochs beyond the first repeat the first one's plan (the guide's stream also cycles the mixture in one order):
+  micro-batch k of a run is plan[k % len(plan)], so the step number is the whole resume state
+- sft_batches: the micro-batches, rendered again (the ids are not kept: a large mixture would hold every token in
+  memory; so a dry run renders once, a run twice per epoch) and collated by collate_sft / collate_packed;
+  plan_positions counts positions and padding for the batches and the preview alike
+- micro_batch_loss_scale ("token" vs the guide's "micro_batch_mean", README) and accumulate_step: one optimizer
+  step's forward/backward and the rank-agreed decision to skip it (skip_reason: NaN / out of memory)
 """
 
+import bisect
 import contextlib
+import itertools
 import math
+import random
+from collections import defaultdict
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 
 from nanochat.common import UserError, all_reduce_values
 from nanochat.config import ConfigError
-from nanochat.perf import batch_flops, pad_to_bucket
+from nanochat.perf import batch_flops, bucketed_length, pad_to_bucket
 from nanochat.schedules import num_grad_accum_steps
 
+LOSS_NORMALIZATIONS = ("token", "micro_batch_mean")  # see README, "Loss normalisation"
+PACKINGS = ("pad", "bestfit")
+
 # ----------------------------------------------------------------------------------------------------------
-# Collation
+# Collation and packing
 
 
 def collate_sft(batch, pad_id, ignore_index=-1):
@@ -54,29 +59,27 @@ def collate_sft(batch, pad_id, ignore_index=-1):
     return inputs, targets
 
 
-def pack_best_fit(lengths, row_capacity, num_rows=None):
-    """Best-fit bin packing of items (conversation lengths, in tokens) into rows of `row_capacity` tokens.
-    Items are taken in the given order; each goes to the open row with the least room that still fits it,
-    or opens a new row (while fewer than `num_rows` rows are open; unlimited if None). Items that fit
-    nowhere are returned as leftovers, in order. Every item must fit an empty row.
-    Returns (rows, leftover): rows = list of lists of item indices, leftover = list of item indices."""
-    rows, room, leftover = [], [], []
+def pack_best_fit(lengths, row_capacity):
+    """Best-fit packing of items (lengths, in tokens) into rows of `row_capacity` tokens, in the given order: each
+    goes to the open row with the least room that fits it, or opens a row. -> rows (lists of item indices) in the
+    order opened. Open rows are kept by room: a bisection over the distinct rooms (at most row_capacity) per item."""
+    rows, rooms, rows_with_room = [], [], defaultdict(list)  # rooms: the sorted distinct rooms of open rows
     for i, n in enumerate(lengths):
         assert 0 < n <= row_capacity, f"item {i} has length {n}, outside (0, {row_capacity}]"
-        best = -1
-        for r, free in enumerate(room):
-            if n <= free and (best < 0 or free < room[best]):
-                best = r
-        if best < 0 and (num_rows is None or len(rows) < num_rows):
+        k = bisect.bisect_left(rooms, n)
+        if k < len(rooms):  # the tightest room that fits
+            room, r = rooms[k], rows_with_room[rooms[k]].pop()
+            if not rows_with_room[room]:
+                del rooms[k]
+        else:
+            room, r = row_capacity, len(rows)
             rows.append([])
-            room.append(row_capacity)
-            best = len(rows) - 1
-        if best < 0:
-            leftover.append(i)
-            continue
-        rows[best].append(i)
-        room[best] -= n
-    return rows, leftover
+        rows[r].append(i)
+        if room > n:
+            if not rows_with_room[room - n]:
+                bisect.insort(rooms, room - n)
+            rows_with_room[room - n].append(r)
+    return rows
 
 
 def collate_packed(rows, row_capacity, pad_id, ignore_index=-1, num_rows=None):
@@ -115,188 +118,153 @@ def padding_fraction(num_pad_positions, num_positions):
     return num_pad_positions / num_positions if num_positions > 0 else 0.0
 
 
+def fit_conversation(ids, mask, row_capacity, drop_long):
+    """The one filter of rendered conversations, for the plan and the batches alike: -> (ids, mask, "kept" |
+    "truncated" | "dropped"); ids and mask are None when dropped (longer than row_capacity with drop_long, or
+    shorter than 2 tokens: nothing to learn from, nothing to pack)."""
+    outcome = "kept" if len(ids) <= row_capacity else "dropped" if drop_long else "truncated"
+    if outcome == "dropped" or len(ids) < 2:
+        return None, None, "dropped"
+    return list(ids[:row_capacity]), list(mask[:row_capacity]), outcome
+
+
 # ----------------------------------------------------------------------------------------------------------
-# The per-rank data stream (resumable)
+# The plan: one rank's share rendered once, packed once, then materialised
+
+
+class BatchSettings(NamedTuple):
+    packing: str = "pad"  # PACKINGS
+    batch_size: int = 4  # conversations (pad) or rows (bestfit) per micro-batch
+    row_capacity: int = 2049  # tokens per row: max_seq_len input positions + the last target
+    pad_id: int = 0  # <|assistant_end|> in chat_sft: padding has no target anyway
+    drop_long: bool = False  # drop conversations longer than row_capacity instead of truncating them
+    bucket: int = 1  # pad mode, compiled: batch lengths rounded up to a multiple of this (pad_to_bucket)
+    ignore_index: int = -1
+
+
+class Share(NamedTuple):
+    """One rank's share of a dataset, rendered once: lists with, per conversation in reading order, its dataset
+    index, rendered length, length after fit_conversation (0: dropped), supervised targets after fitting, outcome
+    ("kept" | "truncated" | "dropped") and source (the mixture part it came from)."""
+    indices: list
+    tokens: list
+    lengths: list
+    supervised: list
+    outcomes: list
+    sources: list
+
+
+def render_share(dataset, render_fn, settings, rank=0, world_size=1, locate=None):
+    """Render conversations rank, rank + world_size, ... of `dataset` (anything with len() and [i]) with
+    render_fn (-> ids, mask) and fit each (fit_conversation) -> Share. locate(index) -> (source, key): the mixture
+    part of the entry and which conversation of it, so a conversation a mixture repeats is rendered once here
+    (default: source 0, no repeats). Fails in one line when the rank gets no conversation or all are dropped."""
+    share, seen = Share([], [], [], [], [], []), {}
+    for index in range(rank, len(dataset), world_size):
+        where = (0, index) if locate is None else locate(index)
+        if where not in seen:
+            ids, mask = render_fn(dataset[index])
+            fitted, fitted_mask, outcome = fit_conversation(ids, mask, settings.row_capacity, settings.drop_long)
+            seen[where] = (len(ids), len(fitted or ()), sum(fitted_mask[1:]) if fitted else 0, outcome)
+        for column, value in zip(share, (index, *seen[where], where[0])):
+            column.append(value)
+    if not share.indices:
+        raise UserError(f"rank {rank} of {world_size} gets no conversations from a dataset of {len(dataset)}: use "
+                        f"more data or fewer processes")
+    if not any(share.lengths):
+        raise ConfigError(f"every conversation of rank {rank} is dropped (longer than row_capacity="
+                          f"{settings.row_capacity} with drop_long, or shorter than 2 tokens): raise max_seq_len or "
+                          f"set drop_long = false")
+    return share
+
+
+def gather_share(share, world_size=1):
+    """Every rank's Share joined into one, rank after rank: the whole dataset's figures (a collective)."""
+    if world_size == 1:
+        return share
+    shares = [None] * world_size
+    dist.all_gather_object(shares, tuple(share))
+    return Share(*(sum((list(s[k]) for s in shares), []) for k in range(len(Share._fields))))
+
+
+def plan_epoch(lengths, settings, seed=0):
+    """The epoch's micro-batches (lists of rows, each a list of positions in the Share) from a Share's fitted
+    lengths (0: dropped). "pad": one conversation a row, batch_size consecutive ones a micro-batch (the last may
+    have fewer). "bestfit": pack_best_fit in decreasing length order (TRL's "bfd"; each conversation once), rows
+    shuffled with random.Random(seed) (else the first steps would hold only the longest), batch_size a batch."""
+    kept = [j for j, n in enumerate(lengths) if n > 0]
+    if settings.packing == "pad":
+        rows = [[j] for j in kept]
+    else:
+        kept.sort(key=lambda j: -lengths[j])  # stable: ties keep the reading order
+        rows = [[kept[i] for i in row] for row in pack_best_fit([lengths[j] for j in kept], settings.row_capacity)]
+        random.Random(seed).shuffle(rows)
+    return [rows[i:i + settings.batch_size] for i in range(0, len(rows), settings.batch_size)]
+
+
+def plan_positions(plan, lengths, settings):
+    """(positions, pad_positions) over a plan's micro-batches, as collated: "pad" = a row per conversation of the
+    longest length - 1 positions, rounded up to the bucket, n - 1 real ones for n tokens; "bestfit" = batch_size
+    rows of row_capacity - 1 positions, min(n, row_capacity - 1) real ones for a row of n tokens."""
+    positions = pad_positions = 0
+    for rows in plan:
+        row_lengths = [sum(lengths[j] for j in row) for row in rows]
+        if settings.packing == "pad":
+            T = bucketed_length(max(row_lengths) - 1, settings.bucket, settings.row_capacity - 1)
+            positions, pad_positions = positions + len(rows) * T, pad_positions + sum(T + 1 - n for n in row_lengths)
+        else:
+            T = settings.row_capacity - 1
+            positions += settings.batch_size * T
+            pad_positions += settings.batch_size * T - sum(min(n, T) for n in row_lengths)
+    return positions, pad_positions
 
 
 class SFTBatch(NamedTuple):
     """One micro-batch of one rank, on the CPU. segment_ids is None under packing "pad"; stats counts examples,
-    truncated, dropped, positions, pad_positions, supervised, epoch; state is the stream position after it."""
+    truncated, dropped, positions, pad_positions, supervised; sources: the Share source (mixture part) of each
+    target, -1 where there is none."""
     inputs: torch.Tensor
     targets: torch.Tensor
     segment_ids: torch.Tensor | None
     stats: dict
-    state: dict
+    sources: torch.Tensor
 
 
-def fit_conversation(ids, mask, row_capacity, drop_long):
-    """The one filter of rendered conversations, for the batches and for the step count alike:
-    -> (ids, mask, "kept" | "truncated" | "dropped"); ids and mask are None when dropped (longer than
-    row_capacity with drop_long, or shorter than 2 tokens: nothing to learn from, nothing to pack)."""
-    ids, mask = list(ids), list(mask)
-    outcome = "kept"
-    if len(ids) > row_capacity:
-        if drop_long:
-            return None, None, "dropped"
-        ids, mask, outcome = ids[:row_capacity], mask[:row_capacity], "truncated"
-    if len(ids) < 2:
-        return None, None, "dropped"
-    return ids, mask, outcome
-
-
-def initial_data_state():
-    """Where a rank's stream starts: epoch 0, first conversation, nothing pending (JSON-serialisable)."""
-    return {"epoch": 0, "cursor": 0, "pending": []}
-
-
-def sft_batches(dataset, render_fn, batch_size, pad_id, packing="pad", row_capacity=2049, drop_long=False,
-                rank=0, world_size=1, state=None, lookahead=2.0, ignore_index=-1, bucket=1):
-    """Yield SFTBatch(inputs, targets, segment_ids, stats, state) forever: CPU batches for one rank.
-
-    The rank reads conversations rank, rank + world_size, rank + 2 * world_size, ... of `dataset` (a Task,
-    a list: anything with len() and [i]); epochs repeat. `render_fn(conversation)` returns
-    (ids, mask); fit_conversation truncates a conversation longer than `row_capacity` tokens (counted in
-    stats["truncated"]) or, with drop_long, skips it (stats["dropped"]).
-    - packing "pad": batch_size conversations per batch, padded to the longest (collate_sft); segment_ids None.
-    - packing "bestfit": conversations buffered until about lookahead * batch_size * row_capacity tokens are
-      at hand, then best-fit into batch_size rows of row_capacity tokens (collate_packed); the leftovers go
-      first into the next batch. Every conversation appears exactly once per epoch.
-    `state` (from initial_data_state() or a previous yield) is the position AFTER the yielded batch, so a
-    run that saves the state of the last batch it used resumes exactly there.
-    bucket > 1 (compiled pad mode): a padded batch's length is rounded up to a multiple of it (pad_to_bucket,
-    at most row_capacity - 1), so a compiled model sees a handful of shapes; the extra positions count as padding.
-    stats: examples, truncated, dropped, positions (inputs.numel()), pad_positions, supervised, epoch."""
-    assert packing in PACKINGS, f"packing must be one of {PACKINGS}, got {packing!r}"
-    assert batch_size > 0 and row_capacity >= 2
-    num_examples = len(dataset)
-    per_rank = len(range(rank, num_examples, world_size))
-    if per_rank <= 0:
-        raise UserError(f"rank {rank} of {world_size} gets no conversations from a dataset of {num_examples}: "
-                        f"use more data or fewer processes")
-    state = dict(initial_data_state() if state is None else state)
-    epoch, cursor = state["epoch"], state["cursor"]
-    counts = {"truncated": 0, "dropped": 0}
-    skipped = {"run": 0}  # consecutive skipped conversations, to fail instead of looping forever
-
-    def render(index):
-        ids, mask, outcome = fit_conversation(*render_fn(dataset[index]), row_capacity, drop_long)
-        if outcome != "kept":
-            counts[outcome] += 1
-        return None if ids is None else (index, ids, mask)
-
-    def next_index():
-        nonlocal epoch, cursor
-        if cursor >= per_rank:
-            epoch, cursor = epoch + 1, 0
-        index = rank + cursor * world_size
-        cursor += 1
-        return index
-
-    def next_item():
-        item = render(next_index())
-        skipped["run"] = 0 if item is not None else skipped["run"] + 1
-        if skipped["run"] > per_rank:
-            raise ConfigError(f"every conversation of rank {rank} is dropped (longer than row_capacity="
-                              f"{row_capacity} with drop_long, or shorter than 2 tokens): raise max_seq_len or set "
-                              f"drop_long = false")
-        return item
-
-    def emit(inputs, targets, segment_ids, examples, pad_positions, pending_indices):
-        stats = dict(examples=examples, truncated=counts["truncated"], dropped=counts["dropped"],
-                     positions=inputs.numel(), pad_positions=pad_positions,
-                     supervised=int((targets != ignore_index).sum()), epoch=epoch)
-        counts["truncated"] = counts["dropped"] = 0
-        return SFTBatch(inputs, targets, segment_ids, stats, {"epoch": epoch, "cursor": cursor, "pending": pending_indices})
-
-    pending = [item for item in (render(i) for i in state["pending"]) if item is not None]
-    if packing == "pad":
-        while True:
-            batch = pending
-            pending = []
-            while len(batch) < batch_size:
-                item = next_item()
-                if item is not None:
-                    batch.append(item)
-            inputs, targets = pad_to_bucket(*collate_sft([(ids, mask) for _, ids, mask in batch], pad_id, ignore_index),
-                                            bucket, pad_id, max_len=row_capacity - 1, ignore_index=ignore_index)
-            pad_positions = sum(inputs.size(1) - (len(ids) - 1) for _, ids, _ in batch)
-            yield emit(inputs, targets, None, len(batch), pad_positions, [])
-    else:
-        T = row_capacity - 1
-        for rows, pending in best_fit_batches(next_item, lambda item: len(item[1]), pending, batch_size,
-                                              row_capacity, lookahead):
-            row_items = [[(ids, mask) for _, ids, mask in row] for row in rows]
-            inputs, targets, segment_ids = collate_packed(row_items, row_capacity, pad_id, ignore_index,
-                                                          num_rows=batch_size)
-            pad_positions = batch_size * T - sum(min(sum(len(ids) for ids, _ in row), T) for row in row_items)
-            yield emit(inputs, targets, segment_ids, sum(len(r) for r in rows), pad_positions,
-                       [index for index, _, _ in pending])
-
-
-def best_fit_batches(next_item, length_of, pending, batch_size, row_capacity, lookahead=2.0):
-    """The bestfit stream on abstract items: pull items with next_item() (None = skipped; StopIteration = no
-    more: the rest is packed, then the stream ends) until about
-    lookahead * batch_size * row_capacity tokens are buffered, best-fit them into batch_size rows, yield
-    (rows of items, leftover items); leftovers go first into the next batch (oldest first, so none waits
-    long), new items longest first (best-fit decreasing packs tighter)."""
-    budget = lookahead * batch_size * row_capacity
-    pending, exhausted = list(pending), False
-    while True:
-        fresh, buffered = [], sum(length_of(item) for item in pending)
-        while buffered < budget and not exhausted:
-            try:
-                item = next_item()
-            except StopIteration:  # a finite source (the data preview): pack what is left, then stop
-                exhausted = True
-                break
-            if item is not None:
-                fresh.append(item)
-                buffered += length_of(item)
-        buffer = pending + sorted(fresh, key=lambda item: -length_of(item))
-        if not buffer:
-            return
-        rows, leftover = pack_best_fit([length_of(item) for item in buffer], row_capacity, num_rows=batch_size)
-        pending = [buffer[i] for i in leftover]
-        yield [[buffer[i] for i in row] for row in rows], pending
-
-
-def count_steps_bestfit(lengths, batch_size, row_capacity, num_batches_per_step, num_epochs, lookahead=2.0):
-    """How many optimizer steps a bestfit stream over conversations of these `lengths` (one rank's, in its
-    reading order, after truncation/dropping) needs to cover num_epochs epochs: the packing of sft_batches
-    replayed on lengths only (no rendering, no tensors). At least 1."""
-    assert len(lengths) > 0 and all(0 < n <= row_capacity for n in lengths)
-    position = {"epoch": 0, "cursor": 0}
-
-    def next_item():
-        if position["cursor"] >= len(lengths):
-            position["epoch"] += 1
-            position["cursor"] = 0
-        position["cursor"] += 1
-        return lengths[position["cursor"] - 1]
-
-    num_batches = 0
-    for _ in best_fit_batches(next_item, lambda n: n, [], batch_size, row_capacity, lookahead):
-        if position["epoch"] >= num_epochs:
-            break
-        num_batches += 1
-    return max(1, num_batches // num_batches_per_step)
-
-
-def rank_lengths(dataset, render_fn, row_capacity, drop_long, rank=0, world_size=1):
-    """The lengths, after fit_conversation, of the conversations this rank reads (in its reading order)."""
-    lengths = []
-    for index in range(rank, len(dataset), world_size):
-        ids, _, _ = fit_conversation(*render_fn(dataset[index]), row_capacity, drop_long)
-        if ids is not None:
-            lengths.append(len(ids))
-    return lengths
+def sft_batches(dataset, render_fn, share, plan, settings, start=0):
+    """Yield SFTBatch forever: micro-batch start, start + 1, ... of the run, micro-batch k being
+    plan[k % len(plan)] (epochs repeat the plan). Conversations are rendered again and fitted as render_share did;
+    "pad" collates with collate_sft (lengths rounded up to settings.bucket), "bestfit" with collate_packed.
+    stats["dropped"] counts the share's dropped conversations on the first micro-batch of each epoch."""
+    s = settings
+    for k in itertools.count(start):
+        rows = plan[k % len(plan)]
+        items = [[fit_conversation(*render_fn(dataset[share.indices[j]]), s.row_capacity, s.drop_long)[:2]
+                  for j in row] for row in rows]
+        assert [len(ids) for row in items for ids, _ in row] == [share.lengths[j] for row in rows for j in row], \
+            "render_fn gave other lengths than when the epoch was planned"
+        if s.packing == "pad":
+            inputs, targets = pad_to_bucket(*collate_sft([row[0] for row in items], s.pad_id, s.ignore_index),
+                                            s.bucket, s.pad_id, s.row_capacity - 1, s.ignore_index)
+            segment_ids = None
+        else:
+            inputs, targets, segment_ids = collate_packed(items, s.row_capacity, s.pad_id, s.ignore_index,
+                                                          s.batch_size)
+        table = torch.full((inputs.size(0), 1 + max(map(len, rows))), -1, dtype=torch.long)  # row, segment -> source
+        for r, row in enumerate(rows):
+            table[r, 1:1 + len(row)] = torch.tensor([share.sources[j] for j in row])
+        sources = table.gather(1, torch.ones_like(inputs) if segment_ids is None else segment_ids)
+        sources[targets == s.ignore_index] = -1
+        positions, pad_positions = plan_positions([rows], share.lengths, s)
+        assert positions == inputs.numel(), "the plan counts other positions than the batch has"
+        stats = dict(examples=sum(map(len, rows)), positions=positions, pad_positions=pad_positions,
+                     truncated=sum(share.outcomes[j] == "truncated" for row in rows for j in row),
+                     dropped=share.outcomes.count("dropped") if k % len(plan) == 0 else 0,
+                     supervised=int((targets != s.ignore_index).sum()))
+        yield SFTBatch(inputs, targets, segment_ids, stats, sources)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Step arithmetic and loss normalisation
-
-LOSS_NORMALIZATIONS = ("token", "micro_batch_mean")  # see README, "Loss normalisation"
-PACKINGS = ("pad", "bestfit")
 
 
 def grad_accum_steps_for(target_examples_per_step, device_batch_size, world_size):
@@ -305,24 +273,11 @@ def grad_accum_steps_for(target_examples_per_step, device_batch_size, world_size
                             f"device_batch_size * world_size = {device_batch_size} * {world_size}")
 
 
-def num_sft_iterations(num_examples, target_examples_per_step, num_epochs, max_iterations=-1):
-    """The guide's step count: len(train) // target_examples_per_step * num_epochs, capped by max_iterations
-    (-1: no cap)."""
-    num_iterations = (num_examples // target_examples_per_step) * num_epochs
-    if max_iterations >= 0:
-        num_iterations = min(num_iterations, max_iterations)
-    return num_iterations
-
-
 def micro_batch_loss_scale(loss_normalization, micro_tokens, step_tokens, world_size, grad_accum_steps):
-    """The factor that turns a micro-batch's SUMMED token loss into the loss to backpropagate, assuming the
-    optimizer averages gradients across ranks.
-    - "token": world_size / step_tokens, where step_tokens = supervised tokens of the whole step, all
-      micro-batches, all ranks. Averaged over ranks and summed over micro-batches this is the mean token
-      loss of the step.
-    - "micro_batch_mean": 1 / (micro_tokens * grad_accum_steps), the guide's mean per micro-batch divided
-      by the number of micro-steps.
-    A count of zero gives a zero scale (nothing to learn from) instead of a NaN."""
+    """The factor that turns a micro-batch's SUMMED token loss into the loss to backpropagate, the optimizer
+    averaging gradients over ranks. "token": world_size / step_tokens (supervised tokens of the whole step, all
+    micro-batches and ranks): the step's mean token loss. "micro_batch_mean": 1 / (micro_tokens *
+    grad_accum_steps), the guide's mean per micro-batch over the micro-steps. A zero count gives 0, not NaN."""
     if loss_normalization == "token":
         return world_size / step_tokens if step_tokens > 0 else 0.0
     if loss_normalization == "micro_batch_mean":
@@ -331,9 +286,8 @@ def micro_batch_loss_scale(loss_normalization, micro_tokens, step_tokens, world_
 
 
 def skip_reason(step_loss, oom_count):
-    """Why an optimizer step must be skipped, or None. Called with values already reduced over ranks (the
-    summed loss, where any rank's NaN/inf propagates, and the number of ranks that ran out of memory), so
-    every rank takes the same decision and none waits forever in the optimizer's collectives."""
+    """Why an optimizer step must be skipped, or None, from values reduced over ranks (the summed loss: any NaN/inf
+    propagates; the ranks out of memory), so every rank decides the same and none waits in a collective."""
     if oom_count > 0:
         return "out of memory"
     if not math.isfinite(step_loss):
@@ -341,16 +295,11 @@ def skip_reason(step_loss, oom_count):
     return None
 
 
-def num_sft_steps(dataset, render_fn, packing, target_examples_per_step, device_batch_size, grad_accum,
-                  row_capacity, drop_long, num_epochs, max_iterations=-1, rank=0, world_size=1, device="cpu"):
-    """Optimizer steps of the run. pad: the guide's count (num_sft_iterations). bestfit: a step holds as many
-    conversations as fit, so the packing of sft_batches is replayed on this rank's lengths (rank_lengths: the
-    same filter the batches use) and every rank runs the smallest count. Capped by max_iterations (-1: none)."""
-    if packing == "pad":
-        return num_sft_iterations(len(dataset), target_examples_per_step, num_epochs, max_iterations)
-    lengths = rank_lengths(dataset, render_fn, row_capacity, drop_long, rank, world_size)
-    steps = count_steps_bestfit(lengths, device_batch_size, row_capacity, grad_accum, num_epochs) if lengths else 0
-    steps = int(all_reduce_values([steps], "min", device, world_size)[0])
+def num_sft_steps(num_micro_batches, grad_accum, num_epochs, max_iterations=-1, device="cpu", world_size=1):
+    """Optimizer steps of the run: num_epochs passes over a plan of num_micro_batches, grad_accum micro-batches a
+    step, the smallest count over ranks (a rank with more would wait forever in a collective), capped by
+    max_iterations (-1: none)."""
+    steps = int(all_reduce_values([num_epochs * num_micro_batches // grad_accum], "min", device, world_size)[0])
     return min(steps, max_iterations) if max_iterations >= 0 else steps
 
 
@@ -362,28 +311,33 @@ class StepResult(NamedTuple):
     loss: float  # the step's loss, as the optimizer sees it (mean over ranks of the scaled sums)
     skip: str | None  # why the optimizer step must not be taken (the same on every rank), or None
     totals: dict  # TOTAL_KEYS summed over the step's micro-batches and all ranks
+    source_loss: list  # per source (SFTBatch.sources): summed token loss, all micro-batches and ranks
+    source_tokens: list  # per source: supervised tokens
 
 
 def accumulate_step(model, micro_batches, loss_normalization, device, world_size=1, rank=0,
-                    autocast=contextlib.nullcontext):
+                    autocast=contextlib.nullcontext, num_sources=1):
     """Forward and backward of one optimizer step's micro-batches (SFTBatch list) on this rank, leaving the
-    gradients in .grad for the optimizer. The step's supervised-token count is all-reduced first (the "token"
-    normalisation needs it up front); each micro-batch's summed loss is scaled by micro_batch_loss_scale.
-    A CUDA out-of-memory error in any micro-batch, or a non-finite loss on any rank, makes every rank skip the
-    step (one all-reduce carries the loss and the out-of-memory count, so no rank waits alone in the
-    optimizer's collectives); a skipped step leaves no gradient behind. The caller takes the optimizer step
-    when result.skip is None."""
+    gradients in .grad. The step's supervised-token count is all-reduced first ("token" normalisation needs it);
+    each micro-batch's summed loss is scaled by micro_batch_loss_scale. An out-of-memory error or a non-finite
+    loss on any rank makes every rank skip the step (one all-reduce carries the loss and the out-of-memory count,
+    so no rank waits alone in the optimizer's collectives), leaving no gradient; else result.skip is None. The
+    same all-reduce sums the token loss and the supervised tokens of each of the num_sources sources."""
     device = torch.device(device)
     flops = [batch_flops(model, b.inputs, b.stats["pad_positions"]) for b in micro_batches]
     local = [sum(b.stats[k] for b in micro_batches) for k in STAT_KEYS] + [sum(f) for f in zip(*flops)]
     totals = dict(zip(TOTAL_KEYS, all_reduce_values(local, "sum", device, world_size)))
-    objective, oom = 0.0, 0.0
+    objective, oom, by_source = 0.0, 0.0, torch.zeros(2, num_sources, dtype=torch.float64)  # loss, tokens
     try:
         for batch in micro_batches:
             inputs, targets, segment_ids = (None if t is None else t.to(device, non_blocking=device.type == "cuda")
                                             for t in batch[:3])
             with autocast():
-                loss_sum = model(inputs, targets, loss_reduction="sum", segment_ids=segment_ids)
+                token_loss = model(inputs, targets, loss_reduction="none", segment_ids=segment_ids)
+            loss_sum, valid = token_loss.sum(), batch.sources >= 0
+            weights = token_loss.detach().double().cpu()[valid]
+            by_source[0] += torch.bincount(batch.sources[valid], weights=weights, minlength=num_sources)
+            by_source[1] += torch.bincount(batch.sources[valid], minlength=num_sources)
             loss = loss_sum * micro_batch_loss_scale(loss_normalization, batch.stats["supervised"],
                                                      totals["supervised"], world_size, len(micro_batches))
             loss.backward()
@@ -392,16 +346,14 @@ def accumulate_step(model, micro_batches, loss_normalization, device, world_size
         print(f"[rank {rank}] out of memory: {str(e).splitlines()[0] if str(e) else ''}")
         oom = 1.0
     if oom:  # outside the except block: its traceback would keep the forward's activations alive
-        inputs = targets = segment_ids = loss_sum = loss = None
+        inputs = targets = segment_ids = token_loss = loss_sum = loss = None
         model.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    objective, oom = all_reduce_values([0.0 if oom else objective, oom], "sum", device, world_size)
+    objective, oom, *by_source = all_reduce_values([0.0 if oom else objective, oom, *by_source.flatten().tolist()],
+                                                   "sum", device, world_size)
     step_loss = objective / world_size
     reason = skip_reason(step_loss, oom)
     if reason is not None:
         model.zero_grad(set_to_none=True)  # no gradient of a skipped step survives into the next
-    return StepResult(step_loss, reason, totals)
-
-
-# ----------------------------------------------------------------------------------------------------------
+    return StepResult(step_loss, reason, totals, by_source[:num_sources], by_source[num_sources:])

@@ -1,97 +1,80 @@
 """
 What chat_sft prints and reports about its data and steps: the data preview of `--dry_run 1` (data_summary,
-padding_fractions, data_preview), the step line (format_step), the report's mixture table and section
-(report_section), the sample conversations of the final model and the closing line (format_run_summary).
-Pure functions of their arguments. Tests: tests/test_sft.py.
+data_preview), the step line (format_step), the report's mixture table and section (report_section), the sample
+conversations of the final model and the closing line (format_run_summary). Pure functions of their arguments; the
+data figures come from the numbers render_share recorded (nothing is rendered again). Tests: tests/test_sft.py.
 """
 
 import numpy as np
 
 from nanochat.perf import mfu
-from nanochat.sft import best_fit_batches, fit_conversation, padding_fraction
+from nanochat.sft import PACKINGS, Share, padding_fraction, plan_epoch, plan_positions
 
 
-def padding_fractions(lengths, batch_size, row_capacity, lookahead=2.0):
-    """Fraction of input positions that are padding when conversations of these lengths (fitted, in reading
-    order) are batched: (under "pad", under "bestfit"), as sft_batches builds the batches."""
-    if not lengths:
-        return 0.0, 0.0
-    positions = real = 0
-    for i in range(0, len(lengths), batch_size):
-        chunk = lengths[i:i + batch_size]
-        positions += len(chunk) * (max(chunk) - 1)
-        real += sum(n - 1 for n in chunk)
-    pad = padding_fraction(positions - real, positions)
-    T, items = row_capacity - 1, iter(lengths)
-    bf_positions = bf_real = 0
-    for rows, _ in best_fit_batches(lambda: next(items), lambda n: n, [], batch_size, row_capacity, lookahead):
-        bf_positions += batch_size * T
-        bf_real += sum(min(sum(row), T) for row in rows)
-    return pad, padding_fraction(bf_positions - bf_real, bf_positions)
+def share_part(share, source):
+    """The conversations of a Share that came from mixture part `source`, as a Share."""
+    keep = [j for j, s in enumerate(share.sources) if s == source]
+    return Share(*([column[j] for j in keep] for column in share))
 
 
-def data_summary(conversations, render_fn, row_capacity, drop_long, batch_size):
-    """Figures of one task or mixture (any sequence of conversations): conversations, token length mean / p50 /
-    p95 / max (as rendered, before fitting), supervised ratio (supervised targets / target positions, after
-    fitting), truncated and dropped counts (fit_conversation) and the padding fraction under pad and bestfit."""
-    lengths, fitted, counts = [], [], {"kept": 0, "truncated": 0, "dropped": 0}
-    supervised = targets = 0
-    for conversation in conversations:
-        ids, mask = render_fn(conversation)
-        lengths.append(len(ids))
-        ids, mask, outcome = fit_conversation(ids, mask, row_capacity, drop_long)
-        counts[outcome] += 1
-        if ids is not None:
-            fitted.append(len(ids))
-            supervised += sum(mask[1:])
-            targets += len(ids) - 1
-    pad, bestfit = padding_fractions(fitted, batch_size, row_capacity)
-    q = np.percentile(lengths, [50, 95]) if lengths else [0, 0]
-    return {"conversations": len(lengths), "tokens_mean": float(np.mean(lengths)) if lengths else 0.0,
-            "tokens_p50": float(q[0]), "tokens_p95": float(q[1]), "tokens_max": max(lengths, default=0),
-            "supervised_ratio": supervised / max(targets, 1), "truncated": counts["truncated"],
-            "dropped": counts["dropped"], "padding_pad": pad, "padding_bestfit": bestfit}
+def data_summary(share, settings, seed=0):
+    """Figures of a Share (a mixture, or a part of one: share_part) from its recorded numbers: conversations, length
+    mean / p50 / p95 / max (as rendered), supervised ratio (supervised targets / target positions, after fitting),
+    truncated and dropped counts, the padding of the epoch under pad and bestfit (plan_positions, as batched)."""
+    padding = {}
+    for packing in PACKINGS:
+        packed = settings._replace(packing=packing)
+        positions, pad_positions = plan_positions(plan_epoch(share.lengths, packed, seed), share.lengths, packed)
+        padding[packing] = padding_fraction(pad_positions, positions)
+    q = np.percentile(share.tokens, [50, 95]) if share.tokens else [0, 0]
+    return {"conversations": len(share.tokens), "tokens_mean": float(np.mean(share.tokens)) if share.tokens else 0.0,
+            "tokens_p50": float(q[0]), "tokens_p95": float(q[1]), "tokens_max": max(share.tokens, default=0),
+            "supervised_ratio": sum(share.supervised) / max(sum(n - 1 for n in share.lengths if n), 1),
+            "truncated": share.outcomes.count("truncated"), "dropped": share.outcomes.count("dropped"),
+            "padding_pad": padding["pad"], "padding_bestfit": padding["bestfit"]}
 
 
-def format_data_summary(name, row, width=0):
-    return (f"{name:<{width}} | {row['conversations']:>7,} conv | tokens mean {row['tokens_mean']:6.1f} p50 "
-            f"{row['tokens_p50']:5.0f} p95 {row['tokens_p95']:5.0f} max {row['tokens_max']:6,} | supervised "
-            f"{row['supervised_ratio']:5.1%} | truncated {row['truncated']:,} dropped {row['dropped']:,} | padding "
-            f"pad {row['padding_pad']:5.1%} bestfit {row['padding_bestfit']:5.1%}")
+def summary_lines(rows):
+    """One line per (name, data_summary) of `rows`: the mixture table of the data preview and of the report."""
+    width = max((len(name) for name, _ in rows), default=0)
+    return [f"{name:<{width}} | {r['conversations']:>7,} conv | tokens mean {r['tokens_mean']:6.1f} p50 "
+            f"{r['tokens_p50']:5.0f} p95 {r['tokens_p95']:5.0f} max {r['tokens_max']:6,} | supervised "
+            f"{r['supervised_ratio']:5.1%} | truncated {r['truncated']:,} dropped {r['dropped']:,} | padding pad "
+            f"{r['padding_pad']:5.1%} bestfit {r['padding_bestfit']:5.1%}" for name, r in rows]
 
 
-def data_preview(train_rows, train_ds, val_ds, summarize, steps, tokenizer, render_fn, row_capacity, color):
-    """The lines of chat_sft's --dry_run: one per training spec (train_rows: [(spec, entries in the
-    mixture, data_summary)]), the training mixture and the validation mixture as a whole (summarize: a
-    sequence -> data_summary), the optimizer steps ({packing: steps}) and the first training conversation
-    (render_fn -> ids, mask; its first row_capacity tokens) shown by the tokenizer's visualize_tokenization
-    (colour, or [supervised] tokens in brackets)."""
-    rows = [(f"{spec} x{entries:,}", row) for spec, entries, row in train_rows]
-    rows += [("training mixture", summarize(train_ds)), ("validation mixture", summarize(val_ds))]
-    width = max(len(name) for name, _ in rows)
-    lines = [format_data_summary(name, row, width) for name, row in rows]
+def data_preview(rows, steps, tokenizer, first, row_capacity, color):
+    """The lines of chat_sft's --dry_run: summary_lines(rows), the optimizer steps ({packing: steps}) and the first
+    training conversation (first: ids, mask; its first row_capacity tokens) shown by the tokenizer's
+    visualize_tokenization (colour, or [supervised] tokens in brackets)."""
+    lines = summary_lines(rows)
     lines.append("Optimizer steps: " + ", ".join(f"{n} with packing={p}" for p, n in steps.items()))
-    ids, mask = render_fn(train_ds[0])
     lines.append(f"One training conversation ({'supervised in green' if color else '[supervised] tokens'}):")
-    lines.append(tokenizer.visualize_tokenization(ids[:row_capacity], mask[:row_capacity], color=color))
+    lines.append(tokenizer.visualize_tokenization(first[0][:row_capacity], first[1][:row_capacity], color=color))
     return lines
 
 
-def sample_conversations(engine, tokenizer, conversations, max_tokens=64):
-    """Each conversation's prompt (without its last assistant turn) and the model's greedy answer, as text."""
+def sample_conversations(engine, tokenizer, conversations, context, max_tokens=64, num=2):
+    """The report's samples: the first `num` conversations whose prompt (without the last assistant turn) leaves
+    room for max_tokens new tokens in the model's context (sequence_len; longer ones are skipped, not cut), as
+    prompt + greedy answer. Returns report items: a heading that says so, then the samples."""
     samples = []
     for conversation in conversations:
+        if len(samples) == num:
+            break
         prompt = tokenizer.render_for_completion(conversation)
+        if len(prompt) + max_tokens > context:
+            continue
         results, _ = engine.generate_batch(prompt, num_samples=1, max_tokens=max_tokens, temperature=0.0)
-        samples.append(tokenizer.decode(prompt) + tokenizer.decode(results[0][len(prompt):]))
-    return samples
+        samples.append(f"```\n{tokenizer.decode(prompt)}{tokenizer.decode(results[0][len(prompt):])}\n```")
+    return [f"Sample conversations (final model, greedy; validation prompts of at most {context - max_tokens} "
+            f"tokens, so that {max_tokens} new ones fit the model's {context} positions):", *samples]
 
 
 def format_step(step, loss, lrm, step_totals, dt, peak_flops=None, world_size=1, peak_memory=None, graphs=None):
-    """chat_sft's step line (the guide's first fields, then throughput) and its wandb dict, from the step's
-    StepResult totals (summed over ranks) and its duration dt in seconds. With peak_flops (per device): the MFU
-    of the useful (non-padding) positions' FLOPs and of all the FLOPs computed; then the peak memory in MiB and
-    the torch.compile graph count (growing after the first step = recompilations), where given."""
+    """chat_sft's step line (the guide's fields, then throughput) and wandb dict, from the step's StepResult totals
+    (all ranks) and duration dt (s). With peak_flops (per device): the MFU of the useful (non-padding) and of all
+    FLOPs; then, where given, the peak memory (MiB) and the torch.compile graph count (growth = recompilations)."""
     tokens, positions = step_totals["supervised"], step_totals["positions"]
     log = {"step": step, "train_loss": loss, "lrm": lrm, "num_tokens": tokens,
            "supervised_ratio": tokens / max(positions, 1),
@@ -115,6 +98,16 @@ def format_step(step, loss, lrm, step_totals, dt, peak_flops=None, world_size=1,
     return line, log
 
 
+def format_sources(step, names, result):
+    """chat_sft's per-source line and wandb dict: each source's (training spec's) mean token loss in the step and
+    its supervised tokens, from a StepResult (sources without tokens left out). Weighted by the tokens, the losses
+    average to the step's loss under loss_normalization = "token"."""
+    found = [(n, loss / k, k) for n, loss, k in zip(names, result.source_loss, result.source_tokens) if k > 0]
+    log = {**{f"train_loss/{n}": mean for n, mean, _ in found}, **{f"num_tokens/{n}": int(k) for n, _, k in found}}
+    line = f"Step {step:05d} | by source: " + " | ".join(f"{n} {mean:.4f} ({int(k):,} tok)" for n, mean, k in found)
+    return line, log
+
+
 def format_skip(step, reason, totals):
     """chat_sft's line and wandb dict for an optimizer step skipped for `reason` (StepResult.skip); totals: the
     run's counts so far, this step included."""
@@ -123,23 +116,11 @@ def format_skip(step, reason, totals):
     return line, {"step": step, "skipped_nonfinite": totals["skipped_nonfinite"], "skipped_oom": totals["skipped_oom"]}
 
 
-def report_mixture_table(train_rows):
-    """The report's training-mixture table (a fenced text block, so the report's summary-table parser never
-    reads it): per spec, its entries in the mixture (after weights and repeats), supervised ratio and padding
-    fraction under pad / bestfit."""
-    width = max([len("training mixture")] + [len(spec) for spec, _, _ in train_rows])
-    lines = [f"{'training mixture':<{width}}  entries  supervised  padding(pad)  padding(bestfit)"]
-    lines += [f"{spec:<{width}}  {entries:>7,}  {row['supervised_ratio']:>10.1%}  {row['padding_pad']:>12.1%}  "
-              f"{row['padding_bestfit']:>16.1%}" for spec, entries, row in train_rows]
-    return "```\n" + "\n".join(lines) + "\n```"
-
-
 def report_section(config, train_rows, num_conversations, num_iterations, totals, train_time, final_metrics, samples,
                    peak_flops=None, world_size=1):
-    """The data of chat_sft's "Chat SFT" report section: the key options, the training-mixture table
-    (report_mixture_table), the run's counts (totals: summed over the run and the ranks) and figures (supervised
-    ratio, padding fraction, tokens/s, and with peak_flops the MFU of the useful, non-padding, FLOPs), the
-    final metrics (None values left out) and the sample conversations of the final model."""
+    """chat_sft's "Chat SFT" report section: key options, summary_lines(train_rows) (fenced: the report's table
+    parser never reads them), the run's counts (totals: all steps and ranks) and figures (supervised ratio, padding,
+    tokens/s, with peak_flops the MFU of the useful FLOPs), the final metrics (None left out) and the samples."""
     figures = {"Supervised ratio": totals["supervised"] / max(totals["positions"], 1),
                "Padding fraction": padding_fraction(totals["pad_positions"], totals["positions"]),
                "Tokens per second": round(totals["positions"] / max(train_time, 1e-9))}
@@ -148,20 +129,20 @@ def report_section(config, train_rows, num_conversations, num_iterations, totals
     return [
         {k: config[k] for k in ("source", "device_batch_size", "target_examples_per_step", "num_epochs",
                                 "init_lr_frac", "loss_normalization", "packing", "max_seq_len")},
-        report_mixture_table(train_rows),
+        "```\n" + "\n".join(summary_lines(train_rows)) + "\n```",
         {"Training conversations": num_conversations, "Number of iterations": num_iterations,
          "Examples seen": totals["examples"], "Skipped steps (non-finite)": totals["skipped_nonfinite"],
          "Skipped steps (out of memory)": totals["skipped_oom"], "Truncated conversations": totals["truncated"],
          "Dropped conversations": totals["dropped"], "Training time (s)": round(train_time, 1), **figures},
         {k: v for k, v in final_metrics.items() if v is not None},
         f"Train and validation loss are both in the unit of loss_normalization = {config['loss_normalization']}.",
-        "Sample conversations (final model, greedy):", *[f"```\n{sample}\n```" for sample in samples],
+        *samples,
     ]
 
 
 def format_run_summary(train_time, totals, peak_memory=None, compiled=None, graphs_after_first_step=0):
     """chat_sft's closing line: training time, skipped steps, truncated / dropped conversations, the peak memory
-    (if measured) and, for a compiled model (compiled: its graph count now), the recompilations."""
+    (if measured) and, compiled (compiled: the graph count now), the recompilations."""
     return (f"Training time: {train_time:.1f}s | skipped steps: {totals['skipped_nonfinite']} non-finite, "
             f"{totals['skipped_oom']} out of memory | truncated: {totals['truncated']} | dropped: {totals['dropped']}"
             + (f" | peak memory: {peak_memory:.0f} MiB" if peak_memory else "")

@@ -27,10 +27,10 @@ from nanochat.loss_eval import evaluate_sft_loss
 from nanochat.perf import compile_enabled, compile_model, compiled_graphs, peak_memory_mib, reset_peak_memory
 from nanochat.report import format_duration, get_report
 from nanochat.schedules import lr_multiplier, scale_initial_lr, set_lr_multiplier
-from nanochat.sft import (LOSS_NORMALIZATIONS, PACKINGS, TOTAL_KEYS, accumulate_step, grad_accum_steps_for,
-                          initial_data_state, num_sft_steps, sft_batches)
-from nanochat.sft_report import (data_preview, data_summary, format_run_summary, format_skip, format_step,
-                                 report_section, sample_conversations)
+from nanochat.sft import (LOSS_NORMALIZATIONS, PACKINGS, TOTAL_KEYS, BatchSettings, accumulate_step, gather_share,
+                          grad_accum_steps_for, num_sft_steps, plan_epoch, render_share, sft_batches)
+from nanochat.sft_report import (data_preview, data_summary, format_run_summary, format_skip, format_sources,
+                                 format_step, report_section, sample_conversations, share_part)
 from nanochat.tokenizer import get_tokenizer
 from tasks.mixture import build_mixtures, check_mixture_specs, parse_eval_spec
 
@@ -60,7 +60,7 @@ OPTIONS = [
     Option("eval_metrics_every", int, 200, "task metrics every N steps and at the end (-1: never)", min=1, disabled=-1),
     # beyond the guide
     Option("device_type", str, "", "autodetect if empty", choices=("", "cuda", "cpu", "mps")),
-    Option("seed", int, 42, "torch/python/numpy seed", min=0),
+    Option("seed", int, 42, "torch/python/numpy seed, and the order of bestfit rows", min=0),
     Option("train_mixture", list, ["ARC:ARC-Easy:train", "ARC:ARC-Challenge:train", "GSM8K:main:train",
                                    "SmolTalk:train:0:10000"], "training mixture specs (see tasks/mixture.py)"),
     Option("val_mixture", list, ["SmolTalk:test"], "validation mixture specs"),
@@ -113,39 +113,47 @@ tokenizer = get_tokenizer()
 mixtures, parts, _ = build_mixtures({"train_mixture": config["train_mixture"], "val_mixture": config["val_mixture"]})
 train_ds, val_ds = mixtures["train_mixture"], mixtures["val_mixture"]
 pad_id = tokenizer.encode_special("<|assistant_end|>")  # padding the guide uses; its targets are -1 anyway
-row_capacity = config["max_seq_len"] + 1  # tokens per row: max_seq_len input positions + the last target
-device_batch_size = config["device_batch_size"]
+device_batch_size, seed = config["device_batch_size"], config["seed"]
 grad_accum_steps = grad_accum_steps_for(config["target_examples_per_step"], device_batch_size, ddp_world_size)
+settings = BatchSettings(config["packing"], device_batch_size, config["max_seq_len"] + 1, pad_id, config["drop_long"],
+                         pad_bucket)  # rows of max_seq_len input positions + the last target
+render = lambda conversation: tokenizer.render_conversation(conversation, max_tokens=None)  # noqa: E731
+# plan the epoch: this rank's share rendered once (lengths, fit outcomes, mixture part of each), packed once
+spec_of = {id(task): k for k, (_, task, _) in enumerate(parts["train_mixture"])}
 
 
-def render(conversation):
-    # one token beyond the row tells fit_conversation that the conversation was too long (truncate or drop)
-    return tokenizer.render_conversation(conversation, max_tokens=row_capacity + 1)
+def locate(index):  # (the spec an entry comes from, which of its conversations): repeats are rendered once
+    task, i = train_ds.locate(index)
+    return spec_of[id(train_ds.tasks[task])], i
 
 
-def batches(dataset, state=None):
-    return sft_batches(dataset, render, device_batch_size, pad_id, config["packing"], row_capacity, config["drop_long"],
-                       ddp_rank, ddp_world_size, state=state, bucket=pad_bucket)
-
-
-step_count_args = (config["target_examples_per_step"], device_batch_size, grad_accum_steps, row_capacity,
-                   config["drop_long"], config["num_epochs"], config["max_iterations"])
-num_iterations = num_sft_steps(train_ds, render, config["packing"], *step_count_args, ddp_rank, ddp_world_size, device)
+train_share = render_share(train_ds, render, settings, ddp_rank, ddp_world_size, locate)
+train_plan = plan_epoch(train_share.lengths, settings, seed)
+count_steps = lambda epoch_plan: num_sft_steps(len(epoch_plan), grad_accum_steps, config["num_epochs"],  # noqa
+                                              config["max_iterations"], device, ddp_world_size)
+num_iterations = count_steps(train_plan)
 if num_iterations <= 0:
-    raise UserError(f"no optimizer steps: {len(train_ds)} training conversations for target_examples_per_step="
-                    f"{config['target_examples_per_step']}; add data or lower target_examples_per_step")
+    raise UserError(f"no optimizer steps: {len(train_ds)} training conversations make {len(train_plan)} micro-batches "
+                    f"on rank {ddp_rank}, fewer than grad_accum_steps = {grad_accum_steps}; add data or lower "
+                    f"target_examples_per_step")
+if config["eval_every"] > 0 or config["dry_run"]:  # the validation batches: planned once, the same at every eval
+    val_share = render_share(val_ds, render, settings, ddp_rank, ddp_world_size)
+    val_plan = plan_epoch(val_share.lengths, settings, seed)
 print0(f"Training conversations: {len(train_ds):,} | validation: {len(val_ds):,} | packing: {config['packing']}")
 print0(f"Target examples per step: {config['target_examples_per_step']} = device_batch_size {device_batch_size} "
        f"x world_size {ddp_world_size} x grad_accum_steps {grad_accum_steps}")
 print0(f"Number of iterations: {num_iterations} | loss normalisation: {config['loss_normalization']}")
-render_whole = lambda conversation: tokenizer.render_conversation(conversation, max_tokens=None)  # noqa: E731
-summarize = lambda ds: data_summary(ds, render_whole, row_capacity, config["drop_long"], device_batch_size)  # noqa: E731
-train_rows = [(spec, entries, summarize(task)) for spec, task, entries in parts["train_mixture"]] if master_process \
-    else []  # per training spec: counts, supervised ratio, padding (for the preview and the report)
+whole_train = gather_share(train_share, ddp_world_size)  # every rank's numbers: the figures of the whole mixture
+train_rows = [(f"{spec} x{entries:,}", data_summary(share_part(whole_train, k), settings, seed))  # per spec
+              for k, (spec, _, entries) in enumerate(parts["train_mixture"])] if master_process else []
 if config["dry_run"]:
-    steps = {p: num_sft_steps(train_ds, render, p, *step_count_args, ddp_rank, ddp_world_size, device) for p in PACKINGS}
-    print0("\n".join(data_preview(train_rows, train_ds, val_ds, summarize, steps, tokenizer, render, row_capacity,
-                                  sys.stdout.isatty())))
+    steps = {p: count_steps(plan_epoch(train_share.lengths, settings._replace(packing=p), seed)) for p in PACKINGS}
+    whole_val = gather_share(val_share, ddp_world_size)
+    if master_process:
+        rows = train_rows + [(name, data_summary(share, settings, seed)) for name, share in
+                             (("training mixture", whole_train), ("validation mixture", whole_val))]
+        print0("\n".join(data_preview(rows, steps, tokenizer, render(train_ds[0]), settings.row_capacity,
+                                      sys.stdout.isatty())))
     compute_cleanup()
     sys.exit(0)
 
@@ -176,22 +184,25 @@ if config["load_optimizer"] and plan.resume_dir is None:  # warm start: the sour
 # -----------------------------------------------------------------------------
 # Resume state (optimizer, data position, step, RNG) or a fresh start
 
-start_step, train_state = 0, initial_data_state()
+start_step = 0  # the resume state: micro-batch k of the run is train_plan[k % len(train_plan)]
 val_loss, metrics = None, {}  # the latest evaluation, saved in checkpoint meta
 totals = dict.fromkeys(("skipped_nonfinite", "skipped_oom", *TOTAL_KEYS), 0)  # summed over steps and ranks
 loss_series = {"train": [], "val": []}  # [step, loss] points, both in the unit of loss_normalization
 if plan.resume_dir is not None:
     run_state = load_resume(plan.resume_dir, plan.resume_step, optimizers, ddp_rank, ddp_world_size, num_iterations,
                             device)
-    start_step, train_state = run_state["step"], run_state["data_state"]
+    if run_state["data_state"] is not None:  # {epoch, cursor, pending}: the streaming loader before the plan
+        raise UserError(f"cannot resume {plan.resume_dir} step {plan.resume_step}: it was saved by an older chat_sft "
+                        f"whose data order this version cannot reproduce; start a new run (resume = 0)")
+    start_step = run_state["step"]
     totals, loss_series = {**totals, **run_state["counters"]["totals"]}, run_state["loss_series"]
     val_loss, metrics = run_state["counters"]["val_loss"], run_state["counters"]["metrics"]
-train_iter = batches(train_ds, train_state)
+train_iter = sft_batches(train_ds, render, train_share, train_plan, settings, start=start_step * grad_accum_steps)
 
 
 def save(step):
     """A resumable checkpoint: this rank's run state, the model, the optimizer states and, last, the meta."""
-    run_state = dict(num_iterations=num_iterations, data_state=train_state, loss_series=loss_series,
+    run_state = dict(num_iterations=num_iterations, data_state=None, loss_series=loss_series,
                      counters={"totals": totals, "val_loss": val_loss, "metrics": metrics})
     meta = {"user_config": config, "run_id": plan.run_id, "run_name": config["run"], "tokenizer_sha256": tokenizer_sha,
             "source": config["source"], "source_dir": source_dir, "source_step": source_step,
@@ -216,8 +227,9 @@ for step in range(start_step, num_iterations + 1):
     # once in a while: validation loss, over eval_steps batches per rank (the same batches every time)
     if config["eval_every"] > 0 and (last_step or step % config["eval_every"] == 0) and not resumed_here:
         model.eval()
-        val_loss = evaluate_sft_loss(model, batches(val_ds), config["eval_steps"],
-                                     config["loss_normalization"], device, ddp_world_size, ddp_rank, autocast)
+        val_batches = sft_batches(val_ds, render, val_share, val_plan, settings)
+        val_loss = evaluate_sft_loss(model, val_batches, config["eval_steps"], config["loss_normalization"], device,
+                                     ddp_world_size, ddp_rank, autocast)
         print0(f"Step {step:05d} | Validation loss: {val_loss:.6f}")
         wandb_run.log({"step": step, "val_loss": val_loss})
         loss_series["val"].append([step, val_loss])
@@ -246,9 +258,8 @@ for step in range(start_step, num_iterations + 1):
     synchronize()
     t0 = time.time()
     micro_batches = [next(train_iter) for _ in range(grad_accum_steps)]
-    train_state = micro_batches[-1].state  # the data position after this step, for resuming
     result = accumulate_step(model, micro_batches, config["loss_normalization"], device, ddp_world_size, ddp_rank,
-                             autocast)
+                             autocast, len(spec_of))
     lrm = lr_multiplier(step, num_iterations)
     progress = f"step {step + 1}/{num_iterations} | elapsed {format_duration(time.time() - loop_t0)}"
     if result.skip is not None:
@@ -274,8 +285,14 @@ for step in range(start_step, num_iterations + 1):
     graphs_after_first_step = graphs_after_first_step or log.get("compiled_graphs", 0)
     eta = (time.time() - loop_t0) / (step + 1 - start_step) * (num_iterations - step - 1)
     print0(f"{line} | {progress} | eta {format_duration(eta)}")
-    wandb_run.log(log)
     loss_series["train"].append([step, result.loss])
+    if len(spec_of) > 1:  # each training spec's token loss and tokens ("token": the step loss is their mean)
+        line, source_log = format_sources(step, [spec for spec, _, _ in parts["train_mixture"]], result)
+        print0(line)
+        log.update(source_log)
+        for name in (k for k in source_log if k.startswith("train_loss/")):
+            loss_series.setdefault(name, []).append([step, source_log[name]])
+    wandb_run.log(log)
 
 # -----------------------------------------------------------------------------
 # The final checkpoint, the report section, cleanup
@@ -285,15 +302,17 @@ print0(format_run_summary(train_time, totals, peak_memory_mib(device), compiled_
                           graphs_after_first_step))
 
 samples = []
-if master_process:  # two validation prompts answered by the final model, for the report
+if master_process:  # two validation prompts that fit the model's context, answered by the final model
     model.eval()
     with autocast():
-        samples = sample_conversations(engine, tokenizer, [val_ds[i] for i in range(min(2, len(val_ds)))])
+        samples = sample_conversations(engine, tokenizer, (val_ds[i] for i in range(min(len(val_ds), 100))),
+                                       orig_model.config.sequence_len)
 report = get_report()
 report.log(section="Chat SFT", data=report_section(config, train_rows, len(train_ds), num_iterations, totals, train_time,
                                                    {"val_loss": val_loss, **metrics}, samples, peak_flops,
                                                    ddp_world_size), duration_s=time.time() - script_start)
 for name, points in loss_series.items():
-    report.log_series("Chat SFT", f"{name}_loss", [p[0] for p in points], [p[1] for p in points])
+    name = name if "/" in name else f"{name}_loss"  # train_loss/<spec>: one curve per training spec
+    report.log_series("Chat SFT", name, [p[0] for p in points], [p[1] for p in points])
 wandb_run.finish()
 compute_cleanup()

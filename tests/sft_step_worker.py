@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from nanochat.common import compute_cleanup, compute_init
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.sft import accumulate_step, sft_batches
+from nanochat.sft import BatchSettings, accumulate_step, plan_epoch, render_share, sft_batches
 
 VOCAB = 128
 
@@ -59,6 +59,13 @@ class Faulty(torch.nn.Module):
         return self.model.estimate_flops(seq_len)
 
 
+def batches(data, batch_size, rank=0, world_size=1):
+    """The pad-mode micro-batches of (ids, mask) pairs for one rank: planned, then materialised (nanochat.sft)."""
+    settings = BatchSettings("pad", batch_size, row_capacity=64)
+    share = render_share(data, lambda c: c, settings, rank, world_size)
+    return sft_batches(data, lambda c: c, share, plan_epoch(share.lengths, settings), settings)
+
+
 def grads_of(model):
     return {n: (torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()) for n, p in model.named_parameters()}
 
@@ -67,7 +74,7 @@ def main(out_path):
     _, rank, _, world_size, device = compute_init("cpu")
     data = conversations(4)
     model = tiny_gpt(device)
-    stream = sft_batches(data, lambda c: c, 1, 0, "pad", 64, rank=rank, world_size=world_size)
+    stream = batches(data, 1, rank, world_size)
     micro_batches = [next(stream) for _ in range(2)]
     result = accumulate_step(model, micro_batches, "token", device, world_size, rank)
     grads = grads_of(model)
@@ -75,7 +82,7 @@ def main(out_path):
         dist.all_reduce(g)
         g /= world_size  # what the optimizers do with the gradients
     model.zero_grad(set_to_none=True)
-    whole = next(sft_batches(data, lambda c: c, 4, 0, "pad", 64))
+    whole = next(batches(data, 4))
     reference = accumulate_step(model, [whole], "token", device)  # one process, one big batch
     reference_grads = grads_of(model)
     model.zero_grad(set_to_none=True)

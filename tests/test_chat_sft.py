@@ -166,6 +166,10 @@ def test_guide_config_end_to_end(sft_env, data_dir, tmp_path):
         series = json.load(f)["series"]
     assert series["train_loss"]["values"] == pytest.approx(train, abs=1e-6)
     assert series["val_loss"]["steps"] == [0, 8, 16]
+    # per training spec: a "by source" line per step and a curve in the report
+    assert len(re.findall(r"^Step \d{5} \| by source: \S+ \d+\.\d{4} \([\d,]+ tok\)", out, re.M)) == 16
+    specs = ["ARC:ARC-Easy:train:0:64", "GSM8K:main:train:0:64", "ChitChat:train:0:64"]
+    assert {f"train_loss/{spec}" for spec in specs} <= set(series)
 
     # chat_eval loads the SFT checkpoint
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), WANDB_MODE="disabled")
@@ -190,6 +194,16 @@ def test_resume_gives_bit_identical_weights(sft_env, tmp_path):
     assert final_files
     for path in final_files:
         os.remove(path)
+    # a checkpoint of the streaming loader (data state {epoch, cursor, pending}) is refused in one line
+    old = tmp_path / "old"
+    shutil.copytree(interrupted, old)
+    state_path = os.path.join(old, "chatsft_checkpoints", "d2", "state_000003_rank0.pt")
+    state = torch.load(state_path, weights_only=True)
+    torch.save({**state, "data_state": {"epoch": 0, "cursor": 6, "pending": [1]}}, state_path)
+    res = _run_any(old, args + ["--save_every=3", "--resume=1"])
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert res.stderr.strip() == (f"error: cannot resume {old}/chatsft_checkpoints/d2 step 3: it was saved by an older "
+                                  f"chat_sft whose data order this version cannot reproduce; start a new run (resume = 0)")
     out = _run(interrupted, args + ["--save_every=3", "--resume=1"])
     assert "Resuming from" in out and "step 3" in out
     assert re.search(r"^Step 00003 \| Training loss", out, re.M) and not re.search(r"^Step 00002 \|", out, re.M)
@@ -274,8 +288,9 @@ def test_cpu_config_dry_run_and_run(sft_env, data_dir, tmp_path):
                               "--eval_steps=1", "--eval_metrics_every=-1"])
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     section = (base_dir / "report" / "chat-sft.md").read_text()
-    assert re.search(r"^ChitChat:train:0:400 +400 +[\d.]+% +[\d.]+% +[\d.]+%$", section, re.M), section
-    assert re.search(r"^GSM8K:main:train:0:200 +200 ", section, re.M)
+    assert re.search(r"^ChitChat:train:0:400 x400 +\|     400 conv \| .* supervised +[\d.]+% \| .* padding pad +[\d.]+% "
+                     r"bestfit +[\d.]+%$", section, re.M), section  # the preview's lines
+    assert re.search(r"^GSM8K:main:train:0:200 x200 +\|     200 conv ", section, re.M)
     assert re.search(r"- Supervised ratio: 0\.\d+", section) and re.search(r"- Tokens per second: \d+", section)
     assert section.count("```") == 2 + 4  # the mixture table and two sample conversations from the final model
     assert "unit of loss_normalization = token" in section

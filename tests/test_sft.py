@@ -1,5 +1,5 @@
 """
-Unit tests for nanochat/sft.py: collation, best-fit packing, the resumable per-rank stream, loss
+Unit tests for nanochat/sft.py: collation, best-fit packing, the epoch plan and its batches, loss
 normalisation, step arithmetic, the optimizer step (accumulate_step) and the data preview. Fast, CPU only, no data mirror needed.
 
     .venv/bin/python -m pytest tests/test_sft.py
@@ -18,25 +18,13 @@ import torch.nn.functional as F
 from nanochat.common import UserError
 from nanochat.perf import batch_flops
 from nanochat.schedules import lr_multiplier
-from nanochat.sft_report import (data_preview, data_summary, format_run_summary, format_skip, format_step, padding_fractions,
-                                 report_mixture_table, report_section)
-from nanochat.sft import (
-    accumulate_step,
-    fit_conversation,
-    num_sft_steps,
-    rank_lengths,
-    collate_packed,
-    collate_sft,
-    count_steps_bestfit,
-    grad_accum_steps_for,
-    initial_data_state,
-    micro_batch_loss_scale,
-    num_sft_iterations,
-    pack_best_fit,
-    padding_fraction,
-    sft_batches,
-    skip_reason,
-)
+from nanochat.config import ConfigError
+from nanochat.sft import (BatchSettings, Share, accumulate_step, collate_packed, collate_sft, fit_conversation,
+                          gather_share, grad_accum_steps_for, micro_batch_loss_scale, num_sft_steps, pack_best_fit,
+                          padding_fraction, plan_epoch, plan_positions, render_share, sft_batches, skip_reason)
+from nanochat.sft_report import (data_preview, data_summary, format_run_summary, format_skip, format_sources,
+                                 format_step,
+                                 report_section, sample_conversations, share_part, summary_lines)
 
 PAD = 99
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,14 +81,23 @@ def test_collate_sft_with_real_tokenizer(tokenizer):
 # packing
 
 
+def _naive_best_fit_rooms(lengths, row_capacity):
+    """The rooms left in the rows of a plain quadratic best fit (the reference for pack_best_fit)."""
+    rooms = []
+    for n in lengths:
+        fits = [r for r, room in enumerate(rooms) if room >= n]
+        if fits:
+            rooms[min(fits, key=lambda r: rooms[r])] -= n
+        else:
+            rooms.append(row_capacity - n)
+    return rooms
+
+
 def test_pack_best_fit_small_example():
-    rows, leftover = pack_best_fit([5, 4, 3, 2], row_capacity=7)
-    assert rows == [[0, 3], [1, 2]] and leftover == []
-    rows, leftover = pack_best_fit([5, 4, 3, 2], row_capacity=7, num_rows=1)
-    assert rows == [[0, 3]] and leftover == [1, 2]
+    assert pack_best_fit([5, 4, 3, 2], row_capacity=7) == [[0, 3], [1, 2]]
     # best fit (tightest room), not first fit: 3 goes to the row with room 3, not the one with room 5
-    rows, _ = pack_best_fit([5, 7, 3], row_capacity=10)
-    assert rows == [[0], [1, 2]]
+    assert pack_best_fit([5, 7, 3], row_capacity=10) == [[0], [1, 2]]
+    assert pack_best_fit([4, 4, 2, 2, 2], row_capacity=4) == [[0], [1], [2, 3], [4]]  # a full row takes nothing
     with pytest.raises(AssertionError):
         pack_best_fit([11], row_capacity=10)
 
@@ -109,15 +106,14 @@ def test_pack_best_fit_small_example():
 def test_pack_best_fit_random(seed):
     rng = random.Random(seed)
     lengths = [rng.randint(1, 50) for _ in range(200)]
-    rows, leftover = pack_best_fit(lengths, row_capacity=64)
-    assert leftover == []
+    rows = pack_best_fit(lengths, row_capacity=64)
     flat = sorted(i for row in rows for i in row)
     assert flat == list(range(len(lengths)))  # every item exactly once
     assert all(sum(lengths[i] for i in row) <= 64 for row in rows)
     # best fit never opens a new row for an item that fit an open one: rows beat the trivial bound
     assert len(rows) <= len(lengths) and len(rows) >= sum(lengths) / 64
-    rows, leftover = pack_best_fit(lengths, row_capacity=64, num_rows=4)
-    assert len(rows) <= 4 and sorted([i for r in rows for i in r] + leftover) == list(range(len(lengths)))
+    # the same rooms as the plain quadratic best fit (rows with equal rooms are interchangeable)
+    assert sorted(64 - sum(lengths[i] for i in row) for row in rows) == sorted(_naive_best_fit_rooms(lengths, 64))
 
 
 def test_collate_packed_segments_and_targets():
@@ -141,7 +137,7 @@ def test_padding_fraction():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# the per-rank stream
+# the epoch plan and its batches
 
 
 def _toy_dataset(n, seed=0, max_len=20):
@@ -155,97 +151,112 @@ def _toy_render(conv):
     return [1000 + conv["i"]] * conv["n"], [0] + [1] * (conv["n"] - 1)
 
 
-def _conversations_in(inputs, targets):
-    """Which conversations appear in a batch (a conversation of length >= 2 has >= 1 supervised target)."""
-    return [t - 1000 for t in targets[targets != -1].tolist()]
+def _planned(data, settings, rank=0, world_size=1, seed=0):
+    share = render_share(data, _toy_render, settings, rank, world_size, locate=lambda i: (i % 3, i))
+    plan = plan_epoch(share.lengths, settings, seed)
+    return share, plan, sft_batches(data, _toy_render, share, plan, settings)
 
 
-@pytest.mark.parametrize("packing", ["pad", "bestfit"])
-def test_stream_ranks_cover_every_conversation_once_per_epoch(packing):
-    data = _toy_dataset(37)
-    world_size, batch_size, capacity = 2, 3, 24
-    for rank in range(world_size):
-        expected = list(range(rank, 37, world_size))
-        stream = sft_batches(data, _toy_render, batch_size, PAD, packing, capacity, rank=rank, world_size=world_size)
-        seen = []  # whole conversations, in the order they appear
-        while len(seen) < 3 * len(expected):
-            inputs, targets, seg, stats, state = next(stream)
-            assert inputs.shape[0] == batch_size
-            assert (seg is None) == (packing == "pad")
-            if packing == "bestfit":
-                assert inputs.shape[1] == capacity - 1
-            batch_seen = []
-            for r in range(batch_size):
-                row = [t - 1000 for t in targets[r][targets[r] != -1].tolist()]
-                while row:  # whole conversations only: n - 1 consecutive targets each
-                    c = row[0]
-                    assert row[: data[c]["n"] - 1] == [c] * (data[c]["n"] - 1)
-                    batch_seen.append(c)
-                    row = row[data[c]["n"] - 1:]
-            assert stats["examples"] == len(batch_seen)
-            assert stats["supervised"] == int((targets != -1).sum())
-            assert 0 <= stats["pad_positions"] <= stats["positions"] == inputs.numel()
-            seen.extend(batch_seen)
-        assert all(c % world_size == rank for c in seen)
-        if packing == "pad":
-            assert seen[: 2 * len(expected)] == expected * 2  # in order, epoch after epoch
-        else:
-            counts = [seen.count(c) for c in expected]
-            assert min(counts) >= 2 and max(counts) - min(counts) <= 1  # nothing skipped or duplicated
-
-
-def test_stream_bestfit_exactly_once_over_an_epoch():
-    data = _toy_dataset(101, seed=3, max_len=30)
-    stream = sft_batches(data, _toy_render, 4, PAD, "bestfit", row_capacity=40)
+def _whole_conversations(targets, data):
+    """The conversations of a batch, row by row, checking each is whole (n - 1 consecutive targets)."""
     seen = []
-    for _ in range(60):
-        inputs, targets, seg, stats, state = next(stream)
-        for r in range(inputs.shape[0]):
-            # segment ids: one id per conversation, padding 0, contiguous
-            ids = [c for c in _conversations_in(inputs[r:r + 1], targets[r:r + 1])]
-            segs = seg[r].tolist()
-            assert segs == sorted(segs, key=lambda s: (s == 0, s))  # 1,1,..,2,2,..,0,0
-            for c in sorted(set(ids), key=ids.index):
-                seen.append(c)
-        assert stats["examples"] >= 1
-    # the stream reads conversations in order, epoch after epoch: count occurrences over complete epochs
-    counts = [seen.count(i) for i in range(len(data))]
-    assert max(counts) - min(counts) <= 1  # no conversation skipped or duplicated within an epoch
+    for r in range(targets.shape[0]):
+        row = [t - 1000 for t in targets[r][targets[r] != -1].tolist()]
+        while row:
+            c = row[0]
+            assert row[: data[c]["n"] - 1] == [c] * (data[c]["n"] - 1)
+            seen.append(c)
+            row = row[data[c]["n"] - 1:]
+    return seen
 
 
 @pytest.mark.parametrize("packing", ["pad", "bestfit"])
-def test_stream_resumes_exactly(packing):
+def test_plan_covers_every_conversation_once_per_epoch_and_repeats(packing):
+    data = _toy_dataset(37)
+    settings = BatchSettings(packing, batch_size=3, row_capacity=24, pad_id=PAD)
+    for rank in range(2):
+        share, plan, stream = _planned(data, settings, rank, 2)
+        assert share.indices == list(range(rank, 37, 2)) and share.sources == [i % 3 for i in share.indices]
+        epochs = []
+        for _ in range(2):
+            seen, positions = [], [0, 0]
+            for _ in range(len(plan)):
+                inputs, targets, seg, stats, sources = next(stream)
+                assert inputs.shape[0] == (3 if packing == "bestfit" else stats["examples"])
+                supervised = targets != -1  # each target's source is its conversation's (locate: i % 3), else -1
+                assert (sources[supervised] == (targets[supervised] - 1000) % 3).all()
+                assert (sources[~supervised] == -1).all()
+                assert (seg is None) == (packing == "pad")
+                batch_seen = _whole_conversations(targets, data)
+                assert stats["examples"] == len(batch_seen) and stats["supervised"] == int((targets != -1).sum())
+                assert 0 <= stats["pad_positions"] <= stats["positions"] == inputs.numel()
+                positions = [positions[0] + stats["positions"], positions[1] + stats["pad_positions"]]
+                seen.extend(batch_seen)
+            assert sorted(seen) == share.indices  # every conversation exactly once per epoch
+            assert tuple(positions) == plan_positions(plan, share.lengths, settings)  # the preview counts the batches
+            epochs.append(seen)
+        assert epochs[0] == epochs[1]  # the second epoch repeats the first one's plan
+        if packing == "pad":
+            assert epochs[0] == share.indices  # the guide's order: consecutive groups in reading order
+            assert [len(mb) for mb in plan] == [3] * 6 + [1] * (len(share.indices) % 3 == 1)
+
+
+def test_plan_bestfit_is_decreasing_best_fit_with_shuffled_rows():
+    data = _toy_dataset(101, seed=3, max_len=30)
+    settings = BatchSettings("bestfit", batch_size=4, row_capacity=40, pad_id=PAD)
+    share, plan, stream = _planned(data, settings, seed=7)
+    rows = [row for mb in plan for row in mb]
+    by_length = sorted(range(len(data)), key=lambda j: -share.lengths[j])
+    want = [[by_length[i] for i in row] for row in pack_best_fit([share.lengths[j] for j in by_length], 40)]
+    assert sorted(rows) == sorted(want) and rows != want  # the same rows, shuffled with the seed
+    assert plan == plan_epoch(share.lengths, settings, seed=7) != plan_epoch(share.lengths, settings, seed=8)
+    inputs, targets, seg, stats, _ = next(stream)
+    for r in range(inputs.shape[0]):  # segment ids: one per conversation, in row order, then padding 0
+        segs = seg[r].tolist()
+        assert segs == sorted(segs, key=lambda s: (s == 0, s)) and max(segs) == len(plan[0][r])
+
+
+@pytest.mark.parametrize("packing", ["pad", "bestfit"])
+def test_batches_resume_from_the_micro_batch_number(packing):
     data = _toy_dataset(23, seed=1)
-    kwargs = dict(batch_size=2, pad_id=PAD, packing=packing, row_capacity=32, rank=1, world_size=2)
-    straight = sft_batches(data, _toy_render, **kwargs)
-    batches = [next(straight) for _ in range(12)]
-    state = batches[4][4]
-    assert state == {k: v for k, v in state.items()}  # a plain dict
-    resumed = sft_batches(data, _toy_render, state=state, **kwargs)
+    settings = BatchSettings(packing, batch_size=2, row_capacity=32, pad_id=PAD)
+    share, plan, straight = _planned(data, settings, rank=1, world_size=2)
+    batches = [next(straight) for _ in range(3 * len(plan))]  # three epochs
+    resumed = sft_batches(data, _toy_render, share, plan, settings, start=5)
     for want in batches[5:]:
         got = next(resumed)
-        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-        assert got[4] == want[4]
-    assert batches[0][4] != initial_data_state()
+        assert torch.equal(got.inputs, want.inputs) and torch.equal(got.targets, want.targets)
+        assert got.stats == want.stats
 
 
-def test_stream_truncates_or_drops_long_conversations():
+def test_plan_truncates_or_drops_long_conversations():
     data = [{"i": 0, "n": 10}, {"i": 1, "n": 3}, {"i": 2, "n": 4}]
-    stream = sft_batches(data, _toy_render, 3, PAD, "pad", row_capacity=5)
+    share, _, stream = _planned(data, BatchSettings("pad", 3, row_capacity=5, pad_id=PAD))
+    assert share.tokens == [10, 3, 4] and share.lengths == [5, 3, 4] and share.outcomes[0] == "truncated"
     inputs, targets, _, stats, _ = next(stream)
     assert stats["truncated"] == 1 and stats["dropped"] == 0
     assert inputs.shape[1] == 4  # truncated to 5 tokens -> 4 positions
-    stream = sft_batches(data, _toy_render, 2, PAD, "bestfit", row_capacity=5, drop_long=True)
-    inputs, targets, _, stats, _ = next(stream)
-    assert stats["dropped"] >= 1 and 1000 not in targets.tolist()[0] + targets.tolist()[1]
-    with pytest.raises(ValueError, match="dropped"):
-        next(sft_batches([{"i": 0, "n": 10}], _toy_render, 1, PAD, "pad", row_capacity=5, drop_long=True))
+    settings = BatchSettings("bestfit", 2, row_capacity=5, pad_id=PAD, drop_long=True)
+    share, plan, stream = _planned(data, settings)
+    assert share.lengths == [0, 3, 4] and share.outcomes == ["dropped", "kept", "kept"]
+    stats = [next(stream).stats for _ in range(2 * len(plan))]
+    assert [s["dropped"] for s in stats] == [1] + [0] * (len(plan) - 1) + [1] + [0] * (len(plan) - 1)  # per epoch
+    assert all(1000 not in next(stream).targets.tolist()[0] for _ in range(3))
+    # a conversation a mixture repeats (the same source and key) is rendered once, recorded at each entry
+    rendered = []
+    render = lambda c: rendered.append(c) or _toy_render(c)  # noqa: E731
+    share = render_share(data * 2, render, settings, locate=lambda i: (0, i % 3))
+    assert rendered == data and share.indices == list(range(6)) and share.lengths == [0, 3, 4] * 2
+    with pytest.raises(ConfigError, match="dropped"):
+        render_share([{"i": 0, "n": 10}], _toy_render, settings)
+    with pytest.raises(UserError, match="no conversations"):
+        render_share(data, _toy_render, settings, rank=3, world_size=4)
 
 
-def test_stream_rounds_pad_batches_up_to_the_bucket():
+def test_batches_round_pad_lengths_up_to_the_bucket():
     data = [{"i": 0, "n": 6}, {"i": 1, "n": 3}, {"i": 2, "n": 30}, {"i": 3, "n": 2}]
-    plain = sft_batches(data, _toy_render, 2, PAD, "pad", row_capacity=20)
-    bucketed = sft_batches(data, _toy_render, 2, PAD, "pad", row_capacity=20, bucket=8)
+    _, _, plain = _planned(data, BatchSettings("pad", 2, row_capacity=20, pad_id=PAD))
+    _, _, bucketed = _planned(data, BatchSettings("pad", 2, row_capacity=20, pad_id=PAD, bucket=8))
     for expected_T in (8, 19):  # 5 positions -> 8; 19 (truncated to 20 tokens) stays 19, the cap
         (i1, t1, _, s1, _), (i2, t2, _, s2, _) = next(plain), next(bucketed)
         T = i1.size(1)
@@ -259,25 +270,19 @@ def test_bestfit_pads_less_than_pad():
     data = _toy_dataset(200, seed=2, max_len=60)
     fractions = {}
     for packing in ("pad", "bestfit"):
-        stream = sft_batches(data, _toy_render, 4, PAD, packing, row_capacity=128)
-        pad = total = 0
-        for _ in range(20):
-            *_, stats, _ = next(stream)
-            pad, total = pad + stats["pad_positions"], total + stats["positions"]
-        fractions[packing] = pad / total
+        settings = BatchSettings(packing, 4, row_capacity=128, pad_id=PAD)
+        share = render_share(data, _toy_render, settings)
+        positions, pad = plan_positions(plan_epoch(share.lengths, settings), share.lengths, settings)
+        fractions[packing] = pad / positions
     assert fractions["bestfit"] < fractions["pad"]
-    assert fractions["bestfit"] < 0.1
+    assert fractions["bestfit"] < 0.1  # mostly the empty rows of the last micro-batch
 
 
-def test_count_steps_bestfit_matches_stream():
-    data = _toy_dataset(400, seed=4, max_len=40)
-    lengths = [c["n"] for c in data]
-    steps = count_steps_bestfit(lengths, batch_size=2, row_capacity=64, num_batches_per_step=3, num_epochs=2)
-    stream = sft_batches(data, _toy_render, 2, PAD, "bestfit", row_capacity=64)
-    per_step = [sum(next(stream)[3]["examples"] for _ in range(3)) for _ in range(steps)]
-    # the steps cover two epochs, give or take one step's worth of conversations
-    assert abs(sum(per_step) - 2 * len(data)) <= 2 * max(per_step)
-    assert count_steps_bestfit(lengths, 2, 64, 3, 4) in range(2 * steps - 2, 2 * steps + 3)
+def test_num_sft_steps_from_the_plan():
+    assert num_sft_steps(10, 4, 1) == 2
+    assert num_sft_steps(10, 4, 3) == 7  # 30 micro-batches: the epochs follow each other without a gap
+    assert num_sft_steps(10, 4, 3, max_iterations=5) == 5 and num_sft_steps(10, 4, 3, max_iterations=-1) == 7
+    assert num_sft_steps(3, 4, 1) == 0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -291,10 +296,6 @@ def test_grad_accum_steps_and_iterations():
         grad_accum_steps_for(32, 3, 1)
     with pytest.raises(UserError, match="device_batch_size"):
         grad_accum_steps_for(8, 4, 4)
-    assert num_sft_iterations(1000, 32, 1) == 31
-    assert num_sft_iterations(1000, 32, 2) == 62
-    assert num_sft_iterations(1000, 32, 2, max_iterations=10) == 10
-    assert num_sft_iterations(1000, 32, 2, max_iterations=-1) == 62
 
 
 def test_sft_lr_multiplier_is_linear_decay():
@@ -383,35 +384,59 @@ def _grads(model):
     return grads
 
 
+def batches(data, batch_size):
+    from sft_step_worker import batches
+
+    return batches(data, batch_size)
+
+
 def test_accumulate_step_gives_one_big_batch_gradient():
     """(device_batch_size 4, 1 micro-step) == (device_batch_size 1, 4 micro-steps) under "token"; the guide's
     micro_batch_mean weighs conversations unequally and differs."""
     model, data = _tiny_gpt_and_data()
-    one = accumulate_step(model, [next(sft_batches(data, lambda c: c, 4, 0, "pad", 64))], "token", "cpu")
+    one = accumulate_step(model, [next(batches(data, 4))], "token", "cpu")
     big = _grads(model)
-    stream = sft_batches(data, lambda c: c, 1, 0, "pad", 64)
+    stream = batches(data, 1)
     four = accumulate_step(model, [next(stream) for _ in range(4)], "token", "cpu")
     accumulated = _grads(model)
     assert one.skip is None and four.skip is None
     assert four.loss == pytest.approx(one.loss, rel=1e-5)
     assert four.totals["supervised"] == one.totals["supervised"] == sum(sum(m[1:]) for _, m in data)
     assert four.totals["examples"] == 4 and len(big) == len(list(model.parameters()))
-    batch = next(sft_batches(data, lambda c: c, 4, 0, "pad", 64))  # the step's FLOPs, at the batch's own length
+    batch = next(batches(data, 4))  # the step's FLOPs, at the batch's own length
     assert (one.totals["flops"], one.totals["useful_flops"]) == batch_flops(model, batch.inputs,
                                                                             batch.stats["pad_positions"])
     for name in big:
         torch.testing.assert_close(accumulated[name], big[name], rtol=1e-4, atol=1e-6, msg=name)
-    stream = sft_batches(data, lambda c: c, 1, 0, "pad", 64)
+    stream = batches(data, 1)
     accumulate_step(model, [next(stream) for _ in range(4)], "micro_batch_mean", "cpu")
     guide = _grads(model)
     assert any(not torch.allclose(guide[n], big[n], rtol=1e-2, atol=1e-6) for n in big)
+
+
+@pytest.mark.parametrize("packing", ["pad", "bestfit"])
+def test_accumulate_step_loss_by_source(packing):
+    """Each source's (training spec's) summed token loss and supervised tokens: weighted by the tokens, the per-source
+    losses average to the step's loss under "token" normalisation, and the tokens add up to the step's."""
+    from sft_step_worker import conversations, tiny_gpt
+
+    model, data = tiny_gpt("cpu"), conversations(6)
+    settings = BatchSettings(packing, 2, row_capacity=64)
+    share = render_share(data, lambda c: c, settings, locate=lambda i: (i % 3, i))
+    stream = sft_batches(data, lambda c: c, share, plan_epoch(share.lengths, settings), settings)
+    result = accumulate_step(model, [next(stream) for _ in range(2)], "token", "cpu", num_sources=3)
+    assert sum(result.source_tokens) == result.totals["supervised"] and min(result.source_tokens) > 0
+    line, log = format_sources(7, ["a", "b", "c"], result)
+    weighted = sum(log[f"train_loss/{n}"] * log[f"num_tokens/{n}"] for n in "abc") / result.totals["supervised"]
+    assert weighted == pytest.approx(result.loss, rel=1e-5)
+    assert line.startswith("Step 00007 | by source: a ") and f"({log['num_tokens/c']:,} tok)" in line
 
 
 def test_accumulate_step_skips_nan_and_out_of_memory_without_gradients():
     from sft_step_worker import Faulty
 
     model, data = _tiny_gpt_and_data()
-    stream = sft_batches(data, lambda c: c, 2, 0, "pad", 64)
+    stream = batches(data, 2)
     micro_batches = [next(stream) for _ in range(2)]
     for fault, reason in (("nan", "non-finite loss"), ("oom", "out of memory")):
         result = accumulate_step(Faulty(model, fault), micro_batches, "token", "cpu")
@@ -452,36 +477,47 @@ def test_fit_conversation():
     assert fit_conversation([1], [0], 4, False) == (None, None, "dropped")
 
 
-@pytest.mark.parametrize("drop_long", [False, True])
-def test_bestfit_step_count_uses_the_batches_filter(drop_long):
-    """num_sft_steps replays exactly the conversations sft_batches trains on: with drop_long, the long ones
-    are left out of both; the steps then cover the epochs as the stream delivers them."""
-    data = _toy_dataset(60, seed=5, max_len=40)
-    capacity, batch_size, per_step = 24, 2, 2
-    lengths = rank_lengths(data, _toy_render, capacity, drop_long, rank=1, world_size=2)
-    kept = [c for c in data[1::2] if c["n"] <= capacity or not drop_long]
-    assert lengths == [min(c["n"], capacity) for c in kept]
-    rank_data = data[1::2]  # rank 1's conversations, as one process (the cross-rank minimum: gloo tests)
-    steps = num_sft_steps(rank_data, _toy_render, "bestfit", 4, batch_size, per_step, capacity, drop_long, 1, -1)
-    assert steps == count_steps_bestfit(lengths, batch_size, capacity, per_step, 1)
-    stream = sft_batches(rank_data, _toy_render, batch_size, PAD, "bestfit", capacity, drop_long)
-    examples = sum(next(stream).stats["examples"] for _ in range(steps * per_step))
-    assert abs(examples - len(kept)) <= per_step * batch_size * 3  # one epoch, give or take the last step
-    assert num_sft_steps(data, _toy_render, "bestfit", 4, batch_size, per_step, capacity, drop_long, 1, 3) == 3
-    assert num_sft_steps(data, _toy_render, "pad", 4, batch_size, per_step, capacity, drop_long, 2, -1) == 30
-
-
-def test_data_summary_and_padding_fractions():
+def test_data_summary_from_the_recorded_numbers():
     data = [{"i": i, "n": n} for i, n in enumerate([5, 9, 3, 30, 1])]
-    row = data_summary(data, _toy_render, 12, False, 2)
+    settings = BatchSettings("pad", 2, row_capacity=12, pad_id=PAD)
+    share = render_share(data, _toy_render, settings, locate=lambda i: (int(i >= 3), i))
+    row = data_summary(share, settings)
     assert row["conversations"] == 5 and row["tokens_max"] == 30 and row["tokens_p50"] == 5
     assert row["truncated"] == 1 and row["dropped"] == 1  # 30 > 12 is cut; a 1-token conversation is dropped
     assert row["supervised_ratio"] == 1.0  # every target after the first token is supervised in the toy render
-    # fitted lengths 5, 9, 3, 12 in batches of 2: pad positions (8 + 8) + (11 + 11) = 38, real 4 + 8 + 2 + 11 = 25
-    pad, bestfit = padding_fractions([5, 9, 3, 12], 2, 12)
-    assert pad == pytest.approx(13 / 38)
-    assert bestfit == pytest.approx(1 - (11 + 11 + 5) / (2 * 2 * 11))  # rows [12], [9, 3] then [5]
-    assert padding_fractions([], 2, 12) == (0.0, 0.0)
+    # fitted lengths 5, 9, 3, 12 in micro-batches of 2: pad positions (8 + 8) + (11 + 11) = 38, real 4 + 8 + 2 + 11
+    assert row["padding_pad"] == pytest.approx(13 / 38)
+    assert row["padding_bestfit"] == pytest.approx(1 - (11 + 11 + 5) / (2 * 2 * 11))  # rows [12], [9, 3], [5]
+    part = data_summary(share_part(share, 1), settings)  # conversations 3 and 4: one truncated, one dropped
+    assert (part["conversations"], part["truncated"], part["dropped"], part["tokens_max"]) == (2, 1, 1, 30)
+    empty = data_summary(share_part(share, 2), settings)
+    assert empty["conversations"] == 0 and empty["padding_pad"] == empty["padding_bestfit"] == 0.0
+
+
+def test_gather_share_joins_two_gloo_ranks(tmp_path):
+    """render_share on each of 2 gloo ranks, gathered, is the one-process Share (in rank order)."""
+    script = tmp_path / "gather.py"
+    script.write_text(
+        "import sys, torch\n"
+        "from nanochat.common import compute_cleanup, compute_init\n"
+        "from nanochat.sft import BatchSettings, gather_share, render_share\n"
+        "_, rank, _, world_size, _ = compute_init('cpu')\n"
+        "data = [[7] * n for n in (3, 5, 2, 9, 4)]\n"
+        "share = render_share(data, lambda c: (c, [1] * len(c)), BatchSettings(row_capacity=6), rank, world_size)\n"
+        "whole = gather_share(share, world_size)\n"
+        "if rank == 0:\n"
+        "    torch.save(tuple(whole), sys.argv[1])\n"
+        "compute_cleanup()\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)
+    env.pop("RANK", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           str(tmp_path / "out.pt")]
+    result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    got = Share(*torch.load(tmp_path / "out.pt", weights_only=False))
+    assert got.indices == [0, 2, 4, 1, 3] and got.tokens == [3, 2, 4, 5, 9] and got.lengths == [3, 2, 4, 5, 6]
+    assert got.outcomes == ["kept", "kept", "kept", "kept", "truncated"] and got.supervised == [2, 1, 3, 4, 5]
+    assert gather_share(got) is got
 
 
 def test_step_line_and_report_table():
@@ -501,10 +537,6 @@ def test_step_line_and_report_table():
     assert line == ("Step 00004 | skipped: out of memory | optimizer step not taken (skipped so far: 1 non-finite, "
                     "2 out of memory)")
     assert log == {"step": 4, "skipped_nonfinite": 1, "skipped_oom": 2}
-    row = {"supervised_ratio": 0.5, "padding_pad": 0.25, "padding_bestfit": 0.05}
-    table = report_mixture_table([("ChitChat:train", 12, row)]).splitlines()
-    assert table[0] == table[-1] == "```" and not any(line.startswith("|") for line in table)
-    assert table[2].split() == ["ChitChat:train", "12", "50.0%", "25.0%", "5.0%"]
 
 
 def test_report_section_and_closing_line():
@@ -512,16 +544,20 @@ def test_report_section_and_closing_line():
               "dropped": 2, "skipped_nonfinite": 1, "skipped_oom": 0, "flops": 4e9, "useful_flops": 1.5e9}
     config = {"source": "mid", "device_batch_size": 4, "target_examples_per_step": 8, "num_epochs": 1,
               "init_lr_frac": 0.02, "loss_normalization": "token", "packing": "pad", "max_seq_len": 64, "seed": 1}
-    row = {"supervised_ratio": 0.5, "padding_pad": 0.25, "padding_bestfit": 0.05}
-    data = report_section(config, [("ChitChat:train", 12, row)], 12, 3, totals, 2.0, {"val_loss": 1.5, "MMLU": None},
+    row = {"conversations": 12, "tokens_mean": 20.0, "tokens_p50": 18, "tokens_p95": 40, "tokens_max": 51,
+           "supervised_ratio": 0.5, "truncated": 0, "dropped": 1, "padding_pad": 0.25, "padding_bestfit": 0.05}
+    data = report_section(config, [("ChitChat:train x12", row)], 12, 3, totals, 2.0, {"val_loss": 1.5, "MMLU": None},
                           ["hello"])
     assert data[0] == {k: v for k, v in config.items() if k != "seed"}
-    assert data[1] == report_mixture_table([("ChitChat:train", 12, row)])
+    assert data[1] == "```\n" + summary_lines([("ChitChat:train x12", row)])[0] + "\n```"
+    assert summary_lines([("ChitChat:train x12", row)]) == [
+        "ChitChat:train x12 |      12 conv | tokens mean   20.0 p50    18 p95    40 max     51 | supervised 50.0% | "
+        "truncated 0 dropped 1 | padding pad 25.0% bestfit  5.0%"]
     assert data[2]["Supervised ratio"] == 0.3 and data[2]["Padding fraction"] == 0.25
     assert data[2]["Tokens per second"] == 500 and "MFU" not in data[2] and data[2]["Dropped conversations"] == 2
-    assert data[3] == {"val_loss": 1.5} and data[-1] == "```\nhello\n```" and "token" in data[4]
+    assert data[3] == {"val_loss": 1.5} and data[-1] == "hello" and "token" in data[4]
     data = report_section(config, [], 12, 3, totals, 2.0, {}, [], peak_flops=3e9)
-    assert data[2]["MFU"] == pytest.approx(0.25) and data[-1] == "Sample conversations (final model, greedy):"
+    assert data[2]["MFU"] == pytest.approx(0.25) and data[-1].startswith("Train and validation loss")
     assert format_run_summary(2.04, totals) == ("Training time: 2.0s | skipped steps: 1 non-finite, 0 out of "
                                                 "memory | truncated: 1 | dropped: 2")
     line = format_run_summary(2.0, totals, peak_memory=512.4, compiled=5, graphs_after_first_step=3)
@@ -534,12 +570,36 @@ def test_data_preview_lines():
             return f"{list(ids)} {list(mask)} {color}"
 
     data = [{"i": i, "n": n} for i, n in enumerate([5, 9, 3])]
-    summarize = lambda ds: data_summary(ds, _toy_render, 4, False, 2)  # noqa: E731
-    rows = [("Toy:train", 3, summarize(data))]
-    lines = data_preview(rows, data, data[:1], summarize, {"pad": 2, "bestfit": 1}, Tok(), _toy_render, 4, False)
-    assert lines[0].startswith("Toy:train x3") and lines[1].startswith("training mixture")
+    settings = BatchSettings("pad", 2, row_capacity=4)
+    row = data_summary(render_share(data, _toy_render, settings), settings)
+    rows = [("Toy:train x3", row), ("training mixture", row), ("validation mixture", {**row, "conversations": 1})]
+    lines = data_preview(rows, {"pad": 2, "bestfit": 1}, Tok(), _toy_render(data[0]), 4, False)
+    assert lines[0].startswith("Toy:train x3 ") and lines[1].startswith("training mixture")
     assert lines[2].startswith("validation mixture") and "|       1 conv |" in lines[2]
     assert lines[3] == "Optimizer steps: 2 with packing=pad, 1 with packing=bestfit"
     assert lines[4] == "One training conversation ([supervised] tokens):"
     ids, mask = _toy_render(data[0])
     assert lines[5] == f"{list(ids[:4])} {list(mask[:4])} False"  # the first row_capacity tokens only
+
+
+def test_sample_conversations_keep_prompts_that_fit_the_context():
+    """A validation prompt longer than the model's context is skipped (it used to crash generation after
+    training); the first ones that fit are answered, and the heading says which prompts were used."""
+    class Tok:
+        def render_for_completion(self, conversation):
+            return list(range(conversation["n"]))
+
+        def decode(self, ids):
+            return ",".join(map(str, ids))
+
+    class Engine:
+        def generate_batch(self, prompt, num_samples, max_tokens, temperature):
+            assert len(prompt) + max_tokens <= 32
+            return [prompt + [99] * max_tokens], None
+
+    conversations = [{"n": 40}, {"n": 3}, {"n": 25}, {"n": 2}, {"n": 1}]
+    items = sample_conversations(Engine(), Tok(), iter(conversations), context=32, max_tokens=8)
+    assert items[0] == ("Sample conversations (final model, greedy; validation prompts of at most 24 tokens, so "
+                        "that 8 new ones fit the model's 32 positions):")
+    assert items[1:] == ["```\n0,1,2" + "99," * 7 + "99\n```", "```\n0,1" + "99," * 7 + "99\n```"]
+    assert sample_conversations(Engine(), Tok(), iter(conversations[:1]), 32, 8)[1:] == []
