@@ -49,7 +49,7 @@ def main(argv=None):
     parser.add_argument("-i", "--source", type=str, default="sft", choices=["base", "mid", "sft", "rl"],
                         help="which checkpoint family to load")
     parser.add_argument("-g", "--model_tag", "--model-tag", type=str, default=None,
-                        help="model tag, e.g. d20 (default: largest)")
+                        help="model tag, e.g. d20 (default: the most recently written; 'largest': the largest d<depth>)")
     parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: last)")
     parser.add_argument("--host", type=str, default="127.0.0.1",
                         help="address to bind (0.0.0.0 makes the server reachable from the network)")
@@ -106,8 +106,7 @@ def main(argv=None):
     from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from nanochat.checkpoint_manager import SOURCE_DIRS, find_largest_model, load_model
-    from nanochat.common import get_base_dir
+    from nanochat.checkpoint_manager import load_model, resolve_checkpoint
     from nanochat.engine import Engine
 
     device_type = args.device_type or autodetect_device_type()
@@ -117,20 +116,21 @@ def main(argv=None):
     else:
         devices = [device]
     num_workers = args.num_workers or len(devices)
+    checkpoint_dir, step = resolve_checkpoint(args.source, args.model_tag, args.step)  # once, for every copy
+    model_tag = os.path.basename(checkpoint_dir)
     models = {}  # one copy of the model per device; workers on the same device share it (inference only)
     workers = []
     for i in range(num_workers):
         worker_device = devices[i % len(devices)]
         if worker_device not in models:
-            models[worker_device] = load_model(args.source, worker_device, phase="eval", model_tag=args.model_tag,
-                                               step=args.step)
+            models[worker_device] = load_model(args.source, worker_device, phase="eval", model_tag=model_tag,
+                                               step=step)
         model, tokenizer, meta = models[worker_device]
         workers.append(Worker(index=i, engine=Engine(model, tokenizer), tokenizer=tokenizer, device=worker_device,
                               autocast=lambda: autocast_ctx(device_type, args.dtype)))
     model, tokenizer, meta = models[devices[0]]
     limits.context_len = model.config.sequence_len
-    model_tag = args.model_tag or find_largest_model(os.path.join(get_base_dir(), SOURCE_DIRS[args.source]))
-    model_id = f"nanochat-{args.source}-{model_tag}-step{meta.get('step', args.step)}"
+    model_id = f"nanochat-{args.source}-{model_tag}-step{step}"
     print(f"model {model_id}: context {limits.context_len} tokens, {num_workers} worker(s) on "
           f"{', '.join(sorted({str(w.device) for w in workers}))}, queue of {args.max_queue}")
 

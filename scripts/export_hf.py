@@ -22,8 +22,8 @@ import time
 
 import torch
 
-from nanochat.checkpoint_manager import SOURCE_DIRS, build_model, find_largest_model, find_last_step
-from nanochat.common import UserError, get_base_dir, install_error_handler, print0
+from nanochat.checkpoint_manager import build_model, resolve_checkpoint
+from nanochat.common import UserError, install_error_handler, print0
 from nanochat.hf_export import write_hf_folder
 
 install_error_handler()  # a UserError prints one line `error: ...` and exits with code 2
@@ -34,7 +34,7 @@ install_error_handler()  # a UserError prints one line `error: ...` and exits wi
 parser = argparse.ArgumentParser(description="Export a checkpoint to a Hugging Face transformers folder")
 parser.add_argument("-i", "--source", type=str, default="sft", choices=["base", "mid", "sft", "rl"],
                     help="which checkpoints: base|mid|sft|rl")
-parser.add_argument("-g", "--model-tag", type=str, default=None, help="model tag, e.g. d20 (default: largest)")
+parser.add_argument("-g", "--model-tag", type=str, default=None, help="model tag, e.g. d20 (default: the most recently written; 'largest': the largest d<depth>)")
 parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: last)")
 parser.add_argument("--out", type=str, required=True, help="output folder (must not exist or be empty)")
 parser.add_argument("--dtype", type=str, default="bfloat16", choices=["bfloat16", "float32"],
@@ -63,14 +63,12 @@ except ImportError as e:
 # Model and tokenizer
 
 t0 = time.time()
-checkpoints_dir = os.path.join(get_base_dir(), SOURCE_DIRS[args.source])
 try:
-    model_tag = args.model_tag or find_largest_model(checkpoints_dir)
-    checkpoint_dir = os.path.join(checkpoints_dir, model_tag)
-    step = args.step if args.step is not None else find_last_step(checkpoint_dir)
-except FileNotFoundError as e:
+    checkpoint_dir, step = resolve_checkpoint(args.source, args.model_tag, args.step)
+except UserError as e:
     raise UserError(f"{e}: nothing to export for -i {args.source} (train one, or import a nanochat checkpoint with "
                     "python -m scripts.import_nanochat)") from None
+model_tag = os.path.basename(checkpoint_dir)
 print0(f"Exporting {checkpoint_dir} step {step} as {args.dtype}")
 model, tokenizer, meta = build_model(checkpoint_dir, step, "cpu", "eval")
 dtype = getattr(torch, args.dtype)

@@ -10,6 +10,7 @@ Tests: tests/test_tasks.py.
 """
 
 import bisect
+import hashlib
 import json
 import math
 import operator
@@ -148,6 +149,61 @@ class TaskSequence(Task):
 
     def evaluate(self, conversation, completion):
         raise NotImplementedError("evaluate each task on its own")
+
+
+class TaskSubset(Task):
+    """The examples of `task` at `indices` (in that order): a held-out share, or what is left after it."""
+
+    def __init__(self, task, indices, **kwargs):
+        super().__init__(**kwargs)
+        self.task, self.indices = task, list(indices)
+
+    @property
+    def eval_type(self):
+        return self.task.eval_type
+
+    def num_examples(self):
+        return len(self.indices)
+
+    def get_example(self, index):
+        return self.task[self.indices[index]]
+
+    def evaluate(self, conversation, completion):
+        return self.task.evaluate(conversation, completion)
+
+
+def conversation_text(conversation):
+    """A conversation's messages as "role: text" lines, whitespace runs collapsed (assistant parts joined): the
+    normalised form that duplicates and the held-out split are decided on."""
+    lines = []
+    for message in conversation["messages"]:
+        content = message["content"]
+        if not isinstance(content, str):
+            content = "\n".join(part["text"] for part in content)
+        lines.append(f"{message['role']}: {' '.join(content.split())}")
+    return "\n".join(lines)
+
+
+def conversation_hash(conversation):
+    """16-byte digest of conversation_text: equal for conversations that differ only in whitespace."""
+    return hashlib.blake2b(conversation_text(conversation).encode("utf-8"), digest_size=16).digest()
+
+
+def split_held_out(tasks, share=0.05):
+    """Hold out a deterministic share of the conversations of `tasks` for validation: the round(share * n)
+    (at least 1) distinct conversations with the smallest conversation_hash, n counting distinct conversations.
+    Every copy of a held-out conversation (in any task) is held out, so none is also trained on.
+    Returns (kept, held): one TaskSubset per task each. Raises ValueError with fewer than 2 distinct ones."""
+    hashes = [[conversation_hash(task[i]) for i in range(len(task))] for task in tasks]
+    distinct = sorted({h for task_hashes in hashes for h in task_hashes})
+    if len(distinct) < 2:
+        raise ValueError(f"cannot hold out a validation share from {len(distinct)} distinct conversation(s)")
+    held_hashes = set(distinct[: max(1, round(share * len(distinct)))])
+    kept, held = [], []
+    for task, task_hashes in zip(tasks, hashes):
+        kept.append(TaskSubset(task, [i for i, h in enumerate(task_hashes) if h not in held_hashes]))
+        held.append(TaskSubset(task, [i for i, h in enumerate(task_hashes) if h in held_hashes]))
+    return kept, held
 
 
 # ----------------------------------------------------------------------------------------------------------

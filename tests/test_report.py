@@ -126,3 +126,15 @@ def test_cli_reset_generate(tmp_path):
         assert out.returncode == 0, out.stderr
     assert "| Metric | BASE | MID | SFT |" in out.stdout
     assert os.path.exists(tmp_path / "report" / "report.md")
+
+
+def test_summary_columns_never_mix_models():
+    evaluation = {"checkpoint": "chatsft_checkpoints/d2-ft step 8", "ARC-Easy": "0.5000",
+                  "GSM8K": "0.1000 (-x 20, from chatsft_checkpoints/d2 step 4)"}
+    training = {"ARC-Easy": "0.2000", "GSM8K": "0.3000", "MMLU": "0.4000"}  # chat_sft's own metrics, another model
+    table = summary_table({"Chat evaluation sft": evaluation, "Chat SFT": training})
+    assert "| Model | - | - | chatsft_checkpoints/d2-ft step 8 |" in table
+    assert "| ARC-Easy | - | - | 0.5000 |" in table
+    assert "| GSM8K | - | - | - |" in table  # the older model's result is not shown as this one's
+    assert "| MMLU | - | - | - |" in table  # nor the training section's, which is another run
+    assert "| MMLU | - | - | 0.4000 |" in summary_table({"Chat SFT": training})
