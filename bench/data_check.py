@@ -42,7 +42,7 @@ def main():
         times = []
         for label in ("cold index cache", "warm index cache"):
             t0 = time.time()
-            rows, found = check_sources(parts["train_mixture"], config["eval_tasks"], summarize, cache_dir)
+            rows, found, _ = check_sources(parts["train_mixture"], config["eval_tasks"], summarize, cache_dir)
             times.append(time.time() - t0)
             print(f"data check ({label}): {times[-1]:.1f}s")
         t0 = time.time()

@@ -278,8 +278,9 @@ def data_check_rows(sources, summarize=None):
     return rows, hash_lists
 
 
-def format_data_check(rows, found=None):
-    """The table lines of a data check (rows: data_check_rows; found: contamination's result or None)."""
+def format_data_check(rows, found=None, skipped=()):
+    """The table lines of a data check (rows: data_check_rows; found: contamination's result or None; skipped:
+    evaluation sets not checked)."""
     lines = []
     width = max(len(r["source"]) for r in rows)
     for r in rows:
@@ -293,7 +294,9 @@ def format_data_check(rows, found=None):
         lines.append(line)
         if r.get("warning"):
             lines.append(f"{'':<{width}}   warning: {r['warning']}")
-    if found:
+    if skipped:
+        lines.append(f"Not checked for contamination (no data): {'; '.join(skipped)}")
+    if found and next(iter(found.values())):
         evals = list(next(iter(found.values())))
         lines.append("")
         lines.append(f"Contamination: training conversations sharing a {NGRAM}-word n-gram with each test set "
@@ -323,36 +326,57 @@ def drop_flagged(tasks, found):
     return out, dropped
 
 
-def eval_conversations(task_names):
+def eval_conversations(task_names, skipped=None):
     """{name: list of conversations} of chat_eval's test sets (tasks.mixture.EVAL_TASKS names) or any mixture
-    spec (e.g. "ChitChat:test", a path)."""
+    spec (e.g. "ChitChat:test", a path). With a `skipped` list, a set whose data cannot be had (offline, no
+    mirror) is appended to it as "name (reason)" instead of raising."""
+    from tasks.common import DatasetNotFoundError
     from tasks.mixture import EVAL_TASKS, build_task, parse_task_spec
 
     out = {}
     for name in task_names:
-        task = build_task(parse_task_spec(EVAL_TASKS.get(name, name)))
+        try:
+            task = build_task(parse_task_spec(EVAL_TASKS.get(name, name)))
+        except DatasetNotFoundError as e:
+            if skipped is None:
+                raise
+            skipped.append(f"{name} ({str(e).split('. ')[0]})")
+            continue
         out[name] = [task[i] for i in range(len(task))]
     return out
 
 
+def cache_dir_default(base_dir):
+    """Where eval indexes are cached: $NANOCHAT_DATA_CHECK_DIR, else <base_dir>/data_check."""
+    return os.environ.get("NANOCHAT_DATA_CHECK_DIR") or os.path.join(base_dir, "data_check")
+
+
+def source_shape(task):
+    """What a source holds, for the table: CustomJSON's detected row shape, else the task's class name (a subset,
+    e.g. what a held-out share left, is named by the task it is taken from)."""
+    while hasattr(task, "task"):  # TaskSubset
+        task = task.task
+    return getattr(task, "shape", None) or type(task).__name__
+
+
 def check_sources(parts, eval_names, summarize=None, cache_dir=None, max_examples=3):
     """The whole data check of a training mixture. parts: [(name, task, ...)] (build_mixtures' parts of a key);
-    eval_names: evaluation sets to check against (empty: no contamination check). Returns (rows, found):
-    data_check_rows and contamination (None without eval_names), keyed by the names made unique."""
+    eval_names: evaluation sets to check against (empty: no contamination check). Returns (rows, found,
+    skipped): data_check_rows, contamination (None without eval_names) keyed by the names made unique, and the
+    evaluation sets that could not be loaded ("name (reason)")."""
     names = []
     for name, *_ in parts:
         names.append(name if name not in names else f"{name} ({sum(n.startswith(name) for n in names) + 1})")
-    sources = [(name, getattr(task, "shape", None) or type(task).__name__, [task[i] for i in range(len(task))])
-               for name, (_, task, *_) in zip(names, parts)]
+    sources = [(name, source_shape(task), [task[i] for i in range(len(task))]) for name, (_, task, *_) in zip(names, parts)]
     rows, hash_lists = data_check_rows(sources, summarize)
-    found = None
+    found, skipped = None, []
     if eval_names:
         word_ids = WordIds()
         indexes = [eval_index(name, conversations, cache_dir, word_ids)
-                   for name, conversations in eval_conversations(eval_names).items()]
+                   for name, conversations in eval_conversations(eval_names, skipped).items()]
         found = contamination([(name, conversations) for name, _, conversations in sources], indexes, word_ids,
                               max_examples, hash_lists)
-    return rows, found
+    return rows, found, skipped
 
 
 def decontaminated(mixture, parts, found):
@@ -367,3 +391,27 @@ def decontaminated(mixture, parts, found):
                  for spec, task, entries, *rest in parts]  # entries scaled: repeats and weights are per conversation
     new_mixture = TaskMixture([replace.get(id(t), t) for t in mixture.tasks], weights=mixture.weights)
     return new_mixture, new_parts, dropped
+
+
+def apply_decontamination(mode, found, mixture, parts):
+    """chat_sft's `decontaminate` after check_sources: "report" changes nothing, "fail" raises a UserError when
+    any training conversation is contaminated, "drop" removes them (decontaminated). Returns (mixture, parts,
+    conversations dropped, a line for the log)."""
+    from nanochat.common import UserError
+
+    per_source = {name: len(set().union(*(set(v["flagged"]) for v in evals.values()))) if evals else 0
+                  for name, evals in (found or {}).items()}
+    flagged = sum(per_source.values())
+    if flagged == 0:
+        return mixture, parts, 0, "Contamination check: no training conversation shares an n-gram with the test sets"
+    worst = ", ".join(f"{name} {n}" for name, n in per_source.items() if n)
+    if mode == "fail":
+        raise UserError(f"decontaminate = fail: {flagged} training conversations share a {NGRAM}-word n-gram with "
+                        f"evaluation test sets ({worst}; table above); remove them from the data, or set "
+                        f"decontaminate = drop")
+    if mode == "drop":
+        mixture, parts, dropped = decontaminated(mixture, parts, found)
+        return mixture, parts, dropped, (f"decontaminate = drop: {dropped} contaminated training conversations "
+                                         f"removed ({worst}); {len(mixture):,} mixture entries left")
+    return mixture, parts, 0, (f"Contamination: {flagged} training conversations share a {NGRAM}-word n-gram with "
+                               f"evaluation test sets ({worst}); decontaminate = drop removes them, fail stops")

@@ -13,13 +13,12 @@ n-gram indexes are cached in <base_dir>/data_check/. Exit code 1 when any traini
 (so a CI step can stop on it). Tests: tests/test_data_check.py.
 """
 
-import os
 import sys
 import time
 
 from nanochat.common import get_base_dir, install_error_handler
 from nanochat.config import ArgumentParser, ConfigError, bounded, parse_config_text
-from nanochat.data_check import DEFAULT_EVAL_TASKS, check_sources, format_data_check
+from nanochat.data_check import DEFAULT_EVAL_TASKS, cache_dir_default, check_sources, format_data_check
 from nanochat.sft_report import data_summary
 from nanochat.tokenizer import TokenizerFileMissing, get_tokenizer
 from tasks.mixture import build_mixtures
@@ -74,9 +73,9 @@ def main(argv=None):
     # ------------------------------------------------------------------------------------------------------
     # Check and print
 
-    rows, found = check_sources(parts["training data"], eval_names, summarize, os.path.join(get_base_dir(), "data_check"),
-                                args.examples)
-    print("\n".join(format_data_check(rows, found)))
+    rows, found, skipped = check_sources(parts["training data"], eval_names, summarize,
+                                         cache_dir_default(get_base_dir()), args.examples)
+    print("\n".join(format_data_check(rows, found, skipped)))
     total = sum(r["conversations"] for r in rows)
     flagged = sum(v["count"] for per_source in (found or {}).values() for v in per_source.values())
     print(f"\nChecked {total:,} conversations in {len(rows)} source(s) against {len(eval_names)} evaluation set(s) "

@@ -390,7 +390,7 @@ def build_mixtures(mixtures, optional=(), held_out=None):
             parsed[key] = [parse_task_spec(s) for s in specs]
         except MixtureSpecError as e:
             raise MixtureSpecError(f"{key}: {e}") from None
-    built, missing, notes = {}, {}, []
+    built, missing, notes, skipped = {}, {}, [], []
     for key, specs in parsed.items():
         if not specs and not (held_out is not None and key == held_out[1]):  # [] asks for the held-out share
             raise MixtureSpecError(f"{key} is empty: give at least one mixture spec")
@@ -401,6 +401,7 @@ def build_mixtures(mixtures, optional=(), held_out=None):
             except DatasetNotFoundError as e:
                 if raw in optional:
                     notes.append(f"Skipping {key} entry {p.text!r}: its data is not available ({e})")
+                    skipped.append(p)
                 else:
                     missing.setdefault(key, []).append((p, e))
             except (OSError, ValueError) as e:
@@ -412,7 +413,7 @@ def build_mixtures(mixtures, optional=(), held_out=None):
         first = next(iter(missing.values()))[0][1]
         fixes = []
         for key, specs in parsed.items():
-            lost = [p for p, _ in missing.get(key, [])]
+            lost = [p for p, _ in missing.get(key, [])] + skipped  # optional ones too: the fix names every stand-in
             new = [raw if p not in lost else offline_replacement(raw, p) for p, raw in zip(specs, mixtures[key])]
             fixes.append(f"{key} = {json.dumps([s for s in new if s is not None])}")
         reason = str(first).split(". Fix:")[0]  # the loader's own fix is replaced by the specs below

@@ -41,7 +41,6 @@ def test_words_and_hashes():
 
 
 def test_planted_contamination_found_and_dropped_exactly(tmp_path):
-    base = os.environ["NANOCHAT_BASE_DIR"]
     eval_path = write_jsonl(tmp_path / "eval.jsonl", [chat(LONG_Q, "It sells 357 plants."), chat(SHORT_Q, "Leonardo.")])
     edited = LONG_Q.upper().replace(" and ", ", and ").replace("morning", "morning!!")
     twelve = " ".join(LONG_Q.split()[:NGRAM - 1])  # 12 consecutive words: below the n-gram, never flagged
@@ -51,8 +50,8 @@ def test_planted_contamination_found_and_dropped_exactly(tmp_path):
     train_path = write_jsonl(tmp_path / "train.jsonl", rows)
     built, parts, _ = build_mixtures({"train_mixture": [f"{train_path}*2"]})  # one task, listed twice
     parts, name = parts["train_mixture"], f"{train_path}*2"
-    cache = os.path.join(base, "data_check")
-    rows_out, found = check_sources(parts, [eval_path], None, cache)
+    cache = str(tmp_path / "cache")
+    rows_out, found, _ = check_sources(parts, [eval_path], None, cache)
     flags = found[name][eval_path]
     assert flags["flagged"] == [1, 4, 5, 7] and flags["count"] == 4
     assert flags["examples"][0] == (1, " ".join(words(LONG_Q + " It sells 357 plants."))[:len(flags["examples"][0][1])])
@@ -73,7 +72,7 @@ def test_figures_duplicates_and_empty_replies(tmp_path):
     a = write_jsonl(tmp_path / "a.jsonl", [chat("x", "y"), chat("x", "y "), chat("q", "   "), chat("z", "w")])
     b = write_jsonl(tmp_path / "b.jsonl", [chat("z", "w"), chat("new", "one")])
     _, parts, _ = build_mixtures({"train_mixture": [a, b]})
-    rows, found = check_sources(parts["train_mixture"], [], lambda convs: {"supervised_ratio": 0.9}, None)
+    rows, found, _ = check_sources(parts["train_mixture"], [], lambda convs: {"supervised_ratio": 0.9}, None)
     assert found is None
     assert [(r["duplicates_within"], r["duplicates_across"], r["empty_assistant"]) for r in rows] == \
         [(1, 1, 1), (0, 1, 0)]  # "y" and "y " are the same conversation (whitespace-normalised)
@@ -93,7 +92,7 @@ def test_mirror_planted_found_and_chitchat_clean(data_dir, tmp_path):
     path = write_jsonl(tmp_path / "planted.jsonl", unrelated[:10] + planted + unrelated[10:])
     _, parts, _ = build_mixtures({"train_mixture": [path, "ChitChat:train:0:400"]})
     evals = ["ARC-Easy", "ARC-Challenge", "GSM8K", "HumanEval"]
-    _, found = check_sources(parts["train_mixture"], evals, None, os.path.join(os.environ["NANOCHAT_BASE_DIR"], "c"))
+    _, found, _ = check_sources(parts["train_mixture"], evals, None, os.path.join(os.environ["NANOCHAT_BASE_DIR"], "c"))
     assert found[path]["GSM8K"]["flagged"] == list(range(10, 15))
     assert found[path]["ARC-Easy"]["flagged"] == list(range(15, 20))
     assert sum(found[path][e]["count"] for e in ("ARC-Challenge", "HumanEval")) == 0
