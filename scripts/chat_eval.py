@@ -5,12 +5,17 @@ pass@num_samples); print each accuracy and, when all five ran, ChatCORE; log the
 8 GPUs:     torchrun --standalone --nproc_per_node=8 -m scripts.chat_eval -- -i sft
 one GPU:    python -m scripts.chat_eval -i sft -a 'ARC-Easy|GSM8K'
 tiny, CPU:  python -m scripts.chat_eval -i sft -a 'ARC-Easy|GSM8K' -x 16 -m 64
+your data:  python -m scripts.chat_eval -i sft -a 'data/chats.parquet|ChitChat:test'   # loss and bpb per source
 CPU, 2 processes (gloo): torchrun --standalone --nproc_per_node=2 -m scripts.chat_eval -- -i sft -x 16
 
 The evaluation itself lives in nanochat/chat_eval.py. Results are kept
 per task in the "Chat evaluation <source>" report section: evaluating a subset of the tasks updates those and
 keeps the others; a result on a subset of the problems (-x N) is marked "(-x N)" there and in the summary.
 ChatCORE is reported when all five tasks have a result from the same checkpoint.
+An -a entry that is not one of the five is a mixture spec or a data path (tasks/mixture.py): its conversations
+are scored by the assistant-token loss and bits per byte (nanochat.loss_eval.conversation_loss), kept in the
+report as "<spec> loss" / "<spec> bpb"; for one of the checkpoint's own training specs, only its held-out share
+(tasks.common.split_held_out: about 5%, by content hash, what chat_sft validates on when it has no validation set).
 """
 
 import os
@@ -25,7 +30,11 @@ from nanochat.common import (autocast_ctx, autodetect_device_type, compute_clean
 from nanochat.config import ArgumentParser, bounded
 from nanochat.engine import Engine
 from nanochat.execution import describe_isolation
+from nanochat.loss_eval import conversation_loss
 from nanochat.report import format_task_results, get_report
+from nanochat.tokenizer import get_token_bytes
+from tasks.common import split_held_out
+from tasks.mixture import MixtureSpecError, build_task, parse_task_spec
 
 install_error_handler()  # a UserError prints one line `error: ...` and exits with code 2
 
@@ -39,7 +48,7 @@ def main(argv=None):
     parser.add_argument("-i", "--source", type=str, required=True, choices=["base", "mid", "sft"],
                         help="which checkpoint family to load")
     parser.add_argument("-a", "--task-name", type=str, default="|".join(TASK_NAMES),
-                        help="'|'-separated tasks (default: all five)")
+                        help="'|'-separated tasks (default: all five) or mixture specs / data paths (loss, bpb)")
     parser.add_argument("-d", "--dtype", type=str, default="bfloat16", choices=["float32", "bfloat16"],
                         help="autocast dtype (bf16 autocast applies on CUDA only)")
     parser.add_argument("-t", "--temperature", type=bounded(float, min=0.0), default=0.0,
@@ -55,12 +64,17 @@ def main(argv=None):
     parser.add_argument("-x", "--max-problems", type=bounded(int, min=1), default=None,
                         help="evaluate at most this many problems")
     args = parser.parse_args(argv)
-    task_names = [name.strip() for name in args.task_name.split("|") if name.strip()]
-    unknown = [name for name in task_names if name not in TASK_NAMES]
-    if unknown:
-        parser.error(f"unknown task(s) {unknown}; choose from {'|'.join(TASK_NAMES)}")
-    if not task_names:
-        parser.error(f"-a/--task-name names no task; choose from {'|'.join(TASK_NAMES)}")
+    entries = [name.strip() for name in args.task_name.split("|") if name.strip()]
+    if not entries:
+        parser.error(f"-a/--task-name names no task; choose from {'|'.join(TASK_NAMES)} or give a mixture spec")
+    task_names = [name for name in entries if name in TASK_NAMES]
+    data_specs = []  # conversation data scored by loss and bpb
+    for name in entries:
+        if name not in TASK_NAMES:
+            try:
+                data_specs.append(parse_task_spec(name))
+            except MixtureSpecError as e:
+                parser.error(f"-a entry {name!r} is neither one of {'|'.join(TASK_NAMES)} nor a mixture spec ({e})")
 
     # ------------------------------------------------------------------------------------------------------
     # Compute init
@@ -90,6 +104,22 @@ def main(argv=None):
                                      temperature=args.temperature, top_k=args.top_k, max_problems=args.max_problems)
         results[task_name] = accuracy
         print0(f"{task_name} accuracy: {100 * accuracy:.2f}%")
+    training_specs = set(meta.get("user_config", {}).get("train_mixture") or [])
+    token_bytes = get_token_bytes(device) if data_specs else None
+    pad_id = tokenizer.encode_special("<|assistant_end|>")
+    render = lambda c: tokenizer.render_conversation(c, max_tokens=model.config.sequence_len + 1)  # noqa: E731
+    for spec in data_specs:
+        task = build_task(spec)
+        held = spec.text in training_specs
+        if held:  # the model trained on the rest of it
+            task = split_held_out([task])[1][0]
+        conversations = [task[i] for i in range(len(task))][:args.max_problems]
+        with autocast_ctx(device_type, args.dtype):
+            scores = conversation_loss(model, conversations, render, pad_id, token_bytes, args.batch_size, ddp_rank,
+                                       ddp_world_size)
+        results[f"{spec.text} loss"], results[f"{spec.text} bpb"] = scores["loss"], scores["bpb"]
+        print0(f"{spec.text}: loss {scores['loss']:.4f} | bpb {scores['bpb']:.4f} | {scores['conversations']:,} "
+               f"conversations, {scores['tokens']:,} supervised tokens{' (its held-out share)' if held else ''}")
 
     if all(name in results for name in TASK_NAMES):
         subset = f" (-x {args.max_problems})" if args.max_problems else ""

@@ -190,15 +190,18 @@ def conversation_hash(conversation):
 
 
 def split_held_out(tasks, share=0.05):
-    """Hold out a deterministic share of the conversations of `tasks` for validation: the round(share * n)
-    (at least 1) distinct conversations with the smallest conversation_hash, n counting distinct conversations.
-    Every copy of a held-out conversation (in any task) is held out, so none is also trained on.
-    Returns (kept, held): one TaskSubset per task each. Raises ValueError with fewer than 2 distinct ones."""
+    """Hold out a deterministic share of the conversations of `tasks` for validation: those whose
+    conversation_hash, read as a number in [0, 1), is below `share` - a rule of each conversation alone, so
+    the same conversations are held out whatever they are mixed with (chat_eval finds a training spec's share
+    again) and every copy of a held-out conversation (in any task) is held out, never also trained on. When
+    none falls below `share`, the one with the smallest hash is held out. Returns (kept, held): one TaskSubset
+    per task each. Raises ValueError with fewer than 2 distinct conversations."""
     hashes = [[conversation_hash(task[i]) for i in range(len(task))] for task in tasks]
-    distinct = sorted({h for task_hashes in hashes for h in task_hashes})
+    distinct = {h for task_hashes in hashes for h in task_hashes}
     if len(distinct) < 2:
         raise ValueError(f"cannot hold out a validation share from {len(distinct)} distinct conversation(s)")
-    held_hashes = set(distinct[: max(1, round(share * len(distinct)))])
+    threshold = int(share * 2 ** 64)
+    held_hashes = {h for h in distinct if int.from_bytes(h[:8], "big") < threshold} or {min(distinct)}
     kept, held = [], []
     for task, task_hashes in zip(tasks, hashes):
         kept.append(TaskSubset(task, [i for i, h in enumerate(task_hashes) if h not in held_hashes]))

@@ -429,8 +429,8 @@ def build_mixtures(mixtures, optional=(), held_out=None):
         held_parts = [(f"held out of {p.text}", h, len(h)) for (p, _), h in zip(built[train_key], held) if len(h)]
         del built[val_key]
         notes.append(f"{val_key}: its data is not available, so {sum(n for *_, n in held_parts)} conversations "
-                     f"({share:.0%} of {train_key}'s distinct conversations, chosen by hash) are held out of training "
-                     f"and used for validation")
+                     f"(about {share:.0%} of {train_key}'s, chosen by content hash) are held out of training and "
+                     f"used for validation")
     for key, items in built.items():
         if not items:
             raise MixtureSpecError(f"{key}: no data left after dropping unavailable entries {optional}")

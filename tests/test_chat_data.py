@@ -9,6 +9,7 @@ source = sft continues fine-tuning that chat model into a new folder, which load
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -71,7 +72,7 @@ def test_data_shortcut_held_out_drop_and_source_sft(data_dir, tmp_path, tokenize
     out = run_sft(base_dir, ["--source=base", f"--data={data}", "--decontaminate=drop"])
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "Skipping val_mixture entry 'SmolTalk:test'" in out.stdout
-    assert "val_mixture: its data is not available, so 2 conversations" in out.stdout  # round(5% of 40)
+    assert "val_mixture: its data is not available, so " in out.stdout
     assert "decontaminate = drop: 1 contaminated training conversations removed" in out.stdout
     assert "| sharegpt" in out.stdout
     assert "Validation loss" in out.stdout
@@ -86,3 +87,42 @@ def test_data_shortcut_held_out_drop_and_source_sft(data_dir, tmp_path, tokenize
     meta = read_meta(str(new_dir), 2)
     assert meta["source"] == "sft" and meta["source_dir"] == str(base_dir / "chatsft_checkpoints" / "d2")
     assert resolve_checkpoint("sft", base_dir=str(base_dir)) == (str(new_dir), 2)
+
+    # chat_eval on your own data: loss and bpb per source (the training file only on its held-out share)
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-m", "scripts.chat_eval", "-i", "sft", "-a", f"{data}|ChitChat:test:0:8",
+                          "-x", "8", "-d", "float32"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "Model tag: chatsft_checkpoints/d2-ft" in out.stdout
+    assert re.search(rf"^{re.escape(data)}: loss [0-9.]+ \| bpb [0-9.]+ \| \d conversations, \d+ supervised tokens "
+                     r"\(its held-out share\)$", out.stdout, re.M), out.stdout
+    assert re.search(r"^ChitChat:test:0:8: loss [0-9.]+ \| bpb [0-9.]+ \| 8 conversations", out.stdout, re.M)
+    section = (base_dir / "report" / "chat-evaluation-sft.md").read_text()
+    assert f"- {data} bpb: " in section and "- ChitChat:test:0:8 loss: " in section
+    assert "- checkpoint: chatsft_checkpoints/d2-ft step 2" in section
+
+
+def test_conversation_loss_matches_the_model_loss(tokenizer):
+    import torch
+
+    from nanochat.gpt import GPTConfig, random_model
+    from nanochat.loss_eval import conversation_loss
+    from nanochat.sft import collate_sft
+    from nanochat.tokenizer import compute_token_bytes
+
+    config = GPTConfig(sequence_len=64, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2,
+                       n_embd=64)
+    model = random_model(config, seed=0, output_std=0.02)
+    chats = [{"messages": [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": f"{w}!" * k}]}
+             for k, w in enumerate(["hello", "world", "again"], 1)]
+    render = lambda c: tokenizer.render_conversation(c, max_tokens=65)  # noqa: E731
+    pad_id = tokenizer.encode_special("<|assistant_end|>")
+    token_bytes = torch.as_tensor(compute_token_bytes(tokenizer))
+    scores = conversation_loss(model, chats, render, pad_id, token_bytes, batch_size=2)
+    inputs, targets = collate_sft([render(c) for c in chats], pad_id)
+    with torch.no_grad():
+        reference = model(inputs, targets).item()  # mean over the supervised targets of one batch
+    assert abs(scores["loss"] - reference) < 1e-5
+    assert scores["tokens"] == int((targets != -1).sum()) and scores["conversations"] == 3
+    assert 0 < scores["bpb"] < 100

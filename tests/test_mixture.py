@@ -249,8 +249,12 @@ def test_held_out_validation_never_overlaps_training(tmp_path, monkeypatch):
         train, val = built["train_mixture"], built["val_mixture"]
         train_hashes = {conversation_hash(train[i]) for i in range(len(train))}
         val_hashes = {conversation_hash(val[i]) for i in range(len(val))}
-        assert len(val_hashes) == 3  # round(5% of 60 distinct conversations)
+        assert 1 <= len(val_hashes) <= 12  # about 5% of 60 distinct conversations, at least one
         assert not train_hashes & val_hashes and len(train_hashes | val_hashes) == 60
         assert "held out of training" in notes[-1]
         results.append(sorted(val_hashes))
     assert results[0] == results[1]  # deterministic
+    from tasks.common import split_held_out  # a rule of each conversation: the same share whatever the grouping
+    task = build_mixtures({"t": [str(path)]})[0]["t"].tasks[0]
+    _, held = split_held_out([task])
+    assert sorted({conversation_hash(c) for c in held[0]}) == results[0]
