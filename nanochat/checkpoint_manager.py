@@ -382,6 +382,8 @@ def resolve_checkpoint(source, model_tag=None, step=None, base_dir=None):
     """(checkpoint_dir, step) of <base_dir>/<source dir>/<model_tag>/ (defaults: the most recently written model
     folder, find_latest_model, said on stdout; model_tag "largest": nanochat's largest d<depth>,
     find_largest_model; the last complete step), with a UserError saying what is missing and how to make it."""
+    if source not in SOURCE_DIRS:
+        raise UserError(f"source must be one of {', '.join(sorted(SOURCE_DIRS))}, got {source!r}")
     checkpoints_dir = os.path.join(base_dir or get_base_dir(), SOURCE_DIRS[source])
     if model_tag is None or model_tag == "largest":
         largest = model_tag == "largest"

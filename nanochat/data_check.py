@@ -129,7 +129,8 @@ class EvalIndex:
                 short.setdefault(len(question), []).append((sequence_hash(question), i))
         for k, pairs in short.items():
             pairs.sort()
-            grams[k] = (np.array([h for h, _ in pairs], dtype=np.uint64), np.array([i for _, i in pairs], dtype=np.int64))
+            grams[k] = (np.array([h for h, _ in pairs], dtype=np.uint64),
+                        np.array([i for _, i in pairs], dtype=np.int64))
         return cls(name, grams, [" ".join(w[:30]) for w in item_words])
 
     def save(self, path):
@@ -213,7 +214,8 @@ def contamination(sources, indexes, word_ids, max_examples=3, hash_lists=None):
         for (name, _), docs in zip(sources, doc_ids):
             flagged = [i for i, d in enumerate(docs.tolist()) if d in found]
             out[name][index.name] = {"count": len(flagged), "flagged": flagged,
-                                     "examples": [(i, index.items[found[int(docs[i])]]) for i in flagged[:max_examples]]}
+                                     "examples": [(i, index.items[found[int(docs[i])]])
+                                                  for i in flagged[:max_examples]]}
     return out
 
 
@@ -233,7 +235,8 @@ def source_figures(conversations):
                 continue
             turns += 1
             content = message["content"]
-            text = content if isinstance(content, str) else "".join(p["text"] for p in content if p["type"] != "python_output")
+            parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+            text = "".join(p["text"] for p in parts if p["type"] != "python_output")  # what the assistant wrote
             empty += not text.strip()
         hashes.append(conversation_hash(conversation))
     return {"turns_mean": turns / max(len(conversations), 1), "empty_assistant": empty}, hashes
@@ -284,7 +287,8 @@ def format_data_check(rows, found=None, skipped=()):
     lines = []
     width = max(len(r["source"]) for r in rows)
     for r in rows:
-        line = f"{r['source']:<{width}} | {r['shape'] or '-':<17} | {r['conversations']:>7,} conv | turns {r['turns_mean']:4.1f}"
+        line = (f"{r['source']:<{width}} | {r['shape'] or '-':<17} | {r['conversations']:>7,} conv | "
+                f"turns {r['turns_mean']:4.1f}")
         if "tokens_mean" in r:
             line += (f" | tokens mean {r['tokens_mean']:6.1f} p50 {r['tokens_p50']:5.0f} p95 {r['tokens_p95']:5.0f} "
                      f"max {r['tokens_max']:6,} | supervised {r['supervised_ratio']:5.1%} | truncated "
@@ -367,7 +371,8 @@ def check_sources(parts, eval_names, summarize=None, cache_dir=None, max_example
     names = []
     for name, *_ in parts:
         names.append(name if name not in names else f"{name} ({sum(n.startswith(name) for n in names) + 1})")
-    sources = [(name, source_shape(task), [task[i] for i in range(len(task))]) for name, (_, task, *_) in zip(names, parts)]
+    sources = [(name, source_shape(task), [task[i] for i in range(len(task))])
+               for name, (_, task, *_) in zip(names, parts)]
     rows, hash_lists = data_check_rows(sources, summarize)
     found, skipped = None, []
     if eval_names:

@@ -31,7 +31,7 @@ OPTIONS = [
     Option("device_type", str, "", "cuda|cpu|mps (empty: autodetect)", choices=("", "cuda", "cpu", "mps")),
     Option("dtype", str, "bfloat16", "autocast dtype on CUDA: bfloat16|float32", choices=("bfloat16", "float32")),
     Option("max_per_task", int, -1, "examples per task (-1: all)", min=1, disabled=-1),
-    Option("model_tag", str, None, "base checkpoint tag (default: largest d<depth>)"),
+    Option("model_tag", str, None, "base checkpoint tag (default: most recent; 'largest': largest d<depth>)"),
     Option("step", int, None, "checkpoint step (default: last)", min=0),
 ]
 config = load_config(OPTIONS, description=__doc__)

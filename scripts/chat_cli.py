@@ -70,7 +70,8 @@ def main(argv=None):
     parser = ArgumentParser(description="Chat with the model")
     parser.add_argument("-i", "--source", type=str, default="sft", choices=["base", "mid", "sft"],
                         help="which checkpoint family to load")
-    parser.add_argument("-g", "--model-tag", type=str, default=None, help="model tag, e.g. d20 (default: the most recently written; 'largest': the largest d<depth>)")
+    parser.add_argument("-g", "--model-tag", type=str, default=None,
+                        help="model tag, e.g. d20 (default: most recent; 'largest': largest d<depth>)")
     parser.add_argument("-s", "--step", type=bounded(int, min=0), default=None, help="checkpoint step (default: last)")
     parser.add_argument("-p", "--prompt", type=str, default="", help="answer this one prompt and exit")
     parser.add_argument("-t", "--temperature", type=bounded(float, min=0.0), default=0.6, help="sampling temperature")

@@ -59,7 +59,8 @@ def main(argv=None):
     parser.add_argument("-k", "--top-k", type=bounded(int, min=0), default=50, help="top-k sampling")
     parser.add_argument("-b", "--batch-size", type=bounded(int, min=1), default=8,
                         help="batch size for categorical tasks")
-    parser.add_argument("-g", "--model-tag", type=str, default=None, help="model tag, e.g. d20 (default: the most recently written; 'largest': the largest d<depth>)")
+    parser.add_argument("-g", "--model-tag", type=str, default=None,
+                        help="model tag, e.g. d20 (default: most recent; 'largest': largest d<depth>)")
     parser.add_argument("-s", "--step", type=bounded(int, min=0), default=None, help="checkpoint step (default: last)")
     parser.add_argument("-x", "--max-problems", type=bounded(int, min=1), default=None,
                         help="evaluate at most this many problems")

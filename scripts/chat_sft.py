@@ -125,7 +125,7 @@ if not config["dry_run"]:
 # Tokenizer and data, before the model: a missing dataset fails in seconds, and --dry_run stops here
 
 tokenizer = get_tokenizer()
-mixtures, parts, notes = build_mixtures({"train_mixture": config["train_mixture"], "val_mixture": config["val_mixture"]},
+mixtures, parts, notes = build_mixtures({key: config[key] for key in ("train_mixture", "val_mixture")},
                                         optional=config["val_mixture"] if val_default else (),
                                         held_out=("train_mixture", "val_mixture", 0.05))  # no validation data: 5%
 train_ds, val_ds = mixtures["train_mixture"], mixtures["val_mixture"]

@@ -49,7 +49,7 @@ def main(argv=None):
     parser.add_argument("-i", "--source", type=str, default="sft", choices=["base", "mid", "sft", "rl"],
                         help="which checkpoint family to load")
     parser.add_argument("-g", "--model_tag", "--model-tag", type=str, default=None,
-                        help="model tag, e.g. d20 (default: the most recently written; 'largest': the largest d<depth>)")
+                        help="model tag, e.g. d20 (default: most recent; 'largest': largest d<depth>)")
     parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: last)")
     parser.add_argument("--host", type=str, default="127.0.0.1",
                         help="address to bind (0.0.0.0 makes the server reachable from the network)")

@@ -34,7 +34,8 @@ install_error_handler()  # a UserError prints one line `error: ...` and exits wi
 parser = argparse.ArgumentParser(description="Export a checkpoint to a Hugging Face transformers folder")
 parser.add_argument("-i", "--source", type=str, default="sft", choices=["base", "mid", "sft", "rl"],
                     help="which checkpoints: base|mid|sft|rl")
-parser.add_argument("-g", "--model-tag", type=str, default=None, help="model tag, e.g. d20 (default: the most recently written; 'largest': the largest d<depth>)")
+parser.add_argument("-g", "--model-tag", type=str, default=None,
+                    help="model tag, e.g. d20 (default: most recent; 'largest': largest d<depth>)")
 parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: last)")
 parser.add_argument("--out", type=str, required=True, help="output folder (must not exist or be empty)")
 parser.add_argument("--dtype", type=str, default="bfloat16", choices=["bfloat16", "float32"],

@@ -375,12 +375,11 @@ def check_mixture_specs(mixtures):
 
 def build_mixtures(mixtures, optional=(), held_out=None):
     """{config key: list of specs} -> ({key: TaskMixture}, {key: [(spec text, task, entries in the mixture)]},
-    notes), loading every task once. Specs in `optional`
-    whose data is missing are dropped with a note. held_out = (train key, validation key, share): when none of
-    the validation key's specs could be loaded (all optional and missing, or the list is empty), `share` of the
-    training conversations
-    become the validation mixture instead (split_held_out: deterministic, never also trained on), with a note. When data of other specs is missing, ONE MixtureSpecError
-    names every missing entry and the replacement lists for all the mixtures at once (in config syntax);
+    notes), loading every task once. Specs in `optional` whose data is missing are dropped with a note.
+    held_out = (train key, validation key, share): when none of the validation key's specs could be loaded (all
+    optional and missing, or the list is empty), about `share` of the training conversations become the
+    validation mixture instead (split_held_out: deterministic, never also trained on), with a note. When data
+    of other specs is missing, ONE MixtureSpecError names every missing entry and the replacement lists for all the mixtures at once (in config syntax);
     other loading errors name the key and the spec."""
     parsed = {}
     for key, specs in mixtures.items():
