@@ -185,12 +185,15 @@ def format_task_results(results, checkpoint=None):
 def summary_table(section_values):
     """Markdown table `Metric | BASE | MID | SFT` from {section: {key: value}}; missing -> '-'. Each column shows
     one model: the first of its sections holding a summary metric, named in the "Model" row by that section's
-    `checkpoint` line; a result the section marks "(from <another checkpoint>)" is left out ('-')."""
+    `checkpoint` line (else by the section's title); a result the section marks "(from <another checkpoint>)" is
+    left out ('-')."""
     header = ["| Metric | " + " | ".join(SUMMARY_COLUMNS) + " |", "|---" * (len(SUMMARY_COLUMNS) + 1) + "|"]
-    columns = []
+    columns, names = [], []
     for sections in SUMMARY_COLUMNS.values():
-        chosen = next((section_values[s] for s in sections if s in section_values and
-                       any(find_metric(section_values[s], m) is not None for m in SUMMARY_METRICS)), {})
+        name = next((s for s in sections if s in section_values and
+                     any(find_metric(section_values[s], m) is not None for m in SUMMARY_METRICS)), None)
+        chosen = section_values[name] if name else {}
+        names.append(name)
         columns.append({k: v for k, v in chosen.items() if not re.search(r"\(.*\bfrom ", v)})
     lines = []
     for metric in SUMMARY_METRICS:
@@ -199,7 +202,7 @@ def summary_table(section_values):
             value, subset = find_metric_cell(values, metric)
             cells.append("-" if value is None else f"{value:.4f}" + (f" ({subset})" if subset else ""))
         lines.append(f"| {metric} | " + " | ".join(cells) + " |")
-    models = [values.get("checkpoint", "-" if not values else "unnamed") for values in columns]
+    models = [values.get("checkpoint", name) if values else "-" for values, name in zip(columns, names)]
     if any(m != "-" for m in models):
         lines.insert(0, "| Model | " + " | ".join(models) + " |")
     return "\n".join(header + lines)

@@ -53,11 +53,13 @@ if bundle_dir is None:
 # -----------------------------------------------------------------------------
 # Compute init, model
 
-from nanochat.checkpoint_manager import load_model  # noqa: E402  (only needed when there is a bundle)
+from nanochat.checkpoint_manager import load_model, resolve_checkpoint  # noqa: E402  (only with a bundle)
 
 device_type = config["device_type"] or autodetect_device_type()
 ddp, ddp_rank, ddp_local_rank, ddp_world_size, device = compute_init(device_type)
-model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=config["model_tag"], step=config["step"])
+checkpoint_dir, step = resolve_checkpoint("base", config["model_tag"], config["step"])
+model_tag = os.path.basename(checkpoint_dir)  # the report names the model its scores are of
+model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=model_tag, step=step)
 print0(f"Loaded base model (step {meta.get('step')}); evaluating CORE from {bundle_dir}")
 
 # -----------------------------------------------------------------------------
@@ -73,7 +75,8 @@ print0(f"CORE metric: {out['core_metric']:.4f}")
 # Report and cleanup
 
 get_report().log(section="Base model evaluation", data=[
-    {"model_tag": config["model_tag"], "step": meta.get("step"), "max_per_task": config["max_per_task"]},
+    {"checkpoint": f"base_checkpoints/{model_tag} step {step}", "model_tag": model_tag, "step": step,
+     "max_per_task": config["max_per_task"]},
     {f"{label} centered": out["centered_results"][label] for label in out["results"]},
     {"CORE metric": out["core_metric"]},
 ])
