@@ -134,12 +134,15 @@ def parse_config_text(text, filename="<config>"):
 
 
 def _parse_cli_value(option, text):
-    """A command-line value: a literal if it parses as one, else a plain string (for str options)."""
+    """A command-line value: a literal if it parses as one, else a plain string (for str options; for list
+    options a one-item list: --train_mixture=data/chats.jsonl is ["data/chats.jsonl"])."""
     try:
         value = _literal(ast.parse(text, mode="eval").body, "command line")
     except (SyntaxError, ConfigError):
         if option.type is str:
             return text
+        if option.type is list:
+            return [text]
         raise ConfigError(f"command line: key '{option.name}' expects {option.type.__name__}, got {text!r}") from None
     if option.type is str and value is not None and not isinstance(value, str):
         return text  # --run=123 means the string "123"
