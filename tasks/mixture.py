@@ -399,7 +399,8 @@ def build_mixtures(mixtures, optional=(), held_out=None):
                 built[key].append((p, build_task(p)))
             except DatasetNotFoundError as e:
                 if raw in optional:
-                    notes.append(f"Skipping {key} entry {p.text!r}: its data is not available ({e})")
+                    reason = str(e).split(". Fix:")[0]  # the loader's fix is for data that is required
+                    notes.append(f"Skipping {key} entry {p.text!r}: its data is not available ({reason})")
                     skipped.append(p)
                 else:
                     missing.setdefault(key, []).append((p, e))
