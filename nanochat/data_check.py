@@ -115,8 +115,8 @@ class EvalIndex:
         self.name, self.grams, self.items = name, grams, items
 
     @classmethod
-    def build(cls, name, conversations, word_ids):
-        item_words = [conversation_words(c) for c in conversations]
+    def build(cls, name, conversations, word_ids, item_words):
+        """item_words: conversation_words of each conversation (already computed for the cache key)."""
         id_lists = [word_ids(w) for w in item_words]
         hashes, items = window_hashes(id_lists, {NGRAM})[NGRAM]
         order = np.argsort(hashes, kind="stable")
@@ -164,8 +164,9 @@ def eval_index(name, conversations, cache_dir, word_ids):
     """The EvalIndex of an evaluation set, from <cache_dir>/<name>-<key>.npz when there (key: a hash of every
     item's words, NGRAM and INDEX_VERSION), else built and saved there (cache_dir None: not cached)."""
     digest = hashlib.blake2b(f"{INDEX_VERSION}:{NGRAM}".encode(), digest_size=12)
-    for conversation in conversations:
-        digest.update(" ".join(conversation_words(conversation)).encode("utf-8") + b"\x00")
+    item_words = [conversation_words(conversation) for conversation in conversations]
+    for item in item_words:
+        digest.update(" ".join(item).encode("utf-8") + b"\x00")
     path = os.path.join(cache_dir, f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}-{digest.hexdigest()}.npz") \
         if cache_dir else None
     if path and os.path.exists(path):
@@ -173,7 +174,7 @@ def eval_index(name, conversations, cache_dir, word_ids):
             return EvalIndex.load(name, path)
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache file is rebuilt
-    index = EvalIndex.build(name, conversations, word_ids)
+    index = EvalIndex.build(name, conversations, word_ids, item_words)
     if path:
         os.makedirs(cache_dir, exist_ok=True)
         index.save(path)
