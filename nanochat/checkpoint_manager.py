@@ -363,15 +363,37 @@ def find_resumable_step(checkpoint_dir):
     return None
 
 
+def find_latest_model(checkpoints_dir):
+    """The model tag whose newest complete checkpoint (meta_<step>.json) was written last: the run just trained
+    or imported. Folders without a complete checkpoint are not candidates (MissingCheckpointError if none is)."""
+    if not os.path.isdir(checkpoints_dir):
+        raise MissingCheckpointError(f"no checkpoints directory {checkpoints_dir}: train or import a model first")
+    written = {}
+    for tag in os.listdir(checkpoints_dir):
+        folder = os.path.join(checkpoints_dir, tag)
+        steps = _meta_steps(folder) if os.path.isdir(folder) else []
+        if steps:
+            written[tag] = max(os.path.getmtime(_meta_path(folder, step)) for step in steps)
+    if not written:
+        raise MissingCheckpointError(f"no complete checkpoints under {checkpoints_dir}: train or import a model first")
+    return max(written, key=lambda tag: (written[tag], tag))
+
+
 def resolve_checkpoint(source, model_tag=None, step=None, base_dir=None):
-    """(checkpoint_dir, step) of <base_dir>/<source dir>/<model_tag>/ (defaults: the largest model, its last
-    complete step), with a UserError saying what is missing and how to make it."""
+    """(checkpoint_dir, step) of <base_dir>/<source dir>/<model_tag>/ (defaults: the most recently written model
+    folder, find_latest_model, said on stdout; model_tag "largest": nanochat's largest d<depth>,
+    find_largest_model; the last complete step), with a UserError saying what is missing and how to make it."""
+    if source not in SOURCE_DIRS:
+        raise UserError(f"source must be one of {', '.join(sorted(SOURCE_DIRS))}, got {source!r}")
     checkpoints_dir = os.path.join(base_dir or get_base_dir(), SOURCE_DIRS[source])
-    if model_tag is None:
+    if model_tag is None or model_tag == "largest":
+        largest = model_tag == "largest"
         try:
-            model_tag = find_largest_model(checkpoints_dir)
+            model_tag = find_largest_model(checkpoints_dir) if largest else find_latest_model(checkpoints_dir)
         except FileNotFoundError:
             raise UserError(f"no {source} checkpoints in {checkpoints_dir}: train that stage first") from None
+        rule = "the largest depth" if largest else "the most recently written; 'largest' picks the largest depth"
+        print0(f"Model tag: {SOURCE_DIRS[source]}/{model_tag} ({rule})")
     checkpoint_dir = os.path.join(checkpoints_dir, model_tag)
     if step is None:
         steps = _meta_steps(checkpoint_dir)
@@ -540,7 +562,8 @@ def prepare_finetune(source, model_tag, step, checkpoints_dir_name, output_tag, 
     """The output folder and resume decision of a run that starts from another stage's checkpoint (mid_train,
     chat_sft), before any model or data is loaded: resolve the source checkpoint, check its tokenizer (and, with
     check_optimizer on a fresh start, its optimizer state for a warm start: check_warm_start), then prepare_run
-    into <base_dir>/<checkpoints_dir_name>/<output_tag or d<depth>>. Returns (source_dir, source_step,
+    into <base_dir>/<checkpoints_dir_name>/<output_tag or d<depth>> (default tag <source tag>-ft when d<depth>
+    would be the source folder itself: continued fine-tuning of an SFT checkpoint). Returns (source_dir, source_step,
     source_meta, plan); the output folder is plan.output_dir."""
     source_dir, source_step = resolve_checkpoint(source, model_tag, step, base_dir)
     source_meta = read_meta(source_dir, source_step)
@@ -549,6 +572,9 @@ def prepare_finetune(source, model_tag, step, checkpoints_dir_name, output_tag, 
         check_warm_start(source_dir, source_step, rank, world_size)
     tag = default_output_tag(output_tag, source_meta["model_config"])
     output_dir = os.path.join(base_dir or get_base_dir(), checkpoints_dir_name, tag)
+    if not output_tag and os.path.realpath(output_dir) == os.path.realpath(source_dir):
+        # continued fine-tuning (source = sft): never write into the folder being fine-tuned
+        output_dir = os.path.join(os.path.dirname(output_dir), f"{os.path.basename(source_dir)}-ft")
     return source_dir, source_step, source_meta, prepare_run(output_dir, resume, overwrite, rank, world_size)
 
 

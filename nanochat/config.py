@@ -139,7 +139,8 @@ def parse_config_text(text, filename="<config>"):
 
 
 def _parse_cli_value(option, text):
-    """A command-line value: a literal if it parses as one, else a plain string (for str options)."""
+    """A command-line value: a literal if it parses as one, else a plain string (for str options; for list
+    options a one-item list: --train_mixture=data/chats.jsonl is ["data/chats.jsonl"])."""
     if option.type is bool and text.strip().lower() in ("true", "false"):
         return text.strip().lower() == "true"  # TRUE / False / true: any case
     if option.type is str and not text.strip().startswith(("'", '"')):
@@ -154,6 +155,8 @@ def _parse_cli_value(option, text):
                 return float(text)  # `inf` / `nan`: then refused as not finite, naming the key
             except ValueError:
                 pass
+        if option.type is list:
+            return [text]
         raise ConfigError(f"command line: key '{option.name}' expects {option.type.__name__}, got {text!r}") from None
     if option.type is str and value is not None and not isinstance(value, str):
         return text  # --run=123 means the string "123"

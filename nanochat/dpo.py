@@ -108,15 +108,17 @@ def render_pair(tokenizer, prompt, chosen, rejected):
 
 
 def load_preferences(paths, tokenizer):
-    """Every row of the preference files (nanochat.data_files.read_rows: JSONL / Parquet), parsed and rendered
-    -> list of PreferencePair, in file order. A bad row is a UserError naming `file:line` (line = row number)."""
+    """Every row of the preference files (nanochat.data_files.read_rows: JSONL, JSON, Parquet, CSV, Arrow,
+    save_to_disk folders, hub names), parsed and rendered -> list of PreferencePair, in file order. A bad row is a
+    UserError naming `file:line` (the JSON Lines line; the row number where the format has no lines)."""
     pairs = []
     for path in paths:
-        rows = read_rows(path)
+        rows, lines = read_rows(path, line_numbers=True)
         if not rows:
             raise UserError(f"{path}: no rows; a preference file needs prompt/chosen/rejected rows")
         for i, row in enumerate(rows):
-            pairs.append(render_pair(tokenizer, *parse_preference_row(row, f"{path}:{i + 1}")))
+            where = f"{path}:{lines[i] if lines else i + 1}"
+            pairs.append(render_pair(tokenizer, *parse_preference_row(row, where)))
     return pairs
 
 

@@ -112,3 +112,33 @@ def evaluate_bpb(model, batches, steps, token_bytes, rank=None, world_size=None)
     if total_bytes == 0:
         return float("inf")
     return total_nats / (math.log(2) * total_bytes)
+
+
+@torch.no_grad()
+def conversation_loss(model, conversations, render_fn, pad_id, token_bytes, batch_size=8, rank=0, world_size=1,
+                      autocast=contextlib.nullcontext):
+    """Assistant-token loss and bits per byte of `model` on conversations (chat_eval on your own data): each rank
+    takes conversations[rank::world_size], rendered by render_fn (-> ids, mask, already cut to the model's
+    length) and padded into batches (nanochat.sft.collate_sft); the targets are the supervised tokens. Returns
+    {"loss": nats per supervised token, "bpb": bits per UTF-8 byte of those tokens (specials left out, as
+    evaluate_bpb), "tokens": supervised tokens, "conversations": how many}, summed over ranks before dividing."""
+    from nanochat.sft import collate_sft
+
+    device = token_bytes.device
+    mine = conversations[rank::world_size]
+    loss_sum = tokens = nats = num_bytes = 0.0
+    for i in range(0, len(mine), batch_size):
+        inputs, targets = collate_sft([render_fn(c) for c in mine[i:i + batch_size]], pad_id)
+        inputs, targets = inputs.to(device), targets.to(device)
+        with autocast():
+            loss = model(inputs, targets, loss_reduction="none").reshape(-1).float()
+        flat = targets.reshape(-1)
+        loss_sum += float(loss[flat != -1].sum())
+        tokens += int((flat != -1).sum())
+        batch_nats, batch_bytes = bpb_sums(loss, flat, token_bytes)
+        nats, num_bytes = nats + float(batch_nats), num_bytes + int(batch_bytes)
+    loss_sum, tokens, nats, num_bytes, count = all_reduce_values([loss_sum, tokens, nats, num_bytes, len(mine)], "sum",
+                                                                 device, world_size)
+    return {"loss": loss_sum / tokens if tokens else float("nan"),
+            "bpb": nats / (math.log(2) * num_bytes) if num_bytes else float("nan"),
+            "tokens": int(tokens), "conversations": int(count)}

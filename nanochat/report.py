@@ -178,26 +178,33 @@ def format_task_results(results, checkpoint=None):
     return lines
 
 
-def task_metrics(results):
-    """The summary table's cells of per-task results: {task: {"value", "note": '-x N' or None}}."""
-    return {task: {"value": r["value"], "note": subset_note(r)} for task, r in results.items()}
+def task_metrics(results, checkpoint=None):
+    """The summary table's cells of per-task results: {task: {"value", "note": '-x N' or None}}; a result from
+    another checkpoint than `checkpoint` (the one just evaluated) is left out, so a column never mixes models."""
+    return {task: {"value": r["value"], "note": subset_note(r)} for task, r in results.items()
+            if checkpoint is None or r.get("checkpoint") in (None, checkpoint)}
 
 
 def summary_table(records):
-    """Markdown table `Metric | BASE | MID | SFT` from {section: record} (section_record); missing -> '-'."""
-    lines = ["| Metric | " + " | ".join(SUMMARY_COLUMNS) + " |", "|---" * (len(SUMMARY_COLUMNS) + 1) + "|"]
+    """Markdown table `Metric | BASE | MID | SFT` from {section: record} (section_record); missing -> '-'. Each
+    column shows one model: the first of its sections holding a summary metric, named in the "Model" row by that
+    section's `checkpoint` value (else by the section's title)."""
+    header = ["| Metric | " + " | ".join(SUMMARY_COLUMNS) + " |", "|---" * (len(SUMMARY_COLUMNS) + 1) + "|"]
+    chosen = []
+    for sections in SUMMARY_COLUMNS.values():
+        chosen.append(next((s for s in sections if s in records and
+                            any(metric_cell(records[s], m)[0] is not None for m in SUMMARY_METRICS)), None))
+    lines = []
     for metric in SUMMARY_METRICS:
         cells = []
-        for sections in SUMMARY_COLUMNS.values():
-            value, note = None, None
-            for section in sections:
-                if section in records:
-                    value, note = metric_cell(records[section], metric)
-                    if value is not None:
-                        break
+        for section in chosen:
+            value, note = metric_cell(records[section], metric) if section else (None, None)
             cells.append("-" if value is None else f"{value:.4f}" + (f" ({note})" if note else ""))
         lines.append(f"| {metric} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    models = [str(records[s]["values"].get("checkpoint", s)) if s else "-" for s in chosen]
+    if any(m != "-" for m in models):
+        lines.insert(0, "| Model | " + " | ".join(models) + " |")
+    return "\n".join(header + lines)
 
 
 def total_stage_seconds(records):

@@ -19,6 +19,9 @@ Supervision table of `render_conversation` (mask 1 = the token is a training tar
     <|output_start|> out <|output_end|>       0 0 0   ("python_output" part)
     <|assistant_end|>                         1
 
+An assistant message with "weight": 0 (OpenAI's fine-tuning format) is rendered the same but all of its tokens
+have mask 0: it is context, not a target.
+
 Tests: tests/test_tokenizer.py (uses the session `tokenizer` fixture from tests/conftest.py).
 """
 
@@ -104,7 +107,8 @@ def normalize_messages(conversation):
     message (system + "\\n\\n" + user). Raises ValueError naming the message index and what is wrong.
     Rules: non-empty list under "messages"; an optional system message only at index 0, followed by a user
     message; then strictly alternating user / assistant, starting with user; user (and system) content is a
-    string; assistant content is a string or a list of {"type": text|python|python_output, "text": str} parts."""
+    string; assistant content is a string or a list of {"type": text|python|python_output, "text": str} parts;
+    an assistant message may carry "weight": 0 or 1 (kept in the output only when 0)."""
     if not isinstance(conversation, dict) or "messages" not in conversation:
         raise ValueError("conversation must be a dict with a 'messages' key")
     messages = conversation["messages"]
@@ -142,7 +146,12 @@ def normalize_messages(conversation):
                 content = system + "\n\n" + content
         else:
             _check_assistant_content(i, content)
-        out.append({"role": role, "content": content})
+        weight = message.get("weight", 1)
+        if weight not in (0, 1) or isinstance(weight, str):
+            raise ValueError(f"message {i}: weight must be 0 (not trained on) or 1, got {weight!r}")
+        if weight == 0 and role != "assistant":
+            raise ValueError(f"message {i}: only assistant messages take a weight (got one on a {role} message)")
+        out.append({"role": role, "content": content, **({"weight": 0} if weight == 0 else {})})
     return out
 
 
@@ -350,19 +359,20 @@ class RustBPETokenizer:
                 add([special("<|user_end|>")], 0)
                 continue
             add([special("<|assistant_start|>")], 0)
+            target = 0 if message.get("weight", 1) == 0 else 1  # weight 0: shown as context, never learned
             parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
             for part in parts:
                 if part["type"] == "text":
-                    add(self.encode(part["text"]), 1)
+                    add(self.encode(part["text"]), target)
                 elif part["type"] == "python":
-                    add([special("<|python_start|>")], 1)
-                    add(self.encode(part["text"]), 1)
-                    add([special("<|python_end|>")], 1)
+                    add([special("<|python_start|>")], target)
+                    add(self.encode(part["text"]), target)
+                    add([special("<|python_end|>")], target)
                 else:  # python_output: produced by the tool at inference time, never a target
                     add([special("<|output_start|>")], 0)
                     add(self.encode(part["text"]), 0)
                     add([special("<|output_end|>")], 0)
-            add([special("<|assistant_end|>")], 1)
+            add([special("<|assistant_end|>")], target)
         if max_tokens is not None:
             ids, mask = ids[:max_tokens], mask[:max_tokens]
         return ids, mask

@@ -31,7 +31,7 @@ OPTIONS = [
     Option("device_type", str, "", "cuda|cpu|mps (empty: autodetect)", choices=("", "cuda", "cpu", "mps")),
     Option("dtype", str, "bfloat16", "autocast dtype on CUDA: bfloat16|float32", choices=("bfloat16", "float32")),
     Option("max_per_task", int, -1, "examples per task (-1: all)", min=1, disabled=-1),
-    Option("model_tag", str, None, "base checkpoint tag (default: largest d<depth>)"),
+    Option("model_tag", str, None, "base checkpoint tag (default: most recent; 'largest': largest d<depth>)"),
     Option("step", int, None, "checkpoint step (default: last)", min=0),
 ]
 config = load_config(OPTIONS, description=__doc__)
@@ -53,11 +53,13 @@ if bundle_dir is None:
 # -----------------------------------------------------------------------------
 # Compute init, model
 
-from nanochat.checkpoint_manager import load_model  # noqa: E402  (only needed when there is a bundle)
+from nanochat.checkpoint_manager import load_model, resolve_checkpoint  # noqa: E402  (only with a bundle)
 
 device_type = config["device_type"] or autodetect_device_type()
 ddp, ddp_rank, ddp_local_rank, ddp_world_size, device = compute_init(device_type)
-model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=config["model_tag"], step=config["step"])
+checkpoint_dir, step = resolve_checkpoint("base", config["model_tag"], config["step"])
+model_tag = os.path.basename(checkpoint_dir)  # the report names the model its scores are of
+model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=model_tag, step=step)
 print0(f"Loaded base model (step {meta.get('step')}); evaluating CORE from {bundle_dir}")
 
 # -----------------------------------------------------------------------------
@@ -73,7 +75,8 @@ print0(f"CORE metric: {out['core_metric']:.4f}")
 # Report and cleanup
 
 get_report().log(section="Base model evaluation", data=[
-    {"model_tag": config["model_tag"], "step": meta.get("step"), "max_per_task": config["max_per_task"]},
+    {"checkpoint": f"base_checkpoints/{model_tag} step {step}", "model_tag": model_tag, "step": step,
+     "max_per_task": config["max_per_task"]},
     {f"{label} centered": out["centered_results"][label] for label in out["results"]},
     {"CORE metric": out["core_metric"]},
 ])

@@ -30,7 +30,7 @@ OPTIONS = [
     Option("dtype", str, "bfloat16", "autocast dtype on CUDA: bfloat16|float32", choices=("bfloat16", "float32")),
     Option("device_batch_size", int, 32, "rows per device per forward pass", min=1),
     Option("split_tokens", int, 20 * 524288, "tokens evaluated per split (all ranks)", min=1),
-    Option("model_tag", str, None, "base checkpoint tag (default: largest d<depth>)"),
+    Option("model_tag", str, None, "base checkpoint tag (default: most recent; 'largest': largest d<depth>)"),
     Option("step", int, None, "checkpoint step (default: last)", min=0),
     Option("max_new_tokens", int, 16, "tokens per greedy sample", min=1),
 ]

@@ -28,7 +28,8 @@ install_error_handler()  # a UserError prints one line `error: ...` and exits wi
 
 OPTIONS = [
     Option("source", str, "sft", "which checkpoint family to load", choices=tuple(SOURCE_DIRS), short="i"),
-    Option("model_tag", str, None, "model tag, e.g. d20 (default: largest)", short="g"),
+    Option("model_tag", str, None, "model tag, e.g. d20 (default: the most recently written; 'largest': the largest "
+                                   "d<depth>)", short="g"),
     Option("step", int, None, "checkpoint step (default: last)", min=0, short="s"),
     Option("prompt", str, "", "answer this one prompt and exit (empty: interactive)", short="p"),
     Option("temperature", float, 0.6, "sampling temperature (0: greedy)", min=0.0, short="t"),

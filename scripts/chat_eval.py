@@ -5,12 +5,17 @@ pass@num_samples); print each accuracy and, when all five ran, ChatCORE; log the
 8 GPUs:     torchrun --standalone --nproc_per_node=8 -m scripts.chat_eval -- -i sft
 one GPU:    python -m scripts.chat_eval -i sft -a 'ARC-Easy|GSM8K'
 tiny, CPU:  python -m scripts.chat_eval -i sft -a 'ARC-Easy|GSM8K' -x 16 -m 64
+your data:  python -m scripts.chat_eval -i sft -a 'data/chats.parquet|ChitChat:test'   # loss and bpb per source
 CPU, 2 processes (gloo): torchrun --standalone --nproc_per_node=2 -m scripts.chat_eval -- -i sft -x 16
 
 The evaluation itself lives in nanochat/chat_eval.py. Results are kept
 per task in the "Chat evaluation <source>" report section: evaluating a subset of the tasks updates those and
 keeps the others; a result on a subset of the problems (-x N) is marked "(-x N)" there and in the summary.
 ChatCORE is reported when all five tasks have a result from the same checkpoint.
+An -a entry that is not one of the five is a mixture spec or a data path (tasks/mixture.py): its conversations
+are scored by the assistant-token loss and bits per byte (nanochat.loss_eval.conversation_loss), kept in the
+report as "<spec> loss" / "<spec> bpb"; for one of the checkpoint's own training specs, only its held-out share
+(tasks.common.split_held_out: about 5%, by content hash, what chat_sft validates on when it has no validation set).
 """
 
 import os
@@ -25,14 +30,19 @@ from nanochat.common import (autocast_ctx, autodetect_device_type, compute_clean
 from nanochat.config import ConfigError, Option, load_config
 from nanochat.engine import Engine
 from nanochat.execution import describe_isolation
+from nanochat.loss_eval import conversation_loss
 from nanochat.report import format_task_results, get_report, task_metrics
+from nanochat.tokenizer import get_token_bytes
+from tasks.common import split_held_out
+from tasks.mixture import MixtureSpecError, build_task, parse_task_spec
 
 install_error_handler()  # a UserError prints one line `error: ...` and exits with code 2
 
 OPTIONS = [
     Option("source", str, None, "which checkpoint family to load (required)", choices=tuple(SOURCE_DIRS),
            short="i"),
-    Option("task_name", str, "|".join(TASK_NAMES), "'|'-separated tasks (default: all five)", short="a"),
+    Option("task_name", str, "|".join(TASK_NAMES), "'|'-separated tasks (default: all five) or mixture specs / data "
+                                                   "paths (scored by loss and bits per byte)", short="a"),
     Option("dtype", str, "bfloat16", "autocast dtype (bf16 autocast applies on CUDA only)",
            choices=("float32", "bfloat16"), short="d"),
     Option("temperature", float, 0.0, "sampling temperature (0: greedy)", min=0.0, short="t"),
@@ -40,7 +50,8 @@ OPTIONS = [
     Option("num_samples", int, 1, "samples per problem (pass@n)", min=1, short="n"),
     Option("top_k", int, 50, "top-k sampling (0: off)", min=0, short="k"),
     Option("batch_size", int, 8, "batch size for categorical tasks", min=1, short="b"),
-    Option("model_tag", str, None, "model tag, e.g. d20 (default: largest)", short="g"),
+    Option("model_tag", str, None, "model tag, e.g. d20 (default: the most recently written; 'largest': the largest "
+                                   "d<depth>)", short="g"),
     Option("step", int, None, "checkpoint step (default: last)", min=0, short="s"),
     Option("max_problems", int, None, "evaluate at most this many problems per task (default: all)", min=1,
            short="x"),
@@ -54,13 +65,20 @@ def main(argv=None):
     t_start = time.time()
     config = load_config(OPTIONS, argv, description=__doc__)
     if config["source"] is None:
-        raise ConfigError("command line: -i/--source is required: base, mid or sft (see --help)")
-    task_names = [name.strip() for name in config["task_name"].split("|") if name.strip()]
-    unknown = [name for name in task_names if name not in TASK_NAMES]
-    if unknown:
-        raise ConfigError(f"command line -a/--task_name: unknown task(s) {unknown}; choose from {'|'.join(TASK_NAMES)}")
-    if not task_names:
-        raise ConfigError(f"command line -a/--task_name names no task; choose from {'|'.join(TASK_NAMES)}")
+        raise ConfigError(f"command line: -i/--source is required: {', '.join(SOURCE_DIRS)} (see --help)")
+    entries = [name.strip() for name in config["task_name"].split("|") if name.strip()]
+    if not entries:
+        raise ConfigError(f"command line -a/--task_name names no task; choose from {'|'.join(TASK_NAMES)} or give a "
+                          "mixture spec")
+    task_names = [name for name in entries if name in TASK_NAMES]
+    data_specs = []  # conversation data scored by loss and bpb
+    for name in entries:
+        if name not in TASK_NAMES:
+            try:
+                data_specs.append(parse_task_spec(name))
+            except MixtureSpecError as e:
+                raise ConfigError(f"command line -a entry {name!r} is neither one of {'|'.join(TASK_NAMES)} nor a "
+                                  f"mixture spec ({e})") from None
 
     # ------------------------------------------------------------------------------------------------------
     # Compute init
@@ -91,6 +109,22 @@ def main(argv=None):
                                      max_problems=config["max_problems"])
         results[task_name] = accuracy
         print0(f"{task_name} accuracy: {100 * accuracy:.2f}%")
+    training_specs = set(meta.get("user_config", {}).get("train_mixture") or [])
+    token_bytes = get_token_bytes(device) if data_specs else None
+    pad_id = tokenizer.encode_special("<|assistant_end|>")
+    render = lambda c: tokenizer.render_conversation(c, max_tokens=model.config.sequence_len + 1)  # noqa: E731
+    for spec in data_specs:
+        task = build_task(spec)
+        held = spec.text in training_specs
+        if held:  # the model trained on the rest of it
+            task = split_held_out([task])[1][0]
+        conversations = [task[i] for i in range(len(task))][:config["max_problems"]]
+        with autocast_ctx(device_type, config["dtype"]):
+            scores = conversation_loss(model, conversations, render, pad_id, token_bytes, config["batch_size"],
+                                       ddp_rank, ddp_world_size)
+        results[f"{spec.text} loss"], results[f"{spec.text} bpb"] = scores["loss"], scores["bpb"]
+        print0(f"{spec.text}: loss {scores['loss']:.4f} | bpb {scores['bpb']:.4f} | {scores['conversations']:,} "
+               f"conversations, {scores['tokens']:,} supervised tokens{' (its held-out share)' if held else ''}")
 
     if all(name in results for name in TASK_NAMES):
         subset = f" (-x {config['max_problems']})" if config['max_problems'] else ""
@@ -109,7 +143,7 @@ def main(argv=None):
                     "temperature": config["temperature"], "num_samples": config["num_samples"],
                     "max_new_tokens": config["max_new_tokens"], "max_problems": config["max_problems"]}
         data = [settings, format_task_results(merged, checkpoint)]
-        metrics = task_metrics(merged)  # the summary table's cells, kept as data beside the markdown
+        metrics = task_metrics(merged, checkpoint)  # the summary table's cells, kept as data beside the markdown
         same_checkpoint = {merged[n]["checkpoint"] for n in TASK_NAMES if n in merged} == {checkpoint}
         if all(name in merged for name in TASK_NAMES) and same_checkpoint:
             subsets = sorted({merged[n]["max_problems"] for n in TASK_NAMES} - {None})

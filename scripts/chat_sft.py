@@ -4,10 +4,12 @@ to nanochat's chat_sft.py (keys, defaults, mixture, collation, schedule, log lin
 normalisation, best-fit packing, resume, NaN / out-of-memory steps that skip cleanly and a data preview:
     torchrun --standalone --nproc_per_node=8 -m scripts.chat_sft -- --config configs/sft_guide.txt  # 8 GPUs
     python -m scripts.chat_sft --config configs/sft_cpu.txt [--dry_run 1]        # tiny, CPU [data preview only]
+    python -m scripts.chat_sft --data data/chats.parquet --source sft             # your data (any format, shape)
 Options: --help. Mixture specs and custom tasks: tasks/mixture.py. Loss normalisation: README. Writes
 <base_dir>/chatsft_checkpoints/<output_tag>/ and the "Chat SFT" report section. Tests: tests/test_chat_sft.py.
 """
 
+import os
 import random
 import sys
 import time
@@ -20,8 +22,10 @@ from nanochat.checkpoint_manager import (build_model, describe_checkpoint, load_
                                          prepare_finetune, run_options, save_training_checkpoint, tokenizer_sha256)
 from nanochat.checks import check_finite_parameters
 from nanochat.common import (UserError, autocast_ctx, autodetect_device_type, compute_cleanup, compute_init,
-                             get_dist_info, get_peak_flops, init_wandb, install_error_handler, print0)
+                             get_base_dir, get_dist_info, get_peak_flops, init_wandb, install_error_handler, print0)
 from nanochat.config import Option, load_config
+from nanochat.data_check import (DECONTAMINATE, DEFAULT_EVAL_TASKS, apply_decontamination, cache_dir_default,
+                                 check_sources, format_data_check)
 from nanochat.engine import Engine
 from nanochat.loss_eval import evaluate_sft_loss
 from nanochat.perf import compile_enabled, compile_model, compiled_graphs, peak_memory_mib, reset_peak_memory
@@ -42,8 +46,10 @@ install_error_handler()  # a UserError prints one line `error: ...` and exits wi
 OPTIONS = [
     # the guide's keys and defaults
     Option("run", str, "dummy", "wandb run name ('dummy' disables wandb; no API key: offline into the run folder)"),
-    Option("source", str, "mid", "checkpoint to start from", choices=("base", "mid")),
-    Option("model_tag", str, None, "model tag of the source checkpoint to load (default: largest d<depth>)"),
+    Option("source", str, "mid", "checkpoint to start from (sft: continue fine-tuning a chat model)",
+           choices=("base", "mid", "sft")),
+    Option("model_tag", str, None, "model tag of the source checkpoint (default: the most recently written; "
+                                   "'largest': the largest d<depth>)"),
     Option("step", int, None, "checkpoint step to load (default: last)", min=0),
     Option("dtype", str, "bfloat16", "autocast dtype on CUDA", choices=("bfloat16", "float32")),
     Option("device_batch_size", int, 4, "conversations (pad) or rows (bestfit) per device per micro-step", min=1),
@@ -63,7 +69,12 @@ OPTIONS = [
     Option("seed", int, 42, "torch/python/numpy seed, and the order of bestfit rows", min=0),
     Option("train_mixture", list, ["ARC:ARC-Easy:train", "ARC:ARC-Challenge:train", "GSM8K:main:train",
                                    "SmolTalk:train:0:10000"], "training mixture specs (see tasks/mixture.py)"),
-    Option("val_mixture", list, ["SmolTalk:test"], "validation mixture specs"),
+    Option("val_mixture", list, ["SmolTalk:test"], "validation mixture specs (default unavailable, or []: 5% of the "
+                                                   "training conversations are held out instead)"),
+    Option("data", str, None, "shortcut: train on this file, folder or hub dataset (train_mixture = [data])"),
+    Option("decontaminate", str, "report", "training conversations sharing a 13-word n-gram with eval test sets: "
+                                           "print the table, drop them, fail, or off", choices=DECONTAMINATE),
+    Option("decontaminate_tasks", list, list(DEFAULT_EVAL_TASKS), "eval sets checked (chat_eval names or specs)"),
     Option("loss_normalization", str, "token", "README: Loss normalisation", choices=LOSS_NORMALIZATIONS),
     Option("packing", str, "pad", "pad (the guide's: to the longest) | bestfit (whole conversations)", choices=PACKINGS),
     Option("max_seq_len", int, 2048, "longest conversation / packed row, in input positions", min=1),
@@ -78,9 +89,13 @@ OPTIONS = [
 ]
 script_start = time.time()  # the stage's wall-clock time goes into its report section
 config = load_config(OPTIONS, description=__doc__)
+if config["data"]:
+    config["train_mixture"] = [config["data"]]  # any file read_rows reads, a save_to_disk folder, owner/name
+val_default = config["val_mixture"] == next(o.default for o in OPTIONS if o.name == "val_mixture")
 # cross-option checks, before anything is loaded (the world size comes from the torchrun environment)
 eval_specs = [parse_eval_spec(s) for s in config["eval_metrics_tasks"]]
-check_mixture_specs({key: config[key] for key in ("train_mixture", "val_mixture")})  # data is loaded later
+check_mixture_specs({"train_mixture": config["train_mixture"],  # data is loaded later; [] asks for a held-out share
+                     **({"val_mixture": config["val_mixture"]} if config["val_mixture"] else {})})
 grad_accum_steps_for(config["target_examples_per_step"], config["device_batch_size"], get_dist_info()[3])
 
 # -----------------------------------------------------------------------------
@@ -110,8 +125,20 @@ if not config["dry_run"]:
 # Tokenizer and data, before the model: a missing dataset fails in seconds, and --dry_run stops here
 
 tokenizer = get_tokenizer()
-mixtures, parts, _ = build_mixtures({"train_mixture": config["train_mixture"], "val_mixture": config["val_mixture"]})
+mixtures, parts, notes = build_mixtures({key: config[key] for key in ("train_mixture", "val_mixture")},
+                                        optional=config["val_mixture"] if val_default else (),
+                                        held_out=("train_mixture", "val_mixture", 0.05))  # no validation data: 5%
 train_ds, val_ds = mixtures["train_mixture"], mixtures["val_mixture"]
+for note in notes:  # a skipped default validation set, and the held-out share that replaces it
+    print0(note)
+dropped = 0  # the data check: shapes, duplicates, and n-gram overlap with the eval test sets (decontaminate)
+if config["decontaminate"] != "off" and (master_process or config["decontaminate"] != "report"):
+    check_rows, found, skipped = check_sources(parts["train_mixture"], config["decontaminate_tasks"],
+                                               cache_dir=cache_dir_default(get_base_dir()))
+    print0("\n".join(format_data_check(check_rows, found, skipped)))
+    train_ds, parts["train_mixture"], dropped, line = apply_decontamination(config["decontaminate"], found, train_ds,
+                                                                            parts["train_mixture"])
+    print0(line)
 pad_id = tokenizer.encode_special("<|assistant_end|>")  # padding the guide uses; its targets are -1 anyway
 device_batch_size, seed = config["device_batch_size"], config["seed"]
 grad_accum_steps = grad_accum_steps_for(config["target_examples_per_step"], device_batch_size, ddp_world_size)
@@ -308,9 +335,11 @@ if master_process:  # two validation prompts that fit the model's context, answe
         samples = sample_conversations(engine, tokenizer, (val_ds[i] for i in range(min(len(val_ds), 100))),
                                        orig_model.config.sequence_len)
 report = get_report()
-report.log(section="Chat SFT", data=report_section(config, train_rows, len(train_ds), num_iterations, totals, train_time,
-                                                   {"val_loss": val_loss, **metrics}, samples, peak_flops,
-                                                   ddp_world_size), duration_s=time.time() - script_start)
+report.log(section="Chat SFT", data=[{"checkpoint": f"chatsft_checkpoints/{os.path.basename(plan.output_dir)} step "
+                                                   f"{num_iterations}", "Contaminated conversations dropped": dropped}]
+           + report_section(config, train_rows, len(train_ds), num_iterations, totals, train_time,
+                            {"val_loss": val_loss, **metrics}, samples, peak_flops, ddp_world_size),
+           duration_s=time.time() - script_start)
 for name, points in loss_series.items():
     name = name if "/" in name else f"{name}_loss"  # train_loss/<spec>: one curve per training spec
     report.log_series("Chat SFT", name, [p[0] for p in points], [p[1] for p in points])

@@ -44,7 +44,8 @@ logger = logging.getLogger("chat_web")
 LIMITS = Limits()  # the defaults of the request limits, and the bounds of the sampling options
 OPTIONS = [
     Option("source", str, "sft", "which checkpoint family to load", choices=tuple(SOURCE_DIRS), short="i"),
-    Option("model_tag", str, None, "model tag, e.g. d20 (default: largest)", short="g"),
+    Option("model_tag", str, None, "model tag, e.g. d20 (default: the most recently written; 'largest': the largest "
+                                   "d<depth>)", short="g"),
     Option("step", int, None, "checkpoint step (default: last)", min=0, short="s"),
     Option("host", str, "127.0.0.1", "address to bind (0.0.0.0 makes the server reachable from the network)"),
     Option("port", int, 8000, "port to listen on", min=0, max=65535),
@@ -105,8 +106,7 @@ def main(argv=None):
     from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from nanochat.checkpoint_manager import find_largest_model, load_model
-    from nanochat.common import get_base_dir
+    from nanochat.checkpoint_manager import load_model, resolve_checkpoint
     from nanochat.engine import Engine
 
     device_type = config["device_type"] or autodetect_device_type()
@@ -116,20 +116,21 @@ def main(argv=None):
     else:
         devices = [device]
     num_workers = config["num_workers"] or len(devices)
+    checkpoint_dir, step = resolve_checkpoint(config["source"], config["model_tag"], config["step"])  # once, for all
+    model_tag = os.path.basename(checkpoint_dir)
     models = {}  # one copy of the model per device; workers on the same device share it (inference only)
     workers = []
     for i in range(num_workers):
         worker_device = devices[i % len(devices)]
         if worker_device not in models:
-            models[worker_device] = load_model(config["source"], worker_device, phase="eval",
-                                               model_tag=config["model_tag"], step=config["step"])
+            models[worker_device] = load_model(config["source"], worker_device, phase="eval", model_tag=model_tag,
+                                               step=step)
         model, tokenizer, meta = models[worker_device]
         workers.append(Worker(index=i, engine=Engine(model, tokenizer), tokenizer=tokenizer, device=worker_device,
                               autocast=lambda: autocast_ctx(device_type, config["dtype"])))
     model, tokenizer, meta = models[devices[0]]
     limits.context_len = model.config.sequence_len
-    model_tag = config["model_tag"] or find_largest_model(os.path.join(get_base_dir(), SOURCE_DIRS[config["source"]]))
-    model_id = f"nanochat-{config['source']}-{model_tag}-step{meta.get('step', config['step'])}"
+    model_id = f"nanochat-{config['source']}-{model_tag}-step{step}"
     print(f"model {model_id}: context {limits.context_len} tokens, {num_workers} worker(s) on "
           f"{', '.join(sorted({str(w.device) for w in workers}))}, queue of {config['max_queue']}")
 

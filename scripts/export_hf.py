@@ -21,8 +21,8 @@ import time
 
 import torch
 
-from nanochat.checkpoint_manager import SOURCE_DIRS, build_model, find_largest_model, find_last_step
-from nanochat.common import UserError, get_base_dir, install_error_handler, print0
+from nanochat.checkpoint_manager import SOURCE_DIRS, build_model, resolve_checkpoint
+from nanochat.common import UserError, install_error_handler, print0
 from nanochat.config import ConfigError, Option, load_config
 from nanochat.hf_export import write_hf_folder
 
@@ -33,7 +33,8 @@ install_error_handler()  # a UserError prints one line `error: ...` and exits wi
 
 OPTIONS = [
     Option("source", str, "sft", "which checkpoints to export", choices=tuple(SOURCE_DIRS), short="i"),
-    Option("model_tag", str, None, "model tag, e.g. d20 (default: largest)", short="g"),
+    Option("model_tag", str, None, "model tag, e.g. d20 (default: the most recently written; 'largest': the largest "
+                                   "d<depth>)", short="g"),
     Option("step", int, None, "checkpoint step (default: last)", min=0, short="s"),
     Option("out", str, None, "output folder (required; must not exist or be empty)"),
     Option("dtype", str, "bfloat16", "dtype of the exported weights", choices=("bfloat16", "float32")),
@@ -62,14 +63,12 @@ except ImportError as e:
 # Model and tokenizer
 
 t0 = time.time()
-checkpoints_dir = os.path.join(get_base_dir(), SOURCE_DIRS[config["source"]])
 try:
-    model_tag = config["model_tag"] or find_largest_model(checkpoints_dir)
-    checkpoint_dir = os.path.join(checkpoints_dir, model_tag)
-    step = config["step"] if config["step"] is not None else find_last_step(checkpoint_dir)
-except FileNotFoundError as e:
+    checkpoint_dir, step = resolve_checkpoint(config["source"], config["model_tag"], config["step"])
+except UserError as e:
     raise UserError(f"{e}: nothing to export for -i {config['source']} (train one, or import a nanochat checkpoint "
                     "with python -m scripts.import_nanochat)") from None
+model_tag = os.path.basename(checkpoint_dir)
 print0(f"Exporting {checkpoint_dir} step {step} as {config['dtype']}")
 model, tokenizer, meta = build_model(checkpoint_dir, step, "cpu", "eval")
 dtype = getattr(torch, config["dtype"])

@@ -55,7 +55,7 @@ OPTIONS = [
     Option("dtype", str, "bfloat16", "autocast dtype on CUDA: bfloat16|float32 (CPU runs in fp32)",
            choices=("bfloat16", "float32")),
     Option("compile", bool, None, "torch.compile the model (default: on for CUDA, off elsewhere)"),
-    Option("model_tag", str, None, "base checkpoint tag to start from (default: largest)"),
+    Option("model_tag", str, None, "base checkpoint tag to start from (default: the most recently written)"),
     Option("step", int, None, "base checkpoint step (default: last)", min=0),
     Option("max_seq_len", int, None, "row length (default: the model's sequence_len)", min=1),
     Option("device_batch_size", int, 32, "rows per device per micro-step", min=1),

@@ -10,6 +10,7 @@ Tests: tests/test_tasks.py.
 """
 
 import bisect
+import hashlib
 import json
 import math
 import operator
@@ -148,6 +149,64 @@ class TaskSequence(Task):
 
     def evaluate(self, conversation, completion):
         raise NotImplementedError("evaluate each task on its own")
+
+
+class TaskSubset(Task):
+    """The examples of `task` at `indices` (in that order): a held-out share, or what is left after it."""
+
+    def __init__(self, task, indices, **kwargs):
+        super().__init__(**kwargs)
+        self.task, self.indices = task, list(indices)
+
+    @property
+    def eval_type(self):
+        return self.task.eval_type
+
+    def num_examples(self):
+        return len(self.indices)
+
+    def get_example(self, index):
+        return self.task[self.indices[index]]
+
+    def evaluate(self, conversation, completion):
+        return self.task.evaluate(conversation, completion)
+
+
+def conversation_text(conversation):
+    """A conversation's messages as "role: text" lines, whitespace runs collapsed (assistant parts joined): the
+    normalised form that duplicates and the held-out split are decided on."""
+    lines = []
+    for message in conversation["messages"]:
+        content = message["content"]
+        if not isinstance(content, str):
+            content = "\n".join(part["text"] for part in content)
+        lines.append(f"{message['role']}: {' '.join(content.split())}")
+    return "\n".join(lines)
+
+
+def conversation_hash(conversation):
+    """16-byte digest of conversation_text: equal for conversations that differ only in whitespace."""
+    return hashlib.blake2b(conversation_text(conversation).encode("utf-8"), digest_size=16).digest()
+
+
+def split_held_out(tasks, share=0.05):
+    """Hold out a deterministic share of the conversations of `tasks` for validation: those whose
+    conversation_hash, read as a number in [0, 1), is below `share` - a rule of each conversation alone, so
+    the same conversations are held out whatever they are mixed with (chat_eval finds a training spec's share
+    again) and every copy of a held-out conversation (in any task) is held out, never also trained on. When
+    none falls below `share`, the one with the smallest hash is held out. Returns (kept, held): one TaskSubset
+    per task each. Raises ValueError with fewer than 2 distinct conversations."""
+    hashes = [[conversation_hash(task[i]) for i in range(len(task))] for task in tasks]
+    distinct = {h for task_hashes in hashes for h in task_hashes}
+    if len(distinct) < 2:
+        raise ValueError(f"cannot hold out a validation share from {len(distinct)} distinct conversation(s)")
+    threshold = int(share * 2 ** 64)
+    held_hashes = {h for h in distinct if int.from_bytes(h[:8], "big") < threshold} or {min(distinct)}
+    kept, held = [], []
+    for task, task_hashes in zip(tasks, hashes):
+        kept.append(TaskSubset(task, [i for i, h in enumerate(task_hashes) if h not in held_hashes]))
+        held.append(TaskSubset(task, [i for i, h in enumerate(task_hashes) if h in held_hashes]))
+    return kept, held
 
 
 # ----------------------------------------------------------------------------------------------------------

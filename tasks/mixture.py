@@ -12,6 +12,8 @@ A mixture (config keys train_mixture / val_mixture) is a list of specs, each a s
     "SmolTalk:train::10000"         same (an empty field keeps the default)
     "ChitChat:train@0.5"            ChitChat("train") with mixture weight 0.5: half of it per epoch
     "CustomJSON:data/mine.jsonl"    CustomJSON("data/mine.jsonl")
+    "data/chats.parquet"            the same for a bare path (any file read_rows reads, a save_to_disk folder,
+                                    or owner/name of a hub dataset): CustomJSON("data/chats.parquet")
     'CustomJSON:"C:/my@data.jsonl"' a double-quoted field may hold ':', '@' and '*' (JSON string escapes apply)
     "my_pkg.my_module:MyTask:train" your own Task subclass, imported from my_pkg/my_module.py (working
                                     directory or sys.path), called as MyTask("train", start=0, step=1)
@@ -19,6 +21,7 @@ A mixture (config keys train_mixture / val_mixture) is a list of specs, each a s
 or, equivalently, a JSON/dict entry, which needs no quoting at all:
 
     {"task": "CustomJSON", "args": ["C:/my@data.jsonl"], "start": 0, "stop": 100, "repeats": 2, "weight": 0.5}
+    {"task": "CustomJSON", "args": ["chats.csv"], "fields": {"messages_field": "dialog"}}   (column names: customjson)
 
 Built-in tasks take a fixed number of string arguments (TASKS); a custom task's arguments fill its constructor's
 positional parameters in order (an empty field keeps a parameter's default). Up to three integer fields after the
@@ -39,7 +42,7 @@ import sys
 
 from nanochat.common import UserError
 from nanochat.config import ConfigError
-from tasks.common import DatasetNotFoundError, Task, TaskMixture
+from tasks.common import DatasetNotFoundError, Task, TaskMixture, split_held_out
 
 # task name -> (module, class name, names of its positional string arguments)
 TASKS = {
@@ -79,6 +82,7 @@ class TaskSpec:
     step: int = 1
     repeats: int = 1
     weight: float | None = None
+    fields: str | None = None  # CustomJSON's column mapping, as JSON (a dict spec's "fields")
     text: str = dataclasses.field(default="", compare=False)  # the spec as written, for messages
 
 
@@ -151,6 +155,15 @@ def positional_params(cls):
     return tuple(p.name for p in params if p.kind == p.POSITIONAL_OR_KEYWORD and p.name not in ("start", "stop", "step"))
 
 
+def is_data_path(name):
+    """A spec name that is a data file, folder or hub dataset (owner/name) rather than a task: it has a data file
+    extension, contains a path separator, or exists."""
+    from nanochat.data_files import FILE_KINDS
+
+    return (os.path.splitext(name)[1].lower() in FILE_KINDS or "/" in name or os.sep in name
+            or os.path.exists(name))
+
+
 def _is_custom_name(name):
     """A name that is not a registered task but names an importable module (e.g. 'my_pkg.my_module')."""
     if "." in name:
@@ -194,6 +207,8 @@ def parse_task_spec(spec, task_args=None):
     name, rest = fields[0], fields[1:]
     if name in task_args:
         arg_names = task_args[name]
+    elif is_data_path(name):  # a bare file, folder or hub dataset name: CustomJSON
+        name, rest, arg_names = "CustomJSON", fields, ("filepath",)
     elif _is_custom_name(name):
         if not rest or not rest[0].isidentifier():
             raise fail(f"a custom task is written module:Class, e.g. \"{name}:MyTask\"")
@@ -224,9 +239,9 @@ def parse_task_spec(spec, task_args=None):
 
 
 def _parse_dict_spec(spec, task_args, fail):
-    unknown = set(spec) - {"task", "args", "start", "stop", "step", "repeats", "weight"}
+    unknown = set(spec) - {"task", "args", "start", "stop", "step", "repeats", "weight", "fields"}
     if unknown or "task" not in spec:
-        raise fail(f"a dict entry needs \"task\" and may have args, start, stop, step, repeats, weight"
+        raise fail(f"a dict entry needs \"task\" and may have args, start, stop, step, repeats, weight, fields"
                    f"{' (unknown: ' + ', '.join(sorted(unknown)) + ')' if unknown else ''}")
     args = spec.get("args", [])
     if not isinstance(args, (list, tuple)) or not all(isinstance(a, str) for a in args):
@@ -245,6 +260,10 @@ def _parse_dict_spec(spec, task_args, fail):
         _custom_arg_names(module_name, class_name, fail)
     values = {k: spec[k] for k in ("start", "stop", "step") if spec.get(k) is not None}
     kwargs = _check_numbers(values, spec.get("repeats"), spec.get("weight"), fail)
+    if spec.get("fields") is not None:
+        if name != "CustomJSON" or not isinstance(spec["fields"], dict):
+            raise fail("\"fields\" (a dict of column names, see tasks/customjson.py) is for CustomJSON only")
+        kwargs["fields"] = json.dumps(spec["fields"], sort_keys=True)
     return TaskSpec(name=name, args=tuple(args), text=json.dumps(spec), **kwargs)
 
 
@@ -299,6 +318,8 @@ def build_task(task_spec, registry=None):
     kwargs = {"start": task_spec.start, "step": task_spec.step}
     if task_spec.stop is not None:
         kwargs["stop"] = task_spec.stop
+    if task_spec.fields is not None:
+        kwargs["fields"] = task_spec.fields
     if ":" not in task_spec.name:
         return cls(*task_spec.args, **kwargs)
     # a custom task: its arguments by parameter name; an empty field keeps that parameter's default
@@ -352,11 +373,13 @@ def check_mixture_specs(mixtures):
             parse_task_spec(spec)
 
 
-def build_mixtures(mixtures, optional=()):
+def build_mixtures(mixtures, optional=(), held_out=None):
     """{config key: list of specs} -> ({key: TaskMixture}, {key: [(spec text, task, entries in the mixture)]},
-    notes), loading every task once. Specs in `optional`
-    whose data is missing are dropped with a note. When data of other specs is missing, ONE MixtureSpecError
-    names every missing entry and the replacement lists for all the mixtures at once (in config syntax);
+    notes), loading every task once. Specs in `optional` whose data is missing are dropped with a note.
+    held_out = (train key, validation key, share): when none of the validation key's specs could be loaded (all
+    optional and missing, or the list is empty), about `share` of the training conversations become the
+    validation mixture instead (split_held_out: deterministic, never also trained on), with a note. When data
+    of other specs is missing, ONE MixtureSpecError names every missing entry and the replacement lists for all the mixtures at once (in config syntax);
     other loading errors name the key and the spec."""
     parsed = {}
     for key, specs in mixtures.items():
@@ -366,9 +389,9 @@ def build_mixtures(mixtures, optional=()):
             parsed[key] = [parse_task_spec(s) for s in specs]
         except MixtureSpecError as e:
             raise MixtureSpecError(f"{key}: {e}") from None
-    built, missing, notes = {}, {}, []
+    built, missing, notes, skipped = {}, {}, [], []
     for key, specs in parsed.items():
-        if not specs:
+        if not specs and not (held_out is not None and key == held_out[1]):  # [] asks for the held-out share
             raise MixtureSpecError(f"{key} is empty: give at least one mixture spec")
         built[key] = []
         for p, raw in zip(specs, mixtures[key]):
@@ -376,7 +399,9 @@ def build_mixtures(mixtures, optional=()):
                 built[key].append((p, build_task(p)))
             except DatasetNotFoundError as e:
                 if raw in optional:
-                    notes.append(f"Skipping {key} entry {p.text!r}: its data is not available ({e})")
+                    reason = str(e).split(". Fix:")[0]  # the loader's fix is for data that is required
+                    notes.append(f"Skipping {key} entry {p.text!r}: its data is not available ({reason})")
+                    skipped.append(p)
                 else:
                     missing.setdefault(key, []).append((p, e))
             except (OSError, ValueError) as e:
@@ -388,17 +413,33 @@ def build_mixtures(mixtures, optional=()):
         first = next(iter(missing.values()))[0][1]
         fixes = []
         for key, specs in parsed.items():
-            lost = [p for p, _ in missing.get(key, [])]
+            lost = [p for p, _ in missing.get(key, [])] + skipped  # optional ones too: the fix names every stand-in
             new = [raw if p not in lost else offline_replacement(raw, p) for p, raw in zip(specs, mixtures[key])]
             fixes.append(f"{key} = {json.dumps([s for s in new if s is not None])}")
         reason = str(first).split(". Fix:")[0]  # the loader's own fix is replaced by the specs below
         raise MixtureSpecError(f"no data for {what} ({reason}). Use instead: {'  '.join(fixes)}")
+    held_parts = None
+    if held_out is not None and not built.get(held_out[1]) and built.get(held_out[0]):
+        train_key, val_key, share = held_out
+        try:
+            kept, held = split_held_out([t for _, t in built[train_key]], share)
+        except ValueError as e:
+            raise MixtureSpecError(f"{val_key}: no data, and {e} of {train_key}; give {val_key}") from None
+        built[train_key] = [(p, k) for (p, _), k in zip(built[train_key], kept)]
+        held_parts = [(f"held out of {p.text}", h, len(h)) for (p, _), h in zip(built[train_key], held) if len(h)]
+        del built[val_key]
+        notes.append(f"{val_key}: its data is not available, so {sum(n for *_, n in held_parts)} conversations "
+                     f"(about {share:.0%} of {train_key}'s, chosen by content hash) are held out of training and "
+                     f"used for validation")
     for key, items in built.items():
         if not items:
             raise MixtureSpecError(f"{key}: no data left after dropping unavailable entries {optional}")
     out = {key: mixture_of([p for p, _ in items], [t for _, t in items]) for key, items in built.items()}
     parts = {key: [(p.text, t, round((1.0 if p.weight is None else p.weight) * len(t)) * p.repeats)
                    for p, t in items] for key, items in built.items()}
+    if held_parts is not None:
+        out[held_out[1]] = TaskMixture([t for _, t, _ in held_parts])
+        parts[held_out[1]] = held_parts
     return out, parts, notes
 
 

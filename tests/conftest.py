@@ -6,7 +6,7 @@ Shared pytest fixtures.
 - `tokenizer`: a tiny RustBPETokenizer (vocab 1024) trained once per session on built-in text plus, when the
   mirror is available, a slice of its pretraining and chat data.
 - Every test runs with NANOCHAT_BASE_DIR pointing at a fresh temporary directory, so nothing touches
-  ~/.cache/nanochat, and with wandb disabled.
+  ~/.cache/nanochat, and with wandb disabled; the data check's eval index cache is shared by the session.
 """
 
 import os
@@ -30,10 +30,17 @@ Unicode: café, naïve, 日本語, Привет, emoji 🙂🚀.
 """
 
 
+@pytest.fixture(scope="session")
+def _data_check_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data_check_cache"))
+
+
 @pytest.fixture(autouse=True)
-def _isolated_base_dir(tmp_path, monkeypatch):
+def _isolated_base_dir(tmp_path, monkeypatch, _data_check_cache):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "nanochat_base"))
     monkeypatch.setenv("WANDB_MODE", "disabled")
+    # the eval sets' n-gram indexes (nanochat/data_check.py) are keyed by their content: one cache per session
+    monkeypatch.setenv("NANOCHAT_DATA_CHECK_DIR", _data_check_cache)
 
 
 @pytest.fixture

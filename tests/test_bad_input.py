@@ -61,7 +61,7 @@ CONFIG_CASES = [
     ("scripts.base_train", ["--target_param_data_ratio=0"], ["no training horizon"]),
     ("scripts.chat_sft", ["--device_batch_size=-2", "--packing=bestfit"], ["'device_batch_size'", ">= 1"]),
     ("scripts.chat_sft", ["--packing=zip"], ["'packing'", "'bestfit'"]),
-    ("scripts.chat_sft", ["--source=sft"], ["'source'", "'mid'"]),
+    ("scripts.chat_sft", ["--source=rl"], ["'source'", "'sft'"]),
     ("scripts.chat_sft", ["--loss_normalization=mean"], ["'loss_normalization'", "'token'"]),
     ("scripts.chat_sft", ["--target_examples_per_step=6"], ["target_examples_per_step=6", "device_batch_size"]),
     ("scripts.chat_sft", ["--eval_metrics_tasks=['Nope']"], ["eval_metrics_tasks", "'Nope'"]),
@@ -97,7 +97,7 @@ def test_bad_value_in_config_file_names_file_and_line(tmp_path):
 
 def test_checks_survive_python_O(tmp_path):
     """Validation is not done with assert: `python -O` (which strips asserts) still refuses bad values."""
-    result = run_script("scripts.chat_sft", "--source=sft", base_dir=tmp_path / "base", python_flags=("-O",))
+    result = run_script("scripts.chat_sft", "--source=rl", base_dir=tmp_path / "base", python_flags=("-O",))
     assert_one_line_error(result, "'source'")
 
 

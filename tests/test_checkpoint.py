@@ -117,6 +117,22 @@ def test_find_largest_model_and_last_step(tmp_path):
     assert find_last_step(str(tmp_path / "d10")) == 12
 
 
+def test_default_model_is_the_most_recently_written(tmp_path, capsys):
+    from nanochat.checkpoint_manager import find_latest_model, resolve_checkpoint
+
+    sft = tmp_path / "chatsft_checkpoints"
+    for i, tag in enumerate(["d10", "mine", "d4"]):
+        os.makedirs(sft / tag)
+        (sft / tag / "meta_000005.json").write_text("{}")
+        os.utime(sft / tag / "meta_000005.json", (1000 + i, 1000 + [3, 9, 1][i]))  # "mine" written last
+    os.makedirs(sft / "empty")  # newest folder, but no complete checkpoint: not a candidate
+    assert find_latest_model(str(sft)) == "mine"
+    assert resolve_checkpoint("sft", base_dir=str(tmp_path)) == (str(sft / "mine"), 5)
+    assert "chatsft_checkpoints/mine (the most recently written" in capsys.readouterr().out
+    assert resolve_checkpoint("sft", "largest", base_dir=str(tmp_path)) == (str(sft / "d10"), 5)
+    assert resolve_checkpoint("sft", "d4", base_dir=str(tmp_path)) == (str(sft / "d4"), 5)
+
+
 def test_load_model_from_tiny_checkpoint(tmp_path, tokenizer, monkeypatch):
     from tiny_checkpoint import make_tiny_checkpoint
 

@@ -65,6 +65,8 @@ def test_cli_values(tmp_path):
     assert config["run"] == "123" and config["model_tag"] == "d4" and config["resume"] is True
     assert config["matrix_lr"] == 1.0 and isinstance(config["matrix_lr"], float)
     assert config["train_mixture"] == ["GSM8K:main:train"]
+    bare = load_config(SFT_OPTIONS, ["--train_mixture=data/chats.jsonl"], verbose=False)  # one item, no brackets
+    assert bare["train_mixture"] == ["data/chats.jsonl"]
 
 
 def test_unknown_key_in_file_names_key_file_and_closest(tmp_path):

@@ -204,3 +204,57 @@ def test_check_mixture_specs_before_loading():
         check_mixture_specs({"train_mixture": ["ChitChat:train"], "val_mixture": []})
     with pytest.raises(MixtureSpecError, match="ChitChat:train:x"):
         check_mixture_specs({"train_mixture": ["ChitChat:train:x"]})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bare paths, column mappings, the held-out validation share
+
+
+def test_bare_path_and_fields_specs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rows = [{"dialog": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(6)]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert parse_task_spec("data/chats.jsonl:0:4*2") == TaskSpec("CustomJSON", ("data/chats.jsonl",), 0, 4, repeats=2)
+    assert parse_task_spec("chats.parquet@0.5") == TaskSpec("CustomJSON", ("chats.parquet",), weight=0.5)
+    assert parse_task_spec("owner/dataset").name == "CustomJSON"
+    spec = {"task": "CustomJSON", "args": ["data/chats.jsonl"], "fields": {"messages_field": "dialog"}}
+    assert len(build_mixture([spec])) == 6
+    with pytest.raises(MixtureSpecError, match="CustomJSON only"):
+        parse_task_spec({"task": "ChitChat", "args": ["train"], "fields": {"messages_field": "x"}})
+
+
+def test_held_out_validation_never_overlaps_training(tmp_path, monkeypatch):
+    from tasks.common import conversation_hash
+
+    rows = [{"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(60)]
+    rows += rows[:10]  # duplicates: a held-out conversation must leave training with all its copies
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps(r) + "\n" for r in rows[:20]))  # the same conversations in a second source
+    mixtures = {"train_mixture": [str(path), f"{other}*2"], "val_mixture": ["NoSuch:x"]}
+    with pytest.raises(MixtureSpecError):  # an unknown task is still an error, never replaced by a held-out share
+        build_mixtures(mixtures, held_out=("train_mixture", "val_mixture", 0.05))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # no hub (refused at once), no mirror: no ChitChat
+    monkeypatch.delenv("NANOCHAT_DATA_DIR", raising=False)
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(key, raising=False)
+    results = []
+    for val, optional in ((["ChitChat:test"], ["ChitChat:test"]), ([], [])):  # the default unavailable; none given
+        built, parts, notes = build_mixtures({"train_mixture": mixtures["train_mixture"], "val_mixture": val},
+                                             optional=optional, held_out=("train_mixture", "val_mixture", 0.05))
+        train, val = built["train_mixture"], built["val_mixture"]
+        train_hashes = {conversation_hash(train[i]) for i in range(len(train))}
+        val_hashes = {conversation_hash(val[i]) for i in range(len(val))}
+        assert 1 <= len(val_hashes) <= 12  # about 5% of 60 distinct conversations, at least one
+        assert not train_hashes & val_hashes and len(train_hashes | val_hashes) == 60
+        assert "held out of training" in notes[-1]
+        results.append(sorted(val_hashes))
+    assert results[0] == results[1]  # deterministic
+    from tasks.common import split_held_out  # a rule of each conversation: the same share whatever the grouping
+    task = build_mixtures({"t": [str(path)]})[0]["t"].tasks[0]
+    _, held = split_held_out([task])
+    assert sorted({conversation_hash(c) for c in held[0]}) == results[0]

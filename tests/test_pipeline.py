@@ -48,6 +48,8 @@ def test_speedrun_cpu_tiny(tmp_path, data_dir):
     assert "| Metric | BASE | MID | SFT |" in text
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip().strip("|").split("|")[1:]]
             for line in text.splitlines() if line.startswith("| ") and not line.startswith("| Metric")}
+    models = rows.pop("Model")  # each column names the one checkpoint its scores are of
+    assert models[1].startswith("mid_checkpoints/d2 step ") and models[2].startswith("chatsft_checkpoints/d2 step ")
     assert set(rows) == {"CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE"}
     for metric in ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval"):
         for cell in rows[metric][1:3]:  # MID, SFT: evaluated on the first 4 problems, and marked so

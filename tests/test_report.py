@@ -154,3 +154,21 @@ def test_cli_reset_generate(tmp_path):
     assert out.returncode == 0, out.stderr
     with open(tmp_path / "report" / "stage-timings.json") as f:
         assert json.load(f)["values"] == {"tok_train (s)": 10, "base_train (s)": 50.5, "total (s)": 60.5}
+
+
+def test_summary_columns_never_mix_models():
+    def record(values, metrics):
+        return {"values": values, "metrics": {k: {"value": v, "note": None} for k, v in metrics.items()}}
+    # chat_eval keeps only this checkpoint's results as metrics (task_metrics drops the older model's GSM8K)
+    results = {"ARC-Easy": {"value": 0.5, "max_problems": None, "checkpoint": "chatsft_checkpoints/d2-ft step 8"},
+               "GSM8K": {"value": 0.1, "max_problems": 20, "checkpoint": "chatsft_checkpoints/d2 step 4"}}
+    kept = task_metrics(results, "chatsft_checkpoints/d2-ft step 8")
+    assert set(kept) == {"ARC-Easy"}
+    evaluation = {"values": {"checkpoint": "chatsft_checkpoints/d2-ft step 8"}, "metrics": kept}
+    training = record({}, {"ARC-Easy": 0.2, "GSM8K": 0.3, "MMLU": 0.4})  # chat_sft's own metrics, another model
+    table = summary_table({"Chat evaluation sft": evaluation, "Chat SFT": training})
+    assert "| Model | - | - | chatsft_checkpoints/d2-ft step 8 |" in table
+    assert "| ARC-Easy | - | - | 0.5000 |" in table
+    assert "| GSM8K | - | - | - |" in table  # the older model's result is not shown as this one's
+    assert "| MMLU | - | - | - |" in table  # nor the training section's, which is another run
+    assert "| MMLU | - | - | 0.4000 |" in summary_table({"Chat SFT": training})

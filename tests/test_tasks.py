@@ -140,7 +140,7 @@ BAD_ROWS = [
     ({"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]}, "expected role 'user'"),
     ({"messages": GOOD["messages"] + [{"role": "user", "content": "more?"}]}, "last message must be from the assis"),
     ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]}, "must be a string"),
-    ({"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "x"}]}, "unknown role"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "robot", "content": "x"}]}, "unknown role"),
     ({"messages": GOOD["messages"] + [{"role": "system", "content": "s"}] + GOOD["messages"]}, "system message"),
     ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": [{"type": "code"}]}]}, "part 0"),
 ]
