@@ -122,10 +122,10 @@ def test_bad_rows_name_file_and_line(tokenizer, tmp_path):
         assert str(e.value).startswith(f"{path}:2: ") and message in str(e.value), str(e.value)
     path = tmp_path / "broken.jsonl"
     path.write_text(json.dumps(good) + "\n" + json.dumps(good) + "\n{not json\n")
-    with pytest.raises(UserError, match=rf"^{path}:3: not JSON"):
+    with pytest.raises(UserError, match=rf"^{path}:3: invalid JSON"):
         load_preferences([str(path)], tokenizer)
-    path.write_text(json.dumps(good) + "\n\n")
-    with pytest.raises(UserError, match=rf"^{path}:2: an empty line"):
+    path.write_text(json.dumps(good) + "\n\n" + json.dumps(BAD_ROWS[-1][0]) + "\n")  # blank lines are skipped
+    with pytest.raises(UserError, match=rf"^{path}:3: "):  # ... and the line numbers still count them
         load_preferences([str(path)], tokenizer)
 
 

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 from nanochat.report import (DummyReport, Report, format_duration, get_report, metric_cell, metric_name_key,
-                             section_record, slugify, summary_table)
+                             section_record, slugify, summary_table, task_metrics)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
