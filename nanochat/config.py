@@ -233,6 +233,23 @@ def load_config(options, argv=None, description=None, verbose=True):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Options shared by the training scripts
+
+
+def run_options(checkpoints_dir_name):
+    """The options of every training script for where it writes and what it resumes (README: "Runs, output
+    folders and resume"), declared once here; checkpoints_dir_name is e.g. "chatsft_checkpoints"."""
+    return [
+        Option("output_tag", str, None, f"output folder name under {checkpoints_dir_name}/ (default: d<depth>)"),
+        Option("overwrite", int, 0, "1: replace the checkpoints of another run in the output folder", choices=(0, 1)),
+        Option("save_every", int, -1, "resumable checkpoint every this many steps (-1 disables; the final one is "
+                                      "always)", min=1, disabled=-1),
+        Option("resume", str, "0", "0: fresh run; 1: continue the run in the output folder from its last resumable "
+                                   "checkpoint (fresh if the folder is empty); or a checkpoint folder to continue from"),
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------------
 # argparse scripts (chat_eval, chat_cli): the same one-line errors and bounds
 
 

@@ -11,7 +11,7 @@ globals), so each off-by-one risk has a unit test: tests/test_sft.py (`python -m
 - micro_batch_loss_scale: "token" vs the guide's "micro_batch_mean" (README, "Loss normalisation")
 - accumulate_step: one optimizer step's forward/backward over its micro-batches, and the rank-agreed decision
   to skip it (skip_reason: NaN / out of memory)
-(the per-rank resume state lives in nanochat/checkpoint_manager.py: save_run_state / load_run_state)
+(the per-rank resume state lives in nanochat/runs.py: save_run_state / load_run_state)
 
 Mixture specs (train_mixture / val_mixture) are parsed and built by tasks/mixture.py; what chat_sft prints
 about its data and steps (the --dry_run preview, the step line, the report's figures) is nanochat/sft_report.py.

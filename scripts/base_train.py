@@ -27,19 +27,19 @@ from dataclasses import asdict
 
 import torch
 
-from nanochat.checkpoint_manager import (check_tokenizer, default_output_tag, describe_checkpoint, load_checkpoint,
-                                         load_run_state, prepare_run, run_options, save_training_checkpoint,
-                                         tokenizer_sha256)
+from nanochat.checkpoint_manager import describe_checkpoint, load_checkpoint
 from nanochat.checks import check_finite_parameters
 from nanochat.common import (UserError, autocast_ctx, autodetect_device_type, compute_cleanup, compute_init,
                              get_base_dir, get_dist_info, get_peak_flops, init_wandb,
                              install_error_handler, print0)
-from nanochat.config import ConfigError, Option, load_config
+from nanochat.config import ConfigError, Option, load_config, run_options
 from nanochat.core_eval import evaluate_core, find_eval_bundle
 from nanochat.dataloader import tokenizing_distributed_data_loader
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
+from nanochat.runs import (check_tokenizer, default_output_tag, load_run_state, prepare_run, save_training_checkpoint,
+                           tokenizer_sha256)
 from nanochat.schedules import lr_multiplier, muon_momentum, num_grad_accum_steps, set_lr_multiplier
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 
@@ -91,7 +91,7 @@ OPTIONS = [
     Option("sample_every", int, 2000, "greedy samples every this many steps and at the end (-1 disables)", min=1,
            disabled=-1),
     Option("model_tag", str, None, "nanochat's name for output_tag in base_train (an alias; set one of the two)"),
-    *run_options("base_checkpoints"),  # output_tag, overwrite, save_every, resume (checkpoint_manager)
+    *run_options("base_checkpoints"),  # output_tag, overwrite, save_every, resume (nanochat.config)
 ]
 script_start = time.time()  # the stage's wall-clock time goes into its report section
 config = load_config(OPTIONS, description=__doc__)

@@ -16,16 +16,17 @@ import numpy as np
 import torch
 
 from nanochat.chat_eval import run_task_metrics
-from nanochat.checkpoint_manager import (build_model, describe_checkpoint, load_optimizer_warm_start, load_resume,
-                                         prepare_finetune, run_options, save_training_checkpoint, tokenizer_sha256)
+from nanochat.checkpoint_manager import build_model, describe_checkpoint
 from nanochat.checks import check_finite_parameters
 from nanochat.common import (UserError, autocast_ctx, autodetect_device_type, compute_cleanup, compute_init,
                              get_dist_info, get_peak_flops, init_wandb, install_error_handler, print0)
-from nanochat.config import Option, load_config
+from nanochat.config import Option, load_config, run_options
 from nanochat.engine import Engine
 from nanochat.loss_eval import evaluate_sft_loss
 from nanochat.perf import compile_model, compiled_graphs, peak_memory_mib, reset_peak_memory
 from nanochat.report import format_duration, get_report
+from nanochat.runs import (load_optimizer_warm_start, load_resume, prepare_finetune, save_training_checkpoint,
+                           tokenizer_sha256)
 from nanochat.schedules import lr_multiplier, scale_initial_lr, set_lr_multiplier
 from nanochat.sft import (LOSS_NORMALIZATIONS, PACKINGS, TOTAL_KEYS, accumulate_step, grad_accum_steps_for,
                           initial_data_state, num_sft_steps, sft_batches)
@@ -74,7 +75,7 @@ OPTIONS = [
     Option("pad_bucket", int, 128, "compiled pad mode: batch lengths rounded up to a multiple of this", min=1),
     Option("load_optimizer", int, 0, "1: warm-start the optimizers from the source's optimizer state", choices=(0, 1)),
     Option("dry_run", int, 0, "1: load the mixtures and tokenizer only, print the data preview, exit", choices=(0, 1)),
-    *run_options("chatsft_checkpoints"),  # output_tag, overwrite, save_every, resume (checkpoint_manager)
+    *run_options("chatsft_checkpoints"),  # output_tag, overwrite, save_every, resume (nanochat.config)
 ]
 script_start = time.time()  # the stage's wall-clock time goes into its report section
 config = load_config(OPTIONS, description=__doc__)

@@ -23,13 +23,13 @@ import sys
 
 import torch
 
-from nanochat.checkpoint_manager import (SOURCE_DIRS, find_last_step, load_checkpoint, new_run_id, save_checkpoint,
-                                         tokenizer_sha256)
+from nanochat.checkpoint_manager import SOURCE_DIRS, find_last_step, load_checkpoint, save_checkpoint
 from nanochat.common import UserError, get_base_dir, get_git_commit, install_error_handler, print0
 from nanochat.config import Option, load_config
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.nanochat_import import (find_nanochat_checkpoint, old_token_bytes_mismatches, read_meta, read_tensors,
                                       tokenizer_from_pickle, unsupported_parts)
+from nanochat.runs import new_run_id, tokenizer_sha256
 from nanochat.tokenizer import RustBPETokenizer, compute_token_bytes
 
 install_error_handler()  # a UserError prints one line `error: ...` and exits with code 2

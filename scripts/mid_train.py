@@ -27,15 +27,15 @@ import time
 
 import torch
 
-from nanochat.checkpoint_manager import (build_model, describe_checkpoint, load_resume, prepare_finetune, run_options,
-                                         save_training_checkpoint, tokenizer_sha256)
+from nanochat.checkpoint_manager import build_model, describe_checkpoint
 from nanochat.checks import check_finite_parameters
 from nanochat.common import (all_reduce_values, autocast_ctx, autodetect_device_type, compute_cleanup, compute_init,
                              get_dist_info, init_wandb, install_error_handler, print0)
-from nanochat.config import Option, load_config
+from nanochat.config import Option, load_config, run_options
 from nanochat.dataloader import conversation_data_loader, count_conversation_tokens
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
+from nanochat.runs import load_resume, prepare_finetune, save_training_checkpoint, tokenizer_sha256
 from nanochat.schedules import (lr_multiplier, muon_momentum, num_grad_accum_steps, scale_initial_lr,
                                 set_lr_multiplier)
 from nanochat.tokenizer import get_token_bytes
@@ -78,7 +78,7 @@ OPTIONS = [
     Option("skip_unavailable", list, ["MMLU:auxiliary_train:train"],
            "mixture entries that are dropped (with a warning) when their data cannot be loaded"),
     Option("max_conversation_tokens", int, 2048, "longer rendered conversations are truncated", min=2),
-    *run_options("mid_checkpoints"),  # output_tag, overwrite, save_every, resume (checkpoint_manager)
+    *run_options("mid_checkpoints"),  # output_tag, overwrite, save_every, resume (nanochat.config)
 ]
 script_start = time.time()  # the stage's wall-clock time goes into its report section
 config = load_config(OPTIONS, description=__doc__)

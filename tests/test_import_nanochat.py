@@ -115,7 +115,7 @@ def test_import_summary_and_logits_equal_exactly(imported, monkeypatch):
     model, tokenizer, meta = load_model("base", "cpu", "eval")
     assert meta["source"] == "nanochat import" and meta["step"] == STEP and meta["model_config"] == vars(CONFIG)
     assert meta["metrics"]["val_bpb"] == 1.2345
-    from nanochat.checkpoint_manager import tokenizer_sha256  # the import owns its folder and is tied to its tokenizer
+    from nanochat.runs import tokenizer_sha256  # the import owns its folder and is tied to its tokenizer
     assert meta["run_name"] == "nanochat import" and meta["run_id"]
     assert meta["tokenizer_sha256"] == tokenizer_sha256(os.path.join(imported["base"], "tokenizer"))
     ref = reference_model(imported["sd"])

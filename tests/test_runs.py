@@ -3,7 +3,7 @@ Runs that never clobber each other: a run owns its output folder (run_id in meta
 refused before anything is loaded, overwrite = 1 replaces it), the writable probe, one resume design for
 base_train / mid_train / chat_sft (per-rank run state, find_resumable_step, bit-exact), tokenizer identity
 (sha256 in meta, checked on load, tok_train refuses to replace a tokenizer in use), and reports that keep
-per-task results. Unit tests of nanochat/checkpoint_manager.py and nanochat/report.py first, then behaviour
+per-task results. Unit tests of nanochat/runs.py and nanochat/report.py first, then behaviour
 tests through the scripts as subprocesses (CPU, tiny models, one shared tiny base checkpoint).
 
     NANOCHAT_DATA_DIR=/work/shared/data .venv/bin/python -m pytest tests/test_runs.py
@@ -24,10 +24,10 @@ import numpy as np
 import pytest
 import torch
 
-from nanochat.checkpoint_manager import (check_tokenizer, checkpoints_trained_with, find_resumable_step,
-                                         load_checkpoint, load_run_state, prepare_run, probe_writable,
-                                         save_checkpoint, save_run_state, tokenizer_sha256)
+from nanochat.checkpoint_manager import load_checkpoint, save_checkpoint
 from nanochat.common import UserError
+from nanochat.runs import (check_tokenizer, checkpoints_trained_with, find_resumable_step, load_run_state, prepare_run,
+                           probe_writable, save_run_state, tokenizer_sha256)
 from nanochat.report import Report, format_task_results, parse_metric_value, summary_table
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -218,7 +218,7 @@ def test_tokenizer_hash_check(tmp_path, tokenizer):
 
 
 def test_output_tag_is_a_plain_folder_name():
-    from nanochat.checkpoint_manager import default_output_tag
+    from nanochat.runs import default_output_tag
 
     assert default_output_tag(None, {"n_layer": 4}) == "d4"
     assert default_output_tag("quokka-sft", {"n_layer": 4}) == "quokka-sft"
@@ -230,7 +230,7 @@ def test_output_tag_is_a_plain_folder_name():
 def test_prepare_finetune_resolves_checks_and_plans(tmp_path, tokenizer, monkeypatch):
     from tiny_checkpoint import make_tiny_checkpoint
 
-    from nanochat.checkpoint_manager import prepare_finetune
+    from nanochat.runs import prepare_finetune
 
     base_dir = str(tmp_path)
     monkeypatch.setenv("NANOCHAT_BASE_DIR", base_dir)  # the tokenizer check reads the tokenizer there
@@ -251,7 +251,7 @@ def test_prepare_finetune_resolves_checks_and_plans(tmp_path, tokenizer, monkeyp
 
 
 def test_load_resume_restores_run_state_and_optimizers(tmp_path):
-    from nanochat.checkpoint_manager import load_resume
+    from nanochat.runs import load_resume
 
     d = str(tmp_path)
     torch.manual_seed(0)
@@ -273,7 +273,7 @@ def test_load_resume_restores_run_state_and_optimizers(tmp_path):
 
 
 def test_save_training_checkpoint_writes_run_state_model_optimizers_and_meta(tmp_path):
-    from nanochat.checkpoint_manager import load_checkpoint, load_run_state, save_training_checkpoint
+    from nanochat.runs import load_run_state, save_training_checkpoint
     from nanochat.gpt import GPTConfig, random_model
 
     d = str(tmp_path)
