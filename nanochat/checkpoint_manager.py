@@ -22,6 +22,7 @@ Runs (output folders, resume, run state, tokenizer identity, warm start) live in
 Tests: .venv/bin/python -m pytest tests/test_checkpoint.py
 """
 
+import errno
 import io
 import json
 import os
@@ -72,6 +73,18 @@ def torch_save_atomic(obj, path):
     atomic_write_bytes(path, buf.getvalue())
 
 
+_TORCH_ADVICE = re.compile(r"In PyTorch 2\.6.*?trusted source\.|Please file an issue.*?use case:|"
+                           r"Check the documentation of torch\.load.*?\.html\.?")
+
+
+def torch_error_summary(exc):
+    """torch.load's error as one short phrase, without torch's advice to retry with weights_only=False (i.e. run
+    the file's code: never advice for a user) or to file an issue."""
+    text = " ".join(_TORCH_ADVICE.sub(" ", " ".join(str(exc).split())).split())
+    text = text.split("weights_only")[0].strip()  # any other sentence about it goes too
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
+
+
 def torch_load_file(path, device, what):
     """torch.load(weights_only=True) of a file we wrote, with a one-line error naming the path when it is
     missing, empty, truncated or not a torch file (torch raises EOFError, UnpicklingError, RuntimeError, ...)."""
@@ -85,9 +98,7 @@ def torch_load_file(path, device, what):
             warnings.simplefilter("ignore")
             return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # noqa: BLE001  (any parse failure of the file means it is corrupt)
-        # torch's own advice (retry with weights_only=False, i.e. run the file's code) is cut: never for a user
-        problem = " ".join(str(e).split()).split(" In PyTorch 2.6")[0][:200] or type(e).__name__
-        raise CheckpointError(f"{what} file {path} is corrupt or truncated ({type(e).__name__}: {problem}); "
+        raise CheckpointError(f"{what} file {path} is corrupt or truncated ({torch_error_summary(e)}); "
                               f"re-save it or load another step") from e
 
 
@@ -152,6 +163,18 @@ def strip_compiled_prefix(state_dict):
     return {k.removeprefix(COMPILED_PREFIX): v for k, v in state_dict.items()}
 
 
+def disk_full_error(exc, checkpoint_dir, step):
+    """For an OSError raised while saving `step`: a one-line UserError when the disk (or quota) is full, saying that
+    the step was not saved and which one is the last complete checkpoint; None for any other error."""
+    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    steps = [s for s in checkpoint_steps(checkpoint_dir) if s != step]
+    last = f"step {steps[-1]}" if steps else "none"
+    return UserError(f"disk full ({exc.strerror}) while saving step {step} to {checkpoint_dir}: step {step} was not "
+                     f"saved (its temp files are removed); the last complete checkpoint there is {last}. Free some "
+                     f"space (or keep fewer checkpoints with keep_last), then run again (training: resume = 1)")
+
+
 def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data, rank=0):
     """Rank 0 writes the model and (last) the meta; every rank writes its own optimizer state (if given).
     model_data: a state_dict, written as safetensors with meta_data["model_config"] in the file's metadata.
@@ -163,18 +186,21 @@ def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data,
             raise NonFiniteWeightsError(f"refusing to save step {step} to {checkpoint_dir}: parameter '{bad}' is "
                                         f"non-finite (NaN/inf); lower the learning rates and restart from the last "
                                         f"good checkpoint")
-    os.makedirs(checkpoint_dir, exist_ok=True)
-    if rank == 0 and model_data is not None:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in model_data.items()}
-        metadata = _model_config_metadata(meta_data["model_config"]) if "model_config" in meta_data else None
-        atomic_write_bytes(model_file(checkpoint_dir, step), safetensors_save(tensors, metadata=metadata))
-    if optimizer_data is not None:
-        torch_save_atomic(optimizer_data, optim_file(checkpoint_dir, step, rank))
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()  # every rank's optimizer file is in place before the meta marks the step complete
-    if rank == 0:
-        atomic_write_text(meta_file(checkpoint_dir, step), json.dumps(meta_data, indent=2))
-        print0(f"Saved checkpoint step {step} to {checkpoint_dir}")
+    try:
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        if rank == 0 and model_data is not None:
+            tensors = {k: v.detach().contiguous().cpu() for k, v in model_data.items()}
+            metadata = _model_config_metadata(meta_data["model_config"]) if "model_config" in meta_data else None
+            atomic_write_bytes(model_file(checkpoint_dir, step), safetensors_save(tensors, metadata=metadata))
+        if optimizer_data is not None:
+            torch_save_atomic(optimizer_data, optim_file(checkpoint_dir, step, rank))
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()  # every rank's optimizer file is in place before the meta marks the step complete
+        if rank == 0:
+            atomic_write_text(meta_file(checkpoint_dir, step), json.dumps(meta_data, indent=2))
+            print0(f"Saved checkpoint step {step} to {checkpoint_dir}")
+    except OSError as e:
+        raise disk_full_error(e, checkpoint_dir, step) or e
 
 
 def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
@@ -265,7 +291,8 @@ def find_largest_model(checkpoints_dir):
     """The model tag with the largest depth (tags 'd<depth>'), else the most recently modified directory."""
     if not os.path.isdir(checkpoints_dir):
         raise MissingCheckpointError(f"no checkpoints directory {checkpoints_dir}: train or import a model first")
-    tags = [t for t in os.listdir(checkpoints_dir) if os.path.isdir(os.path.join(checkpoints_dir, t))]
+    tags = [t for t in os.listdir(checkpoints_dir)  # hidden folders are an import's staging, not models
+            if os.path.isdir(os.path.join(checkpoints_dir, t)) and not t.startswith(".")]
     if not tags:
         raise MissingCheckpointError(f"no model tags in {checkpoints_dir}: train or import a model first")
     depths = [(int(m.group(1)), t) for t in tags if (m := re.fullmatch(r"d(\d+)", t))]
@@ -313,6 +340,16 @@ def read_meta(checkpoint_dir, step):
     return _read_meta(path)
 
 
+def check_tag(tag, key="output_tag"):
+    """A checkpoint folder name (output_tag, model_tag) is a plain name under its phase's checkpoints folder, never
+    a path: '/', '\\', '.', '..', empty, absolute or control characters are a UserError naming `key`. -> tag."""
+    if not isinstance(tag, str) or not tag.strip() or tag in (".", "..") or "/" in tag or "\\" in tag \
+            or os.path.isabs(tag) or any(ord(c) < 32 for c in tag) or len(tag) > 200:
+        raise UserError(f"{key} = {tag!r}: expected a plain folder name such as 'quokka-sft' (no '/', not '.' or "
+                        f"'..', not empty); it names a folder under the phase's checkpoints folder, never a path")
+    return tag
+
+
 def resolve_checkpoint(source, model_tag=None, step=None, base_dir=None):
     """(checkpoint_dir, step) of <base_dir>/<source dir>/<model_tag>/ (defaults: the largest model, its last
     complete step), with a UserError saying what is missing and how to make it."""
@@ -322,7 +359,7 @@ def resolve_checkpoint(source, model_tag=None, step=None, base_dir=None):
             model_tag = find_largest_model(checkpoints_dir)
         except FileNotFoundError:
             raise UserError(f"no {source} checkpoints in {checkpoints_dir}: train that stage first") from None
-    checkpoint_dir = os.path.join(checkpoints_dir, model_tag)
+    checkpoint_dir = os.path.join(checkpoints_dir, check_tag(model_tag, "model_tag"))
     if step is None:
         steps = checkpoint_steps(checkpoint_dir)
         if not steps:

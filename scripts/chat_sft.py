@@ -25,8 +25,8 @@ from nanochat.engine import Engine
 from nanochat.loss_eval import evaluate_sft_loss
 from nanochat.perf import compile_model, compiled_graphs, peak_memory_mib, reset_peak_memory
 from nanochat.report import format_duration, get_report
-from nanochat.runs import (load_optimizer_warm_start, load_resume, prepare_finetune, save_training_checkpoint,
-                           tokenizer_sha256)
+from nanochat.runs import (check_resume_config, load_optimizer_warm_start, load_resume, prepare_finetune,
+                           prune_checkpoints, save_training_checkpoint, tokenizer_sha256)
 from nanochat.schedules import lr_multiplier, scale_initial_lr, set_lr_multiplier
 from nanochat.sft import (LOSS_NORMALIZATIONS, PACKINGS, TOTAL_KEYS, accumulate_step, grad_accum_steps_for,
                           initial_data_state, num_sft_steps, sft_batches)
@@ -105,6 +105,7 @@ if not config["dry_run"]:
     source_dir, source_step, _, plan = prepare_finetune(
         config["source"], config["model_tag"], config["step"], "chatsft_checkpoints", config["output_tag"],
         config["resume"], config["overwrite"], ddp_rank, ddp_world_size, check_optimizer=config["load_optimizer"])
+    check_resume_config(plan, config)  # same data order and batch as the resumed run
     print0(f"Output folder: {plan.output_dir} | run id {plan.run_id}")
 
 # -----------------------------------------------------------------------------
@@ -199,6 +200,7 @@ def save(step):
             "metrics": {"val_loss": val_loss, **metrics}, "totals": totals}
     save_training_checkpoint(plan.output_dir, step, orig_model, optimizers, run_state, meta, ddp_rank, ddp_world_size,
                              device)
+    prune_checkpoints(plan.output_dir, config["keep_last"], ddp_rank)
 
 
 # -----------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from nanochat.checkpoint_manager import SOURCE_DIRS, build_model, find_largest_model, find_last_step
+from nanochat.checkpoint_manager import SOURCE_DIRS, build_model, check_tag, find_largest_model, find_last_step
 from nanochat.common import UserError, get_base_dir, install_error_handler, print0
 from nanochat.hf_export import write_hf_folder
 
@@ -66,7 +66,7 @@ t0 = time.time()
 checkpoints_dir = os.path.join(get_base_dir(), SOURCE_DIRS[args.source])
 try:
     model_tag = args.model_tag or find_largest_model(checkpoints_dir)
-    checkpoint_dir = os.path.join(checkpoints_dir, model_tag)
+    checkpoint_dir = os.path.join(checkpoints_dir, check_tag(model_tag, "model_tag"))
     step = args.step if args.step is not None else find_last_step(checkpoint_dir)
 except FileNotFoundError as e:
     raise UserError(f"{e}: nothing to export for -i {args.source} (train one, or import a nanochat checkpoint with "

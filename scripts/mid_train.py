@@ -35,7 +35,8 @@ from nanochat.config import Option, load_config, run_options
 from nanochat.dataloader import conversation_data_loader, count_conversation_tokens
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
-from nanochat.runs import load_resume, prepare_finetune, save_training_checkpoint, tokenizer_sha256
+from nanochat.runs import (check_resume_config, load_resume, prepare_finetune, prune_checkpoints,
+                           save_training_checkpoint, tokenizer_sha256)
 from nanochat.schedules import (lr_multiplier, muon_momentum, num_grad_accum_steps, scale_initial_lr,
                                 set_lr_multiplier)
 from nanochat.tokenizer import get_token_bytes
@@ -104,6 +105,7 @@ wandb_run = init_wandb(config["run"], "nanochat-mid", config, ddp_rank)
 source_dir, source_step, _, plan = prepare_finetune("base", config["model_tag"], config["step"], "mid_checkpoints",
                                                     config["output_tag"], config["resume"], config["overwrite"],
                                                     ddp_rank, ddp_world_size)
+check_resume_config(plan, config)  # same data order and batch as the resumed run
 checkpoint_dir = plan.output_dir
 tokenizer_sha = tokenizer_sha256()
 print0(f"Output folder: {checkpoint_dir} | run id {plan.run_id}")
@@ -194,6 +196,7 @@ def save(step):
             "val_bpb": val_bpb, "source_dir": source_dir, "base_step": source_step}
     save_training_checkpoint(checkpoint_dir, step, orig_model, optimizers, run_state, meta, ddp_rank, ddp_world_size,
                              device)
+    prune_checkpoints(checkpoint_dir, config["keep_last"], ddp_rank)
 
 
 # -----------------------------------------------------------------------------
