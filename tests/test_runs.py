@@ -611,7 +611,13 @@ def test_base_train_resume_is_bit_exact(tmp_path, data_dir, tokenizer):
     _interrupt_after(base_dir, tmp_path / "other", "base_checkpoints/d2", 6)
     out = _run("scripts.base_train", tmp_path / "other", [*args[:-1], "--num_iterations=8", "--resume=1"],
                expect=2)
-    assert "schedule of 6 steps, this run's options give 8" in _error_line(out)
+    assert "num_iterations = 8 (the run had 6)" in _error_line(out)
+    # so is another depth or batch (the model and data order of the run would silently change)
+    changed = [a for a in args if not a.startswith(("--depth", "--total_batch_size"))]
+    out = _run("scripts.base_train", tmp_path / "other", [*changed, "--depth=3", "--total_batch_size=512",
+                                                           "--output_tag=d2", "--resume=1"], expect=2)
+    line = _error_line(out)
+    assert "depth = 3 (the run had 2)" in line and "total_batch_size = 512 (the run had 256)" in line, line
 
 
 @pytest.mark.slow
