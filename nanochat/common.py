@@ -44,7 +44,7 @@ def on_error_exit(cleanup):
 
 
 def _run_exit_cleanups():
-    for cleanup in _exit_cleanups:
+    for cleanup in reversed(_exit_cleanups):  # last registered first, as atexit does
         try:
             cleanup()
         except Exception:  # noqa: BLE001  (a failed cleanup must not hide the error being reported)

@@ -14,12 +14,13 @@ Safety of a run's folder: one live run owns it (nanochat/folder_lock.py), temp f
 the next start, keep_last prunes old resumable checkpoints, a resume refuses options that change the model, the
 data order or the batch (check_resume_config), and Ctrl-C ends in one line naming the last checkpoint.
 
-About 490 lines, over the ~450 of the house rule: a run's folder, resume plan and state files are one design read
+About 510 lines, over the ~450 of the house rule: a run's folder, resume plan and state files are one design read
 from prepare_run to load_resume; the generic folder lock already lives apart.
 
 Tests: .venv/bin/python -m pytest tests/test_runs.py
 """
 
+import atexit
 import dataclasses
 import hashlib
 import json
@@ -27,6 +28,7 @@ import os
 import random
 import re
 import secrets
+import shutil
 import time
 
 import torch
@@ -36,7 +38,7 @@ from nanochat.checkpoint_manager import (SOURCE_DIRS, check_tag, checkpoint_step
                                          disk_full_error, load_checkpoint, meta_file, model_file, optim_file, read_meta,
                                          resolve_checkpoint, save_checkpoint, torch_error_summary, torch_load_file,
                                          torch_save_atomic)
-from nanochat.common import UserError, get_base_dir, get_git_commit, on_interrupt, print0
+from nanochat.common import UserError, get_base_dir, get_git_commit, on_error_exit, on_interrupt, print0
 from nanochat.folder_lock import lock_output_folder, release_output_folder
 
 CHECKPOINT_FILE_RE = re.compile(r"(model|meta|optim|state|sft_state)_\d{6}[._].*")  # what overwrite removes
@@ -128,6 +130,39 @@ def remove_checkpoint_files(checkpoint_dir):
     return removed
 
 
+SET_ASIDE_DIR = ".replaced"  # overwrite = 1: the replaced run's files wait here until the new run's first save
+
+
+def set_aside_checkpoint_files(checkpoint_dir):
+    """overwrite = 1: move the checkpoint files of a folder into <folder>/.replaced/ (renames: instant, no copy)
+    -> how many. They are removed at the new run's first save (discard_set_aside) and put back if it stops before
+    one (restore_set_aside), so a run that fails its start-up checks (a dataset missing, a bad option) replaces
+    nothing."""
+    aside = os.path.join(checkpoint_dir, SET_ASIDE_DIR)
+    os.makedirs(aside, exist_ok=True)
+    moved = 0
+    for name in sorted(os.listdir(checkpoint_dir)):
+        if CHECKPOINT_FILE_RE.fullmatch(name):
+            os.replace(os.path.join(checkpoint_dir, name), os.path.join(aside, name))
+            moved += 1
+    return moved
+
+
+def restore_set_aside(checkpoint_dir):
+    """Put the files of set_aside_checkpoint_files back, unless the new run has saved a checkpoint of its own."""
+    aside = os.path.join(checkpoint_dir, SET_ASIDE_DIR)
+    if not os.path.isdir(aside) or checkpoint_steps(checkpoint_dir):
+        return
+    for name in sorted(os.listdir(aside)):
+        os.replace(os.path.join(aside, name), os.path.join(checkpoint_dir, name))
+    os.rmdir(aside)
+
+
+def discard_set_aside(checkpoint_dir):
+    """Remove the replaced run's set-aside files: the new run has saved its first checkpoint."""
+    shutil.rmtree(os.path.join(checkpoint_dir, SET_ASIDE_DIR), ignore_errors=True)
+
+
 @dataclasses.dataclass
 class RunPlan:
     output_dir: str  # where this run writes
@@ -159,8 +194,8 @@ def prepare_run(output_dir, resume="0", overwrite=False, rank=0, world_size=1):
       without any checkpoint starts fresh). resume PATH: continue from that folder's last resumable step,
       writing into output_dir (which must hold no other run's checkpoints). The run id is kept.
     - A fresh run into a folder holding checkpoints stops with a UserError naming the folder, that run,
-      its newest step and time, and the ways out; with overwrite = 1 the old checkpoint files are removed
-      (by rank 0; every rank waits for it).
+      its newest step and time, and the ways out; with overwrite = 1 the old checkpoint files are set aside
+      (by rank 0; every rank waits for it) and removed at this run's first save (set_aside_checkpoint_files).
     - The resumed checkpoint's world size must match this run's."""
     resume = parse_resume(resume)
     if resume is not None and overwrite:
@@ -180,6 +215,7 @@ def prepare_run(output_dir, resume="0", overwrite=False, rank=0, world_size=1):
 def _plan_run(output_dir, resume, overwrite, rank, world_size):
     """prepare_run's decision, in the folder it owns."""
     if rank == 0:
+        restore_set_aside(output_dir)  # files a killed overwrite = 1 run set aside before its first save
         removed = remove_temp_files(output_dir)
         if removed:
             print0(f"removed {removed} temp files of an interrupted save from {output_dir}")
@@ -223,10 +259,13 @@ def _plan_run(output_dir, resume, overwrite, rank, world_size):
         if not overwrite:
             _, who = _run_summary(output_dir, steps)
             raise UserError(f"output folder {output_dir} already holds checkpoints of {who}: {ways_out}")
-        if rank == 0:  # the other ranks only wait: they must not read files that rank 0 is removing
+        if rank == 0:  # the other ranks only wait: they must not read files that rank 0 is moving
             _, who = _run_summary(output_dir, steps)
-            removed = remove_checkpoint_files(output_dir)
-            print0(f"overwrite = 1: removed {removed} checkpoint files of {who} from {output_dir}")
+            moved = set_aside_checkpoint_files(output_dir)
+            atexit.register(restore_set_aside, output_dir)  # a run that stops before its first save replaces
+            on_error_exit(lambda: restore_set_aside(output_dir))  # nothing (the one-line error exit skips atexit)
+            print0(f"overwrite = 1: set aside {moved} checkpoint files of {who} in {output_dir}/{SET_ASIDE_DIR}: "
+                   f"removed at this run's first save, put back if it stops before one")
     if world_size > 1 and dist.is_available() and dist.is_initialized():
         dist.barrier()  # nobody writes before rank 0 has cleared the folder
     return plan
@@ -374,6 +413,8 @@ def save_training_checkpoint(checkpoint_dir, step, model, optimizers, run_state,
             "world_size": world_size, "num_iterations": run_state["num_iterations"],
             **{k: v for k, v in meta.items() if k not in ("step", "model_config", "world_size", "num_iterations")}}
     save_checkpoint(checkpoint_dir, step, model.state_dict(), [opt.state_dict() for opt in optimizers], meta, rank=rank)
+    if rank == 0:
+        discard_set_aside(checkpoint_dir)  # overwrite = 1: the replaced run's files go once this run has saved
 
 
 def interrupt_note(output_dir, step):

@@ -133,8 +133,18 @@ def test_fresh_run_into_another_runs_folder_is_refused_and_overwrite_replaces_it
     assert _digest(out_dir) == before  # nothing touched, no probe file left behind
     plan = prepare_run(out_dir, resume="0", overwrite=1)
     assert plan.resume_dir is None and plan.run_id != "run-a"
-    assert sorted(os.listdir(out_dir)) == [".run.lock", "notes.txt"]  # only checkpoint files are removed; the
-    # new run owns the folder while it lives
+    # only checkpoint files are set aside (removed at the new run's first save); the new run owns the folder
+    assert sorted(os.listdir(out_dir)) == [".replaced", ".run.lock", "notes.txt"]
+    from nanochat.runs import discard_set_aside, restore_set_aside
+
+    restore_set_aside(out_dir)  # the new run stopped before its first save (a bad option, a missing dataset)
+    assert _digest(out_dir) == before | {".run.lock": _digest(out_dir)[".run.lock"]}
+    plan = prepare_run(out_dir, resume="0", overwrite=1)
+    _fake_checkpoint(out_dir, 1, run_id=plan.run_id)
+    restore_set_aside(out_dir)  # no-op: the new run has saved
+    discard_set_aside(out_dir)
+    assert sorted(checkpoint_files(out_dir)) == ["meta_000001.json", "model_000001.safetensors", "notes.txt",
+                                                 "state_000001_rank0.pt"]
     with pytest.raises(UserError, match="contradict"):
         prepare_run(out_dir, resume="1", overwrite=1)
 
@@ -530,7 +540,7 @@ def test_second_sft_run_into_the_same_folder_is_refused_early(runs_env, tmp_path
     config = tmp_path / "overwrite.txt"
     config.write_text("overwrite = 1  # replace the earlier run\nrun = 'third'\n")
     out = _run("scripts.chat_sft", base_dir, ["--config", str(config)] + _sft_args(runs_env, "--max_iterations=3"))
-    assert "overwrite = 1: removed 8 checkpoint files of run 'first'" in out.stdout
+    assert "overwrite = 1: set aside 8 checkpoint files of run 'first'" in out.stdout
     # only the new run's step-3 files are left (model weights may be .pt or .safetensors)
     assert sorted(name.split(".")[0] for name in os.listdir(out_dir)) == [
         "meta_000003", "model_000003", "optim_000003_rank0", "state_000003_rank0"]
