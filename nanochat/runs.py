@@ -14,7 +14,7 @@ Safety of a run's folder: one live run owns it (nanochat/folder_lock.py), temp f
 the next start, keep_last prunes old resumable checkpoints, a resume refuses options that change the model, the
 data order or the batch (check_resume_config), and Ctrl-C ends in one line naming the last checkpoint.
 
-About 510 lines, over the ~450 of the house rule: a run's folder, resume plan and state files are one design read
+About 550 lines, over the ~450 of the house rule: a run's folder, resume plan and state files are one design read
 from prepare_run to load_resume; the generic folder lock already lives apart.
 
 Tests: .venv/bin/python -m pytest tests/test_runs.py
