@@ -22,7 +22,8 @@ import tempfile
 import time
 
 from bench.sft_throughput import get_bench_tokenizer
-from nanochat.checkpoint_manager import save_checkpoint, tokenizer_sha256
+from nanochat.checkpoint_manager import save_checkpoint
+from nanochat.runs import tokenizer_sha256
 from nanochat.config import Option, load_config
 from nanochat.gpt import GPTConfig, random_model
 

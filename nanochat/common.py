@@ -32,12 +32,67 @@ def format_user_error(exc):
     return "error: " + " ".join(str(exc).split("\n")).strip()
 
 
+EXIT_INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT
+_interrupt_notes = []  # note(step) -> line, registered at run time (runs.prepare_run), never at import
+_exit_cleanups = []  # fn(), registered at run time (folder_lock): run before the handler's os._exit skips atexit
+
+
+def on_error_exit(cleanup):
+    """Register cleanup(), run when install_error_handler's hook ends the process (a UserError or Ctrl-C), which
+    exits with os._exit and so skips atexit; for releasing what the process holds (its output folder's lock)."""
+    _exit_cleanups.append(cleanup)
+
+
+def _run_exit_cleanups():
+    for cleanup in reversed(_exit_cleanups):  # last registered first, as atexit does
+        try:
+            cleanup()
+        except Exception:  # noqa: BLE001  (a failed cleanup must not hide the error being reported)
+            pass
+
+
+def on_interrupt(note):
+    """Register note(step) -> str, the line printed when Ctrl-C stops the script (instead of a traceback); step is
+    the script's loop variable `step` at that moment, or None. The latest registered note is used."""
+    _interrupt_notes.append(note)
+
+
+def _script_step(tb):
+    """The script's global `step` (its training loop's variable) when the traceback was made, or None."""
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name == "<module>" and frame.f_globals.get("__name__") == "__main__":
+            step = frame.f_globals.get("step")
+            return step if isinstance(step, int) else None
+        tb = tb.tb_next
+    return None
+
+
+def _interrupted(tb):
+    """Ctrl-C: one line on rank 0 saying where the run stopped and what was saved, exit code 130."""
+    line = "stopped (Ctrl-C)"
+    if _interrupt_notes:
+        try:
+            line = _interrupt_notes[-1](_script_step(tb))
+        except Exception:  # noqa: BLE001  (the note is a courtesy: a failure in it must not hide the interrupt)
+            pass
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(line, file=sys.stderr)
+    _run_exit_cleanups()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_INTERRUPTED)
+
+
 def _user_error_hook(exc_type, exc, tb):
+    if issubclass(exc_type, KeyboardInterrupt) and os.environ.get("NANOCHAT_DEBUG") != "1":
+        return _interrupted(tb)
     if not issubclass(exc_type, UserError):
         return sys.__excepthook__(exc_type, exc, tb)
     if os.environ.get("NANOCHAT_DEBUG") == "1":
         traceback.print_exception(exc_type, exc, tb)
     print(format_user_error(exc), file=sys.stderr)
+    _run_exit_cleanups()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(EXIT_USER_ERROR)  # sys.excepthook cannot choose the exit code; nothing is left to clean up
@@ -45,7 +100,8 @@ def _user_error_hook(exc_type, exc, tb):
 
 def install_error_handler():
     """Call first thing in a script: an uncaught UserError becomes one line on stderr and exit code 2 (no
-    traceback unless NANOCHAT_DEBUG=1); any other exception keeps Python's traceback and exit code 1.
+    traceback unless NANOCHAT_DEBUG=1), Ctrl-C one line (on_interrupt) and exit code 130; any other exception
+    keeps Python's traceback and exit code 1.
     A hook rather than a try/except around the script, so scripts keep reading top to bottom."""
     sys.excepthook = _user_error_hook
 

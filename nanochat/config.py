@@ -27,6 +27,8 @@ Tests: tests/test_config.py.
 import ast
 import difflib
 import math
+import os
+import stat
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -219,6 +221,32 @@ def format_help(options, description=None):
     return "\n".join(lines)
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config file is a page of `key = value` lines; more is not a config file
+
+
+def read_config_file(path):
+    """The text of a config file: a regular file (not /dev/zero, a FIFO or a folder) of at most MAX_CONFIG_BYTES,
+    in UTF-8; a ConfigError naming the file (and the line of a byte that is not UTF-8) otherwise."""
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"config file {path} is not a regular file (a device, FIFO or folder); give a text file "
+                              f"of `key = value` lines")
+        if st.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {path} is {st.st_size:,} bytes, more than {MAX_CONFIG_BYTES:,}: not a "
+                              f"config file of `key = value` lines")
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ConfigError(f"config file {path}:{line}: byte 0x{data[e.start]:02x} is not UTF-8 (saved as Latin-1 or "
+                          f"another encoding?); save the file as UTF-8") from None
+
+
 def load_config(options, argv=None, description=None, verbose=True):
     """Resolve the configuration: defaults < config file < command line. Returns a plain dict."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -237,11 +265,7 @@ def load_config(options, argv=None, description=None, verbose=True):
     config = {o.name: o.default for o in options}
     config_file, pairs = split_argv(argv, shorts)
     if config_file is not None:
-        try:
-            with open(config_file, encoding="utf-8") as f:
-                text = f.read()
-        except OSError as e:
-            raise ConfigError(f"cannot read config file {config_file}: {e.strerror}") from None
+        text = read_config_file(config_file)
         for key, (value, lineno) in parse_config_text(text, config_file).items():
             where = f"{config_file}:{lineno}"
             if key not in by_name:
@@ -266,3 +290,22 @@ def load_config(options, argv=None, description=None, verbose=True):
         for key, value in config.items():
             print0(f"  {key} = {value!r}")
     return config
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Options shared by the training scripts
+
+
+def run_options(checkpoints_dir_name):
+    """The options of every training script for where it writes and what it resumes (README: "Runs, output
+    folders and resume"), declared once here; checkpoints_dir_name is e.g. "chatsft_checkpoints"."""
+    return [
+        Option("output_tag", str, None, f"output folder name under {checkpoints_dir_name}/ (default: d<depth>)"),
+        Option("overwrite", bool, False, "replace the checkpoints of another run in the output folder"),
+        Option("save_every", int, -1, "resumable checkpoint every this many steps (-1 disables; the final one is "
+                                      "always)", min=1, disabled=-1),
+        Option("keep_last", int, -1, "keep only the newest this many resumable checkpoints, removing older ones "
+                                     "after each save (-1 keeps all)", min=1, disabled=-1),
+        Option("resume", str, "0", "0: fresh run; 1: continue the run in the output folder from its last resumable "
+                                   "checkpoint (fresh if the folder is empty); or a checkpoint folder to continue from"),
+    ]

@@ -17,19 +17,79 @@ Tests: .venv/bin/python -m pytest tests/test_import_nanochat.py
 import glob
 import io
 import json
+import math
 import os
 import pickle
 import re
+import stat
 from dataclasses import fields
 
 import torch
 
+from nanochat.checkpoint_manager import torch_error_summary
 from nanochat.common import UserError
 from nanochat.gpt import GPT, GPTConfig
 
 # nanochat's phase folders (the same names as this project's SOURCE_DIRS)
 PHASE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints"}
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # published models keep wte in bf16
+
+
+# Bounds on what an import reads: files are regular files under a size limit (never /dev/zero, a FIFO or a
+# 100 GB file read whole); model_config numbers are integers in these inclusive ranges (nanochat d32: sequence_len
+# 2048, n_layer 32, n_embd 2048, vocab 65536).
+MAX_META_BYTES = 16 << 20
+MAX_TOKENIZER_BYTES = 256 << 20
+MODEL_CONFIG_BOUNDS = {"sequence_len": (1, 1 << 20), "vocab_size": (1, 1 << 21), "n_layer": (1, 1024),
+                       "n_head": (1, 1024), "n_kv_head": (1, 1024), "n_embd": (1, 1 << 16)}
+
+
+def check_regular_file(path, max_bytes, what):
+    """UserError unless `path` is a regular file (not a device, FIFO or folder) of at most max_bytes. -> size."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise UserError(f"cannot read {what} {path}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise UserError(f"{what} {path} is not a regular file (a device, FIFO or folder); give the checkpoint's files")
+    if st.st_size > max_bytes:
+        raise UserError(f"{what} {path} is {st.st_size:,} bytes, more than the {max_bytes:,} a {what} of this model "
+                        f"can take; it is not the file of this checkpoint")
+    return st.st_size
+
+
+def read_limited(path, max_bytes, what):
+    """The bytes of a regular file of at most max_bytes (checked on the open file, so a swap after the check is
+    caught too)."""
+    check_regular_file(path, max_bytes, what)
+    with open(path, "rb") as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise UserError(f"{what} {path} grew past {max_bytes:,} bytes while being read")
+    return data
+
+
+def check_model_config(model_config, path):
+    """The model_config of a nanochat meta file as a dict of ints, each an integer (not 2.7, not Infinity, not a
+    string) within MODEL_CONFIG_BOUNDS, with heads that divide the width: a UserError naming the key otherwise."""
+    config = {}
+    for key, value in model_config.items():
+        if key not in MODEL_CONFIG_BOUNDS:
+            config[key] = value  # unsupported_parts names unknown keys
+            continue
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            value = int(value)  # 2.0 is 2; 2.7, inf and nan are not integers
+        low, high = MODEL_CONFIG_BOUNDS[key]
+        if type(value) is not int or not low <= value <= high:
+            raise UserError(f"{path}: model_config {key} = {value!r} must be an integer from {low} to {high}")
+        config[key] = value
+    if all(k in config for k in MODEL_CONFIG_BOUNDS):
+        if config["n_embd"] % config["n_head"] or (config["n_embd"] // config["n_head"]) % 2 \
+                or config["n_head"] % config["n_kv_head"]:
+            raise UserError(f"{path}: model_config n_embd {config['n_embd']}, n_head {config['n_head']}, n_kv_head "
+                            f"{config['n_kv_head']} do not fit (n_embd a multiple of n_head with an even head size, "
+                            f"n_head a multiple of n_kv_head)")
+    return config
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -60,11 +120,7 @@ def load_tiktoken_pickle(path):
     """-> dict(name, pat_str, mergeable_ranks {bytes: int}, special_tokens {str: int}) from a pickled tiktoken
     Encoding (nanochat's tokenizer.pkl). Anything else (another global, which is how a malicious pickle runs
     code, or a state of the wrong shape) raises UserError before any of it is called."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    data = read_limited(path, MAX_TOKENIZER_BYTES, "tokenizer pickle")
     try:
         obj = _EncodingUnpickler(io.BytesIO(data)).load()
     except pickle.UnpicklingError as e:
@@ -98,6 +154,9 @@ def _encoding_state_problem(state):
         return "special_tokens is not a {str: int} dict"
     if sorted(ranks.values()) != list(range(len(ranks))):
         return "ranks are not 0..n-1"
+    ids = sorted(specials.values())
+    if len(set(ids)) != len(ids) or (ids and ids[0] < len(ranks)):
+        return f"special token ids {ids} collide with each other or with the {len(ranks)} ranks"
     return None
 
 
@@ -109,7 +168,11 @@ def tokenizer_from_pickle(path):
     missing = [s for s in SPECIAL_TOKENS if s not in state["special_tokens"]]
     if missing:
         raise UserError(f"{path}: the tokenizer lacks nanochat's special tokens {', '.join(missing)}")
-    return RustBPETokenizer.from_ranks(state["mergeable_ranks"], state["pat_str"], state["special_tokens"])
+    try:
+        return RustBPETokenizer.from_ranks(state["mergeable_ranks"], state["pat_str"], state["special_tokens"])
+    except ValueError as e:  # tiktoken's regex compiler: a pat_str it cannot parse
+        raise UserError(f"{path}: the tokenizer's pat_str {state['pat_str'][:80]!r} is not a valid pattern "
+                        f"({' '.join(str(e).split())[:120]})") from None
 
 
 def old_token_bytes_mismatches(token_bytes_path, token_bytes):
@@ -118,8 +181,9 @@ def old_token_bytes_mismatches(token_bytes_path, token_bytes):
     its own (the single bytes 128-255, pieces of multi-byte characters) decodes to U+FFFD and was counted as
     3 bytes, which skews bits-per-byte; this project recomputes the lengths from the raw token bytes."""
     try:
+        check_regular_file(token_bytes_path, MAX_TOKENIZER_BYTES, "token_bytes file")
         old = torch.load(token_bytes_path, map_location="cpu", weights_only=True)
-    except Exception:
+    except Exception:  # noqa: BLE001  (only a note depends on it)
         return None
     if not isinstance(old, torch.Tensor) or old.shape != token_bytes.shape:
         return None
@@ -188,33 +252,43 @@ def find_nanochat_checkpoint(path, phase, model_tag=None, step=None):
 
 
 def read_meta(path):
+    """nanochat's meta JSON, its model_config checked (check_model_config: integers within bounds)."""
+    data = read_limited(path, MAX_META_BYTES, "meta file")
     try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot read the checkpoint metadata ({e})") from None
+        meta = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{path}: cannot read the checkpoint metadata ({' '.join(str(e).split())[:160]})") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("model_config"), dict):
         raise UserError(f"{path}: no 'model_config' object in the checkpoint metadata")
+    meta["model_config"] = check_model_config(meta["model_config"], path)
     return meta
 
 
-def read_tensors(path):
-    """torch.load(weights_only=True): plain tensors and containers only, never code."""
+def tensor_file_limit(config, copies=1):
+    """Most bytes a torch file holding `copies` fp32 copies of the parameters of GPT(config) can take (plus room for
+    the pickle's bookkeeping): a larger file is not this model's."""
+    with torch.device("meta"):
+        num_params = GPT(config).num_params()
+    return copies * 4 * num_params + (64 << 20)
+
+
+def read_tensors(path, max_bytes):
+    """torch.load(weights_only=True) of a regular file of at most max_bytes: plain tensors and containers only,
+    never code."""
+    check_regular_file(path, max_bytes, "torch file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: cannot load it as a torch checkpoint of plain tensors ({first})") from None
+    except Exception as e:  # noqa: BLE001  (any parse failure: the file is not what we can import)
+        raise UserError(f"{path}: cannot load it as a torch checkpoint of plain tensors "
+                        f"({torch_error_summary(e)})") from None
 
 
 def _pattern(key):
     return re.sub(r"\.\d+\.", ".*.", key)  # h.0.attn.c_q.weight and h.1... list once as h.*.attn...
 
 
-def unsupported_parts(state_dict, model_config):
-    """What in a nanochat checkpoint this project's GPT cannot represent, as a list of short descriptions
-    (empty: importable). nanochat's 2026 architecture adds value embeddings, per-layer residual/x0 lambdas,
-    smear and backout parameters and a sliding-window pattern; they are named here rather than dropped."""
+def unsupported_config(model_config):
+    """The model_config keys this project's GPTConfig lacks or needs, as short descriptions (empty: it fits)."""
     problems = []
     known = {f.name for f in fields(GPTConfig)}
     extra_cfg = sorted(set(model_config) - known)
@@ -223,6 +297,14 @@ def unsupported_parts(state_dict, model_config):
     missing_cfg = sorted(known - set(model_config))
     if missing_cfg:
         problems.append("meta model_config lacks " + ", ".join(missing_cfg))
+    return problems
+
+
+def unsupported_parts(state_dict, model_config):
+    """What in a nanochat checkpoint this project's GPT cannot represent, as a list of short descriptions
+    (empty: importable). nanochat's 2026 architecture adds value embeddings, per-layer residual/x0 lambdas,
+    smear and backout parameters and a sliding-window pattern; they are named here rather than dropped."""
+    problems = unsupported_config(model_config)
     if problems:
         return problems
     try:

@@ -9,12 +9,15 @@ Speed and accounting helpers for the training step (base_train, mid_train, chat_
   positions) and the model FLOPs utilisation they give: the one MFU formula of the project, a fraction
   (printed as a percentage)
 - reset_peak_memory / peak_memory_mib: the CUDA allocator's peak (None elsewhere)
+- training_memory_bytes / check_memory: a model too large for the device is one line before it is allocated
 
 Tests: tests/test_gpu_path.py.
 """
 
 import torch
 import torch.nn.functional as F
+
+from nanochat.common import UserError
 
 
 def round_up(n, multiple):
@@ -96,3 +99,36 @@ def compile_model(model, num_shapes=1):
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * num_shapes + 2)
     return torch.compile(model, dynamic=False)
+
+
+def training_memory_bytes(model):
+    """A lower bound of the memory training `model` takes (it may live on the meta device): every parameter, its
+    gradient and two optimizer buffers (AdamW's moments; Muon keeps one), plus the buffers (the rotary tables)."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    return 4 * params + buffers
+
+
+def available_memory_bytes(device):
+    """Memory free for allocation on `device`: the GPU's free memory on CUDA, MemAvailable + SwapFree of
+    /proc/meminfo on a Linux CPU; None when unknown (MPS, other systems)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.split()[1:2]}
+    except (OSError, ValueError):
+        return None
+    return info.get("MemAvailable", 0) + info.get("SwapFree", 0) if "MemAvailable" in info else None
+
+
+def check_memory(num_bytes, device, what, fix):
+    """UserError (one line, before anything is allocated) when num_bytes cannot fit in the device's available
+    memory: a size that would otherwise end in an allocator traceback or the OOM killer."""
+    free = available_memory_bytes(device)
+    if free is not None and num_bytes > free:
+        raise UserError(f"{what} needs at least {num_bytes / 2**30:,.1f} GiB, but {torch.device(device).type} has "
+                        f"{free / 2**30:,.1f} GiB available; {fix}")

@@ -27,20 +27,20 @@ from dataclasses import asdict
 
 import torch
 
-from nanochat.checkpoint_manager import (check_tokenizer, default_output_tag, describe_checkpoint, load_checkpoint,
-                                         load_run_state, prepare_run, run_options, save_training_checkpoint,
-                                         tokenizer_sha256)
+from nanochat.checkpoint_manager import describe_checkpoint, load_checkpoint
 from nanochat.checks import check_finite_parameters
 from nanochat.common import (UserError, autocast_ctx, autodetect_device_type, compute_cleanup, compute_init,
                              get_base_dir, get_dist_info, get_peak_flops, init_wandb,
                              install_error_handler, print0)
-from nanochat.config import ConfigError, Option, load_config
+from nanochat.config import ConfigError, Option, load_config, run_options
 from nanochat.core_eval import evaluate_core, find_eval_bundle
 from nanochat.dataloader import tokenizing_distributed_data_loader
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.perf import compile_enabled, compile_model, mfu, peak_memory_mib
+from nanochat.perf import check_memory, compile_enabled, compile_model, mfu, peak_memory_mib, training_memory_bytes
 from nanochat.report import get_report
+from nanochat.runs import (check_resume_config, check_tokenizer, default_output_tag, load_run_state, prepare_run,
+                           prune_checkpoints, save_training_checkpoint, tokenizer_sha256)
 from nanochat.schedules import lr_multiplier, muon_momentum, num_grad_accum_steps, set_lr_multiplier, set_momentum
 from nanochat.train_loop import (clip_gradients, counts_toward_time, every, format_train_step, fresh_loop_state,
                                  smooth_loss)
@@ -94,7 +94,7 @@ OPTIONS = [
     Option("sample_every", int, 2000, "greedy samples every this many steps and at the end (-1 disables)", min=1,
            disabled=-1),
     Option("model_tag", str, None, "nanochat's name for output_tag in base_train (an alias; set one of the two)"),
-    *run_options("base_checkpoints"),  # output_tag, overwrite, save_every, resume (checkpoint_manager)
+    *run_options("base_checkpoints"),  # output_tag, overwrite, save_every, resume (nanochat.config)
 ]
 script_start = time.time()  # the stage's wall-clock time goes into its report section
 config = load_config(OPTIONS, description=__doc__)
@@ -125,9 +125,11 @@ wandb_run = init_wandb(config["run"], "nanochat", config, ddp_rank)
 if config["model_tag"] and config["output_tag"] and config["model_tag"] != config["output_tag"]:
     raise UserError(f"base_train: model_tag ({config['model_tag']!r}) is an alias of output_tag "
                     f"({config['output_tag']!r}); set only one of them")
-output_tag = default_output_tag(config["output_tag"] or config["model_tag"], {"n_layer": config["depth"]})
+output_tag = default_output_tag(config["model_tag"] if config["output_tag"] is None else config["output_tag"],
+                                {"n_layer": config["depth"]})
 checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", output_tag)
 plan = prepare_run(checkpoint_dir, config["resume"], config["overwrite"], ddp_rank, ddp_world_size)
+check_resume_config(plan, config)  # same model, data order and batch as the resumed run
 if plan.resume_dir is not None:
     check_tokenizer(plan.resume_dir, plan.resume_step, plan.resume_meta)
     print0(f"Resuming from {describe_checkpoint(plan.resume_dir, plan.resume_step, plan.resume_meta)}")
@@ -151,6 +153,8 @@ model_config = config_from_depth(depth, vocab_size, max_seq_len, head_dim=config
 print0(f"Model config: {asdict(model_config)}")
 with torch.device("meta"):
     model = GPT(model_config)  # parameters without memory, then allocated on the device and initialised
+check_memory(training_memory_bytes(model), device, f"training depth {depth} with max_seq_len {max_seq_len}",
+             "pick a smaller depth or max_seq_len")
 model.to_empty(device=device)
 model.init_weights()
 orig_model = model  # the uncompiled model: for saving, sampling and the CORE metric
@@ -236,6 +240,7 @@ def save(step, val_bpb):
             "val_bpb": val_bpb, "device_batch_size": device_batch_size, "max_seq_len": max_seq_len}
     save_training_checkpoint(checkpoint_dir, step, orig_model, optimizers, run_state, meta, ddp_rank, ddp_world_size,
                              device)
+    prune_checkpoints(checkpoint_dir, config["keep_last"], ddp_rank)
     print0(f"Saved checkpoint: {checkpoint_dir} step {step}")
 
 

@@ -18,16 +18,17 @@ import time
 import numpy as np
 import torch
 
-from nanochat.checkpoint_manager import (SOURCE_DIRS, build_model, describe_checkpoint, load_resume, prepare_finetune,
-                                         run_options, save_training_checkpoint, tokenizer_sha256)
+from nanochat.checkpoint_manager import SOURCE_DIRS, build_model, describe_checkpoint
 from nanochat.checks import check_finite_parameters
 from nanochat.common import (UserError, autocast_ctx, autodetect_device_type, compute_cleanup, compute_init,
                              get_dist_info, init_wandb, install_error_handler, print0)
-from nanochat.config import Option, load_config
+from nanochat.config import Option, load_config, run_options
 from nanochat.dpo import (METRIC_KEYS, PACKINGS, collate_pairs, dpo_accumulate_step, evaluate_dpo, fits,
                           load_preferences, load_reference, rank_batch_indices, reference_fingerprint, reference_logps,
                           save_reference, step_pair_indices)
 from nanochat.report import format_duration, get_report
+from nanochat.runs import (check_resume_config, load_resume, prepare_finetune, prune_checkpoints,
+                           save_training_checkpoint, tokenizer_sha256)
 from nanochat.schedules import lr_multiplier, num_grad_accum_steps, scale_initial_lr, set_lr_multiplier
 from nanochat.sft_report import format_skip
 from nanochat.tokenizer import get_tokenizer
@@ -97,6 +98,7 @@ synchronize = torch.cuda.synchronize if device_type == "cuda" else lambda: None
 source_dir, source_step, source_meta, plan = prepare_finetune(
     config["source"], config["model_tag"], config["step"], "chatdpo_checkpoints", config["output_tag"],
     config["resume"], config["overwrite"], ddp_rank, ddp_world_size)
+check_resume_config(plan, config)  # same pairs, order and batch as the resumed run
 print0(f"Output folder: {plan.output_dir} | run id {plan.run_id}")
 
 # -----------------------------------------------------------------------------
@@ -205,6 +207,7 @@ def save(step):
             "metrics": {f"val_{k}": v for k, v in val_metrics.items()}, "totals": totals}
     save_training_checkpoint(plan.output_dir, step, model, optimizers, run_state, meta, ddp_rank, ddp_world_size,
                              device)
+    prune_checkpoints(plan.output_dir, config["keep_last"], ddp_rank)
 
 
 def metrics_text(metrics):

@@ -18,18 +18,19 @@ import numpy as np
 import torch
 
 from nanochat.chat_eval import run_task_metrics
-from nanochat.checkpoint_manager import (build_model, describe_checkpoint, load_optimizer_warm_start, load_resume,
-                                         prepare_finetune, run_options, save_training_checkpoint, tokenizer_sha256)
+from nanochat.checkpoint_manager import build_model, describe_checkpoint
 from nanochat.checks import check_finite_parameters
 from nanochat.common import (UserError, autocast_ctx, autodetect_device_type, compute_cleanup, compute_init,
                              get_base_dir, get_dist_info, get_peak_flops, init_wandb, install_error_handler, print0)
-from nanochat.config import Option, load_config
+from nanochat.config import Option, load_config, run_options
 from nanochat.data_check import (DECONTAMINATE, DEFAULT_EVAL_TASKS, apply_decontamination, cache_dir_default,
                                  check_sources, format_data_check)
 from nanochat.engine import Engine
 from nanochat.loss_eval import evaluate_sft_loss
 from nanochat.perf import compile_enabled, compile_model, compiled_graphs, peak_memory_mib, reset_peak_memory
 from nanochat.report import format_duration, get_report
+from nanochat.runs import (check_resume_config, load_optimizer_warm_start, load_resume, prepare_finetune,
+                           prune_checkpoints, save_training_checkpoint, tokenizer_sha256)
 from nanochat.schedules import lr_multiplier, scale_initial_lr, set_lr_multiplier
 from nanochat.sft import (LOSS_NORMALIZATIONS, PACKINGS, TOTAL_KEYS, BatchSettings, accumulate_step, gather_share,
                           grad_accum_steps_for, num_sft_steps, plan_epoch, render_share, sft_batches)
@@ -85,7 +86,7 @@ OPTIONS = [
     Option("pad_bucket", int, 128, "compiled pad mode: batch lengths rounded up to a multiple of this", min=1),
     Option("load_optimizer", bool, False, "warm-start the optimizers from the source's optimizer state"),
     Option("dry_run", bool, False, "load the mixtures and tokenizer only, print the data preview, exit"),
-    *run_options("chatsft_checkpoints"),  # output_tag, overwrite, save_every, resume (checkpoint_manager)
+    *run_options("chatsft_checkpoints"),  # output_tag, overwrite, save_every, resume (nanochat.config)
 ]
 script_start = time.time()  # the stage's wall-clock time goes into its report section
 config = load_config(OPTIONS, description=__doc__)
@@ -119,6 +120,7 @@ if not config["dry_run"]:
     source_dir, source_step, _, plan = prepare_finetune(
         config["source"], config["model_tag"], config["step"], "chatsft_checkpoints", config["output_tag"],
         config["resume"], config["overwrite"], ddp_rank, ddp_world_size, check_optimizer=config["load_optimizer"])
+    check_resume_config(plan, config)  # same data order and batch as the resumed run
     print0(f"Output folder: {plan.output_dir} | run id {plan.run_id}")
 
 # -----------------------------------------------------------------------------
@@ -236,6 +238,7 @@ def save(step):
             "metrics": {"val_loss": val_loss, **metrics}, "totals": totals}
     save_training_checkpoint(plan.output_dir, step, orig_model, optimizers, run_state, meta, ddp_rank, ddp_world_size,
                              device)
+    prune_checkpoints(plan.output_dir, config["keep_last"], ddp_rank)
 
 
 # -----------------------------------------------------------------------------

@@ -20,16 +20,20 @@ import hashlib
 import os
 import shutil
 import sys
+import tempfile
 
 import torch
 
-from nanochat.checkpoint_manager import (SOURCE_DIRS, find_last_step, load_checkpoint, new_run_id, save_checkpoint,
-                                         tokenizer_sha256)
+from nanochat.checkpoint_manager import SOURCE_DIRS, find_last_step, load_checkpoint, save_checkpoint
+from nanochat.checks import first_nonfinite
 from nanochat.common import UserError, get_base_dir, get_git_commit, install_error_handler, print0
 from nanochat.config import Option, load_config
+from nanochat.folder_lock import LOCK_FILE, lock_output_folder
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.nanochat_import import (find_nanochat_checkpoint, old_token_bytes_mismatches, read_meta, read_tensors,
-                                      tokenizer_from_pickle, unsupported_parts)
+                                      tensor_file_limit, tokenizer_from_pickle, unsupported_config,
+                                      unsupported_parts)
+from nanochat.runs import default_output_tag, new_run_id, tokenizer_sha256
 from nanochat.tokenizer import RustBPETokenizer, compute_token_bytes
 
 install_error_handler()  # a UserError prints one line `error: ...` and exits with code 2
@@ -62,18 +66,25 @@ phase = config["phase"]
 src = find_nanochat_checkpoint(config["path"], phase, config["model_tag"], config["step"])
 step = src["step"]
 print0(f"Importing {src['model']} (step {step})")
-src_meta = read_meta(src["meta"])
-state_dict = read_tensors(src["model"])
+src_meta = read_meta(src["meta"])  # model_config numbers checked: integers within bounds
+model_config = src_meta["model_config"]
+problems = unsupported_config(model_config)  # the config first: it bounds how much may be read
+if problems:
+    raise UserError(f"{src['meta']}: this checkpoint uses parts this project's model does not have (nanochat's "
+                    f"architecture after October 2025?): {'; '.join(problems)}")
+config_obj = GPTConfig(**model_config)
+state_dict = read_tensors(src["model"], tensor_file_limit(config_obj))
 if not isinstance(state_dict, dict):
     raise UserError(f"{src['model']}: expected a state dict, found {type(state_dict).__name__}")
 state_dict = {k.removeprefix("_orig_mod."): v for k, v in state_dict.items()}  # torch.compile's key prefix
-model_config = src_meta["model_config"]
 problems = unsupported_parts(state_dict, model_config)
 if problems:
     raise UserError(f"{src['model']}: this checkpoint uses parts this project's model does not have (nanochat's "
                     f"architecture after October 2025?): {'; '.join(problems)}. Only October-2025-style nanochat "
                     "checkpoints (transformer.wte, h.*.attn.c_q/c_k/c_v/c_proj, h.*.mlp.c_fc/c_proj, lm_head) import")
-config_obj = GPTConfig(**{k: int(v) for k, v in model_config.items()})
+bad = first_nonfinite(state_dict.items())
+if bad is not None:
+    raise UserError(f"{src['model']}: parameter '{bad}' holds NaN/inf; nothing was imported (pick a good step)")
 tokenizer = tokenizer_from_pickle(src["tokenizer_pkl"])
 if tokenizer.get_vocab_size() > config_obj.vocab_size:
     raise UserError(f"{src['tokenizer_pkl']}: tokenizer vocab {tokenizer.get_vocab_size()} is larger than the "
@@ -81,7 +92,7 @@ if tokenizer.get_vocab_size() > config_obj.vocab_size:
 token_bytes = compute_token_bytes(tokenizer)
 optim_data = None
 if src["optim"] and config["optimizer"]:
-    optim_data = read_tensors(src["optim"])
+    optim_data = read_tensors(src["optim"], tensor_file_limit(config_obj, copies=4))  # moments + momentum buffers
 sha = hashlib.sha256()  # identifies the source, so that re-running the same import is a no-op
 with open(src["model"], "rb") as f:
     for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -93,8 +104,9 @@ source_sha256 = sha.hexdigest()
 
 base_dir = get_base_dir()
 tokenizer_dir = os.path.join(base_dir, "tokenizer")
-output_tag = config["output_tag"] or f"d{config_obj.n_layer}"
-checkpoint_dir = os.path.join(base_dir, SOURCE_DIRS[phase], output_tag)
+output_tag = default_output_tag(config["output_tag"], model_config)  # a folder name, never a path
+checkpoints_dir = os.path.join(base_dir, SOURCE_DIRS[phase])
+checkpoint_dir = os.path.join(checkpoints_dir, output_tag)
 if os.path.realpath(checkpoint_dir) == os.path.realpath(src["checkpoint_dir"]):
     raise UserError(f"{checkpoint_dir} is the folder being imported; point NANOCHAT_BASE_DIR at another folder")
 
@@ -114,8 +126,9 @@ if os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json")):
         raise UserError(f"{tokenizer_dir} holds a different tokenizer; every checkpoint of this base dir uses it. "
                         "Import into a fresh NANOCHAT_BASE_DIR, or pass --overwrite 1 to replace it")
 
+lock_output_folder(checkpoint_dir)  # no training run may be writing there while it is replaced
 write_checkpoint = True
-if os.path.isdir(checkpoint_dir) and os.listdir(checkpoint_dir):
+if any(name != LOCK_FILE for name in os.listdir(checkpoint_dir)):
     try:
         _, _, old_meta = load_checkpoint(checkpoint_dir, find_last_step(checkpoint_dir), "cpu")
         old_source = old_meta.get("import", {}).get("source_sha256")
@@ -129,37 +142,49 @@ if os.path.isdir(checkpoint_dir) and os.listdir(checkpoint_dir):
                         "--output_tag, or pass --overwrite 1 to replace that folder")
 
 # -----------------------------------------------------------------------------
-# Write: tokenizer (text formats), then the checkpoint through the project's save_checkpoint
+# Write, after every check has passed: both parts are staged in temp folders beside their targets, then the
+# checkpoint folder is swapped in and, last, the tokenizer files replaced (each file atomically), so a failure
+# before this point changes nothing and the old tokenizer never meets a missing checkpoint
 
+staging = tempfile.mkdtemp(prefix=".import-", dir=base_dir)
 if write_tokenizer:
-    replacing = os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json"))
-    tokenizer.save(tokenizer_dir)  # ranks + json + token_bytes.npy recomputed from the raw token bytes
-    print0(f"Wrote the tokenizer to {tokenizer_dir}" + (" (replaced: --overwrite 1; other checkpoints of this base "
-                                                      "dir were made with the old one)" if replacing else ""))
-if src["token_bytes"]:
-    mismatches = old_token_bytes_mismatches(src["token_bytes"], token_bytes)
-    if mismatches:
-        print0(f"note: nanochat's token_bytes.pt differs at {len(mismatches)} ids (older nanochat counted tokens that "
-               "are not valid UTF-8 alone, e.g. bytes 128-255, as 3 bytes); recomputed from the raw bytes")
+    tokenizer.save(os.path.join(staging, "tokenizer"))  # ranks + json + token_bytes.npy from the raw token bytes
+new_tokenizer_sha = tokenizer_sha256(os.path.join(staging, "tokenizer") if write_tokenizer else tokenizer_dir)
 if write_checkpoint:
-    if os.path.isdir(checkpoint_dir):
-        shutil.rmtree(checkpoint_dir)  # --overwrite 1 was given (checked above)
     metrics = {k: v for k, v in src_meta.items() if isinstance(v, (int, float)) and k != "step"}
     meta = {
         "step": step,
-        "model_config": {k: int(v) for k, v in model_config.items()},
+        "model_config": model_config,
         "source": "nanochat import",
         "phase": phase,
         "run_id": new_run_id(),  # this import owns its output folder, as a training run would
         "run_name": "nanochat import",
-        "tokenizer_sha256": tokenizer_sha256(tokenizer_dir),  # ties the checkpoint to the tokenizer written above
+        "tokenizer_sha256": new_tokenizer_sha,  # ties the checkpoint to the tokenizer written below
         "user_config": src_meta.get("user_config", {}),
         "metrics": metrics,
         "git_commit": get_git_commit(),
         "import": {"path": os.path.abspath(src["model"]), "source_sha256": source_sha256,
                    "nanochat_meta": src_meta},
     }
-    save_checkpoint(checkpoint_dir, step, state_dict, optim_data, meta)
+    staged_checkpoint = tempfile.mkdtemp(prefix=f".import-{output_tag}-", dir=checkpoints_dir)
+    save_checkpoint(staged_checkpoint, step, state_dict, optim_data, meta)
+    replaced = tempfile.mkdtemp(prefix=f".replaced-{output_tag}-", dir=checkpoints_dir)
+    os.rename(checkpoint_dir, os.path.join(replaced, output_tag))  # --overwrite 1 was given (checked above)
+    os.rename(staged_checkpoint, checkpoint_dir)
+    shutil.rmtree(replaced)
+if write_tokenizer:
+    replacing = os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json"))
+    os.makedirs(tokenizer_dir, exist_ok=True)
+    for name in sorted(os.listdir(os.path.join(staging, "tokenizer"))):
+        os.replace(os.path.join(staging, "tokenizer", name), os.path.join(tokenizer_dir, name))
+    print0(f"Wrote the tokenizer to {tokenizer_dir}" + (" (replaced: --overwrite 1; other checkpoints of this base "
+                                                      "dir were made with the old one)" if replacing else ""))
+shutil.rmtree(staging)
+if src["token_bytes"]:
+    mismatches = old_token_bytes_mismatches(src["token_bytes"], token_bytes)
+    if mismatches:
+        print0(f"note: nanochat's token_bytes.pt differs at {len(mismatches)} ids (older nanochat counted tokens that "
+               "are not valid UTF-8 alone, e.g. bytes 128-255, as 3 bytes); recomputed from the raw bytes")
 
 # -----------------------------------------------------------------------------
 # Summary and what to run next

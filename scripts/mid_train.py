@@ -27,16 +27,17 @@ import time
 
 import torch
 
-from nanochat.checkpoint_manager import (build_model, describe_checkpoint, load_resume, prepare_finetune, run_options,
-                                         save_training_checkpoint, tokenizer_sha256)
+from nanochat.checkpoint_manager import build_model, describe_checkpoint
 from nanochat.checks import check_finite_parameters
 from nanochat.common import (all_reduce_values, autocast_ctx, autodetect_device_type, compute_cleanup, compute_init,
                              get_dist_info, get_peak_flops, init_wandb, install_error_handler, print0)
-from nanochat.config import Option, load_config
+from nanochat.config import Option, load_config, run_options
 from nanochat.dataloader import conversation_data_loader, count_conversation_tokens
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.perf import compile_enabled, compile_model, mfu
 from nanochat.report import get_report
+from nanochat.runs import (check_resume_config, load_resume, prepare_finetune, prune_checkpoints,
+                           save_training_checkpoint, tokenizer_sha256)
 from nanochat.schedules import (lr_multiplier, muon_momentum, num_grad_accum_steps, scale_initial_lr,
                                 set_lr_multiplier, set_momentum)
 from nanochat.train_loop import (clip_gradients, counts_toward_time, every, format_train_step, fresh_loop_state,
@@ -81,7 +82,7 @@ OPTIONS = [
     Option("skip_unavailable", list, ["MMLU:auxiliary_train:train"],
            "mixture entries that are dropped (with a warning) when their data cannot be loaded"),
     Option("max_conversation_tokens", int, 2048, "longer rendered conversations are truncated", min=2),
-    *run_options("mid_checkpoints"),  # output_tag, overwrite, save_every, resume (checkpoint_manager)
+    *run_options("mid_checkpoints"),  # output_tag, overwrite, save_every, resume (nanochat.config)
 ]
 script_start = time.time()  # the stage's wall-clock time goes into its report section
 config = load_config(OPTIONS, description=__doc__)
@@ -107,6 +108,7 @@ wandb_run = init_wandb(config["run"], "nanochat-mid", config, ddp_rank)
 source_dir, source_step, _, plan = prepare_finetune("base", config["model_tag"], config["step"], "mid_checkpoints",
                                                     config["output_tag"], config["resume"], config["overwrite"],
                                                     ddp_rank, ddp_world_size)
+check_resume_config(plan, config)  # same data order and batch as the resumed run
 checkpoint_dir = plan.output_dir
 tokenizer_sha = tokenizer_sha256()
 print0(f"Output folder: {checkpoint_dir} | run id {plan.run_id}")
@@ -196,6 +198,7 @@ def save(step):
             "val_bpb": val_bpb, "source_dir": source_dir, "base_step": source_step}
     save_training_checkpoint(checkpoint_dir, step, orig_model, optimizers, run_state, meta, ddp_rank, ddp_world_size,
                              device)
+    prune_checkpoints(checkpoint_dir, config["keep_last"], ddp_rank)
 
 
 # -----------------------------------------------------------------------------

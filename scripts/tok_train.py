@@ -16,11 +16,11 @@ Writes the "Tokenizer training" report section. Tests: tests/test_tokenizer.py (
 import os
 import time
 
-from nanochat.checkpoint_manager import checkpoints_trained_with, probe_writable, tokenizer_sha256
 from nanochat.common import UserError, get_base_dir, install_error_handler, print0
 from nanochat.config import Option, load_config
 from nanochat.dataset import list_parquet_files, parquets_iter_batched
 from nanochat.report import get_report
+from nanochat.runs import checkpoints_trained_with, probe_writable, tokenizer_sha256
 from nanochat.tokenizer import SPECIAL_TOKENS, RustBPETokenizer, get_token_bytes
 
 install_error_handler()  # a UserError prints one line `error: ...` and exits with code 2

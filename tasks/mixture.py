@@ -36,7 +36,6 @@ import importlib
 import importlib.util
 import inspect
 import json
-import math
 import os
 import sys
 
@@ -128,9 +127,25 @@ def unquote(field):
     return field
 
 
+TASK_MODULE_ROOTS = ("tasks", "configs")  # where a spec may import a custom task from (+ NANOCHAT_TASK_MODULES)
+MAX_REPEATS = 1000  # *N and @w bounds: nanochat oversamples by 2-4; a billion copies is a typo, not a mixture
+
+
+def allowed_task_module(module_name, environ=os.environ):
+    """Whether a mixture spec may import `module_name`: modules under tasks/ or configs/, or under a module listed
+    in $NANOCHAT_TASK_MODULES (comma-separated). A config file is data: it must not import any module it names."""
+    extra = [m.strip() for m in environ.get("NANOCHAT_TASK_MODULES", "").split(",") if m.strip()]
+    return any(module_name == root or module_name.startswith(root + ".") for root in (*TASK_MODULE_ROOTS, *extra))
+
+
 def _custom_arg_names(module_name, class_name, fail):
     """The positional parameter names of a custom Task subclass's constructor (start/stop/step excluded), and
-    the class itself. Imports the module: the working directory is searched too (as `python -m` does)."""
+    the class itself. Imports the module (only an allowed one: allowed_task_module): the working directory is
+    searched too (as `python -m` does)."""
+    if not allowed_task_module(module_name):
+        raise fail(f"module '{module_name}' may not be imported by a mixture spec: custom tasks come from modules "
+                   f"under tasks/ or configs/ (e.g. configs.my_task), or from modules listed in NANOCHAT_TASK_MODULES "
+                   f"(comma-separated, e.g. NANOCHAT_TASK_MODULES={module_name.split('.')[0]})")
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
@@ -283,16 +298,16 @@ def _check_numbers(slices, repeats, weight, fail):
     if out.get("stop") is not None and out["stop"] <= out.get("start", 0):
         raise fail(f"stop ({out['stop']}) must be greater than start ({out.get('start', 0)})")
     if repeats is not None:
-        if not str(repeats).strip().isdigit() or int(repeats) < 1:
-            raise fail(f"repeats {str(repeats).strip()!r} must be a positive integer")
+        if not str(repeats).strip().isdigit() or not 1 <= int(repeats) <= MAX_REPEATS:
+            raise fail(f"repeats {str(repeats).strip()!r} must be a positive integer of at most {MAX_REPEATS}")
         out["repeats"] = int(repeats)
     if weight is not None:
         try:
             w = float(weight)
         except (TypeError, ValueError):
             raise fail(f"weight {str(weight).strip()!r} is not a number") from None
-        if not (w > 0 and math.isfinite(w)):
-            raise fail(f"weight must be a positive number, got {w}")
+        if not (0 < w <= MAX_REPEATS):
+            raise fail(f"weight must be a positive number of at most {MAX_REPEATS}, got {w}")
         out["weight"] = w
     return out
 

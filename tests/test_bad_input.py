@@ -396,3 +396,81 @@ def test_chat_cli_ctrl_c_stops_the_answer_and_keeps_the_session(tmp_path, tokeni
     assert proc.returncode == 0 and b"Traceback" not in err, err.decode()[-2000:]
     assert "(answer stopped)" in out
     assert out.count("Assistant:") == 2  # the session went on and answered the second message
+
+
+# ---------------------------------------------------------------------------------------------------------
+# issue 24: config files that are not text, disk full, torch's advice, sizes that cannot be allocated
+
+
+def test_config_file_not_utf8_or_not_a_file_is_one_line(tmp_path):
+    from nanochat.config import Option, load_config
+
+    options = [Option("run", str, "dummy", "")]
+    latin1 = tmp_path / "latin1.cfg"
+    latin1.write_bytes('run = "ok"\n# caf\xe9\n'.encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.cfg:2: byte 0xe9 is not UTF-8"):
+        load_config(options, ["--config", str(latin1)], verbose=False)
+    with pytest.raises(ConfigError, match="/dev/zero is not a regular file"):
+        load_config(options, ["--config", "/dev/zero"], verbose=False)
+    fifo = tmp_path / "fifo.cfg"
+    os.mkfifo(fifo)  # opening it would wait for a writer forever
+    with pytest.raises(ConfigError, match="not a regular file"):
+        load_config(options, ["--config", str(fifo)], verbose=False)
+    big = tmp_path / "big.cfg"
+    with open(big, "wb") as f:
+        f.truncate(1 << 30)
+    with pytest.raises(ConfigError, match="more than 1,048,576"):
+        load_config(options, ["--config", str(big)], verbose=False)
+    result = run_script("scripts.base_train", "--config", str(latin1), base_dir=tmp_path)
+    assert_one_line_error(result, "latin1.cfg:2", "UTF-8")
+
+
+def test_disk_full_during_a_save_says_what_was_saved(tmp_path, monkeypatch):
+    import errno
+
+    from nanochat import checkpoint_manager
+
+    d = str(tmp_path / "ckpt")
+    save_checkpoint(d, 5, {"w": torch.zeros(2)}, None, {"step": 5})
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(checkpoint_manager, "atomic_write_bytes", full)
+    with pytest.raises(UserError) as e:
+        save_checkpoint(d, 10, {"w": torch.ones(2)}, [{"state": {}}], {"step": 10})
+    msg = str(e.value)
+    assert "disk full" in msg and "step 10 was not saved" in msg and "last complete checkpoint there is step 5" in msg
+    assert sorted(os.listdir(d)) == ["meta_000005.json", "model_000005.safetensors"]
+
+
+def test_bad_pt_errors_never_quote_the_weights_only_advice(tmp_path):
+    from nanochat.runs import load_run_state, run_state_path
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    d = str(tmp_path)
+    save_checkpoint(d, 3, {"w": torch.zeros(2)}, [{"state": {}}], {"step": 3})
+    for path in (os.path.join(d, "optim_000003_rank0.pt"), run_state_path(d, 3, 0)):
+        torch.save({"x": Payload()}, path)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(d, 3, "cpu", load_optimizer=True)
+    with pytest.raises(UserError) as e2:
+        load_run_state(d, 3, 0, 1, 10, "cpu")
+    for err in (e, e2):
+        msg = str(err.value)
+        assert "weights_only" not in msg and "arbitrary code" not in msg and "posix.system" in msg, msg
+
+
+def test_sizes_that_cannot_be_allocated_are_refused_before_allocation():
+    from nanochat.perf import check_memory, training_memory_bytes
+
+    with torch.device("meta"):  # nothing allocated: the size is known from the meta model
+        huge = GPT(config_from_depth(64, 65536, 10**8))  # --depth=64 --max_seq_len=1e8: terabytes of rotary table
+        small = GPT(config_from_depth(2, 256, 64, head_dim=16, aspect_ratio=16))
+    with pytest.raises(UserError, match=r"training depth 64 needs at least [\d,.]+ GiB, but cpu has"):
+        check_memory(training_memory_bytes(huge), "cpu", "training depth 64", "pick a smaller depth")
+    check_memory(training_memory_bytes(small), "cpu", "training depth 2", "pick a smaller depth")
+    assert training_memory_bytes(small) >= 4 * 4 * sum(p.numel() for p in small.parameters())

@@ -291,7 +291,8 @@ def _save_source(base_dir, with_optimizer, steps=2):
 
 
 def test_load_optimizer_warm_start_equals_hand_computed_step(tmp_path, monkeypatch):
-    from nanochat.checkpoint_manager import load_optimizer_warm_start, resolve_checkpoint
+    from nanochat.checkpoint_manager import resolve_checkpoint
+    from nanochat.runs import load_optimizer_warm_start
     from nanochat.muon import zeropower_via_newtonschulz5
 
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
@@ -355,7 +356,8 @@ def test_load_optimizer_warm_start_equals_hand_computed_step(tmp_path, monkeypat
 
 
 def test_load_optimizer_without_source_state_is_a_user_error(tmp_path, monkeypatch):
-    from nanochat.checkpoint_manager import load_optimizer_warm_start, resolve_checkpoint
+    from nanochat.checkpoint_manager import resolve_checkpoint
+    from nanochat.runs import load_optimizer_warm_start
 
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     model, _ = _save_source(str(tmp_path), with_optimizer=False, steps=1)

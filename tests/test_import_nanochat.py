@@ -115,7 +115,7 @@ def test_import_summary_and_logits_equal_exactly(imported, monkeypatch):
     model, tokenizer, meta = load_model("base", "cpu", "eval")
     assert meta["source"] == "nanochat import" and meta["step"] == STEP and meta["model_config"] == vars(CONFIG)
     assert meta["metrics"]["val_bpb"] == 1.2345
-    from nanochat.checkpoint_manager import tokenizer_sha256  # the import owns its folder and is tied to its tokenizer
+    from nanochat.runs import tokenizer_sha256  # the import owns its folder and is tied to its tokenizer
     assert meta["run_name"] == "nanochat import" and meta["run_id"]
     assert meta["tokenizer_sha256"] == tokenizer_sha256(os.path.join(imported["base"], "tokenizer"))
     ref = reference_model(imported["sd"])
@@ -373,3 +373,132 @@ def test_load_checkpoint_accepts_nanochat_single_optimizer_file(tmp_path):
     assert torch.equal(optim[0]["state"][0]["exp_avg"], torch.full((2,), 7.0))
     with pytest.raises((FileNotFoundError, UserError)):  # rank 1 has no state in nanochat's single file
         load_checkpoint(str(tmp_path), STEP, "cpu", load_optimizer=True, rank=1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# hostile or broken imports (issue 24): nothing of the user's is replaced unless every check passed
+
+
+def test_output_tag_is_a_name_never_a_path(tmp_path, tokenizer, monkeypatch):
+    src = tmp_path / "src"
+    write_nanochat_folder(str(src), tokenizer)
+    victim = tmp_path / "precious"
+    victim.mkdir()
+    (victim / "thesis.txt").write_text("years of work")
+    base = tmp_path / "base"
+    import_in_process(monkeypatch, base, src, "--phase", "base")  # a d2 checkpoint to protect
+    before = sorted(os.listdir(base / "base_checkpoints"))
+    for tag in (str(victim), ".", "..", "../tokenizer", ""):
+        with pytest.raises(UserError, match="plain folder name"):
+            import_in_process(monkeypatch, base, src, "--phase", "base", "--output_tag", tag, "--overwrite", "1")
+    assert (victim / "thesis.txt").read_text() == "years of work"
+    assert sorted(os.listdir(base / "base_checkpoints")) == before
+
+
+def test_nan_weights_replace_nothing(tmp_path, tokenizer, monkeypatch):
+    from nanochat.runs import tokenizer_sha256
+    from nanochat.tokenizer import RustBPETokenizer
+
+    base = tmp_path / "base"
+    good = tmp_path / "good"
+    write_nanochat_folder(str(good), tokenizer)
+    import_in_process(monkeypatch, base, good, "--phase", "base")
+    before = {p: open(p, "rb").read() for p in map(str, (base / "tokenizer").iterdir())}
+    ckpt_before = sorted(os.listdir(base / "base_checkpoints" / "d2"))
+    # another tokenizer and NaN weights, with --overwrite 1: refused before either is written
+    small = RustBPETokenizer.from_ranks({bytes([i]): i for i in range(256)} | {b"ab": 256})
+    bad = tmp_path / "bad"
+    sd = nanochat_state_dict(seed=3)
+    sd["lm_head.weight"][0, 0] = float("nan")
+    write_nanochat_folder(str(bad), tokenizer, sd)
+    with open(bad / "tokenizer.pkl", "wb") as f:
+        pickle.dump(small.enc, f)
+    with pytest.raises(UserError, match="lm_head.weight' holds NaN/inf"):
+        import_in_process(monkeypatch, base, bad, "--phase", "base", "--overwrite", "1")
+    assert {p: open(p, "rb").read() for p in before} == before
+    assert sorted(os.listdir(base / "base_checkpoints" / "d2")) == ckpt_before
+    assert tokenizer_sha256(str(base / "tokenizer")) is not None
+    assert not [n for n in os.listdir(base) if n.startswith(".import-")]
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("sequence_len", 0, "sequence_len = 0 must be an integer from 1"),
+    ("sequence_len", 10**9, "sequence_len = 1000000000 must be an integer from 1 to 1048576"),
+    ("n_layer", 2.7, "n_layer = 2.7 must be an integer"),
+    ("n_layer", 200000, "n_layer = 200000"),
+    ("n_embd", -64, "n_embd = -64"),
+    ("vocab_size", float("inf"), "vocab_size = inf"),
+    ("n_head", "4", "n_head = '4'"),
+    ("n_head", 3, "do not fit"),
+])
+def test_meta_numbers_are_checked(tmp_path, tokenizer, monkeypatch, key, value, message):
+    src = tmp_path / "src"
+    write_nanochat_folder(str(src), tokenizer, meta_extra={"model_config": dict(vars(CONFIG), **{key: value})})
+    with pytest.raises(UserError, match=message):
+        import_in_process(monkeypatch, tmp_path / "base", src, "--phase", "base")
+    assert not (tmp_path / "base" / "base_checkpoints").exists()
+
+
+def test_meta_with_infinity_is_one_line(tmp_path, tokenizer):
+    src = tmp_path / "src"
+    write_nanochat_folder(str(src), tokenizer)
+    meta = src / f"meta_{STEP:06d}.json"
+    meta.write_text(meta.read_text().replace('"sequence_len": 128', '"sequence_len": Infinity'))
+    out = run_import(tmp_path / "base", src, "--phase", "base")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()] and "sequence_len = inf" in out.stderr
+
+
+def test_files_are_regular_and_bounded(tmp_path, tokenizer, monkeypatch):
+    src = tmp_path / "src"
+    write_nanochat_folder(str(src), tokenizer)
+    model = src / f"model_{STEP:06d}.pt"
+    model.unlink()
+    os.symlink("/dev/zero", model)
+    with pytest.raises(UserError, match="not a regular file"):
+        import_in_process(monkeypatch, tmp_path / "base", src, "--phase", "base")
+    model.unlink()
+    with open(model, "wb") as f:  # a file far larger than a 2-layer model can be (sparse: no disk used)
+        f.truncate(1 << 40)
+    with pytest.raises(UserError, match="more than the"):
+        import_in_process(monkeypatch, tmp_path / "base", src, "--phase", "base")
+    write_nanochat_folder(str(src), tokenizer)
+    meta = src / f"meta_{STEP:06d}.json"
+    meta.unlink()
+    os.mkfifo(meta)  # opening a FIFO would block forever
+    with pytest.raises(UserError, match="not a regular file"):
+        import_in_process(monkeypatch, tmp_path / "base", src, "--phase", "base")
+
+
+def test_bad_tokenizer_state_is_one_line(tokenizer, monkeypatch):
+    from nanochat.nanochat_import import _encoding_state_problem
+
+    ranks = {bytes([i]): i for i in range(256)}
+    assert "collide" in _encoding_state_problem({"name": "x", "pat_str": ".", "mergeable_ranks": ranks,
+                                                 "special_tokens": {"<|bos|>": 300, "<|user_start|>": 300}})
+    assert "collide" in _encoding_state_problem({"name": "x", "pat_str": ".", "mergeable_ranks": ranks,
+                                                 "special_tokens": {"<|bos|>": 17}})
+    enc = tokenizer.enc  # an Encoding whose pattern tiktoken cannot compile (it is only compiled on build)
+    state = {"name": enc.name, "pat_str": "(unclosed", "mergeable_ranks": enc._mergeable_ranks,
+             "special_tokens": enc._special_tokens}
+    from nanochat import nanochat_import
+
+    monkeypatch.setattr(nanochat_import, "load_tiktoken_pickle", lambda path: state)
+    with pytest.raises(UserError, match="pat_str '\\(unclosed' is not a valid pattern"):
+        nanochat_import.tokenizer_from_pickle("tokenizer.pkl")
+
+
+def test_import_into_a_folder_a_live_run_owns_is_refused(tmp_path, tokenizer, monkeypatch):
+    import socket
+
+    from nanochat.folder_lock import LOCK_FILE
+
+    src = tmp_path / "src"
+    write_nanochat_folder(str(src), tokenizer)
+    target = tmp_path / "base" / "base_checkpoints" / "d2"
+    target.mkdir(parents=True)
+    (target / LOCK_FILE).write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(),
+                                                "started": "now", "command": "base_train"}))
+    with pytest.raises(UserError, match="in use by another run"):
+        import_in_process(monkeypatch, tmp_path / "base", src, "--phase", "base", "--overwrite", "1")
+    assert os.listdir(target) == [LOCK_FILE]

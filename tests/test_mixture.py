@@ -39,6 +39,8 @@ def test_parse_task_spec_examples():
     ("SmolTalk:train:1:2:3:4", "too many fields"),
     ("SmolTalk:train*0", "positive integer"),
     ("SmolTalk:train*x", "positive integer"),
+    ("SmolTalk:train*99999999999", "positive integer of at most 1000"),  # was a list of 1e11 entries
+    ("SmolTalk:train@1e12", "positive number of at most 1000"),
     ("SmolTalk:train@-1", "positive number"),
     ("SmolTalk:train@abc", "not a number"),
     ("", "non-empty"),
@@ -145,10 +147,12 @@ def test_custom_task_from_a_module(monkeypatch):
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("no_such_pkg.module:MyTask", "cannot import module 'no_such_pkg.module'"),
+    ("tasks.no_such_module:MyTask", "cannot import module 'tasks.no_such_module'"),
+    ("no_such_pkg.module:MyTask", "may not be imported by a mixture spec.*NANOCHAT_TASK_MODULES=no_such_pkg"),
     ("configs.examples.my_custom_task:NoSuchTask", "has no class 'NoSuchTask' .*MyCustomTask"),
     ("configs.examples.my_custom_task:Task", None),
-    ("json:JSONDecoder", "not a subclass of tasks.common.Task"),
+    ("json:JSONDecoder", "'json' may not be imported"),
+    ("tasks.common:DatasetNotFoundError", "not a subclass of tasks.common.Task"),
     ("configs.examples.my_custom_task", "module:Class"),
 ])
 def test_custom_task_errors(spec, message, monkeypatch):

@@ -3,7 +3,7 @@ Runs that never clobber each other: a run owns its output folder (run_id in meta
 refused before anything is loaded, overwrite = 1 replaces it), the writable probe, one resume design for
 base_train / mid_train / chat_sft (per-rank run state, find_resumable_step, bit-exact), tokenizer identity
 (sha256 in meta, checked on load, tok_train refuses to replace a tokenizer in use), and reports that keep
-per-task results. Unit tests of nanochat/checkpoint_manager.py and nanochat/report.py first, then behaviour
+per-task results. Unit tests of nanochat/runs.py and nanochat/report.py first, then behaviour
 tests through the scripts as subprocesses (CPU, tiny models, one shared tiny base checkpoint).
 
     NANOCHAT_DATA_DIR=/work/shared/data .venv/bin/python -m pytest tests/test_runs.py
@@ -24,10 +24,10 @@ import numpy as np
 import pytest
 import torch
 
-from nanochat.checkpoint_manager import (check_tokenizer, checkpoints_trained_with, find_resumable_step,
-                                         load_checkpoint, load_run_state, prepare_run, probe_writable,
-                                         save_checkpoint, save_run_state, tokenizer_sha256)
+from nanochat.checkpoint_manager import load_checkpoint, save_checkpoint
 from nanochat.common import UserError
+from nanochat.runs import (check_tokenizer, checkpoints_trained_with, find_resumable_step, load_run_state, prepare_run,
+                           probe_writable, save_run_state, tokenizer_sha256)
 from nanochat.report import Report, format_task_results, task_metrics
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -133,7 +133,18 @@ def test_fresh_run_into_another_runs_folder_is_refused_and_overwrite_replaces_it
     assert _digest(out_dir) == before  # nothing touched, no probe file left behind
     plan = prepare_run(out_dir, resume="0", overwrite=1)
     assert plan.resume_dir is None and plan.run_id != "run-a"
-    assert sorted(os.listdir(out_dir)) == ["notes.txt"]  # only checkpoint files are removed
+    # only checkpoint files are set aside (removed at the new run's first save); the new run owns the folder
+    assert sorted(os.listdir(out_dir)) == [".replaced", ".run.lock", "notes.txt"]
+    from nanochat.runs import discard_set_aside, restore_set_aside
+
+    restore_set_aside(out_dir)  # the new run stopped before its first save (a bad option, a missing dataset)
+    assert _digest(out_dir) == before | {".run.lock": _digest(out_dir)[".run.lock"]}
+    plan = prepare_run(out_dir, resume="0", overwrite=1)
+    _fake_checkpoint(out_dir, 1, run_id=plan.run_id)
+    restore_set_aside(out_dir)  # no-op: the new run has saved
+    discard_set_aside(out_dir)
+    assert sorted(checkpoint_files(out_dir)) == ["meta_000001.json", "model_000001.safetensors", "notes.txt",
+                                                 "state_000001_rank0.pt"]
     with pytest.raises(UserError, match="contradict"):
         prepare_run(out_dir, resume="1", overwrite=1)
 
@@ -218,19 +229,160 @@ def test_tokenizer_hash_check(tmp_path, tokenizer):
 
 
 def test_output_tag_is_a_plain_folder_name():
-    from nanochat.checkpoint_manager import default_output_tag
+    from nanochat.runs import default_output_tag
 
     assert default_output_tag(None, {"n_layer": 4}) == "d4"
     assert default_output_tag("quokka-sft", {"n_layer": 4}) == "quokka-sft"
-    for bad in ("../elsewhere", "/tmp/x", ".."):
+    for bad in ("../elsewhere", "/tmp/x", "..", ".", "", " ", "a\\b", "x\ny"):
         with pytest.raises(UserError, match="plain folder name"):
             default_output_tag(bad, {"n_layer": 4})
+    from nanochat.checkpoint_manager import resolve_checkpoint  # model tags (read side) are names too
+    with pytest.raises(UserError, match="model_tag = '../base_checkpoints'"):
+        resolve_checkpoint("sft", "../base_checkpoints", None, "/nonexistent-base")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# unit tests: one live run per folder, temp files, keep_last, resume options, Ctrl-C
+
+
+def _dead_pid():
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def _write_lock(folder, pid, host=None):
+    import socket
+
+    from nanochat.folder_lock import LOCK_FILE
+
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, LOCK_FILE), "w") as f:
+        json.dump({"pid": pid, "host": host or socket.gethostname(), "started": "2026-12-01 10:00:00",
+                   "command": "scripts.chat_sft --run=other"}, f)
+
+
+def test_a_folder_has_one_live_run_and_a_stale_lock_is_taken_over(tmp_path):
+    from nanochat.folder_lock import LOCK_FILE, release_output_folder
+
+    out_dir = str(tmp_path / "out")
+    _write_lock(out_dir, os.getppid())  # a live process (pytest's parent) owns the folder
+    with pytest.raises(UserError) as e:
+        prepare_run(out_dir)
+    msg = str(e.value)
+    assert f"pid {os.getppid()}" in msg and "scripts.chat_sft --run=other" in msg and LOCK_FILE in msg
+    assert not os.listdir(out_dir) == [] and checkpoint_files(out_dir) == []
+    _write_lock(out_dir, 12345, host="another-host")  # another host: cannot be checked, refused as live
+    with pytest.raises(UserError, match="another-host"):
+        prepare_run(out_dir)
+    _write_lock(out_dir, _dead_pid())  # a killed run's lock: taken over
+    prepare_run(out_dir)
+    lock = os.path.join(out_dir, LOCK_FILE)
+    with open(lock) as f:
+        assert json.load(f)["pid"] == os.getpid()
+    prepare_run(out_dir, resume="1")  # this process again: its own lock
+    release_output_folder(lock)
+    assert not os.path.exists(lock)
+
+
+def checkpoint_files(folder):
+    return [n for n in os.listdir(folder) if not n.startswith(".")]
+
+
+def test_two_processes_started_at_once_one_is_refused(tmp_path):
+    """Two real processes race for one folder; exactly one owns it while both live."""
+    out_dir = str(tmp_path / "out")
+    code = ("import sys, time; from nanochat.runs import prepare_run; from nanochat.common import UserError\n"
+            "try:\n    prepare_run(sys.argv[1]); print('owner', flush=True); time.sleep(4)\n"
+            "except UserError as e:\n    print('refused', e, flush=True)")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)
+    procs = [subprocess.Popen([sys.executable, "-c", code, out_dir], stdout=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]
+    outs = sorted(p.communicate(timeout=120)[0].split()[0] for p in procs)
+    assert outs == ["owner", "refused"], outs
+
+
+def test_temp_files_of_a_killed_save_are_removed_at_the_next_start(tmp_path):
+    out_dir = str(tmp_path / "out")
+    _fake_checkpoint(out_dir, 3)
+    leftovers = [".tmp-model_000006.safetensors-k1ll3d", ".tmp-optim_000006_rank0.pt-x", ".tmp-meta_000006.json-y"]
+    for name in leftovers + [".tmp-notes.txt-mine"]:
+        with open(os.path.join(out_dir, name), "w") as f:
+            f.write("partial")
+    prepare_run(out_dir, resume="1")
+    names = set(os.listdir(out_dir))
+    assert not names & set(leftovers) and ".tmp-notes.txt-mine" in names and "meta_000003.json" in names
+
+
+def test_keep_last_keeps_the_newest_resumable_checkpoints(tmp_path):
+    from nanochat.config import run_options
+    from nanochat.runs import prune_checkpoints
+
+    assert {o.name: o.default for o in run_options("base_checkpoints")}["keep_last"] == -1
+    out_dir = str(tmp_path / "out")
+    save_checkpoint(out_dir, 1, {"w": torch.zeros(2)}, None, {"step": 1})  # not resumable: never pruned
+    for step in (2, 4, 6, 8):
+        _fake_checkpoint(out_dir, step)
+        save_run_state(out_dir, step, 1, 2, 10, {}, {}, {}, "cpu")  # a second rank's state file
+    assert prune_checkpoints(out_dir, -1) == []
+    assert prune_checkpoints(out_dir, 2) == [2, 4]
+    assert prune_checkpoints(out_dir, 2, rank=1) == [2, 4]
+    assert sorted(checkpoint_files(out_dir)) == sorted(
+        ["model_000001.safetensors", "meta_000001.json"]
+        + [f"{kind}_{step:06d}{ext}" for step in (6, 8) for kind, ext in
+           (("model", ".safetensors"), ("meta", ".json"), ("state", "_rank0.pt"), ("state", "_rank1.pt"))])
+    assert find_resumable_step(out_dir) == 8
+
+
+def test_resume_refuses_options_that_change_the_data_or_batch(tmp_path):
+    from nanochat.runs import check_resume_config
+
+    out_dir = str(tmp_path / "out")
+    saved = {"depth": 2, "total_batch_size": 512, "device_batch_size": 4, "max_seq_len": 64, "seed": 42,
+             "train_mixture": ["SmolTalk:train"], "packing": "pad", "eval_every": 10, "run": "a", "resume": "0"}
+    save_run_state(out_dir, 3, 0, 1, 10, {}, {}, {}, "cpu")
+    save_checkpoint(out_dir, 3, {"w": torch.zeros(2)}, None, {"step": 3, "user_config": saved, "run_id": "r"})
+    plan = prepare_run(out_dir, resume="1")
+    same = dict(saved, eval_every=50, run="b", resume="1", keep_last=2)  # logging and saving may change
+    check_resume_config(plan, same)
+    changed = dict(same, depth=4, total_batch_size=1024, train_mixture=["SmolTalk:train*2"], packing="bestfit")
+    with pytest.raises(UserError) as e:
+        check_resume_config(plan, changed)
+    msg = str(e.value)
+    for part in ("depth = 4 (the run had 2)", "total_batch_size = 1024 (the run had 512)",
+                 "train_mixture = ['SmolTalk:train*2']", "packing = 'bestfit'"):
+        assert part in msg, msg
+    assert "eval_every" not in msg and "max_seq_len" not in msg
+    for key, value in (("device_batch_size", 8), ("max_seq_len", 128), ("seed", 1)):
+        with pytest.raises(UserError, match=key):
+            check_resume_config(plan, dict(same, **{key: value}))
+    check_resume_config(prepare_run(str(tmp_path / "fresh")), changed)  # a fresh start compares nothing
+
+
+def test_ctrl_c_ends_in_one_line_naming_the_last_checkpoint(tmp_path):
+    from nanochat.runs import interrupt_note
+
+    out_dir = str(tmp_path / "out")
+    assert interrupt_note(out_dir, 7) == (f"stopped at step 7 (Ctrl-C); no checkpoint saved in {out_dir} "
+                                          f"(save_every = N saves resumable ones)")
+    _fake_checkpoint(out_dir, 5)
+    assert interrupt_note(out_dir, 7) == (f"stopped at step 7 (Ctrl-C); the last checkpoint is step 5 in "
+                                          f"{out_dir}; resume with resume = 1")
+    # the script's loop variable `step` is read at the interrupt, through the error handler
+    script = tmp_path / "train.py"
+    script.write_text("from nanochat.common import install_error_handler\nfrom nanochat.runs import prepare_run\n"
+                      f"install_error_handler()\nprepare_run({out_dir!r}, resume='1')\n"
+                      "for step in range(10):\n    if step == 7:\n        raise KeyboardInterrupt\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)
+    env.pop("NANOCHAT_DEBUG", None)
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 130 and out.stderr.strip().splitlines() == [interrupt_note(out_dir, 7)], out.stderr
 
 
 def test_prepare_finetune_resolves_checks_and_plans(tmp_path, tokenizer, monkeypatch):
     from tiny_checkpoint import make_tiny_checkpoint
 
-    from nanochat.checkpoint_manager import prepare_finetune
+    from nanochat.runs import prepare_finetune
 
     base_dir = str(tmp_path)
     monkeypatch.setenv("NANOCHAT_BASE_DIR", base_dir)  # the tokenizer check reads the tokenizer there
@@ -251,7 +403,7 @@ def test_prepare_finetune_resolves_checks_and_plans(tmp_path, tokenizer, monkeyp
 
 
 def test_load_resume_restores_run_state_and_optimizers(tmp_path):
-    from nanochat.checkpoint_manager import load_resume
+    from nanochat.runs import load_resume
 
     d = str(tmp_path)
     torch.manual_seed(0)
@@ -273,7 +425,7 @@ def test_load_resume_restores_run_state_and_optimizers(tmp_path):
 
 
 def test_save_training_checkpoint_writes_run_state_model_optimizers_and_meta(tmp_path):
-    from nanochat.checkpoint_manager import load_checkpoint, load_run_state, save_training_checkpoint
+    from nanochat.runs import load_run_state, save_training_checkpoint
     from nanochat.gpt import GPTConfig, random_model
 
     d = str(tmp_path)
@@ -388,7 +540,7 @@ def test_second_sft_run_into_the_same_folder_is_refused_early(runs_env, tmp_path
     config = tmp_path / "overwrite.txt"
     config.write_text("overwrite = 1  # replace the earlier run\nrun = 'third'\n")
     out = _run("scripts.chat_sft", base_dir, ["--config", str(config)] + _sft_args(runs_env, "--max_iterations=3"))
-    assert "overwrite = 1: removed 8 checkpoint files of run 'first'" in out.stdout
+    assert "overwrite = 1: set aside 8 checkpoint files of run 'first'" in out.stdout
     # only the new run's step-3 files are left (model weights may be .pt or .safetensors)
     assert sorted(name.split(".")[0] for name in os.listdir(out_dir)) == [
         "meta_000003", "model_000003", "optim_000003_rank0", "state_000003_rank0"]
@@ -469,7 +621,13 @@ def test_base_train_resume_is_bit_exact(tmp_path, data_dir, tokenizer):
     _interrupt_after(base_dir, tmp_path / "other", "base_checkpoints/d2", 6)
     out = _run("scripts.base_train", tmp_path / "other", [*args[:-1], "--num_iterations=8", "--resume=1"],
                expect=2)
-    assert "schedule of 6 steps, this run's options give 8" in _error_line(out)
+    assert "num_iterations = 8 (the run had 6)" in _error_line(out)
+    # so is another depth or batch (the model and data order of the run would silently change)
+    changed = [a for a in args if not a.startswith(("--depth", "--total_batch_size"))]
+    out = _run("scripts.base_train", tmp_path / "other", [*changed, "--depth=3", "--total_batch_size=512",
+                                                           "--output_tag=d2", "--resume=1"], expect=2)
+    line = _error_line(out)
+    assert "depth = 3 (the run had 2)" in line and "total_batch_size = 512 (the run had 256)" in line, line
 
 
 @pytest.mark.slow

@@ -4,7 +4,8 @@ checkpoint_manager.load_model expects. Not a test module (no test_ prefix)."""
 import os
 
 
-from nanochat.checkpoint_manager import SOURCE_DIRS, save_checkpoint, tokenizer_sha256
+from nanochat.checkpoint_manager import SOURCE_DIRS, save_checkpoint
+from nanochat.runs import tokenizer_sha256
 from nanochat.gpt import GPTConfig, random_model
 
 
