@@ -165,6 +165,10 @@ def build_hf_tokenizer(tokenizer):
 # message is merged into the first user message ("system\n\nuser"); assistant content is a string or a list of
 # parts {"type": "text" | "python" | "python_output", "text": ...}. With add_generation_prompt a final
 # assistant message is dropped and <|assistant_start|> appended, exactly as render_for_completion does.
+# {% generation %} marks what render_conversation supervises (mask 1: assistant text, python calls with their
+# delimiters, <|assistant_end|>; not <|assistant_start|> nor tool output), so that transformers'
+# apply_chat_template(..., return_assistant_tokens_mask=True) and TRL's assistant_only_loss train on the same
+# tokens as chat_sft.
 CHAT_TEMPLATE = (
     # text(): a string, or a list of {"type": "text", "text": ...} parts (the OpenAI-style form servers such as
     # vLLM may pass for user and system messages), joined
@@ -189,15 +193,16 @@ CHAT_TEMPLATE = (
     "{{ text(message['content']) }}<|user_end|>"
     "{%- elif message['role'] == 'assistant' -%}"
     "<|assistant_start|>"
-    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- if message['content'] is string -%}{%- generation -%}{{ message['content'] }}{%- endgeneration -%}"
     "{%- else -%}{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'text' -%}{{ part['text'] }}"
-    "{%- elif part['type'] == 'python' -%}<|python_start|>{{ part['text'] }}<|python_end|>"
+    "{%- if part['type'] == 'text' -%}{%- generation -%}{{ part['text'] }}{%- endgeneration -%}"
+    "{%- elif part['type'] == 'python' -%}"
+    "{%- generation -%}<|python_start|>{{ part['text'] }}<|python_end|>{%- endgeneration -%}"
     "{%- elif part['type'] == 'python_output' -%}<|output_start|>{{ part['text'] }}<|output_end|>"
     "{%- else -%}{{ raise_exception('unknown content part type ' + part['type']) }}"
     "{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
-    "<|assistant_end|>"
+    "{%- generation -%}<|assistant_end|>{%- endgeneration -%}"
     "{%- else -%}{{ raise_exception('unknown role ' + message['role']) }}"
     "{%- endif -%}"
     "{%- endfor -%}"

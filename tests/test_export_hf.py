@@ -295,6 +295,29 @@ def test_chat_template_equals_render_for_completion(gqa_export, tokenizer):
     assert "<|" not in hf_tok.decode(reply, skip_special_tokens=True)
 
 
+def test_assistant_tokens_mask_equals_render_conversation(gqa_export, tokenizer):
+    """The template's {% generation %} marks: transformers' assistant mask (what TRL's assistant_only_loss trains
+    on) equals render_conversation's supervision mask, ids included, for every conversation shape."""
+    _, _, _, hf_tok = gqa_export
+    conversations = CONVERSATIONS + [
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                      {"role": "user", "content": "c"}, {"role": "assistant", "content": "d e f"}]},
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Count: 1 2"},
+                      {"role": "assistant", "content": [{"type": "python", "text": "len('ab')"},
+                                                        {"type": "python_output", "text": "2"},
+                                                        {"type": "text", "text": "Two."}]}]},
+    ]
+    supervised = 0
+    for conversation in conversations:
+        out = hf_tok.apply_chat_template(conversation["messages"], tokenize=True, return_dict=True,
+                                         return_assistant_tokens_mask=True)
+        ids, mask = tokenizer.render_conversation(conversation, max_tokens=None)
+        assert list(out["input_ids"]) == ids, conversation
+        assert list(out["assistant_masks"]) == mask, conversation
+        supervised += sum(mask)
+    assert supervised > 20  # the masks are not all zero
+
+
 def test_fast_tokenizer_matches_on_real_text_with_a_larger_vocab(data_dir):
     """A 4096-token vocabulary trained on the mirror's pretraining text: the fast tokenizer's merges must follow
     tiktoken's rank order on held-out documents (the shared 1024-token tokenizer has few long merges)."""
