@@ -339,3 +339,19 @@ def test_compiled_loss_and_grads_equal_eager():
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
     for n in eager_grads:
         torch.testing.assert_close(compiled_grads[n], eager_grads[n], rtol=1e-4, atol=1e-5)
+
+
+def test_loss_over_the_cropped_vocabulary_chunked_or_not():
+    """The loss uses only the real vocabulary's rows of the padded lm_head: equal to the cross-entropy of the
+    (cropped) logits, chunked or not."""
+    cfg = config_2026()
+    model = random_model(cfg, seed=7, output_std=0.05)
+    assert model.lm_head.weight.shape[0] == 256 > V
+    gen = torch.Generator().manual_seed(5)
+    idx, targets = torch.randint(0, V, (2, 20), generator=gen), torch.randint(0, V, (2, 20), generator=gen)
+    targets[0, :3] = -1
+    with torch.no_grad():
+        want = torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), targets.flatten(), ignore_index=-1)
+        for chunk in (0, 7):
+            model.loss_chunk_size = chunk
+            torch.testing.assert_close(model(idx, targets), want, rtol=1e-6, atol=1e-6)
