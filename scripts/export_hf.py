@@ -107,7 +107,7 @@ try:
                f"max |logit difference| vs this project's model, fp32 on CPU: {diff:.3g}")
         if not diff <= 1e-3:
             raise RuntimeError(f"exported model disagrees with the project's model (max |diff| {diff})")
-        hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_dir)
+        hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_dir, trust_remote_code=remote_code)
         sample = "Hello world! def f(x):\n    return x ** 2  # café 日本語 🙂 12345"
         if hf_tok(sample, add_special_tokens=False)["input_ids"] != tokenizer.encode(sample):
             raise RuntimeError("exported tokenizer encodes sample text differently from the project's tokenizer")

@@ -61,9 +61,9 @@ def test_2026_architecture_base_sft_eval_export(tmp_path, tokenizer, data_dir):
 
     hf = tmp_path / "hf"
     out = run(env, "scripts.export_hf", "-i", "sft", "--out", str(hf), "--dtype", "float32")
-    assert "loaded as NanoChatGPTForCausalLM" in out
+    assert "loaded as NanoChatGPTForCausalLM" in out and "run the custom code?" not in out
     model = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32, trust_remote_code=True).eval()
-    hf_tok = transformers.AutoTokenizer.from_pretrained(hf)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(hf, trust_remote_code=True)
     conversation = {"messages": [{"role": "user", "content": "What is 3 plus 1?"},
                                  {"role": "assistant", "content": "3 plus 1 is 4."}]}
     enc = hf_tok.apply_chat_template(conversation["messages"], tokenize=True, return_dict=True,
