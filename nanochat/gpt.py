@@ -81,7 +81,8 @@ def config_problem(config):
     ints = (config.sequence_len, config.vocab_size, config.n_layer, config.n_head, config.n_kv_head, config.n_embd,
             config.rotary_base, config.pad_vocab_to)
     if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in ints):
-        return "sequence_len, vocab_size, n_layer, n_head, n_kv_head, n_embd, rotary_base, pad_vocab_to must be positive ints"
+        return ("sequence_len, vocab_size, n_layer, n_head, n_kv_head, n_embd, rotary_base, pad_vocab_to must be "
+                "positive ints")
     if config.n_embd % config.n_head or config.n_head % config.n_kv_head or (config.n_embd // config.n_head) % 2:
         return "n_embd must be a multiple of n_head with an even head size, n_head a multiple of n_kv_head"
     if not isinstance(config.window_pattern, str) or not config.window_pattern \

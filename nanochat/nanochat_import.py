@@ -8,8 +8,8 @@ user_config, metrics such as val_bpb), the optimizer state (`optim_<step>.pt`: O
 [AdamW, Muon] state dicts; `optim_<step>_rank<r>.pt`: 2026, one MuonAdamW state dict per rank, converted here
 by nanochat_optimizer_state), `tokenizer.pkl` (a pickled tiktoken Encoding) and `token_bytes.pt`.
 Which 2026 parts a checkpoint has is read from its weights' names (value_embeds.*, resid_lambdas, smear_gate,
-backout_lambda), its padded vocabulary from the embedding's rows and its windows from meta's window_pattern. They sit either in one flat folder (as published on the hub) or in a
-nanochat base dir (`tokenizer/` + `base_checkpoints/<tag>/`, `mid_checkpoints/`, `chatsft_checkpoints/`).
+backout_lambda), its padded vocabulary from the embedding's rows and its windows from meta's window_pattern.
+The files sit either in one flat folder (as published on the hub) or in a nanochat base dir (`tokenizer/` + `base_checkpoints/<tag>/`, `mid_checkpoints/`, `chatsft_checkpoints/`).
 
 Nothing here executes code from the files: tensors are read with torch.load(weights_only=True) and the
 tokenizer pickle with a restricted unpickler that only admits tiktoken's Encoding class, which it replaces by

@@ -31,9 +31,9 @@ from nanochat.checkpoint_manager import (SOURCE_DIRS, find_last_step, load_check
 from nanochat.common import UserError, get_base_dir, get_git_commit, install_error_handler, print0
 from nanochat.config import Option, load_config
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.nanochat_import import (NANOCHAT_CONFIG_KEYS, config_from_nanochat, find_nanochat_checkpoint, nanochat_optimizer_state,
-                                      old_token_bytes_mismatches, read_meta, read_tensors, tokenizer_from_pickle,
-                                      unsupported_parts)
+from nanochat.nanochat_import import (NANOCHAT_CONFIG_KEYS, config_from_nanochat, find_nanochat_checkpoint,
+                                      nanochat_optimizer_state, old_token_bytes_mismatches, read_meta, read_tensors,
+                                      tokenizer_from_pickle, unsupported_parts)
 from nanochat.tokenizer import RustBPETokenizer, compute_token_bytes
 
 install_error_handler()  # a UserError prints one line `error: ...` and exits with code 2

@@ -354,9 +354,10 @@ def test_2026_export_loads_with_remote_code_and_matches(tmp_path, tokenizer):
     code = (folder / "modeling_nanochat_gpt.py").read_text()
     assert "import nanochat" not in code and "from nanochat" not in code  # self-contained
     cfg = json.loads((folder / "config.json").read_text())
-    assert cfg["window_sizes"] == [9, 9, None] and cfg["value_embed_layers"] == [0, 2] and cfg["padded_vocab_size"] == 1088
-    hf_model, info = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
-                                                                        trust_remote_code=True, output_loading_info=True)
+    assert cfg["window_sizes"] == [9, 9, None] and cfg["value_embed_layers"] == [0, 2]
+    assert cfg["padded_vocab_size"] == 1088
+    hf_model, info = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, trust_remote_code=True, output_loading_info=True)
     assert type(hf_model).__name__ == "NanoChatGPTForCausalLM"
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     hf_model.eval()

@@ -145,9 +145,11 @@ def test_preset_shapes_and_names_are_nanochats():
         model = GPT(cfg)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert shapes["transformer.wte.weight"] == (256, 256) and shapes["lm_head.weight"] == (256, 256)  # padded
-    assert sorted(k for k in shapes if k.startswith("value_embeds")) == ["value_embeds.1.weight", "value_embeds.3.weight"]
+    assert sorted(k for k in shapes if k.startswith("value_embeds")) == ["value_embeds.1.weight",
+                                                                         "value_embeds.3.weight"]
     assert shapes["value_embeds.3.weight"] == (256, 256)
-    assert shapes["transformer.h.3.attn.ve_gate.weight"] == (4, 12) and "transformer.h.2.attn.ve_gate.weight" not in shapes
+    assert shapes["transformer.h.3.attn.ve_gate.weight"] == (4, 12)
+    assert "transformer.h.2.attn.ve_gate.weight" not in shapes
     assert shapes["resid_lambdas"] == shapes["x0_lambdas"] == (4,)
     assert shapes["smear_gate.weight"] == (1, 24) and shapes["smear_lambda"] == shapes["backout_lambda"] == (1,)
     assert model.window_sizes == [512, 512, 512, None]  # SSSL: a quarter of 2048; the last layer long

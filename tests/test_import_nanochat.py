@@ -385,7 +385,8 @@ def test_2026_import_logits_equal_reference_and_greedy_tokens(imported_2026, mon
     from nanochat.checkpoint_manager import load_model
     from nanochat.engine import Engine
 
-    assert "architecture: nanochat 2026 (window_pattern=SSL, short_window=0, value_embeds=True" in imported_2026["stdout"]
+    assert "architecture: nanochat 2026 (window_pattern=SSL, short_window=0, value_embeds=True" \
+        in imported_2026["stdout"]
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(imported_2026["base"]))
     model, tokenizer, meta = load_model("base", "cpu", "eval")
     cfg = model.config
