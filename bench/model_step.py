@@ -2,6 +2,7 @@
 Benchmark one training step of the GPT (forward + backward + optimizer step) at a given size.
 
     python -m bench.model_step --depth=4 --device=cpu                       # CPU, < 1 minute
+    python -m bench.model_step --depth=4 --device=cpu --arch=nanochat-2026  # nanochat's 2026 architecture
     python -m bench.model_step --depth=20 --seq_len=2048 --batch_size=32 --compile   # one GPU, bf16
 
 Prints the median step time over --steps timed steps (after --warmup), tokens/s, and on CUDA the MFU against
@@ -15,7 +16,7 @@ import time
 import torch
 
 from nanochat.common import autocast_ctx, get_peak_flops
-from nanochat.gpt import GPT, config_from_depth
+from nanochat.gpt import ARCH_PRESETS, GPT, config_from_depth
 from nanochat.perf import batch_flops, compile_model, mfu
 
 
@@ -26,6 +27,7 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--vocab_size", type=int, default=None, help="default: 65536 on CUDA, 8192 on CPU")
     parser.add_argument("--head_dim", type=int, default=128)
+    parser.add_argument("--arch", choices=list(ARCH_PRESETS), default="nanochat-2025")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                         help="default: bfloat16 autocast on CUDA, float32 on CPU (CPU bf16 matmuls are slow)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -40,7 +42,7 @@ def main(argv=None):
     if args.dtype is None:
         args.dtype = "bfloat16" if device.type == "cuda" else "float32"
     torch.manual_seed(0)
-    config = config_from_depth(args.depth, args.vocab_size, args.seq_len, head_dim=args.head_dim)
+    config = config_from_depth(args.depth, args.vocab_size, args.seq_len, head_dim=args.head_dim, arch=args.arch)
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=device)
@@ -74,7 +76,8 @@ def main(argv=None):
     dt = statistics.median(times)
     tokens = args.batch_size * args.seq_len
     print(f"model: depth={args.depth} n_embd={config.n_embd} n_head={config.n_head} params={orig_model.num_params():,} "
-          f"seq_len={args.seq_len} batch_size={args.batch_size} dtype={args.dtype} device={device} compile={args.compile}")
+          f"seq_len={args.seq_len} batch_size={args.batch_size} dtype={args.dtype} device={device} compile={args.compile} "
+          f"arch={args.arch} windows={orig_model.window_sizes}")
     print(f"step time (median of {args.steps}): {dt * 1000:.1f} ms")
     print(f"tokens/s: {tokens / dt:,.0f}")
     peak = get_peak_flops(device)

@@ -37,7 +37,7 @@ from safetensors.torch import save as safetensors_save
 
 from nanochat.checks import NonFiniteWeightsError, first_nonfinite
 from nanochat.common import UserError, atomic_write_bytes, atomic_write_text, get_base_dir, print0
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPT, GPTConfig, config_problem
 
 SOURCE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
                "dpo": "chatdpo_checkpoints"}
@@ -244,11 +244,9 @@ def _model_config_from_meta(meta_data, meta_path):
         config = GPTConfig(**cfg)
     except TypeError as e:
         raise CheckpointError(f"meta file {meta_path}: model_config does not fit GPTConfig ({e})") from e
-    fields = (config.sequence_len, config.vocab_size, config.n_layer, config.n_head, config.n_kv_head, config.n_embd)
-    if not all(isinstance(v, int) and v > 0 for v in fields) or config.n_embd % config.n_head \
-            or config.n_head % config.n_kv_head or (config.n_embd // config.n_head) % 2:
-        raise CheckpointError(f"meta file {meta_path}: invalid model_config {cfg} (positive ints; n_embd a multiple "
-                              f"of n_head with an even head size; n_head a multiple of n_kv_head)")
+    problem = config_problem(config)
+    if problem:
+        raise CheckpointError(f"meta file {meta_path}: invalid model_config {cfg} ({problem})")
     return config
 
 

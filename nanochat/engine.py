@@ -27,15 +27,19 @@ import torch.nn.functional as F
 
 class KVCache:
     """Keys and values of all layers, shaped (num_layers, 2, B, H, T, D). The model's attention calls
-    `insert_kv(layer_idx, k, v)` once per layer per forward; the position advances after the last layer."""
+    `insert_kv(layer_idx, k, v)` once per layer per forward; the position advances after the last layer.
+    `prev_embedding` (B or 1, 1, C) is the last token's embedding of the previous forward, for models with
+    smear (GPTConfig.smear), which mix each token's predecessor into it."""
 
     def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers):
         self.kv_shape = (num_layers, 2, batch_size, num_heads, seq_len, head_dim)
         self.kv_cache = None  # allocated on the first insert, with the dtype/device of the keys
         self.pos = 0
+        self.prev_embedding = None
 
     def reset(self):
         self.pos = 0
+        self.prev_embedding = None
 
     def get_pos(self):
         return self.pos
@@ -53,6 +57,7 @@ class KVCache:
             self.kv_cache = torch.empty(self.kv_shape, dtype=other.kv_cache.dtype, device=other.kv_cache.device)
             self.kv_cache[:, :, :, :, :other.pos] = other.kv_cache[:, :, :, :, :other.pos]  # broadcasts batch 1
         self.pos = other.pos
+        self.prev_embedding = other.prev_embedding  # batch 1 broadcasts over the rows
 
     def insert_kv(self, layer_idx, k, v):
         """Store k, v (B, H, T_new, D) at the current position; return views of everything up to pos+T_new."""

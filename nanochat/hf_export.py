@@ -1,6 +1,12 @@
 """
-Converting this project's model and tokenizer to Hugging Face transformers' `NanoChatForCausalLM` format
-(transformers >= 5.0 ships the architecture), used by scripts/export_hf.py.
+Converting this project's model and tokenizer to Hugging Face transformers, used by scripts/export_hf.py: the
+October 2025 architecture to transformers' own `NanoChatForCausalLM` (transformers >= 5.0 ships it); a model with
+any of nanochat's 2026 parts (GPTConfig options transformers' class lacks) to a folder with its own modeling file
+(nanochat/hf_modeling.py copied in as modeling_nanochat_gpt.py, config.json's auto_map pointing at it), loaded
+with AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).
+
+- `export_problem(model_config)`: None, or the one-line reason a model_config cannot be exported.
+- `remote_code_config(model_config, tokenizer)`: config.json for the 2026 parts (NanoChatGPTConfig).
 
 - `hf_config(model_config, tokenizer)`: config.json (NanoChatConfig) with the same maths as nanochat/gpt.py.
 - `hf_state_dict(state_dict)`: parameter names transformer.* -> model.* (q_proj/k_proj/v_proj/o_proj, fc1/fc2).
@@ -19,11 +25,15 @@ evaluation does; add_special_tokens=False leaves it out).
 Tests: .venv/bin/python -m pytest tests/test_export_hf.py
 """
 
+import dataclasses
 import json
 import os
 import re
+import shutil
 
 import torch
+
+from nanochat.gpt import GPTConfig, padded_vocab_size, window_sizes
 
 # The project's norm is F.rms_norm without an eps, i.e. torch.finfo(float32).eps for the fp32 activations the
 # parity is checked on (transformers' NanoChatRMSNorm computes in fp32 too).
@@ -87,6 +97,58 @@ def hf_config(model_config, tokenizer, dtype="bfloat16"):
         "eos_token_id": tokenizer.encode_special("<|assistant_end|>"),
         "pad_token_id": None,  # no pad token: an embedding padding_idx would freeze that row when fine-tuning
         "use_cache": True,
+        "dtype": dtype,
+    }
+
+
+REMOTE_CODE_FILE = "modeling_nanochat_gpt.py"  # nanochat/hf_modeling.py, as written into the exported folder
+_OCTOBER_FIELDS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
+
+
+def export_problem(model_config):
+    """None if the model_config can be exported, else why not (one line): a key no GPTConfig field knows (a
+    checkpoint of newer code) has no maths the exporter could write."""
+    unknown = sorted(set(model_config) - {f.name for f in dataclasses.fields(GPTConfig)})
+    if unknown:
+        return (f"model_config keys {', '.join(unknown)} are not parts this exporter knows (GPTConfig); export it "
+                "with the code that trained it")
+    return None
+
+
+def needs_remote_code(model_config):
+    """True when the model uses a part transformers' NanoChatForCausalLM lacks (any 2026 GPTConfig option)."""
+    october = GPTConfig(**{k: model_config[k] for k in _OCTOBER_FIELDS})
+    return GPTConfig(**model_config) != october
+
+
+def remote_code_config(model_config, tokenizer, dtype="bfloat16"):
+    """config.json of a folder loaded through the exported modeling file (NanoChatGPTForCausalLM)."""
+    cfg = GPTConfig(**model_config)
+    return {
+        "architectures": ["NanoChatGPTForCausalLM"],
+        "model_type": "nanochat_gpt",
+        "auto_map": {"AutoConfig": f"{REMOTE_CODE_FILE[:-3]}.NanoChatGPTConfig",
+                     "AutoModelForCausalLM": f"{REMOTE_CODE_FILE[:-3]}.NanoChatGPTForCausalLM"},
+        "vocab_size": cfg.vocab_size,
+        "padded_vocab_size": padded_vocab_size(cfg),
+        "hidden_size": cfg.n_embd,
+        "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.n_kv_head,
+        "max_position_embeddings": cfg.sequence_len,
+        "window_sizes": window_sizes(cfg),
+        "value_embed_layers": [i for i in range(cfg.n_layer) if cfg.value_embeds and i % 2 == (cfg.n_layer - 1) % 2],
+        "lambdas": cfg.lambdas,
+        "smear": cfg.smear,
+        "backout": cfg.backout,
+        "qk_scale": cfg.qk_scale,
+        "rope_theta": float(cfg.rotary_base),
+        "final_logit_softcapping": SOFTCAP,
+        "tie_word_embeddings": False,
+        "bos_token_id": tokenizer.get_bos_token_id(),
+        "eos_token_id": tokenizer.encode_special("<|assistant_end|>"),
+        "pad_token_id": None,
+        "use_cache": False,  # the modeling file has no KV cache
         "dtype": dtype,
     }
 
@@ -165,6 +227,10 @@ def build_hf_tokenizer(tokenizer):
 # message is merged into the first user message ("system\n\nuser"); assistant content is a string or a list of
 # parts {"type": "text" | "python" | "python_output", "text": ...}. With add_generation_prompt a final
 # assistant message is dropped and <|assistant_start|> appended, exactly as render_for_completion does.
+# {% generation %} marks what render_conversation supervises (mask 1: assistant text, python calls with their
+# delimiters, <|assistant_end|>; not <|assistant_start|> nor tool output), so that transformers'
+# apply_chat_template(..., return_assistant_tokens_mask=True) and TRL's assistant_only_loss train on the same
+# tokens as chat_sft.
 CHAT_TEMPLATE = (
     # text(): a string, or a list of {"type": "text", "text": ...} parts (the OpenAI-style form servers such as
     # vLLM may pass for user and system messages), joined
@@ -189,15 +255,16 @@ CHAT_TEMPLATE = (
     "{{ text(message['content']) }}<|user_end|>"
     "{%- elif message['role'] == 'assistant' -%}"
     "<|assistant_start|>"
-    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- if message['content'] is string -%}{%- generation -%}{{ message['content'] }}{%- endgeneration -%}"
     "{%- else -%}{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'text' -%}{{ part['text'] }}"
-    "{%- elif part['type'] == 'python' -%}<|python_start|>{{ part['text'] }}<|python_end|>"
+    "{%- if part['type'] == 'text' -%}{%- generation -%}{{ part['text'] }}{%- endgeneration -%}"
+    "{%- elif part['type'] == 'python' -%}"
+    "{%- generation -%}<|python_start|>{{ part['text'] }}<|python_end|>{%- endgeneration -%}"
     "{%- elif part['type'] == 'python_output' -%}<|output_start|>{{ part['text'] }}<|output_end|>"
     "{%- else -%}{{ raise_exception('unknown content part type ' + part['type']) }}"
     "{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
-    "<|assistant_end|>"
+    "{%- generation -%}<|assistant_end|>{%- endgeneration -%}"
     "{%- else -%}{{ raise_exception('unknown role ' + message['role']) }}"
     "{%- endif -%}"
     "{%- endfor -%}"
@@ -230,6 +297,8 @@ def _fmt(value):
 def model_card(meta, source, model_tag, step, num_params, dtype):
     """README.md for the exported folder: sizes, training summary and eval results from the checkpoint meta."""
     cfg = meta["model_config"]
+    remote = needs_remote_code(cfg)
+    parts = ", ".join(f"{k}={v}" for k, v in cfg.items() if k not in _OCTOBER_FIELDS)
     lines = [
         "---",
         "library_name: transformers",
@@ -241,7 +310,8 @@ def model_card(meta, source, model_tag, step, num_params, dtype):
         f"# nanochat {model_tag} ({source}, step {step})",
         "",
         "A small ChatGPT-like model trained with this nanochat repository, exported to the transformers "
-        "`NanoChatForCausalLM` format (transformers >= 5.0).",
+        + ("format with its own modeling file (modeling_nanochat_gpt.py: nanochat's 2026 architecture; load with "
+           "`trust_remote_code=True`)." if remote else "`NanoChatForCausalLM` format (transformers >= 5.0)."),
         "",
         "## Model",
         "",
@@ -256,7 +326,7 @@ def model_card(meta, source, model_tag, step, num_params, dtype):
         f"| weights dtype | {dtype} |",
         "",
         "Architecture: rotary embeddings, QK-norm, parameter-free RMSNorm, ReLU² MLP, untied embeddings, "
-        "logit softcap 15.",
+        "logit softcap 15" + (f"; nanochat 2026 parts: {parts}." if remote else "."),
         "",
         "## Training",
         "",
@@ -283,7 +353,7 @@ def model_card(meta, source, model_tag, step, num_params, dtype):
         "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "model = AutoModelForCausalLM.from_pretrained(PATH)",
+        "model = AutoModelForCausalLM.from_pretrained(PATH" + (", trust_remote_code=True)" if remote else ")"),
         "tokenizer = AutoTokenizer.from_pretrained(PATH)",
         'messages = [{"role": "user", "content": "Why is the sky blue?"}]',
         "ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\",",
@@ -305,11 +375,24 @@ def model_card(meta, source, model_tag, step, num_params, dtype):
 
 def write_hf_folder(folder, model, tokenizer, meta, source, model_tag, step, dtype="bfloat16"):
     """Write config.json, model.safetensors (weights cast to `dtype`), generation_config.json, tokenizer.json,
-    tokenizer_config.json and README.md into `folder` (created if needed). Needs `safetensors` and `tokenizers`."""
+    tokenizer_config.json and README.md into `folder` (created if needed), plus modeling_nanochat_gpt.py for a
+    model with 2026 parts. Needs `safetensors` and `tokenizers`. ValueError (export_problem) for a model_config
+    it cannot express."""
     import safetensors.torch
 
+    model_config = meta["model_config"]
+    problem = export_problem(model_config)
+    if problem:
+        raise ValueError(problem)
     os.makedirs(folder, exist_ok=True)
-    weights = hf_state_dict(model.state_dict(), getattr(torch, dtype))
+    remote = needs_remote_code(model_config)
+    if remote:  # this project's weight names, read by the modeling file written next to them
+        weights = {k.removeprefix("_orig_mod."): v.detach().to("cpu", getattr(torch, dtype)).contiguous()
+                   for k, v in model.state_dict().items()}
+        shutil.copyfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_modeling.py"),
+                        os.path.join(folder, REMOTE_CODE_FILE))
+    else:
+        weights = hf_state_dict(model.state_dict(), getattr(torch, dtype))
     safetensors.torch.save_file(weights, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
 
     def write_text(name, text):
@@ -319,7 +402,8 @@ def write_hf_folder(folder, model, tokenizer, meta, source, model_tag, step, dty
     def write_json(name, obj):
         write_text(name, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
-    write_json("config.json", hf_config(meta["model_config"], tokenizer, dtype))
+    write_json("config.json", remote_code_config(model_config, tokenizer, dtype) if remote
+               else hf_config(model_config, tokenizer, dtype))
     write_json("generation_config.json", generation_config(tokenizer))
     build_hf_tokenizer(tokenizer).save(os.path.join(folder, "tokenizer.json"))
     write_json("tokenizer_config.json", tokenizer_config(tokenizer, meta["model_config"]["sequence_len"]))

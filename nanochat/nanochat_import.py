@@ -1,11 +1,15 @@
 """
-Reading checkpoints made by nanochat itself (karpathy/nanochat, architecture of October 2025) so that
+Reading checkpoints made by nanochat itself (karpathy/nanochat: the October 2025 architecture, and the current
+one of 2026 with sliding windows, value embeddings, lambdas, smear and backout) so that
 scripts/import_nanochat.py can write them in this project's formats.
 
 nanochat's files: `model_<step>.pt` (torch.save'd state dict), `meta_<step>.json` (step, model_config,
-user_config, metrics such as val_bpb), `optim_<step>.pt` (rank 0 optimizer state), `tokenizer.pkl` (a pickled
-tiktoken Encoding) and `token_bytes.pt`. They sit either in one flat folder (as published on the hub) or in a
-nanochat base dir (`tokenizer/` + `base_checkpoints/<tag>/`, `mid_checkpoints/`, `chatsft_checkpoints/`).
+user_config, metrics such as val_bpb), the optimizer state (`optim_<step>.pt`: October, rank 0's list of
+[AdamW, Muon] state dicts; `optim_<step>_rank<r>.pt`: 2026, one MuonAdamW state dict per rank, converted here
+by nanochat_optimizer_state), `tokenizer.pkl` (a pickled tiktoken Encoding) and `token_bytes.pt`.
+Which 2026 parts a checkpoint has is read from its weights' names (value_embeds.*, resid_lambdas, smear_gate,
+backout_lambda), its padded vocabulary from the embedding's rows and its windows from meta's window_pattern.
+The files sit either in one flat folder (as published on the hub) or in a nanochat base dir (`tokenizer/` + `base_checkpoints/<tag>/`, `mid_checkpoints/`, `chatsft_checkpoints/`).
 
 Nothing here executes code from the files: tensors are read with torch.load(weights_only=True) and the
 tokenizer pickle with a restricted unpickler that only admits tiktoken's Encoding class, which it replaces by
@@ -22,13 +26,12 @@ import os
 import pickle
 import re
 import stat
-from dataclasses import fields
 
 import torch
 
 from nanochat.checkpoint_manager import torch_error_summary
 from nanochat.common import UserError
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import ARCH_PRESETS, GPT, GPTConfig, config_problem
 
 # nanochat's phase folders (the same names as this project's SOURCE_DIRS)
 PHASE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints"}
@@ -202,10 +205,19 @@ def _steps(folder, prefix):
     return steps
 
 
+def _rank_files(checkpoint_dir, step):
+    """optim_<step>_rank0.pt, _rank1, ... as long as they are consecutive from rank 0."""
+    files = []
+    while os.path.exists(p := os.path.join(checkpoint_dir, f"optim_{step:06d}_rank{len(files)}.pt")):
+        files.append(p)
+    return files
+
+
 def find_nanochat_checkpoint(path, phase, model_tag=None, step=None):
     """Locate the files of one nanochat checkpoint. `path` is a flat folder (model_*.pt, meta_*.json,
     tokenizer.pkl, ...) or a nanochat base dir (tokenizer/tokenizer.pkl and <phase dir>/<tag>/).
-    -> dict(checkpoint_dir, step, model, meta, optim or None, tokenizer_pkl, token_bytes or None)."""
+    -> dict(checkpoint_dir, step, model, meta, optim or None, optim_ranks (nanochat 2026's per-rank files,
+    rank 0 first; [] if none), tokenizer_pkl, token_bytes or None)."""
     if not os.path.isdir(path):
         raise UserError(f"{path}: no such folder (give a nanochat checkpoint folder or a nanochat base dir)")
     if os.path.exists(os.path.join(path, "tokenizer.pkl")) and _steps(path, "model"):
@@ -246,6 +258,7 @@ def find_nanochat_checkpoint(path, phase, model_tag=None, step=None):
         "model": os.path.join(checkpoint_dir, f"model_{step:06d}.pt"),
         "meta": os.path.join(checkpoint_dir, f"meta_{step:06d}.json"),
         "optim": existing(os.path.join(checkpoint_dir, f"optim_{step:06d}.pt")),
+        "optim_ranks": _rank_files(checkpoint_dir, step),
         "tokenizer_pkl": os.path.join(tokenizer_dir, "tokenizer.pkl"),
         "token_bytes": existing(os.path.join(tokenizer_dir, "token_bytes.pt")),
     }
@@ -287,14 +300,51 @@ def _pattern(key):
     return re.sub(r"\.\d+\.", ".*.", key)  # h.0.attn.c_q.weight and h.1... list once as h.*.attn...
 
 
+NANOCHAT_CONFIG_KEYS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")  # every version
+NANOCHAT_2026_KEYS = ("window_pattern",)  # meta model_config keys of the 2026 code
+
+
+def config_from_nanochat(state_dict, model_config):
+    """The GPTConfig of a nanochat checkpoint: sizes from meta, the 2026 parts from the weights present. The
+    q/k scale (1.2) and rotary base (100000) are not in nanochat's files: they are taken as nanochat's current
+    values whenever the checkpoint is of the 2026 code (window_pattern in meta or any 2026 weight), else the
+    October ones. Raises KeyError/ValueError/TypeError on meta values that are not ints/strings."""
+    cfg = {k: int(model_config[k]) for k in NANOCHAT_CONFIG_KEYS}
+    parts = {
+        "value_embeds": any(k.startswith("value_embeds.") for k in state_dict),
+        "lambdas": "resid_lambdas" in state_dict or "x0_lambdas" in state_dict,
+        "smear": "smear_gate.weight" in state_dict or "smear_lambda" in state_dict,
+        "backout": "backout_lambda" in state_dict,
+    }
+    if "window_pattern" in model_config:
+        if not isinstance(model_config["window_pattern"], str):
+            raise TypeError(f"window_pattern {model_config['window_pattern']!r} is not a string")
+        parts["window_pattern"] = model_config["window_pattern"]
+    if "window_pattern" in model_config or any(parts.values()):
+        preset = ARCH_PRESETS["nanochat-2026"]
+        parts.update(qk_scale=preset["qk_scale"], rotary_base=preset["rotary_base"])
+    wte = state_dict.get("transformer.wte.weight")
+    if isinstance(wte, torch.Tensor) and wte.dim() == 2 and wte.size(0) != cfg["vocab_size"]:
+        parts["pad_vocab_to"] = ARCH_PRESETS["nanochat-2026"]["pad_vocab_to"]  # nanochat pads to 64 since 2026
+    return GPTConfig(**cfg, **parts)
+
+
+def largest_config(model_config):
+    """The GPTConfig with every 2026 part that nanochat's meta sizes can describe: its parameter count bounds how
+    large the checkpoint's files may be (tensor_file_limit) before they are read."""
+    sizes = {k: int(model_config[k]) for k in NANOCHAT_CONFIG_KEYS}
+    return GPTConfig(**sizes, value_embeds=True, lambdas=True, smear=True, backout=True,
+                     pad_vocab_to=ARCH_PRESETS["nanochat-2026"]["pad_vocab_to"])
+
+
 def unsupported_config(model_config):
-    """The model_config keys this project's GPTConfig lacks or needs, as short descriptions (empty: it fits)."""
+    """The meta model_config keys nanochat's October 2025 or 2026 code does not write, or that are missing, as
+    short descriptions (empty: it fits)."""
     problems = []
-    known = {f.name for f in fields(GPTConfig)}
-    extra_cfg = sorted(set(model_config) - known)
+    extra_cfg = sorted(set(model_config) - set(NANOCHAT_CONFIG_KEYS) - set(NANOCHAT_2026_KEYS))
     if extra_cfg:
         problems.append("meta model_config keys " + ", ".join(extra_cfg))
-    missing_cfg = sorted(known - set(model_config))
+    missing_cfg = [k for k in NANOCHAT_CONFIG_KEYS if k not in model_config]
     if missing_cfg:
         problems.append("meta model_config lacks " + ", ".join(missing_cfg))
     return problems
@@ -302,17 +352,20 @@ def unsupported_config(model_config):
 
 def unsupported_parts(state_dict, model_config):
     """What in a nanochat checkpoint this project's GPT cannot represent, as a list of short descriptions
-    (empty: importable). nanochat's 2026 architecture adds value embeddings, per-layer residual/x0 lambdas,
-    smear and backout parameters and a sliding-window pattern; they are named here rather than dropped."""
+    (empty: importable): meta keys it does not know (unsupported_config), weights that no GPTConfig option makes,
+    missing weights, wrong shapes or dtypes (checked against the GPT of config_from_nanochat)."""
     problems = unsupported_config(model_config)
     if problems:
         return problems
     try:
-        config = GPTConfig(**{k: int(v) for k, v in model_config.items()})
-        with torch.device("meta"):
-            expected = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items()}
-    except (TypeError, ValueError, AssertionError) as e:
+        config = config_from_nanochat(state_dict, model_config)
+    except (TypeError, ValueError) as e:
         return [f"model_config {model_config} is not a valid model ({e})"]
+    problem = config_problem(config)
+    if problem:
+        return [f"model_config {model_config} is not a valid model ({problem})"]
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items()}
     extra = sorted({_pattern(k) for k in state_dict if k not in expected})
     missing = sorted({_pattern(k) for k in expected if k not in state_dict})
     if extra:
@@ -329,6 +382,80 @@ def unsupported_parts(state_dict, model_config):
         elif v.dtype not in _FLOAT_DTYPES:
             problems.append(f"{k} has dtype {v.dtype}")
     return problems
+
+
+# ---------------------------------------------------------------------------------------------------------
+# nanochat 2026's optimizer state (MuonAdamW) -> this project's [AdamW, Muon]
+
+def _nanochat_param_order(model):
+    """Parameter names in the order of nanochat's MuonAdamW groups (its setup_optimizer): lm_head, wte, value
+    embeddings, resid_lambdas, x0_lambdas, smear/backout scalars (AdamW), then the block matrices grouped by
+    shape, shapes sorted (Muon). -> list of (kind, [names]) groups."""
+    params = dict(model.named_parameters())
+    groups = [("adamw", ["lm_head.weight"]), ("adamw", ["transformer.wte.weight"])]
+    ve = [n for n in params if n.startswith("value_embeds.")]
+    groups += [("adamw", ve)] if ve else []
+    groups += [("adamw", [n]) for n in ("resid_lambdas", "x0_lambdas") if n in params]
+    scalars = [n for n in ("smear_gate.weight", "smear_lambda", "backout_lambda") if n in params]
+    groups += [("adamw", scalars)] if scalars else []
+    matrices = [n for n in params if n.startswith("transformer.h.")]
+    for shape in sorted({tuple(params[n].shape) for n in matrices}):
+        groups.append(("muon", [n for n in matrices if tuple(params[n].shape) == shape]))
+    return groups
+
+
+def nanochat_optimizer_state(rank_states, model, optimizers, path):
+    """Convert nanochat's MuonAdamW state dicts (`rank_states`, one per rank, rank 0 first) into the state dicts
+    of `optimizers` = model.setup_optimizers() on one process ([AdamW, Muon]): AdamW moments and step counts
+    (slices of ranks concatenated), Muon momentum buffers (nanochat keeps one stacked buffer per shape group,
+    split over ranks). nanochat's Muon also keeps a factored second moment (NorMuon-style variance), which this
+    project's Muon has no use for: it is dropped. Anything that does not match raises UserError naming `path`."""
+    order = _nanochat_param_order(model)
+    saved_groups = rank_states[0].get("param_groups") if isinstance(rank_states[0], dict) else None
+    if not isinstance(saved_groups, list) or [len(g.get("params", [])) for g in saved_groups] != \
+            [len(names) for _, names in order]:
+        got = [len(g.get("params", [])) for g in saved_groups] if isinstance(saved_groups, list) else saved_groups
+        raise UserError(f"{path}: not nanochat's MuonAdamW state for this model (parameter groups {got}, expected "
+                        f"{[len(names) for _, names in order]}); import with --optimizer 0")
+    params = dict(model.named_parameters())
+    world_size = len(rank_states)
+    adam, muon = {}, {}  # name -> state
+    for gi, (kind, names) in enumerate(order):
+        states = [[rs["state"].get(i, {}) for i in rs["param_groups"][gi]["params"]] for rs in rank_states]
+        if kind == "adamw":
+            for j, name in enumerate(names):
+                per_rank = [st[j] for st in states]
+                if not per_rank[0]:
+                    continue  # never stepped
+                p = params[name]
+                sharded = world_size > 1 and p.numel() >= 1024  # nanochat shards large AdamW params along dim 0
+                moments = {}
+                for key in ("exp_avg", "exp_avg_sq"):
+                    parts = [st[key] for st in per_rank] if sharded else [per_rank[0][key]]
+                    moments[key] = torch.cat(parts, dim=0).float()
+                    if tuple(moments[key].shape) != tuple(p.shape):
+                        raise UserError(f"{path}: {key} of {name} has shape {tuple(moments[key].shape)}, expected "
+                                        f"{tuple(p.shape)}; import with --optimizer 0")
+                adam[name] = {"step": torch.tensor(float(per_rank[0]["step"])), **moments}
+        else:
+            first = [st[0] for st in states]  # nanochat keeps a group's state on its first parameter
+            if not first[0]:
+                continue
+            buf = torch.cat([st["momentum_buffer"] for st in first], dim=0)[:len(names)].float()
+            if tuple(buf.shape[1:]) != tuple(params[names[0]].shape) or buf.size(0) != len(names):
+                raise UserError(f"{path}: a Muon momentum buffer has shape {tuple(buf.shape)}, expected "
+                                f"({len(names)}, {', '.join(map(str, params[names[0]].shape))}); import with "
+                                "--optimizer 0")
+            for j, name in enumerate(names):
+                muon[name] = {"momentum_buffer": buf[j].clone()}
+    name_of = {id(p): n for n, p in params.items()}
+    converted = []
+    for opt, states in zip(optimizers, (adam, muon)):
+        sd = opt.state_dict()
+        flat = [name_of[id(p)] for g in opt.param_groups for p in g["params"]]
+        sd["state"] = {i: states[n] for i, n in enumerate(flat) if n in states}
+        converted.append(sd)
+    return converted
 
 
 def missing_tokenizer_hint(base_dir, checkpoint_dir):

@@ -12,6 +12,7 @@ Launch:
     python -m scripts.base_train --depth=4 --aspect_ratio=48 --head_dim=64 --max_seq_len=256 \\
         --device_batch_size=16 --total_batch_size=4096 --num_iterations=250 --eval_every=50 \\
         --eval_tokens=32768 --sample_every=-1 --core_metric_every=-1                # CPU profile (~4 min)
+    python -m scripts.base_train --depth=20 --arch=nanochat-2026   # nanochat's 2026 model (GPTConfig's parts)
 
 Outputs: <base_dir>/base_checkpoints/<output_tag or d<depth>>/ (model, optimizer state per rank, meta with the
 resolved config and run id, per-rank run state: data position, counters, loss series), the "Base model training" report section
@@ -35,7 +36,7 @@ from nanochat.common import (UserError, autocast_ctx, autodetect_device_type, co
 from nanochat.config import ConfigError, Option, load_config, run_options
 from nanochat.core_eval import evaluate_core, find_eval_bundle
 from nanochat.dataloader import tokenizing_distributed_data_loader
-from nanochat.gpt import GPT, config_from_depth
+from nanochat.gpt import ARCH_PRESETS, GPT, config_from_depth
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.perf import check_memory, compile_enabled, compile_model, mfu, peak_memory_mib, training_memory_bytes
 from nanochat.report import get_report
@@ -59,6 +60,8 @@ OPTIONS = [
     Option("compile", bool, None, "torch.compile the model (default: on for CUDA, off elsewhere)"),
     # model
     Option("depth", int, 20, "number of transformer layers; sets width and heads", min=1),
+    Option("arch", str, "nanochat-2025", "architecture preset: nanochat-2025 (October 2025) or nanochat-2026 "
+           "(sliding windows, value embeddings, lambdas, smear, backout)", choices=tuple(ARCH_PRESETS)),
     Option("aspect_ratio", int, 64, "model width = depth * aspect_ratio", min=1),
     Option("head_dim", int, 128, "attention head size (heads = width / head_dim); small for tiny CPU models",
            min=2),
@@ -77,6 +80,7 @@ OPTIONS = [
     Option("embedding_lr", float, 0.2, "AdamW lr of the token embedding", min=0.0),
     Option("unembedding_lr", float, 0.004, "AdamW lr of the lm_head", min=0.0),
     Option("matrix_lr", float, 0.02, "Muon lr of the transformer matrices", min=0.0),
+    Option("scalar_lr", float, 0.5, "AdamW lr of the per-layer lambdas (nanochat-2026 arch)", min=0.0),
     Option("weight_decay", float, 0.0, "AdamW weight decay", min=0.0),
     Option("grad_clip", float, 1.0, "clip each rank's gradient norm to this (0: off)", min=0.0),
     Option("warmup_ratio", float, 0.0, "fraction of steps of linear LR warm-up", min=0.0, max=1.0),
@@ -102,7 +106,7 @@ config = load_config(OPTIONS, description=__doc__)
 num_grad_accum_steps(config["total_batch_size"], config["device_batch_size"] * config["max_seq_len"] *
                      get_dist_info()[3], "total_batch_size", "device_batch_size * max_seq_len * world_size")
 config_from_depth(config["depth"], 1, config["max_seq_len"], head_dim=config["head_dim"],
-                  aspect_ratio=config["aspect_ratio"])  # the width must split into heads of an even size
+                  aspect_ratio=config["aspect_ratio"], arch=config["arch"])  # the width must split into heads of an even size
 if config["warmup_ratio"] + config["warmdown_ratio"] > 1.0:
     raise ConfigError(f"warmup_ratio + warmdown_ratio = {config['warmup_ratio']} + {config['warmdown_ratio']} "
                       f"must be <= 1")
@@ -149,7 +153,7 @@ print0(f"Vocab size: {vocab_size:,}")
 
 depth, max_seq_len = config["depth"], config["max_seq_len"]
 model_config = config_from_depth(depth, vocab_size, max_seq_len, head_dim=config["head_dim"],
-                                 aspect_ratio=config["aspect_ratio"])
+                                 aspect_ratio=config["aspect_ratio"], arch=config["arch"])
 print0(f"Model config: {asdict(model_config)}")
 with torch.device("meta"):
     model = GPT(model_config)  # parameters without memory, then allocated on the device and initialised
@@ -189,7 +193,8 @@ print0(f"Iterations: {num_iterations:,} | training tokens: {total_tokens:,} | "
 # Optimizer
 
 optimizers = orig_model.setup_optimizers(unembedding_lr=config["unembedding_lr"], embedding_lr=config["embedding_lr"],
-                                         matrix_lr=config["matrix_lr"], weight_decay=config["weight_decay"])
+                                         matrix_lr=config["matrix_lr"], weight_decay=config["weight_decay"],
+                                         scalar_lr=config["scalar_lr"])
 adamw_optimizer, muon_optimizer = optimizers
 
 # Resume: model, optimizer states, counters, loss series and this rank's data position

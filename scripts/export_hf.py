@@ -1,7 +1,9 @@
 """
 Export a checkpoint to a Hugging Face transformers folder (NanoChatForCausalLM, transformers >= 5.0): config.json,
 model.safetensors, generation_config.json, tokenizer.json + tokenizer_config.json (fast tokenizer with the chat
-template) and a README.md model card. Needs the `hf` extra: pip install -e ".[hf]".
+template, supervised parts marked with {% generation %}) and a README.md model card. A model with nanochat's 2026
+parts gets its own modeling file (modeling_nanochat_gpt.py; load with trust_remote_code=True). Needs the `hf`
+extra: pip install -e ".[hf]".
 
     python -m scripts.export_hf -i sft --out hf/nanochat-d20                    # last SFT checkpoint, bf16
     python -m scripts.export_hf -i base -g d4 -s 1000 --out hf/d4 --dtype float32
@@ -24,7 +26,7 @@ import torch
 from nanochat.checkpoint_manager import SOURCE_DIRS, build_model, resolve_checkpoint
 from nanochat.common import UserError, install_error_handler, print0
 from nanochat.config import ConfigError, Option, load_config
-from nanochat.hf_export import write_hf_folder
+from nanochat.hf_export import needs_remote_code, write_hf_folder
 
 install_error_handler()  # a UserError prints one line `error: ...` and exits with code 2
 
@@ -72,6 +74,7 @@ model_tag = os.path.basename(checkpoint_dir)
 print0(f"Exporting {checkpoint_dir} step {step} as {config['dtype']}")
 model, tokenizer, meta = build_model(checkpoint_dir, step, "cpu", "eval")
 dtype = getattr(torch, config["dtype"])
+remote_code = needs_remote_code(meta["model_config"])  # 2026 parts: the folder carries its modeling file
 
 # -----------------------------------------------------------------------------
 # Write into a temporary folder next to --out
@@ -87,12 +90,14 @@ try:
     # Check: transformers loads it and computes what this project computes on the same (rounded) weights
 
     if config["verify"]:
-        hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_dir, dtype=torch.float32)
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_dir, dtype=torch.float32,
+                                                                     trust_remote_code=remote_code)
         hf_model.eval()
         reference = {k: v.to(dtype).float() for k, v in model.state_dict().items()}  # the exported rounding
         model.float().load_state_dict(reference)
         gen = torch.Generator().manual_seed(0)
-        seq_len = min(64, meta["model_config"]["sequence_len"])
+        windows = [w for w in model.window_sizes if w is not None]  # long enough for every window to slide
+        seq_len = min(max([64] + [w + 17 for w in windows]), meta["model_config"]["sequence_len"])
         ids = torch.randint(0, tokenizer.get_vocab_size(), (2, seq_len), generator=gen)
         with torch.no_grad():
             diff = (hf_model(ids).logits.float() - model(ids)).abs().max().item()
@@ -100,7 +105,7 @@ try:
                f"max |logit difference| vs this project's model, fp32 on CPU: {diff:.3g}")
         if not diff <= 1e-3:
             raise RuntimeError(f"exported model disagrees with the project's model (max |diff| {diff})")
-        hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_dir)
+        hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_dir, trust_remote_code=remote_code)
         sample = "Hello world! def f(x):\n    return x ** 2  # café 日本語 🙂 12345"
         if hf_tok(sample, add_special_tokens=False)["input_ids"] != tokenizer.encode(sample):
             raise RuntimeError("exported tokenizer encodes sample text differently from the project's tokenizer")

@@ -1,13 +1,15 @@
 """
-Import a checkpoint made by nanochat itself (karpathy/nanochat, October 2025 architecture, e.g. the published
-nanochat d32 or a d20 from speedrun.sh) into this project's formats under $NANOCHAT_BASE_DIR, so that every
-script here (chat_sft, chat_eval, chat_cli, export_hf) can use it.
+Import a checkpoint made by nanochat itself (karpathy/nanochat: the October 2025 architecture, e.g. the published
+nanochat d32, or the current 2026 one with sliding windows, value embeddings, lambdas, smear and backout) into
+this project's formats under $NANOCHAT_BASE_DIR, so that every script here (chat_sft, chat_eval, chat_cli,
+chat_web, export_hf) can use it; the architecture travels in the written meta's model_config.
 
     python -m scripts.import_nanochat ~/nanochat-d32 --phase sft                 # flat folder from the hub
     python -m scripts.import_nanochat ~/.cache/nanochat --phase base --model_tag d20   # a nanochat base dir
     python -m scripts.import_nanochat PATH --phase mid --output_tag mine --step 765 --overwrite 1
 
-PATH is either one folder with model_<step>.pt, meta_<step>.json, tokenizer.pkl (+ token_bytes.pt, optim_<step>.pt)
+PATH is either one folder with model_<step>.pt, meta_<step>.json, tokenizer.pkl (+ token_bytes.pt, optim_<step>.pt
+or nanochat 2026's optim_<step>_rank<r>.pt, converted to this project's [AdamW, Muon] state for one process)
 or a nanochat base dir (tokenizer/ + base_checkpoints/<tag>/, mid_checkpoints/, chatsft_checkpoints/).
 Writes <base_dir>/tokenizer/ (text formats, no pickle) and <base_dir>/<phase dir>/<output_tag or d<depth>>/ at
 the same step, with meta `source: "nanochat import"`; prints a summary and the command that fine-tunes it.
@@ -16,6 +18,7 @@ tiktoken's Encoding (nanochat/nanochat_import.py). An existing different tokeniz
 never replaced unless --overwrite 1. Tests: tests/test_import_nanochat.py.
 """
 
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -30,8 +33,9 @@ from nanochat.common import UserError, get_base_dir, get_git_commit, install_err
 from nanochat.config import Option, load_config
 from nanochat.folder_lock import LOCK_FILE, lock_output_folder
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.nanochat_import import (find_nanochat_checkpoint, old_token_bytes_mismatches, read_meta, read_tensors,
-                                      tensor_file_limit, tokenizer_from_pickle, unsupported_config,
+from nanochat.nanochat_import import (NANOCHAT_CONFIG_KEYS, config_from_nanochat, find_nanochat_checkpoint,
+                                      largest_config, nanochat_optimizer_state, old_token_bytes_mismatches, read_meta,
+                                      read_tensors, tensor_file_limit, tokenizer_from_pickle, unsupported_config,
                                       unsupported_parts)
 from nanochat.runs import default_output_tag, new_run_id, tokenizer_sha256
 from nanochat.tokenizer import RustBPETokenizer, compute_token_bytes
@@ -70,18 +74,17 @@ src_meta = read_meta(src["meta"])  # model_config numbers checked: integers with
 model_config = src_meta["model_config"]
 problems = unsupported_config(model_config)  # the config first: it bounds how much may be read
 if problems:
-    raise UserError(f"{src['meta']}: this checkpoint uses parts this project's model does not have (nanochat's "
-                    f"architecture after October 2025?): {'; '.join(problems)}")
-config_obj = GPTConfig(**model_config)
-state_dict = read_tensors(src["model"], tensor_file_limit(config_obj))
+    raise UserError(f"{src['meta']}: this checkpoint's model_config is not one nanochat writes (October 2025 or "
+                    f"2026): {'; '.join(problems)}")
+state_dict = read_tensors(src["model"], tensor_file_limit(largest_config(model_config)))
 if not isinstance(state_dict, dict):
     raise UserError(f"{src['model']}: expected a state dict, found {type(state_dict).__name__}")
 state_dict = {k.removeprefix("_orig_mod."): v for k, v in state_dict.items()}  # torch.compile's key prefix
 problems = unsupported_parts(state_dict, model_config)
 if problems:
-    raise UserError(f"{src['model']}: this checkpoint uses parts this project's model does not have (nanochat's "
-                    f"architecture after October 2025?): {'; '.join(problems)}. Only October-2025-style nanochat "
-                    "checkpoints (transformer.wte, h.*.attn.c_q/c_k/c_v/c_proj, h.*.mlp.c_fc/c_proj, lm_head) import")
+    raise UserError(f"{src['model']}: this checkpoint does not fit any model this project can build: "
+                    f"{'; '.join(problems)}. nanochat's October 2025 and 2026 layouts import (gpt.GPTConfig)")
+config_obj = config_from_nanochat(state_dict, model_config)
 bad = first_nonfinite(state_dict.items())
 if bad is not None:
     raise UserError(f"{src['model']}: parameter '{bad}' holds NaN/inf; nothing was imported (pick a good step)")
@@ -91,8 +94,14 @@ if tokenizer.get_vocab_size() > config_obj.vocab_size:
                     f"model's vocab_size {config_obj.vocab_size} in {src['meta']}: they are not from the same run")
 token_bytes = compute_token_bytes(tokenizer)
 optim_data = None
-if src["optim"] and config["optimizer"]:
-    optim_data = read_tensors(src["optim"], tensor_file_limit(config_obj, copies=4))  # moments + momentum buffers
+optim_limit = tensor_file_limit(config_obj, copies=4)  # moments + momentum buffers (+ a second moment)
+if src["optim_ranks"] and config["optimizer"]:  # nanochat 2026: MuonAdamW, one file per rank
+    with torch.device("meta"):
+        meta_model = GPT(config_obj)
+    optim_data = nanochat_optimizer_state([read_tensors(p, optim_limit) for p in src["optim_ranks"]], meta_model,
+                                          meta_model.setup_optimizers(), src["optim_ranks"][0])
+elif src["optim"] and config["optimizer"]:
+    optim_data = read_tensors(src["optim"], optim_limit)
 sha = hashlib.sha256()  # identifies the source, so that re-running the same import is a no-op
 with open(src["model"], "rb") as f:
     for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -154,7 +163,7 @@ if write_checkpoint:
     metrics = {k: v for k, v in src_meta.items() if isinstance(v, (int, float)) and k != "step"}
     meta = {
         "step": step,
-        "model_config": model_config,
+        "model_config": dataclasses.asdict(config_obj),
         "source": "nanochat import",
         "phase": phase,
         "run_id": new_run_id(),  # this import owns its output folder, as a training run would
@@ -195,6 +204,9 @@ print0("")
 print0(f"Imported nanochat {phase} checkpoint: depth {config_obj.n_layer}, width {config_obj.n_embd}, "
        f"heads {config_obj.n_head} (kv heads {config_obj.n_kv_head}), vocab {config_obj.vocab_size}, "
        f"parameters {num_params:,}, step {step}, sequence_len {config_obj.sequence_len}")
+if config_obj != GPTConfig(**{k: getattr(config_obj, k) for k in NANOCHAT_CONFIG_KEYS}):  # not October's
+    parts = {k: v for k, v in vars(config_obj).items() if k not in NANOCHAT_CONFIG_KEYS}
+    print0(f"  architecture: nanochat 2026 ({', '.join(f'{k}={v}' for k, v in parts.items())})")
 print0(f"  checkpoint: {checkpoint_dir}" + (" (with optimizer state)" if optim_data is not None else ""))
 print0(f"  tokenizer:  {tokenizer_dir}")
 if phase in ("base", "mid"):

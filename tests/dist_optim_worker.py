@@ -1,7 +1,8 @@
 """Worker for tests/test_optim.py: 3 training steps of a tiny GPT with setup_optimizers() on a fixed global
 batch, split across ranks. Run alone (1 process: Muon + torch AdamW) or under
 `python -m torch.distributed.run --standalone --nproc_per_node=2 tests/dist_optim_worker.py OUT` (gloo:
-DistMuon + DistAdamW). Rank 0 saves the final parameters and per-step losses to OUT (torch.save)."""
+DistMuon + DistAdamW). A third argument names an architecture preset (gpt.ARCH_PRESETS; default the October
+one). Rank 0 saves the final parameters and per-step losses to OUT (torch.save)."""
 
 import sys
 
@@ -9,12 +10,16 @@ import torch
 import torch.distributed
 
 from nanochat.common import compute_cleanup, compute_init
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import ARCH_PRESETS, GPT, GPTConfig
 
 
-def main(out_path, num_steps=int(sys.argv[2]) if len(sys.argv) > 2 else 3):
+def main(out_path, num_steps=int(sys.argv[2]) if len(sys.argv) > 2 else 3,
+         arch=sys.argv[3] if len(sys.argv) > 3 else "nanochat-2025"):
     ddp, rank, _, world_size, device = compute_init("cpu")
-    config = GPTConfig(sequence_len=32, vocab_size=128, n_layer=2, n_head=2, n_kv_head=1, n_embd=64)
+    parts = dict(ARCH_PRESETS[arch], short_window=8) if arch != "nanochat-2025" else {}  # windows < sequence_len
+    # 3 layers with backout: with 2, its layer (n_layer // 2) is the last, and norm((1 - b) x) has no gradient in b
+    n_layer = 3 if parts.get("backout") else 2
+    config = GPTConfig(sequence_len=32, vocab_size=128, n_layer=n_layer, n_head=2, n_kv_head=1, n_embd=64, **parts)
     torch.manual_seed(0)
     with torch.device("meta"):
         model = GPT(config)
@@ -24,6 +29,8 @@ def main(out_path, num_steps=int(sys.argv[2]) if len(sys.argv) > 2 else 3):
         for name, p in model.named_parameters():  # gradients, which normalised updates turn into rounding noise
             if name.endswith("c_proj.weight") or name == "lm_head.weight":
                 p.normal_(0.0, 0.02)
+            elif name == "smear_lambda":  # 0 at init: its gate would get no gradient
+                p.fill_(0.5)
     init_params = {k: v.detach().clone() for k, v in model.state_dict().items()}
     optimizers = model.setup_optimizers()
     kinds = [type(opt).__name__ for opt in optimizers]

@@ -295,6 +295,29 @@ def test_chat_template_equals_render_for_completion(gqa_export, tokenizer):
     assert "<|" not in hf_tok.decode(reply, skip_special_tokens=True)
 
 
+def test_assistant_tokens_mask_equals_render_conversation(gqa_export, tokenizer):
+    """The template's {% generation %} marks: transformers' assistant mask (what TRL's assistant_only_loss trains
+    on) equals render_conversation's supervision mask, ids included, for every conversation shape."""
+    _, _, _, hf_tok = gqa_export
+    conversations = CONVERSATIONS + [
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                      {"role": "user", "content": "c"}, {"role": "assistant", "content": "d e f"}]},
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Count: 1 2"},
+                      {"role": "assistant", "content": [{"type": "python", "text": "len('ab')"},
+                                                        {"type": "python_output", "text": "2"},
+                                                        {"type": "text", "text": "Two."}]}]},
+    ]
+    supervised = 0
+    for conversation in conversations:
+        out = hf_tok.apply_chat_template(conversation["messages"], tokenize=True, return_dict=True,
+                                         return_assistant_tokens_mask=True)
+        ids, mask = tokenizer.render_conversation(conversation, max_tokens=None)
+        assert list(out["input_ids"]) == ids, conversation
+        assert list(out["assistant_masks"]) == mask, conversation
+        supervised += sum(mask)
+    assert supervised > 20  # the masks are not all zero
+
+
 def test_fast_tokenizer_matches_on_real_text_with_a_larger_vocab(data_dir):
     """A 4096-token vocabulary trained on the mirror's pretraining text: the fast tokenizer's merges must follow
     tiktoken's rank order on held-out documents (the shared 1024-token tokenizer has few long merges)."""
@@ -313,3 +336,54 @@ def test_fast_tokenizer_matches_on_real_text_with_a_larger_vocab(data_dir):
     assert sum(len(t) for t in held_out) > 100_000
     for text in held_out:
         assert hf.encode(text, add_special_tokens=False).ids == tokenizer.encode(text)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# nanochat 2026: the folder carries its own modeling file
+
+
+def test_2026_export_loads_with_remote_code_and_matches(tmp_path, tokenizer):
+    from nanochat.gpt import ARCH_PRESETS
+
+    config = GPTConfig(sequence_len=128, vocab_size=tokenizer.get_vocab_size() + 6, n_layer=3, n_head=4,
+                       n_kv_head=2, n_embd=64, **dict(ARCH_PRESETS["nanochat-2026"], short_window=9))
+    model = random_model(config, seed=3, output_std=0.1).eval()
+    folder = tmp_path / "hf2026"
+    write_hf_folder(str(folder), model, tokenizer, meta_of(model), "sft", "d3", 5, "float32")
+    assert (folder / "modeling_nanochat_gpt.py").exists()
+    code = (folder / "modeling_nanochat_gpt.py").read_text()
+    assert "import nanochat" not in code and "from nanochat" not in code  # self-contained
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["window_sizes"] == [9, 9, None] and cfg["value_embed_layers"] == [0, 2]
+    assert cfg["padded_vocab_size"] == 1088
+    hf_model, info = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, trust_remote_code=True, output_loading_info=True)
+    assert type(hf_model).__name__ == "NanoChatGPTForCausalLM"
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    hf_model.eval()
+    ids = torch.randint(0, tokenizer.get_vocab_size(), (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want = hf_model(ids).logits, model(ids)
+    assert got.shape == want.shape == (2, 40, config.vocab_size)
+    assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
+    # greedy generate (no cache in the modeling file: the whole sequence each step) equals the project's Engine
+    prompt = tokenizer.render_for_completion({"messages": [{"role": "user", "content": "Hello there!"}]})
+    out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None,
+                            pad_token_id=0)
+    rows, _ = Engine(model, tokenizer).generate_batch(prompt, num_samples=1, max_tokens=8, temperature=0.0)
+    n = len(rows[0]) - len(prompt)  # the engine may stop early at <|assistant_end|> / <|bos|>
+    assert n >= 1 and out[0, len(prompt):len(prompt) + n].tolist() == rows[0][len(prompt):]
+    # the model card says how to load it
+    assert "trust_remote_code=True" in (folder / "README.md").read_text()
+
+
+def test_export_refuses_a_model_config_it_does_not_know(tmp_path, tokenizer):
+    from nanochat.hf_export import export_problem
+
+    model = tiny_model(tokenizer.get_vocab_size(), n_kv_head=2)
+    meta = meta_of(model)
+    meta["model_config"]["attention_sinks"] = 4
+    assert "attention_sinks" in export_problem(meta["model_config"])
+    with pytest.raises(ValueError, match="attention_sinks"):
+        write_hf_folder(str(tmp_path / "x"), model, tokenizer, meta, "sft", "d2", 5, "float32")
+    assert not (tmp_path / "x").exists()

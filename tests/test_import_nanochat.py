@@ -5,8 +5,12 @@ key names (wte in bf16, as the published models), meta_<step>.json with nanochat
 token_bytes.pt and a single-file optim_<step>.pt.
 - import -> the imported model's logits equal the source weights' exactly; the tokenizer renders
   conversations exactly as the original tiktoken Encoding; chat_sft trains 2 steps from the import and saves;
-- a malicious tokenizer.pkl is refused and its payload never runs; a 2026-style checkpoint is refused naming
-  its extra parts; the overwrite rules; the loading hints in checkpoint_manager.
+- a malicious tokenizer.pkl is refused and its payload never runs; a checkpoint with parts no GPTConfig option
+  makes is refused naming them; the overwrite rules; the loading hints in checkpoint_manager.
+- nanochat 2026 (a state dict written here with nanochat's current key names and shapes, per-rank MuonAdamW
+  optimizer files): the imported model's logits equal a hand-written reference of nanochat's maths
+  (tests/test_gpt_2026.py), greedy decoding gives the same tokens, the optimizer state warm-starts chat_sft's
+  optimizers with nanochat's moments.
 
     .venv/bin/python -m pytest tests/test_import_nanochat.py
 """
@@ -26,6 +30,8 @@ from nanochat.gpt import GPT, GPTConfig
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = GPTConfig(sequence_len=128, vocab_size=1024, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
+NANOCHAT_CONFIG = {k: getattr(CONFIG, k) for k in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head",
+                                                   "n_embd")}  # nanochat October's meta model_config
 STEP = 100
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -52,7 +58,7 @@ def write_nanochat_folder(folder, tokenizer, state_dict=None, meta_extra=None, o
     torch.save(torch.tensor(old, dtype=torch.int32), os.path.join(folder, "token_bytes.pt"))
     sd = state_dict if state_dict is not None else nanochat_state_dict()
     torch.save(sd, os.path.join(folder, f"model_{STEP:06d}.pt"))
-    meta = {"step": STEP, "val_bpb": 1.2345, "model_config": vars(CONFIG).copy(),
+    meta = {"step": STEP, "val_bpb": 1.2345, "model_config": dict(NANOCHAT_CONFIG),
             "user_config": {"run": "d2", "depth": 2}, "device_batch_size": 4, "max_seq_len": 128}
     meta.update(meta_extra or {})
     with open(os.path.join(folder, f"meta_{STEP:06d}.json"), "w") as f:
@@ -267,35 +273,172 @@ def test_genuine_pickle_is_read_without_tiktoken_code(tmp_path, tokenizer):
     assert state["pat_str"] == tokenizer.enc._pat_str and state["special_tokens"] == tokenizer._special_ids
 
 
-def test_2026_checkpoint_is_refused_naming_its_parts(tmp_path, tokenizer, monkeypatch):
+def test_unknown_parts_are_refused_naming_them(tmp_path, tokenizer, monkeypatch):
     sd = nanochat_state_dict()
-    for i in range(CONFIG.n_layer):
-        sd[f"value_embeds.{i}.weight"] = torch.zeros(CONFIG.vocab_size, 16)
-    sd.update(resid_lambdas=torch.ones(2), x0_lambdas=torch.zeros(2), backout_lambda=torch.zeros(1))
-    sd["smear_gate.weight"] = torch.zeros(1, 24)
+    sd["mystery.weight"] = torch.zeros(3)
     src = tmp_path / "new"
     write_nanochat_folder(str(src), tokenizer, sd)
     out = run_import(tmp_path / "base", src, "--phase", "base")
     assert out.returncode == 2, out.stdout
     err = out.stderr
-    for part in ("value_embeds.*.weight", "resid_lambdas", "x0_lambdas", "smear_gate.weight", "backout_lambda"):
-        assert part in err, err
+    assert "weights mystery.weight" in err, err
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: ")
     assert not (tmp_path / "base" / "base_checkpoints").exists() and not (tmp_path / "base" / "tokenizer").exists()
-    # nanochat 2026's meta key for sliding-window attention is named too
-    write_nanochat_folder(str(src), tokenizer, sd, meta_extra={"model_config": dict(vars(CONFIG), window_pattern="SSSL")})
-    with pytest.raises(UserError, match="window_pattern"):
+    # a meta key no version of nanochat wrote is named too
+    write_nanochat_folder(str(src), tokenizer, nanochat_state_dict(),
+                          meta_extra={"model_config": dict(NANOCHAT_CONFIG, attention_sinks=4)})
+    with pytest.raises(UserError, match="attention_sinks"):
         import_in_process(monkeypatch, tmp_path / "base", src, "--phase", "base")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# nanochat 2026
+
+NC26 = dict(sequence_len=512, vocab_size=1030, n_layer=3, n_head=4, n_kv_head=2, n_embd=64)  # short window 128
+NC26_PADDED = 1088  # 1030 rounded up to a multiple of 64
+
+
+def nanochat_2026_state_dict(seed=0):
+    """nanochat's current key names and shapes, written out here (not taken from a model): value embeddings and
+    their gates on layers 0 and 2 (alternating, the last included), embeddings in bf16 as nanochat saves them."""
+    g = torch.Generator().manual_seed(seed)
+    L, C, Hkv, D, Vp = NC26["n_layer"], NC26["n_embd"], NC26["n_kv_head"], NC26["n_embd"] // NC26["n_head"], NC26_PADDED
+
+    def rnd(*shape, std=0.05):
+        return torch.randn(*shape, generator=g) * std
+
+    sd = {"transformer.wte.weight": rnd(Vp, C, std=0.8).bfloat16(), "lm_head.weight": rnd(Vp, C)}
+    for i in range(L):
+        p = f"transformer.h.{i}."
+        sd.update({p + "attn.c_q.weight": rnd(C, C, std=0.2), p + "attn.c_k.weight": rnd(Hkv * D, C, std=0.2),
+                   p + "attn.c_v.weight": rnd(Hkv * D, C, std=0.2), p + "attn.c_proj.weight": rnd(C, C),
+                   p + "mlp.c_fc.weight": rnd(4 * C, C, std=0.1), p + "mlp.c_proj.weight": rnd(C, 4 * C)})
+        if i % 2 == 0:
+            sd[p + "attn.ve_gate.weight"] = rnd(Hkv, 12, std=1.0)
+            sd[f"value_embeds.{i}.weight"] = rnd(Vp, Hkv * D, std=0.3).bfloat16()
+    sd.update(resid_lambdas=torch.tensor([1.15, 1.1, 1.05]), x0_lambdas=torch.tensor([0.2, 0.12, 0.05]),
+              smear_gate=None, smear_lambda=torch.tensor([0.4]), backout_lambda=torch.tensor([0.2]))
+    del sd["smear_gate"]
+    sd["smear_gate.weight"] = rnd(1, 24, std=1.0)
+    return sd
+
+
+def nanochat_2026_optimizer(sd, world_size=2):
+    """nanochat's MuonAdamW state dicts, one per rank: AdamW groups (lm_head, wte, value embeddings, resid, x0,
+    smear/backout scalars; large tensors (>= 1024 elements) sharded along dim 0 over the ranks), then Muon groups
+    of the block matrices by sorted shape, each group's stacked momentum buffers split over the ranks (state on
+    the group's first parameter). Moments are recognisable: exp_avg[name] = full tensor of index + 1."""
+    adam = [["lm_head.weight"], ["transformer.wte.weight"], ["value_embeds.0.weight", "value_embeds.2.weight"],
+            ["resid_lambdas"], ["x0_lambdas"], ["smear_gate.weight", "smear_lambda", "backout_lambda"]]
+    matrices = [k for k in sd if k.startswith("transformer.h.")]
+    shapes = sorted({tuple(sd[k].shape) for k in matrices})
+    muon = [[k for k in matrices if tuple(sd[k].shape) == s] for s in shapes]
+    ranks = [{"state": {}, "param_groups": []} for _ in range(world_size)]
+    index = 0
+    full = {}  # what the import must produce: name -> (exp_avg, exp_avg_sq) or momentum buffer
+    for kind, groups in (("adamw", adam), ("muon", muon)):
+        for names in groups:
+            ids = list(range(index, index + len(names)))
+            index += len(names)
+            for r in ranks:
+                r["param_groups"].append({"kind": kind, "params": ids, "lr": 0.1})
+            if kind == "adamw":
+                for i, name in zip(ids, names):
+                    m, v = torch.full(sd[name].shape, float(i + 1)), torch.full(sd[name].shape, float(i + 2))
+                    m[0] = -1.0  # the first row differs: a wrong shard order shows
+                    full[name] = (m, v)
+                    sharded = sd[name].numel() >= 1024
+                    for rank, r in enumerate(ranks):
+                        rows = sd[name].shape[0] // world_size
+                        sl = slice(rank * rows, (rank + 1) * rows) if sharded else slice(None)
+                        r["state"][i] = {"step": 7, "exp_avg": m[sl].clone(), "exp_avg_sq": v[sl].clone()}
+            else:
+                chunk = -(-len(names) // world_size)
+                stacked = torch.stack([torch.full(sd[n].shape, 100.0 + j) for j, n in enumerate(names)])
+                stacked = torch.cat([stacked, torch.zeros(chunk * world_size - len(names), *stacked.shape[1:])])
+                for j, n in enumerate(names):
+                    full[n] = stacked[j]
+                for rank, r in enumerate(ranks):
+                    r["state"][ids[0]] = {"momentum_buffer": stacked[rank * chunk:(rank + 1) * chunk].clone(),
+                                          "second_momentum_buffer": torch.ones(chunk, 1, stacked.shape[-1])}
+    return ranks, full
+
+
+@pytest.fixture(scope="module")
+def imported_2026(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("import2026")
+    src = root / "nanochat-2026"
+    sd = nanochat_2026_state_dict()
+    write_nanochat_folder(str(src), tokenizer, sd, meta_extra={"model_config": dict(NC26, window_pattern="SSL")},
+                          optimizer=False)
+    ranks, full = nanochat_2026_optimizer(sd)
+    for r, state in enumerate(ranks):
+        torch.save(state, src / f"optim_{STEP:06d}_rank{r}.pt")
+    out = run_import(root / "base", src, "--phase", "base")
+    assert out.returncode == 0, out.stderr
+    return {"base": root / "base", "sd": sd, "optim": full, "stdout": out.stdout}
+
+
+def test_2026_import_logits_equal_reference_and_greedy_tokens(imported_2026, monkeypatch):
+    from test_gpt_2026 import reference_logits
+
+    from nanochat.checkpoint_manager import load_model
+    from nanochat.engine import Engine
+
+    assert "architecture: nanochat 2026 (window_pattern=SSL, short_window=0, value_embeds=True" \
+        in imported_2026["stdout"]
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(imported_2026["base"]))
+    model, tokenizer, meta = load_model("base", "cpu", "eval")
+    cfg = model.config
+    assert (cfg.value_embeds, cfg.lambdas, cfg.smear, cfg.backout) == (True, True, True, True)
+    assert (cfg.window_pattern, cfg.qk_scale, cfg.rotary_base, cfg.pad_vocab_to) == ("SSL", 1.2, 100000, 64)
+    assert model.window_sizes == [128, 128, None]
+    assert meta["model_config"]["window_pattern"] == "SSL"
+    sd = {k: v.float() for k, v in imported_2026["sd"].items()}
+    x = torch.randint(0, 1024, (2, 200), generator=torch.Generator().manual_seed(1))  # longer than the window
+    with torch.no_grad():
+        got, want = model(x), reference_logits(sd, cfg, x)
+    rel = float((got - want).abs().max() / want.abs().max())
+    assert rel <= 1e-5, rel
+    # greedy decoding with the KV cache (windows, smear) gives the reference's tokens
+    prompt = x[0, :150].tolist()
+    ids = list(prompt)
+    for _ in range(6):
+        with torch.no_grad():
+            ids.append(int(reference_logits(sd, cfg, torch.tensor([ids]))[0, -1].argmax()))
+    rows, _ = Engine(model, tokenizer).generate_batch(prompt, num_samples=1, max_tokens=6, temperature=0.0)
+    n = len(rows[0]) - len(prompt)  # the engine stops early at <|assistant_end|> / <|bos|>
+    assert n >= 1 and rows[0][len(prompt):] == ids[len(prompt):len(prompt) + n]
+
+
+def test_2026_optimizer_state_warm_starts_this_projects_optimizers(imported_2026, monkeypatch):
+    from nanochat.checkpoint_manager import build_model, load_optimizer_warm_start
+
+    checkpoint_dir = os.path.join(imported_2026["base"], "base_checkpoints", "d3")
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(imported_2026["base"]))
+    model, _, _ = build_model(checkpoint_dir, STEP, "cpu", "train")
+    adamw, muon = model.setup_optimizers()
+    load_optimizer_warm_start([adamw, muon], checkpoint_dir, STEP, "cpu")
+    full = imported_2026["optim"]
+    params = dict(model.named_parameters())
+    for name, p in params.items():
+        if name.startswith("transformer.h."):
+            assert torch.equal(muon.state[p]["momentum_buffer"], full[name]), name
+        else:
+            m, v = full[name]
+            assert torch.equal(adamw.state[p]["exp_avg"], m) and torch.equal(adamw.state[p]["exp_avg_sq"], v), name
+            assert float(adamw.state[p]["step"]) == 7
+    assert len(muon.state) + len(adamw.state) == len(params)
 
 
 def test_unsupported_parts_of_a_supported_checkpoint_is_empty():
     from nanochat.nanochat_import import unsupported_parts
 
     sd = nanochat_state_dict()
-    assert unsupported_parts(sd, vars(CONFIG)) == []
+    assert unsupported_parts(sd, NANOCHAT_CONFIG) == []
     del sd["lm_head.weight"]
     sd["transformer.h.1.attn.c_q.weight"] = torch.zeros(3, 3)
-    problems = unsupported_parts(sd, vars(CONFIG))
+    problems = unsupported_parts(sd, NANOCHAT_CONFIG)
     assert "missing weights lm_head.weight" in problems
     assert any("transformer.h.1.attn.c_q.weight has shape (3, 3)" in p for p in problems)
 

@@ -81,23 +81,24 @@ def test_muon_step_groups_by_shape_and_moves_params():
         assert 0.01 < rms < 0.2  # an orthogonalised step of size ~lr/sqrt(cols), independent of grad scale
 
 
-def _run_worker(out_path, nproc, tmp_path):
+def _run_worker(out_path, nproc, tmp_path, arch="nanochat-2025"):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)
     worker = os.path.join(REPO_ROOT, "tests", "dist_optim_worker.py")
     if nproc == 1:
-        cmd = [sys.executable, worker, str(out_path)]
+        cmd = [sys.executable, worker, str(out_path), "3", arch]
     else:
         env.pop("RANK", None)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", worker,
-               str(out_path)]
+               str(out_path), "3", arch]
     result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return torch.load(out_path, weights_only=True)
 
 
-def test_dist_optimizers_two_gloo_processes_match_one(tmp_path):
-    one = _run_worker(tmp_path / "one.pt", 1, tmp_path)
-    two = _run_worker(tmp_path / "two.pt", 2, tmp_path)
+@pytest.mark.parametrize("arch", ["nanochat-2025", "nanochat-2026"])
+def test_dist_optimizers_two_gloo_processes_match_one(tmp_path, arch):
+    one = _run_worker(tmp_path / "one.pt", 1, tmp_path, arch)
+    two = _run_worker(tmp_path / "two.pt", 2, tmp_path, arch)
     assert one["kinds"] == ["AdamW", "Muon"] and two["kinds"] == ["DistAdamW", "DistMuon"]
     assert two["world_size"] == 2
     assert torch.equal(one["init"]["lm_head.weight"], two["init"]["lm_head.weight"])
@@ -109,4 +110,7 @@ def test_dist_optimizers_two_gloo_processes_match_one(tmp_path):
         assert moved > 0, name
         # same math on the averaged gradient; only fp32 summation order differs (measured ~4e-6 of the update on CPU,
         # where Newton-Schulz runs in fp32)
-        assert (p1 - p2).abs().max() < 1e-4 * moved, (name, (p1 - p2).abs().max().item(), moved.item())
+        # 2026: the value embeddings' tiny gradients (median ~1e-5; 1 vs 2 ranks agree to 1.5e-6 relative at step 1)
+        # partly cancel between steps, and Adam's m / sqrt(v) magnifies that to 1.7e-3 of the move after 3 steps
+        tol = 1e-4 if arch == "nanochat-2025" or not name.startswith("value_embeds") else 5e-3
+        assert (p1 - p2).abs().max() < tol * moved, (name, (p1 - p2).abs().max().item(), moved.item())
