@@ -412,7 +412,8 @@ def test_2026_import_logits_equal_reference_and_greedy_tokens(imported_2026, mon
 
 
 def test_2026_optimizer_state_warm_starts_this_projects_optimizers(imported_2026, monkeypatch):
-    from nanochat.checkpoint_manager import build_model, load_optimizer_warm_start
+    from nanochat.checkpoint_manager import build_model
+    from nanochat.runs import load_optimizer_warm_start
 
     checkpoint_dir = os.path.join(imported_2026["base"], "base_checkpoints", "d3")
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(imported_2026["base"]))
