@@ -49,7 +49,7 @@ def test_2026_architecture_base_sft_eval_export(tmp_path, tokenizer, data_dir):
             f.write(json.dumps({"messages": [{"role": "user", "content": f"What is {a} plus 1?"},
                                              {"role": "assistant", "content": f"{a} plus 1 is {a + 1}."}]}) + "\n")
     run(env, "scripts.chat_sft", "--source=base", "--max_iterations=2", "--device_batch_size=2",
-        "--target_examples_per_step=4", "--max_seq_len=512", "--packing=bestfit", "--load_optimizer=1",
+        "--target_examples_per_step=4", "--max_seq_len=64", "--packing=bestfit", "--load_optimizer=1",
         "--eval_every=-1", "--eval_metrics_every=-1", f"--train_mixture=['CustomJSON:{data}']",
         f"--val_mixture=['CustomJSON:{data}:0:8']")
     sft_dir = str(base / "chatsft_checkpoints" / "d2")
