@@ -13,7 +13,8 @@ a graph, minus a normal step each) and the number of graphs built. The data is s
 with log-normal lengths (median --median_len tokens) whose last 60% is supervised, batched by the real SFT
 pipeline (nanochat.sft.sft_batches: "pad" pads each batch to its longest conversation, rounded up to
 --pad_bucket when compiled; "bestfit" packs whole conversations into rows of max_seq_len + 1 tokens).
-"full" is the unchunked loss (GPT.loss_chunk_size = 0), "chunked" the default chunked cross-entropy.
+"full" is the unchunked loss (GPT.loss_chunk_size = 0), "chunked" the chunked cross-entropy at any size of the
+logits (the model's default chunks only logits over GPT.loss_chunk_min_bytes_default).
 Throughput barely depends on the token values, so no tokenizer is needed.
 """
 
@@ -53,6 +54,7 @@ def run_one(model_config, device, dtype, conversations, packing, compiled, chunk
     orig_model.to_empty(device=device)
     orig_model.init_weights()
     orig_model.loss_chunk_size = loss_chunk_size if chunked else 0
+    orig_model.loss_chunk_min_bytes = 0  # "chunked" rows chunk whatever the size of the logits
     model = compile_model(orig_model, num_shapes=-(-max_seq_len // pad_bucket)) if compiled else orig_model
     optimizers = orig_model.setup_optimizers()
     row_capacity = max_seq_len + 1

@@ -8,8 +8,9 @@ The GPT model (nanochat's architecture) and its optimizer set-up.
 - packed sequences: `segment_ids` (B, T) make attention block-diagonal causal and restart rotary positions
   per segment (flex_attention with a block mask on CUDA, SDPA with an explicit boolean mask elsewhere); the
   mask is built once per batch and shared by every layer
-- the loss (forward with targets) is a chunked cross-entropy over the softcapped logits: the full fp32
-  (B * T, vocab) logits are never held (chunked_cross_entropy; loss_chunk_size = 0 for the plain computation)
+- the loss (forward with targets) is the cross-entropy of the softcapped logits, chunked where the step's fp32
+  (B * T, vocab) logits would be large (over loss_chunk_min_bytes: then they are never held whole;
+  chunked_cross_entropy), plain where they are small (loss_chunk_rows; loss_chunk_size = 0: always plain)
 
 Build on the meta device, then allocate and initialise:
     with torch.device("meta"): model = GPT(config)
@@ -176,6 +177,15 @@ def chunked_cross_entropy(x, weight, targets, softcap=15.0, reduction="mean", ch
     return loss.sum() / (targets != ignore_index).sum()
 
 
+def loss_chunk_rows(num_rows, vocab_size, chunk_size, min_bytes):
+    """Rows per chunk of the loss for a step of `num_rows` tokens: `chunk_size` when the step's fp32 logits
+    (num_rows * vocab_size * 4 bytes) exceed `min_bytes`, else 0 (the plain loss). Chunking saves the memory of
+    the logits and their gradient, but recomputes each chunk's logits in backward (one more lm_head matmul and
+    softcap): measured on CPU at depth 4, 8 x 512 tokens, vocab 8192 (128 MiB of logits), the chunked loss
+    made the whole step 14% slower, so small logits are not worth chunking."""
+    return chunk_size if num_rows * vocab_size * 4 > min_bytes else 0
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -250,6 +260,9 @@ class GPT(nn.Module):
     # full logits of 8 rows of 2048; each chunk's matmul (2048 x n_embd x vocab) is still large enough to run
     # at full speed
     loss_chunk_size_default = 2048
+    # the loss is chunked only when the step's fp32 logits exceed this many bytes (loss_chunk_rows): 256 MiB is
+    # 8 x 512 tokens at vocab 16,384 or one row of 1,024 at 65,536; d20's 8 x 2048 x 65,536 (4 GiB) is chunked
+    loss_chunk_min_bytes_default = 256 * 2**20
 
     def __init__(self, config):
         super().__init__()
@@ -265,9 +278,11 @@ class GPT(nn.Module):
         cos, sin = self._precompute_rotary(self.rotary_seq_len, head_dim)
         self.register_buffer("cos", cos, persistent=False)  # (rotary_seq_len, head_dim/2)
         self.register_buffer("sin", sin, persistent=False)
-        # Where the loss is computed (forward with targets), chunk_cross_entropy rows at a time so that the
-        # full fp32 logits are never held (chunked_cross_entropy); 0 = all at once (the unchunked reference).
+        # Where the loss is computed (forward with targets) and the fp32 logits would take more than
+        # loss_chunk_min_bytes, loss_chunk_size rows at a time so that they are never held whole
+        # (chunked_cross_entropy); loss_chunk_size = 0: always all at once (the plain loss).
         self.loss_chunk_size = self.loss_chunk_size_default
+        self.loss_chunk_min_bytes = self.loss_chunk_min_bytes_default
         self.use_flex = None  # packed rows: flex_attention (True) or SDPA + boolean mask (False); None: on CUDA
 
     def _precompute_rotary(self, seq_len, head_dim, base=10000, device=None):
@@ -383,9 +398,10 @@ class GPT(nn.Module):
         if targets is None:
             logits = self.lm_head(x).float()
             return softcap * torch.tanh(logits / softcap)
-        # the loss without the full fp32 logits (chunked; loss_chunk_size = 0 gives the unchunked computation)
+        # the loss, chunked when the full fp32 logits would be large (loss_chunk_rows), else plain
+        chunk_size = loss_chunk_rows(B * T, self.config.vocab_size, self.loss_chunk_size, self.loss_chunk_min_bytes)
         loss = chunked_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1), softcap=softcap,
-                                     reduction=loss_reduction, chunk_size=self.loss_chunk_size)
+                                     reduction=loss_reduction, chunk_size=chunk_size)
         if loss_reduction == "none":
             loss = loss.view(B, T)
         return loss

@@ -104,6 +104,7 @@ def test_model_loss_chunked_equals_unchunked_and_saves_no_full_logits(reduction)
     targets[:, :10] = -1
     targets[1, 50:] = -1
     results = {}
+    model.loss_chunk_min_bytes = 0  # chunk even these small logits
     for chunk in (0, 64):
         model.zero_grad(set_to_none=True)
         model.loss_chunk_size = chunk
@@ -119,6 +120,24 @@ def test_model_loss_chunked_equals_unchunked_and_saves_no_full_logits(reduction)
     # (each chunk is recomputed in backward)
     assert full_largest >= B * T * V
     assert chunk_largest == 0
+
+
+def test_loss_is_chunked_only_above_the_byte_threshold():
+    from nanochat.gpt import GPT, loss_chunk_rows
+
+    assert loss_chunk_rows(8 * 512, 8192, 2048, GPT.loss_chunk_min_bytes_default) == 0  # bench.model_step: plain
+    assert loss_chunk_rows(8 * 2048, 65536, 2048, GPT.loss_chunk_min_bytes_default) == 2048  # d20 SFT: chunked
+    assert loss_chunk_rows(10, 100, 4, 10 * 100 * 4) == 0 and loss_chunk_rows(10, 100, 4, 10 * 100 * 4 - 1) == 4
+    assert loss_chunk_rows(10, 100, 0, 0) == 0  # loss_chunk_size = 0: always plain
+    # in the model: 2 x 50 tokens x V fp32 logits; chunked (nothing of logit size saved) only under the threshold
+    model = make_model()
+    idx, targets = torch.randint(0, V, (2, 50)), torch.randint(0, V, (2, 50))
+    model.loss_chunk_size = 16
+    largest = {}
+    for min_bytes in (100 * V * 4, 100 * V * 4 - 1):
+        model.loss_chunk_min_bytes = min_bytes
+        loss, largest[min_bytes] = _largest_saved_tensor(lambda: model(idx, targets))
+    assert largest[100 * V * 4] >= 100 * V and largest[100 * V * 4 - 1] == 0
 
 
 def test_flex_block_mask_model_forward_equals_sdpa_mask_forward():
@@ -246,7 +265,7 @@ def test_compiled_bestfit_step_matches_eager(single_process_compile):
     losses = {}
     for compiled in (False, True):
         orig_model = make_model(n_layer=1, n_embd=32)
-        orig_model.loss_chunk_size = 64  # the chunked loss is part of the compiled graph
+        orig_model.loss_chunk_size, orig_model.loss_chunk_min_bytes = 64, 0  # the chunked loss is in the graph
         model = compile_model(orig_model) if compiled else orig_model
         optimizers = orig_model.setup_optimizers()
         graphs_before = compiled_graphs()
