@@ -49,6 +49,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     args = parser.parse_args(argv)
     if args.compare:
+        if not os.path.isfile(os.path.join(args.compare, "nanochat", "gpt.py")):
+            parser.error(f"--compare={args.compare}: no nanochat/gpt.py there; give the root of a checkout of nanochat")
         return compare(args)
     if args.threads > 0:
         torch.set_num_threads(args.threads)

@@ -143,6 +143,41 @@ def segment_attention(segment_ids, use_flex):
     return "sdpa", segment_mask(segment_ids)
 
 
+class SoftcapCrossEntropy(torch.autograd.Function):
+    """Per-row cross-entropy of softcap * tanh(z / softcap) (z: (N, V) fp32 logits, targets: (N,)), 0 where the
+    target is ignore_index; the same numbers as F.cross_entropy(softcap * torch.tanh(z / softcap), targets,
+    reduction="none"), with a hand-written backward: dz = (softmax - onehot) * (1 - tanh^2) per row's gradient.
+    Why: autograd's version makes about eight (N, V) temporaries and as many passes over them (the division, the
+    tanh, the product, log_softmax, the one-hot gather and each of their backwards); here the forward keeps two,
+    tanh and the softmax, made in place. Measured on CPU, one thread, N = 4096, V = 8192 (bench.model_step's
+    shape): forward + backward of the loss after the lm_head matmul took 0.77 s of CPU time with autograd's
+    version, 0.45 s with this one (best of 5, a busy machine). The capped logits lie in [-softcap, softcap], so
+    exp(logit - softcap) needs no max-subtraction to stay finite."""
+
+    @staticmethod
+    def forward(ctx, z, targets, softcap, ignore_index):
+        t = torch.div(z, softcap).tanh_()  # the capped logits are softcap * t
+        probs = torch.mul(t, softcap).sub_(softcap).exp_()  # exp(logit - softcap): in (e^(-2 softcap), 1]
+        sums = probs.sum(dim=1, keepdim=True)
+        probs.div_(sums)  # softmax
+        valid = targets != ignore_index
+        safe_targets = torch.where(valid, targets, 0)
+        target_logit = softcap * t.gather(1, safe_targets[:, None]).squeeze(1)
+        loss = (sums.squeeze(1).log() + softcap - target_logit) * valid  # logsumexp - target logit
+        ctx.save_for_backward(t, probs, safe_targets, valid)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        t, probs, safe_targets, valid = ctx.saved_tensors
+        row_grad = (grad_loss * valid)[:, None]  # (N, 1): 0 at ignored targets
+        dz = torch.mul(probs, row_grad)  # d loss / d logit = (softmax - onehot) * row gradient
+        dz.scatter_add_(1, safe_targets[:, None], -row_grad)
+        dz.mul_(t.square().neg_().add_(1))  # through softcap * tanh(z / softcap): 1 - tanh^2
+        return dz, None, None, None
+
+
 def chunked_cross_entropy(x, weight, targets, softcap=15.0, reduction="mean", chunk_size=2048, ignore_index=-1):
     """Cross-entropy of the softcapped logits softcap * tanh((x @ weight.T).float() / softcap) against
     `targets`, computed `chunk_size` rows (tokens) at a time so that the full (N, vocab) fp32 logits never
@@ -158,8 +193,7 @@ def chunked_cross_entropy(x, weight, targets, softcap=15.0, reduction="mean", ch
 
     def chunk_loss(x_chunk, weight, targets_chunk):
         logits = F.linear(x_chunk, weight).float()
-        logits = softcap * torch.tanh(logits / softcap)
-        return F.cross_entropy(logits, targets_chunk, ignore_index=ignore_index, reduction="none")
+        return SoftcapCrossEntropy.apply(logits, targets_chunk, softcap, ignore_index)
 
     checkpointed = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad) and chunk_size < N
     losses = []
