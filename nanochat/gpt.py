@@ -168,8 +168,7 @@ class SoftcapCrossEntropy(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss):  # in place only on tensors it made: the saved ones stay intact
         t, probs, safe_targets, valid = ctx.saved_tensors
         row_grad = (grad_loss * valid)[:, None]  # (N, 1): 0 at ignored targets
         dz = torch.mul(probs, row_grad)  # d loss / d logit = (softmax - onehot) * row gradient
