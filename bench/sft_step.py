@@ -13,7 +13,8 @@ a graph, minus a normal step each) and the number of graphs built. The data is s
 with log-normal lengths (median --median_len tokens) whose last 60% is supervised, batched by the real SFT
 pipeline (nanochat.sft.sft_batches: "pad" pads each batch to its longest conversation, rounded up to
 --pad_bucket when compiled; "bestfit" packs whole conversations into rows of max_seq_len + 1 tokens).
-"full" is the unchunked loss (GPT.loss_chunk_size = 0), "chunked" the default chunked cross-entropy.
+"full" is the unchunked loss (GPT.loss_chunk_size = 0), "chunked" the chunked cross-entropy at any size of the
+logits (the model's default chunks only logits over GPT.loss_chunk_min_bytes_default).
 Throughput barely depends on the token values, so no tokenizer is needed.
 """
 
@@ -53,6 +54,7 @@ def run_one(model_config, device, dtype, conversations, packing, compiled, chunk
     orig_model.to_empty(device=device)
     orig_model.init_weights()
     orig_model.loss_chunk_size = loss_chunk_size if chunked else 0
+    orig_model.loss_chunk_min_bytes = 0  # "chunked" rows chunk whatever the size of the logits
     model = compile_model(orig_model, num_shapes=-(-max_seq_len // pad_bucket)) if compiled else orig_model
     optimizers = orig_model.setup_optimizers()
     row_capacity = max_seq_len + 1
@@ -130,7 +132,8 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps (default: 3 on CUDA, 1 on CPU)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default 1: a tiny model gains "
                                                                    "nothing from more, and a busy CPU punishes it)")
-    parser.add_argument("--only", default="", help="comma-separated subset of the rows, e.g. bestfit/compiled/chunked")
+    parser.add_argument("--only", default="", help="comma-separated rows to run, in this order, e.g. "
+                                                   "bestfit/compiled/chunked,pad/eager/full")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -159,21 +162,6 @@ def main(argv=None):
           f"{median_len} tokens | pad_bucket {pad_bucket} | loss chunk {loss_chunk_size} rows | {warmup} warmup + "
           f"{steps} timed steps")
 
-    rows = []
-    only = {s.strip() for s in args.only.split(",") if s.strip()}
-    for packing in ("pad", "bestfit"):
-        for compiled in (False, True):
-            for chunked in (True, False):
-                name = f"{packing}/{'compiled' if compiled else 'eager'}/{'chunked' if chunked else 'full'}"
-                if only and name not in only:
-                    continue
-                result = run_one(model_config, device, args.dtype, conversations, packing, compiled, chunked,
-                                 batch_size, pad_bucket, max_seq_len, steps, warmup, loss_chunk_size)
-                rows.append((name, result))
-                torch._dynamo.reset()  # drop the compiled graphs (and the model they hold) before the next row
-                gc.collect()
-                print(f"  done {name}", flush=True)
-
     def fmt(key, value):
         if value is None:
             return "n/a"
@@ -182,6 +170,22 @@ def main(argv=None):
         if key in ("compile s", "step ms"):
             return f"{value:,.1f}"
         return f"{value:,.0f}"
+
+    names = [f"{packing}/{compiled}/{loss}" for packing in ("pad", "bestfit") for compiled in ("eager", "compiled")
+             for loss in ("chunked", "full")]
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = [name for name in only if name not in names]
+    if unknown:
+        parser.error(f"--only: unknown rows {unknown}; rows are {', '.join(names)}")
+    rows = []
+    for name in only or names:  # in --only's order: the rows that matter most first, under a time limit
+        packing, compiled, loss = name.split("/")
+        result = run_one(model_config, device, args.dtype, conversations, packing, compiled == "compiled",
+                         loss == "chunked", batch_size, pad_bucket, max_seq_len, steps, warmup, loss_chunk_size)
+        rows.append((name, result))
+        torch._dynamo.reset()  # drop the compiled graphs (and the model they hold) before the next row
+        gc.collect()
+        print(f"  done {name}: " + ", ".join(f"{k} {fmt(k, v)}" for k, v in result.items()), flush=True)
 
     keys = list(rows[0][1]) if rows else []
     width = max(len(name) for name, _ in rows) if rows else 0

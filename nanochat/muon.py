@@ -4,7 +4,8 @@ Muon: momentum + Newton-Schulz orthogonalisation of the update, for the 2-D matr
 
 - `zeropower_via_newtonschulz5(G, steps=5)`: quintic Newton-Schulz iteration, coefficients
   (3.4445, -4.7750, 2.0315), run in bf16; maps G to (approximately) U V^T of its SVD.
-- `Muon`: single process. Nesterov momentum 0.95, update scaled by sqrt(max(1, rows / cols)).
+- `Muon`: single process. Nesterov momentum 0.95, update scaled by sqrt(max(1, rows / cols)). The matrices of
+  one shape are orthogonalised as one batch (batched matmuls; foreach momentum and parameter updates).
 - `DistMuon`: several processes, same math. Gradient synchronisation lives HERE, inside step(), not in a
   DDP wrapper (as nanochat): gradients of each block of world_size same-shape matrices are reduce-scattered
   (averaged), each rank orthogonalises the one matrix it owns, and the updated matrices are all-gathered.
@@ -25,8 +26,10 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic, tuned for fast convergence of 
 
 
 def zeropower_via_newtonschulz5(G, steps=5):
-    """Approximately orthogonalise G (..., rows, cols) in bf16 with a quintic Newton-Schulz iteration.
-    The result has singular values in roughly [0.7, 1.2] rather than exactly 1, which works as well in practice."""
+    """Approximately orthogonalise G (..., rows, cols) in bf16 with a quintic Newton-Schulz iteration; leading
+    dimensions are a batch of same-shape matrices, orthogonalised together (one batched matmul per product
+    instead of one per matrix). The result has singular values in roughly [0.7, 1.2] rather than exactly 1,
+    which works as well in practice."""
     assert G.ndim >= 2
     a, b, c = NS_COEFFS
     # bf16 on GPUs (fast there); fp32 elsewhere: CPUs without bf16 matmul units run bf16 ~50x slower than fp32
@@ -34,23 +37,32 @@ def zeropower_via_newtonschulz5(G, steps=5):
     transposed = G.size(-2) > G.size(-1)
     if transposed:  # iterate on the wide orientation: X @ X^T is the smaller Gram matrix
         X = X.mT
+    batch_shape = X.shape[:-2]
+    X = X.reshape(-1, *X.shape[-2:])  # (batch, rows, cols): baddbmm below wants 3-D
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
     for _ in range(steps):
         A = X @ X.mT
-        B = b * A + c * A @ A
-        X = a * X + B @ X
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b * A + c * A @ A, the scaling fused into the matmul
+        X = torch.baddbmm(X, B, X, beta=a)  # a * X + B @ X
+    X = X.reshape(*batch_shape, *X.shape[-2:])
     if transposed:
         X = X.mT
     return X
 
 
-def muon_update(grad, momentum_buffer, momentum, nesterov=True, ns_steps=5):
-    """The Muon direction for one matrix (updates momentum_buffer in place)."""
-    momentum_buffer.lerp_(grad, 1 - momentum)
-    g = grad.lerp(momentum_buffer, momentum) if nesterov else momentum_buffer
-    g = zeropower_via_newtonschulz5(g, steps=ns_steps)
+def muon_updates(grads, momentum_buffers, momentum, nesterov=True, ns_steps=5):
+    """The Muon directions of same-shape matrices, stacked (n, rows, cols); updates the momentum buffers in
+    place. Each matrix is orthogonalised on its own, as a batch of one Newton-Schulz iteration."""
+    torch._foreach_lerp_(momentum_buffers, grads, 1 - momentum)
+    g = torch._foreach_lerp(grads, momentum_buffers, momentum) if nesterov else momentum_buffers
+    g = zeropower_via_newtonschulz5(torch.stack(g), steps=ns_steps)
     scale = max(1.0, g.size(-2) / g.size(-1)) ** 0.5  # tall matrices: keep the per-element RMS comparable
     return g * scale
+
+
+def muon_update(grad, momentum_buffer, momentum, nesterov=True, ns_steps=5):
+    """The Muon direction for one matrix (updates momentum_buffer in place)."""
+    return muon_updates([grad], [momentum_buffer], momentum, nesterov, ns_steps)[0]
 
 
 def _shape_groups(params, defaults):
@@ -84,10 +96,24 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self):
+        # the matrices of one shape go through Newton-Schulz as one batch, and their momentum and parameter
+        # updates are foreach ops: on CPU, one Python-level op per matrix cost more than the arithmetic
         for group in self.param_groups:
+            by_shape = {}
             for p in group["params"]:
                 if p.grad is not None:
-                    self._apply(p, p.grad, group)
+                    by_shape.setdefault(p.shape, []).append(p)
+            for params in by_shape.values():
+                bufs = []
+                for p in params:
+                    if "momentum_buffer" not in self.state[p]:
+                        self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad)
+                    bufs.append(self.state[p]["momentum_buffer"])
+                updates = muon_updates([p.grad for p in params], bufs, group["momentum"], group["nesterov"],
+                                       group["ns_steps"])
+                if group["weight_decay"] > 0:
+                    torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+                torch._foreach_add_(params, list(updates.to(params[0].dtype).unbind(0)), alpha=-group["lr"])
 
 
 class DistMuon(Muon):

@@ -5,6 +5,8 @@ Shared pytest fixtures.
   when it is unset.
 - `tokenizer`: a tiny RustBPETokenizer (vocab 1024) trained once per session on built-in text plus, when the
   mirror is available, a slice of its pretraining and chat data.
+- Tests marked `@pytest.mark.cuda` need a CUDA GPU and are skipped where there is none (and only there):
+  `pytest -m cuda` runs them (bench/gpu_proof.sh does, on the GPU machine).
 - Every test runs with NANOCHAT_BASE_DIR pointing at a fresh temporary directory, so nothing touches
   ~/.cache/nanochat, and with wandb disabled; the data check's eval index cache is shared by the session.
 """
@@ -33,6 +35,18 @@ Unicode: café, naïve, 日本語, Привет, emoji 🙂🚀.
 @pytest.fixture(scope="session")
 def _data_check_cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("data_check_cache"))
+
+
+def pytest_collection_modifyitems(config, items):
+    cuda_items = [item for item in items if item.get_closest_marker("cuda")]
+    if not cuda_items:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU (bash bench/gpu_proof.sh runs these on one)")
+        for item in cuda_items:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

@@ -206,3 +206,22 @@ def test_bf16_embedding_without_autocast_runs_in_fp32():
     assert torch.equal(loss, reference(idx[:, :-1], idx[:, 1:]))
     loss.backward()  # and it trains
     assert model.transformer.wte.weight.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.slow
+def test_model_step_compare_times_two_checkouts_in_turn():
+    # bench.model_step --compare against this same checkout: both workers answer every round, the ratio is printed
+    import os
+    import re
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-m", "bench.model_step", f"--compare={repo}", "--depth=1", "--seq_len=16",
+                          "--batch_size=2", "--vocab_size=256", "--head_dim=32", "--threads=1", "--rounds=2",
+                          "--steps=1", "--warmup=1"], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    rounds = re.findall(r"^round (\d): this ([\d,]+) tokens/s .* other ([\d,]+) .* ratio ([\d.]+)", out.stdout, re.M)
+    assert [r[0] for r in rounds] == ["1", "2"]
+    assert all(float(r[1].replace(",", "")) > 0 and float(r[2].replace(",", "")) > 0 for r in rounds)
+    assert re.search(r"median ratio this/other \d+\.\d\d", out.stdout)

@@ -1,7 +1,9 @@
 """
 Tests of the fast (GPU) training path, run on CPU: chunked cross-entropy against the unchunked loss (values and
 gradients), flex_attention's block mask against the SDPA boolean mask in the whole model, pad bucketing,
-a compiled bestfit step against eager, and the optimizer warm start (load_optimizer = 1).
+a compiled bestfit step against eager, and the optimizer warm start (load_optimizer = 1). The tests marked
+`cuda` run the same comparisons on a GPU, in bf16 (flex_attention backward, the compiled step, the chunked loss's
+memory); they are skipped without CUDA (tests/conftest.py) and run by bash bench/gpu_proof.sh.
 
     .venv/bin/python -m pytest tests/test_gpu_path.py --durations=5
 """
@@ -104,6 +106,7 @@ def test_model_loss_chunked_equals_unchunked_and_saves_no_full_logits(reduction)
     targets[:, :10] = -1
     targets[1, 50:] = -1
     results = {}
+    model.loss_chunk_min_bytes = 0  # chunk even these small logits
     for chunk in (0, 64):
         model.zero_grad(set_to_none=True)
         model.loss_chunk_size = chunk
@@ -119,6 +122,24 @@ def test_model_loss_chunked_equals_unchunked_and_saves_no_full_logits(reduction)
     # (each chunk is recomputed in backward)
     assert full_largest >= B * T * V
     assert chunk_largest == 0
+
+
+def test_loss_is_chunked_only_above_the_byte_threshold():
+    from nanochat.gpt import GPT, loss_chunk_rows
+
+    assert loss_chunk_rows(8 * 512, 8192, 2048, GPT.loss_chunk_min_bytes_default) == 0  # bench.model_step: plain
+    assert loss_chunk_rows(8 * 2048, 65536, 2048, GPT.loss_chunk_min_bytes_default) == 2048  # d20 SFT: chunked
+    assert loss_chunk_rows(10, 100, 4, 10 * 100 * 4) == 0 and loss_chunk_rows(10, 100, 4, 10 * 100 * 4 - 1) == 4
+    assert loss_chunk_rows(10, 100, 0, 0) == 0  # loss_chunk_size = 0: always plain
+    # in the model: 2 x 50 tokens x V fp32 logits; chunked (nothing of logit size saved) only under the threshold
+    model = make_model()
+    idx, targets = torch.randint(0, V, (2, 50)), torch.randint(0, V, (2, 50))
+    model.loss_chunk_size = 16
+    largest = {}
+    for min_bytes in (100 * V * 4, 100 * V * 4 - 1):
+        model.loss_chunk_min_bytes = min_bytes
+        loss, largest[min_bytes] = _largest_saved_tensor(lambda: model(idx, targets))
+    assert largest[100 * V * 4] >= 100 * V and largest[100 * V * 4 - 1] == 0
 
 
 def test_flex_block_mask_model_forward_equals_sdpa_mask_forward():
@@ -246,7 +267,7 @@ def test_compiled_bestfit_step_matches_eager(single_process_compile):
     losses = {}
     for compiled in (False, True):
         orig_model = make_model(n_layer=1, n_embd=32)
-        orig_model.loss_chunk_size = 64  # the chunked loss is part of the compiled graph
+        orig_model.loss_chunk_size, orig_model.loss_chunk_min_bytes = 64, 0  # the chunked loss is in the graph
         model = compile_model(orig_model) if compiled else orig_model
         optimizers = orig_model.setup_optimizers()
         graphs_before = compiled_graphs()
@@ -438,3 +459,97 @@ def test_chat_sft_load_optimizer_warm_starts_from_the_source(tmp_path, tokenizer
         weights[warm] = load_checkpoint(os.path.join(base_dir, SOURCE_DIRS["sft"], "d2"), 1, "cpu")[0]
     assert weights[0].keys() == weights[1].keys()
     assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# On a CUDA GPU (pytest -m cuda; skipped elsewhere): bf16 autocast, flex_attention forward and backward, the
+# compiled step, the chunked loss's memory
+
+
+def _cuda_model(n_layer=2, n_embd=256, n_head=2, vocab_size=V, sequence_len=1024):
+    config = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
+                       n_kv_head=n_head, n_embd=n_embd)
+    return random_model(config, seed=0, output_std=0.05, device="cuda")
+
+
+def _packed_segments(B, T):
+    seg = torch.cat([torch.full((B, T // 3), 1), torch.full((B, T // 2), 2), torch.full((B, T - T // 3 - T // 2), 3)],
+                    1)
+    seg[1, : T // 5] = 7  # a different split in the second row
+    return seg.cuda()
+
+
+@pytest.mark.cuda
+def test_cuda_flex_attention_forward_and_backward_equal_the_sdpa_mask():
+    model = _cuda_model()
+    torch.manual_seed(2)
+    B, T = 2, 512
+    idx, targets = torch.randint(0, V, (B, T), device="cuda"), torch.randint(0, V, (B, T), device="cuda")
+    seg = _packed_segments(B, T)
+    out = {}
+    for use_flex in (False, True):
+        model.use_flex = use_flex
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(idx, targets, segment_ids=seg)
+        loss.backward()
+        out[use_flex] = (float(loss), {n: p.grad.float().clone() for n, p in model.named_parameters()})
+    assert abs(out[True][0] - out[False][0]) <= 2e-3 * abs(out[False][0])
+    for name, ref in out[False][1].items():
+        rel = float((out[True][1][name] - ref).norm() / ref.norm().clamp_min(1e-12))
+        assert rel < 2e-2, (name, rel)  # bf16 attention kernels: not bitwise, but the same gradients
+
+
+@pytest.mark.cuda
+def test_cuda_compiled_bestfit_step_matches_eager():
+    from nanochat.perf import compile_model, compiled_graphs
+
+    batches = [tuple(t.cuda() for t in batch) for batch in _bestfit_batches(3, rows=4, row_capacity=257)]
+    losses = {}
+    for compiled in (False, True):
+        orig_model = _cuda_model()
+        model = compile_model(orig_model) if compiled else orig_model
+        optimizers = orig_model.setup_optimizers()
+        graphs_before = compiled_graphs()
+        losses[compiled] = []
+        for inputs, targets, segment_ids in batches:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(inputs, targets, loss_reduction="sum", segment_ids=segment_ids)
+            (loss / (targets != -1).sum()).backward()
+            for opt in optimizers:
+                opt.step()
+            orig_model.zero_grad(set_to_none=True)
+            losses[compiled].append(float(loss.detach()))
+        if compiled:
+            assert compiled_graphs() > graphs_before
+    print(f"eager {losses[False]} compiled {losses[True]}")
+    assert losses[False][0] != losses[False][2]
+    for a, b in zip(losses[False], losses[True]):
+        assert abs(a - b) <= 1e-2 * max(1.0, abs(a)), (losses[False], losses[True])
+
+
+@pytest.mark.cuda
+def test_cuda_chunked_loss_equals_full_and_takes_less_memory():
+    from nanochat.perf import peak_memory_mib, reset_peak_memory
+
+    vocab = 32768
+    model = _cuda_model(n_layer=1, n_embd=128, vocab_size=vocab)
+    torch.manual_seed(3)
+    B, T = 4, 1024  # fp32 logits of 512 MiB: the loss dominates the memory
+    idx, targets = torch.randint(0, vocab, (B, T), device="cuda"), torch.randint(0, vocab, (B, T), device="cuda")
+    result = {}
+    for chunk in (0, 1024):
+        model.loss_chunk_size, model.loss_chunk_min_bytes = chunk, 0
+        model.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        reset_peak_memory("cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(idx, targets)
+        loss.backward()
+        torch.cuda.synchronize()
+        result[chunk] = (float(loss), model.lm_head.weight.grad.float().clone(), peak_memory_mib("cuda"))
+    (full_loss, full_grad, full_peak), (loss, grad, peak) = result[0], result[1024]
+    print(f"peak memory: full loss {full_peak:.0f} MiB, chunked {peak:.0f} MiB")
+    assert abs(loss - full_loss) <= 1e-3 * abs(full_loss)
+    assert float((grad - full_grad).norm() / full_grad.norm()) < 1e-2
+    assert peak < 0.6 * full_peak

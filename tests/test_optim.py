@@ -81,6 +81,63 @@ def test_muon_step_groups_by_shape_and_moves_params():
         assert 0.01 < rms < 0.2  # an orthogonalised step of size ~lr/sqrt(cols), independent of grad scale
 
 
+# The single-matrix Muon as it was before the batched step (the reference of the two tests below; kept here only)
+def _reference_newtonschulz5(G, steps=5):
+    a, b, c = (3.4445, -4.7750, 2.0315)
+    X = G.bfloat16() if G.is_cuda else G.float()
+    transposed = G.size(-2) > G.size(-1)
+    if transposed:
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        A = X @ X.mT
+        B = b * A + c * A @ A
+        X = a * X + B @ X
+    if transposed:
+        X = X.mT
+    return X
+
+
+def _reference_muon_steps(params, grads_per_step, lr, momentum, weight_decay):
+    bufs = [torch.zeros_like(p) for p in params]
+    for grads in grads_per_step:
+        for p, g, buf in zip(params, grads, bufs):
+            buf.lerp_(g, 1 - momentum)
+            u = _reference_newtonschulz5(g.lerp(buf, momentum)) * max(1.0, g.size(-2) / g.size(-1)) ** 0.5
+            p.mul_(1 - lr * weight_decay)
+            p.add_(u, alpha=-lr)
+    return bufs
+
+
+@pytest.mark.parametrize("shape", [(5, 24, 40), (3, 40, 24), (40, 24)])
+def test_batched_newton_schulz_equals_one_matrix_at_a_time(shape):
+    torch.manual_seed(0)
+    G = torch.randn(shape)
+    X = zeropower_via_newtonschulz5(G)
+    want = torch.stack([_reference_newtonschulz5(g) for g in G.reshape(-1, *shape[-2:])]).reshape(shape)
+    assert X.shape == G.shape
+    torch.testing.assert_close(X, want, rtol=1e-5, atol=1e-5)
+
+
+def test_batched_muon_step_equals_the_per_matrix_step():
+    torch.manual_seed(0)
+    shapes = [(16, 8), (8, 16), (16, 8), (16, 16), (16, 8)]  # same-shape matrices batched, mixed shapes in a group
+    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    ref = [p.detach().clone() for p in params]
+    start = [p.detach().clone() for p in params]
+    grads_per_step = [[torch.randn(s) for s in shapes] for _ in range(3)]
+    opt = Muon([dict(params=params)], lr=0.05, momentum=0.9, weight_decay=0.1)
+    for grads in grads_per_step:
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+    ref_bufs = _reference_muon_steps(ref, grads_per_step, lr=0.05, momentum=0.9, weight_decay=0.1)
+    for p, r, buf, p0 in zip(params, ref, ref_bufs, start):
+        assert float((p.detach() - p0).abs().max()) > 0.01  # the steps moved it
+        torch.testing.assert_close(p.detach(), r, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(opt.state[p]["momentum_buffer"], buf, rtol=0, atol=0)
+
+
 def _run_worker(out_path, nproc, tmp_path, arch="nanochat-2025"):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)
     worker = os.path.join(REPO_ROOT, "tests", "dist_optim_worker.py")
