@@ -1,6 +1,7 @@
 """
-Evaluate a chat model on ARC-Easy, ARC-Challenge, MMLU (categorical) and GSM8K, HumanEval (generative,
-pass@num_samples); print each accuracy and, when all five ran, ChatCORE; log them to the report.
+Evaluate a chat model on ARC-Easy, ARC-Challenge, MMLU (categorical) and GSM8K, HumanEval, SpellingBee
+(generative, pass@num_samples); print each accuracy and, when nanochat's five ChatCORE tasks ran (all but
+SpellingBee), ChatCORE; log them to the report.
 
 8 GPUs:     torchrun --standalone --nproc_per_node=8 -m scripts.chat_eval -- -i sft
 one GPU:    python -m scripts.chat_eval -i sft -a 'ARC-Easy|GSM8K'
@@ -18,7 +19,7 @@ import time
 
 import torch
 
-from nanochat.chat_eval import TASK_NAMES, chatcore, run_chat_eval
+from nanochat.chat_eval import CHATCORE_TASKS, TASK_NAMES, chatcore, run_chat_eval
 from nanochat.checkpoint_manager import SOURCE_DIRS, load_model, resolve_checkpoint
 from nanochat.common import (autocast_ctx, autodetect_device_type, compute_cleanup, compute_init,
                              install_error_handler, print0)
@@ -36,10 +37,10 @@ def main(argv=None):
 
     t_start = time.time()
     parser = ArgumentParser(description="Evaluate a chat model (ChatCORE tasks)")
-    parser.add_argument("-i", "--source", type=str, required=True, choices=["base", "mid", "sft"],
+    parser.add_argument("-i", "--source", type=str, required=True, choices=["base", "mid", "sft", "rl"],
                         help="which checkpoint family to load")
     parser.add_argument("-a", "--task-name", type=str, default="|".join(TASK_NAMES),
-                        help="'|'-separated tasks (default: all five)")
+                        help="'|'-separated tasks (default: all)")
     parser.add_argument("-d", "--dtype", type=str, default="bfloat16", choices=["float32", "bfloat16"],
                         help="autocast dtype (bf16 autocast applies on CUDA only)")
     parser.add_argument("-t", "--temperature", type=bounded(float, min=0.0), default=0.0,
@@ -91,7 +92,7 @@ def main(argv=None):
         results[task_name] = accuracy
         print0(f"{task_name} accuracy: {100 * accuracy:.2f}%")
 
-    if all(name in results for name in TASK_NAMES):
+    if all(name in results for name in CHATCORE_TASKS):
         subset = f" (-x {args.max_problems})" if args.max_problems else ""
         print0(f"ChatCORE metric: {chatcore(results):.4f}{subset}")
 
@@ -108,11 +109,11 @@ def main(argv=None):
                     "temperature": args.temperature, "num_samples": args.num_samples,
                     "max_new_tokens": args.max_new_tokens, "max_problems": args.max_problems}
         data = [settings, format_task_results(merged, checkpoint)]
-        same_checkpoint = {merged[n]["checkpoint"] for n in TASK_NAMES if n in merged} == {checkpoint}
-        if all(name in merged for name in TASK_NAMES) and same_checkpoint:
-            subsets = sorted({merged[n]["max_problems"] for n in TASK_NAMES} - {None})
+        same_checkpoint = {merged[n]["checkpoint"] for n in CHATCORE_TASKS if n in merged} == {checkpoint}
+        if all(name in merged for name in CHATCORE_TASKS) and same_checkpoint:
+            subsets = sorted({merged[n]["max_problems"] for n in CHATCORE_TASKS} - {None})
             note = f" (-x {', '.join(map(str, subsets))})" if subsets else ""
-            data.append({"ChatCORE metric": f"{chatcore({n: merged[n]['value'] for n in TASK_NAMES}):.4f}{note}"})
+            data.append({"ChatCORE metric": f"{chatcore({n: merged[n]['value'] for n in CHATCORE_TASKS}):.4f}{note}"})
         report.log(section=section, data=data, duration_s=time.time() - t_start)
 
     # ------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ A mixture (config keys train_mixture / val_mixture) is a list of specs, each a s
     "SmolTalk:train:0:10000"        SmolTalk("train", start=0, stop=10000)
     "SmolTalk:train::10000"         same (an empty field keeps the default)
     "ChitChat:train@0.5"            ChitChat("train") with mixture weight 0.5: half of it per epoch
+    "SpellingBee:train:0:2000"      SpellingBee("train", start=0, stop=2000): synthetic, no download
     "CustomJSON:data/mine.jsonl"    CustomJSON("data/mine.jsonl")
     'CustomJSON:"C:/my@data.jsonl"' a double-quoted field may hold ':', '@' and '*' (JSON string escapes apply)
     "my_pkg.my_module:MyTask:train" your own Task subclass, imported from my_pkg/my_module.py (working
@@ -49,6 +50,7 @@ TASKS = {
     "HumanEval": ("tasks.humaneval", "HumanEval", ()),
     "SmolTalk": ("tasks.smoltalk", "SmolTalk", ("split",)),
     "ChitChat": ("tasks.chitchat", "ChitChat", ("split",)),
+    "SpellingBee": ("tasks.spelling_bee", "SpellingBee", ("split",)),
     "CustomJSON": ("tasks.customjson", "CustomJSON", ("filepath",)),
 }
 # the evaluation tasks of chat_eval (nanochat's names) -> their spec (the test splits, as nanochat)
@@ -58,6 +60,7 @@ EVAL_TASKS = {
     "MMLU": "MMLU:all:test",
     "GSM8K": "GSM8K:main:test",
     "HumanEval": "HumanEval",
+    "SpellingBee": "SpellingBee:test",
 }
 # a task that cannot be had offline -> the mirror's stand-in with the same arguments
 OFFLINE_REPLACEMENTS = {"SmolTalk": "ChitChat"}
