@@ -47,7 +47,8 @@ from nanochat.common import UserError, atomic_write_bytes, atomic_write_text, ge
 from nanochat.config import Option
 from nanochat.gpt import GPT, GPTConfig
 
-SOURCE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints"}
+SOURCE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
+               "rl": "chatrl_checkpoints"}
 COMPILED_PREFIX = "_orig_mod."  # torch.compile wraps the module and prefixes every key with this
 
 

@@ -26,11 +26,12 @@ section in <slug>.series.json; `generate` draws one PNG per section with all its
 report/plots/<slug>.png, linked from report.md. Names starting with "train" go on the left panel, the
 others (validation loss / bpb) on the right one.
 
-Summary table rows (CORE, ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval, ChatCORE) are parsed from the
+Summary table rows (CORE, ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval, SpellingBee, ChatCORE) are parsed from the
 `- key: value` lines: keys are matched case-insensitively ignoring punctuation and a trailing "acc" or
 "metric" ("ARC-Easy", "arc_easy_acc" and "ChatCORE metric" all match). Columns read, first hit wins:
-BASE <- "Base model evaluation", "Base model training"; MID <- "Chat evaluation mid", "Midtraining";
-SFT <- "Chat evaluation sft", "Chat SFT". Missing values show "-" (there is no RL stage).
+BASE <- "Base model evaluation", "Base model training", "Chat evaluation base"; MID <- "Chat evaluation mid",
+"Midtraining"; SFT <- "Chat evaluation sft", "Chat SFT"; RL <- "Chat evaluation rl", "Chat RL". Missing values
+show "-".
 
 "Total wall clock time" is the sum of the stages' times: the entries of the "Stage timings" section that
 speedrun.sh writes when there is one, else the `duration:` lines of the sections (not the time from the
@@ -61,15 +62,19 @@ SECTION_ORDER = [
     "Base model evaluation",
     "Midtraining",
     "Chat evaluation mid",
+    "Chat evaluation base",
     "Chat SFT",
     "Chat evaluation sft",
+    "Chat RL",
+    "Chat evaluation rl",
 ]
 
-SUMMARY_METRICS = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE"]
+SUMMARY_METRICS = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "ChatCORE"]
 SUMMARY_COLUMNS = {
-    "BASE": ["Base model evaluation", "Base model training"],
+    "BASE": ["Base model evaluation", "Base model training", "Chat evaluation base"],
     "MID": ["Chat evaluation mid", "Midtraining"],
     "SFT": ["Chat evaluation sft", "Chat SFT"],
+    "RL": ["Chat evaluation rl", "Chat RL"],
 }
 
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"

@@ -68,7 +68,7 @@ def main(argv=None):
     # Config
 
     parser = ArgumentParser(description="Chat with the model")
-    parser.add_argument("-i", "--source", type=str, default="sft", choices=["base", "mid", "sft"],
+    parser.add_argument("-i", "--source", type=str, default="sft", choices=["base", "mid", "sft", "rl"],
                         help="which checkpoint family to load")
     parser.add_argument("-g", "--model-tag", type=str, default=None, help="model tag, e.g. d20 (default: largest)")
     parser.add_argument("-s", "--step", type=bounded(int, min=0), default=None, help="checkpoint step (default: last)")

@@ -45,7 +45,7 @@ def test_speedrun_cpu_tiny(tmp_path, data_dir):
     text = (report_dir / "report.md").read_text()
     for section in SECTIONS:
         assert f"## {section}\n" in text, f"report.md has no section {section!r}"
-    assert "| Metric | BASE | MID | SFT |" in text
+    assert "| Metric | BASE | MID | SFT | RL |" in text
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip().strip("|").split("|")[1:]]
             for line in text.splitlines() if line.startswith("| ") and not line.startswith("| Metric")}
     assert set(rows) == {"CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE"}

@@ -62,9 +62,15 @@ def test_section_roundtrip(tmp_path):
 
 def test_summary_table_missing_is_dash():
     table = summary_table({"Chat evaluation sft": {"GSM8K": "0.5"}})
-    assert table.splitlines()[0] == "| Metric | BASE | MID | SFT |"
-    assert _table_row(table, "GSM8K") == ["-", "-", "0.5000"]
-    assert _table_row(table, "CORE") == ["-", "-", "-"]
+    assert table.splitlines()[0] == "| Metric | BASE | MID | SFT | RL |"
+    assert _table_row(table, "GSM8K") == ["-", "-", "0.5000", "-"]
+    assert _table_row(table, "CORE") == ["-", "-", "-", "-"]
+
+
+def test_summary_table_spelling_bee_base_to_rl():
+    table = summary_table({"Chat evaluation base": {"SpellingBee": "0.0"}, "Chat evaluation sft": {"SpellingBee": "0.25"},
+                           "Chat evaluation rl": {"SpellingBee": "0.5 (-x 64)"}, "Chat RL": {"Final pass@1": "0.4"}})
+    assert _table_row(table, "SpellingBee") == ["0.0000", "-", "0.2500", "0.5000 (-x 64)"]
 
 
 def test_generate_table_plots_and_sections(tmp_path):
@@ -124,5 +130,5 @@ def test_cli_reset_generate(tmp_path):
         out = subprocess.run([sys.executable, "-m", "nanochat.report", command], cwd=REPO_ROOT, env=env,
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
-    assert "| Metric | BASE | MID | SFT |" in out.stdout
+    assert "| Metric | BASE | MID | SFT | RL |" in out.stdout
     assert os.path.exists(tmp_path / "report" / "report.md")
