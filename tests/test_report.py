@@ -82,13 +82,13 @@ def test_generate_table_plots_and_sections(tmp_path):
     # header
     assert "Git commit:" in text and "PyTorch:" in text and "Code size:" in text
     # summary table parsed from the sections
-    assert _table_row(text, "CORE") == ["0.2000", "-", "-"]
-    assert _table_row(text, "ARC-Easy") == ["-", "0.2500", "0.3750"]
-    assert _table_row(text, "ARC-Challenge") == ["-", "-", "0.1250"]
-    assert _table_row(text, "MMLU") == ["-", "0.3000", "-"]
-    assert _table_row(text, "GSM8K") == ["-", "-", "0.0625"]  # chat eval beats the SFT section's gsm8k_acc
-    assert _table_row(text, "HumanEval") == ["-", "-", "-"]
-    assert _table_row(text, "ChatCORE") == ["-", "0.0100", "-"]
+    assert _table_row(text, "CORE") == ["0.2000", "-", "-", "-"]
+    assert _table_row(text, "ARC-Easy") == ["-", "0.2500", "0.3750", "-"]
+    assert _table_row(text, "ARC-Challenge") == ["-", "-", "0.1250", "-"]
+    assert _table_row(text, "MMLU") == ["-", "0.3000", "-", "-"]
+    assert _table_row(text, "GSM8K") == ["-", "-", "0.0625", "-"]  # chat eval beats the SFT section's gsm8k_acc
+    assert _table_row(text, "HumanEval") == ["-", "-", "-", "-"]
+    assert _table_row(text, "ChatCORE") == ["-", "0.0100", "-", "-"]
     assert "Total wall clock time: unknown (no stage recorded its time)" in text  # no durations were logged
     # sections in pipeline order
     order = ["## Base model training", "## Base model evaluation", "## Chat evaluation mid", "## Chat SFT",
