@@ -260,6 +260,6 @@ def report_section(config, num_questions, num_iterations, totals, train_time, ro
                                 "advantage", "loss_normalization")},
         figures,
         {f"Final {k}": v for k, v in metrics.items()},
-        "Reward (train_reward, the mean over the step's rollouts) and pass@k on eval_task: the plot above.",
+        "Curves: train_reward (the mean reward of each step's rollouts) and pass@k on eval_task, in the report's plots.",
         "Sampled rollouts of the last step (temperature as configured):", *samples,
     ]

@@ -4,10 +4,13 @@ can learn and RL can sharpen. The assistant answers with the python tool, as nan
 the short form a small CPU model learns (nanochat's also spells the word out first):
 
     user:       How many 'r' are in 'strawberry'?
-    assistant:  <|python_start|>'strawberry'.count('r')<|python_end|><|output_start|>3<|output_end|>#### 3
+    assistant:  <|python_start|> 'strawberry'.count('r')<|python_end|><|output_start|>3<|output_end|>#### 3
 
 A model cannot see the letters of a word (its tokens hide them), so the count has to come from the tool: the
 skill is exact copying, of the word and the letter into the call and of the tool's output into the answer.
+The call starts with a space (the tool strips it) so that " 'strawberry'" is tokenized in the call exactly as in
+the question: with a small vocabulary "'strawberry'" alone merges the quote into the word's first token, and
+copying would need a different token sequence than the one in the question.
 Examples are (word, letter) pairs of a built-in word list (every letter of each word, and one letter it lacks);
 a pair belongs to the test split or the train split by a hash of the pair (about 1 in 5 is test), so the
 held-out questions are never trained on. Example i of a split is drawn by random.Random(f"{seed}:{split}:{i}"):
@@ -75,7 +78,7 @@ def make_conversation(word, letter, template=0):
     return {"messages": [
         {"role": "user", "content": TEMPLATES[template].format(letter=letter, word=word)},
         {"role": "assistant", "content": [
-            {"type": "python", "text": f"'{word}'.count('{letter}')"},
+            {"type": "python", "text": f" '{word}'.count('{letter}')"},  # leading space: see the module docstring
             {"type": "python_output", "text": str(count)},
             {"type": "text", "text": f"#### {count}"},
         ]},

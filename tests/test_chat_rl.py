@@ -104,9 +104,14 @@ def test_tiny_run_writes_checkpoints_report_and_resumes_bit_exact(rl_env, tmp_pa
 
 
 @pytest.mark.slow
-def test_task_without_reward_is_a_one_line_error(rl_env, data_dir, tmp_path):
+def test_defaults_train_on_gsm8k_and_a_task_without_reward_is_a_one_line_error(rl_env, data_dir, tmp_path):
     base_dir = tmp_path / "base"
     shutil.copytree(rl_env, base_dir)
+    # nanochat's run: no task options, GSM8K from sft (here one tiny step, no evaluation)
+    out = _run(base_dir, ["--max_iterations=1", "--examples_per_step=1", "--num_samples=2", "--device_batch_size=2",
+                          "--max_new_tokens=4", "--eval_every=-1"]).stdout
+    assert "train_task = ['GSM8K:main:train']" in out and "source = 'sft'" in out
+    assert "Training questions: 7,473" in out and re.search(r"^Step 00000 \| reward: ", out, re.M), out[-2000:]
     res = _run(base_dir, ["--train_task=['ChitChat:train:0:10']", "--eval_task=['SpellingBee:test']"], check=False)
     assert res.returncode == 2, res.stderr[-2000:]
     lines = res.stderr.strip().splitlines()

@@ -16,7 +16,7 @@ from tasks.spelling_bee import WORDS, SpellingBee, letter_pairs, make_conversati
 
 
 def _pair(conversation):
-    call = conversation["messages"][1]["content"][0]["text"]  # 'word'.count('x')
+    call = conversation["messages"][1]["content"][0]["text"]  # " 'word'.count('x')"
     word, letter = call.split("'")[1], call.split("'")[3]
     return word, letter
 
@@ -67,7 +67,12 @@ def test_masks_supervise_the_call_and_the_answer_not_the_tool_output(tokenizer):
     special = tokenizer.encode_special
     start, end = ids.index(special("<|python_start|>")), ids.index(special("<|python_end|>"))
     out_start, out_end = ids.index(special("<|output_start|>")), ids.index(special("<|output_end|>"))
-    assert all(mask[start:end + 1]) and tokenizer.decode(ids[start + 1:end]) == "'balloon'.count('l')"
+    assert all(mask[start:end + 1]) and tokenizer.decode(ids[start + 1:end]) == " 'balloon'.count('l')"
+    # the call repeats the question's tokens of the word (a leading space, as in the question)
+    question = tokenizer.encode(conversation["messages"][0]["content"])
+    word_tokens = tokenizer.encode(" 'balloon'")
+    assert any(question[i:i + len(word_tokens)] == word_tokens for i in range(len(question)))
+    assert ids[start + 1:start + 1 + len(word_tokens)] == word_tokens
     assert not any(mask[out_start:out_end + 1]) and tokenizer.decode(ids[out_start + 1:out_end]) == "2"
     assert all(mask[out_end + 1:]) and tokenizer.decode(ids[out_end + 1:-1]) == "#### 2"
     assert not any(mask[:start])  # the question is not supervised
