@@ -112,7 +112,8 @@ def test_defaults_train_on_gsm8k_and_a_task_without_reward_is_a_one_line_error(r
                           "--max_new_tokens=4", "--eval_every=-1"]).stdout
     assert "train_task = ['GSM8K:main:train']" in out and "source = 'sft'" in out
     assert "Training questions: 7,473" in out and re.search(r"^Step 00000 \| reward: ", out, re.M), out[-2000:]
-    res = _run(base_dir, ["--train_task=['ChitChat:train:0:10']", "--eval_task=['SpellingBee:test']"], check=False)
+    res = _run(base_dir, ["--train_task=['ChitChat:train:0:10']", "--eval_task=['SpellingBee:test']",
+                          "--output_tag=no_reward"], check=False)
     assert res.returncode == 2, res.stderr[-2000:]
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: train_task entry 'ChitChat:train:0:10'"), res.stderr
