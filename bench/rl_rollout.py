@@ -60,7 +60,8 @@ def main(argv=None):
         sampling = Sampling(args.num_samples, batch_size, args.max_new_tokens, temperature=1.0, top_k=50)
         times, generated = [], 0
         for repeat in range(args.repeats + 1):  # the first is a warm-up
-            seeds = [rollout_seed(0, repeat, 0, b) for b in range(len(rollout_batch_sizes(args.num_samples, batch_size)))]
+            num_batches = len(rollout_batch_sizes(args.num_samples, batch_size))
+            seeds = [rollout_seed(0, repeat, 0, b) for b in range(num_batches)]
             sync()
             t0 = time.perf_counter()
             with autocast_ctx(device.type, dtype):

@@ -209,11 +209,12 @@ def pass_at_k(n, c, k):
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def evaluate_pass_at_k(task, engine, tokenizer, sampling, num_problems, seed, device, rank=0, world_size=1):
+def evaluate_pass_at_k(task, engine, sampling, num_problems, seed, device, rank=0, world_size=1):
     """pass@k for k = 1..sampling.num_samples on the first num_problems problems of `task` (a Task, or a
     TaskMixture: each problem is evaluated by the task it comes from), rank r taking problems r, r + world_size,
     ...; the sampling seeds depend on (seed, problem, batch) only, so every evaluation of a run sees the same
     random numbers. Returns {"pass@k": value}, the same on every rank (all-reduced)."""
+    tokenizer = engine.tokenizer
     end_ids = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
     n = sampling.num_samples
     sums = [0.0] * n
@@ -236,13 +237,14 @@ def evaluate_pass_at_k(task, engine, tokenizer, sampling, num_problems, seed, de
 # Report
 
 
-def report_section(config, num_questions, num_iterations, totals, train_time, rollout_time, series, metrics,
-                   rollouts):
+def report_section(config, num_questions, num_iterations, totals, series, metrics, rollouts):
     """The data of chat_rl's "Chat RL" report section: the key options, the run's counts and rollout throughput
-    (totals summed over the run and the ranks; times in seconds), the reward at the first and last steps
+    (totals summed over the run and the ranks; train_time / rollout_time in seconds), the reward at the first and
+    last steps
     (series["train_reward"]: [step, mean reward] points), the final pass@k (metrics) and rank 0's sampled
     rollouts of the last step (rollouts: (prompt, completion, reward))."""
     rewards = [value for _, value in series.get("train_reward", [])]
+    train_time, rollout_time = totals["train_time"], totals["rollout_time"]
     figures = {"Training questions": num_questions, "Number of iterations": num_iterations,
                "Completions sampled": totals["completions"], "Generated tokens": totals["generated_tokens"],
                "Skipped steps (non-finite)": totals["skipped_nonfinite"],
@@ -260,6 +262,6 @@ def report_section(config, num_questions, num_iterations, totals, train_time, ro
                                 "advantage", "loss_normalization")},
         figures,
         {f"Final {k}": v for k, v in metrics.items()},
-        "Curves: train_reward (the mean reward of each step's rollouts) and pass@k on eval_task, in the report's plots.",
+        "Curves: train_reward (the mean reward of each step's rollouts) and pass@k on eval_task (report plots).",
         "Sampled rollouts of the last step (temperature as configured):", *samples,
     ]

@@ -68,7 +68,8 @@ OPTIONS = [
     Option("max_iterations", int, -1, "cap on optimizer steps (-1: no cap)", min=1, disabled=-1),
     Option("train_task", list, ["GSM8K:main:train"], "training mixture specs; every task needs a reward()"),
     Option("eval_task", list, ["GSM8K:main:test"], "pass@k mixture specs (each problem judged by its task)"),
-    Option("advantage", str, "mean", "mean: r - group mean (nanochat) | zscore: / group std (GRPO)", choices=ADVANTAGES),
+    Option("advantage", str, "mean", "mean: r - group mean (nanochat) | zscore: / group std (GRPO)",
+           choices=ADVANTAGES),
     Option("loss_normalization", str, "token", "token: per sampled token of the step | micro_batch_mean: nanochat's",
            choices=LOSS_NORMALIZATIONS),
     Option("eval_samples", int, 8, "completions per eval problem: pass@1..pass@eval_samples", min=1),
@@ -153,7 +154,8 @@ scale_initial_lr(optimizers, config["init_lr_frac"])
 # rollouts' seeds derive from (seed, step, question, batch), so a resumed run samples the same rollouts
 
 start_step, metrics = 0, {}
-totals = {"skipped_nonfinite": 0, "skipped_oom": 0, "completions": 0, "generated_tokens": 0, "sampled": 0}
+totals = {"skipped_nonfinite": 0, "skipped_oom": 0, "completions": 0, "generated_tokens": 0, "sampled": 0,
+          "train_time": 0.0, "rollout_time": 0.0}  # counts summed over ranks; seconds of the optimizer steps
 series = {"train_reward": [], "pass@1": [], f"pass@{config['eval_samples']}": []}  # [step, value] points
 if plan.resume_dir is not None:
     run_state = load_resume(plan.resume_dir, plan.resume_step, optimizers, ddp_rank, ddp_world_size, num_iterations,
@@ -177,7 +179,6 @@ def save(step):
 # Training loop: step s trains with lrm = 1 - s / num_iterations; pass@k happens before step s and once more
 # after the last step (at s == num_iterations)
 
-rollout_time = train_time = 0.0
 last_rollouts = []  # (completion, reward) of rank 0's first question at the latest step, for the report
 loop_t0 = time.time()
 for step in range(start_step, num_iterations + 1):
@@ -188,7 +189,7 @@ for step in range(start_step, num_iterations + 1):
     if config["eval_every"] > 0 and (last_step or step % config["eval_every"] == 0) and not resumed_here:
         model.eval()
         with autocast():
-            passk = evaluate_pass_at_k(eval_ds, engine, tokenizer, eval_sampling, config["eval_examples"],
+            passk = evaluate_pass_at_k(eval_ds, engine, eval_sampling, config["eval_examples"],
                                        config["seed"], device, ddp_rank, ddp_world_size)
         metrics = {k: passk[k] for k in ("pass@1", f"pass@{config['eval_samples']}")}
         print0(f"Step {step:05d} | " + " | ".join(f"{k}: {v:.4f}" for k, v in passk.items()))
@@ -253,21 +254,23 @@ for step in range(start_step, num_iterations + 1):
     model.zero_grad(set_to_none=True)
     synchronize()
     dt = time.time() - t0
-    rollout_time += t_rollout
-    train_time += dt
+    totals["rollout_time"] += t_rollout
+    totals["train_time"] += dt
     totals["completions"] += int(completions)
     totals["generated_tokens"] += int(generated)
     totals["sampled"] += int(result.totals["sampled"])
 
     # logging: the reward, and the rollout throughput (completions and generated tokens per second of rollout)
-    log = {"step": step, "reward": mean_reward, "loss": result.loss, "lrm": lrm, "sampled_tokens": result.totals["sampled"],
+    log = {"step": step, "reward": mean_reward, "loss": result.loss, "lrm": lrm,
+           "sampled_tokens": result.totals["sampled"],
            "completions_per_sec": completions / t_rollout, "gen_tok_per_sec": generated / t_rollout,
            "mean_completion_tokens": generated / completions, "dt": dt}
     eta = (time.time() - loop_t0) / (step + 1 - start_step) * (num_iterations - step - 1)
     print0(f"Step {step:05d} | reward: {mean_reward:.4f} | loss: {result.loss:.6f} | lrm: {lrm:.6f} | "
-           f"sampled tokens: {int(result.totals['sampled']):,} | completion length: {log['mean_completion_tokens']:.1f} "
-           f"| completions/s: {log['completions_per_sec']:.1f} | gen tok/s: {log['gen_tok_per_sec']:,.0f} | "
-           f"rollout {t_rollout:.2f}s of {dt:.2f}s | {progress} | eta {format_duration(eta)}")
+           f"sampled tokens: {int(result.totals['sampled']):,} | completion length: "
+           f"{log['mean_completion_tokens']:.1f} | completions/s: {log['completions_per_sec']:.1f} | "
+           f"gen tok/s: {log['gen_tok_per_sec']:,.0f} | rollout {t_rollout:.2f}s of {dt:.2f}s | {progress} | "
+           f"eta {format_duration(eta)}")
     wandb_run.log(log)
     series["train_reward"].append([step, mean_reward])
 
@@ -275,11 +278,11 @@ for step in range(start_step, num_iterations + 1):
 # The final checkpoint, the report section, cleanup
 
 save(num_iterations)
-print0(f"Training time: {train_time:.1f}s (rollouts {rollout_time:.1f}s) | skipped steps: "
+print0(f"Training time: {totals['train_time']:.1f}s (rollouts {totals['rollout_time']:.1f}s) | skipped steps: "
        f"{totals['skipped_nonfinite']} non-finite, {totals['skipped_oom']} out of memory")
 report = get_report()
-report.log(section="Chat RL", data=report_section(config, len(train_ds), num_iterations, totals, train_time,
-                                                  rollout_time, series, metrics, last_rollouts),
+report.log(section="Chat RL", data=report_section(config, len(train_ds), num_iterations, totals, series, metrics,
+                                                  last_rollouts),
            duration_s=time.time() - script_start)
 for name, points in series.items():
     report.log_series("Chat RL", name, [p[0] for p in points], [p[1] for p in points])

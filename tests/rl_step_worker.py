@@ -56,7 +56,7 @@ def flatten(selected):
 
 
 def grads_of(model):
-    return {n: (torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()) for n, p in model.named_parameters()}
+    return {n: torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
 def main(out_path):

@@ -68,7 +68,8 @@ def test_summary_table_missing_is_dash():
 
 
 def test_summary_table_spelling_bee_base_to_rl():
-    table = summary_table({"Chat evaluation base": {"SpellingBee": "0.0"}, "Chat evaluation sft": {"SpellingBee": "0.25"},
+    table = summary_table({"Chat evaluation base": {"SpellingBee": "0.0"},
+                           "Chat evaluation sft": {"SpellingBee": "0.25"},
                            "Chat evaluation rl": {"SpellingBee": "0.5 (-x 64)"}, "Chat RL": {"Final pass@1": "0.4"}})
     assert _table_row(table, "SpellingBee") == ["0.0000", "-", "0.2500", "0.5000 (-x 64)"]
 
