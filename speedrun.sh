@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole nanochat pipeline in one go: tokenizer -> base model -> midtraining -> chat SFT -> evaluation
-# -> report card, then one sample answer.
+# -> report card, then one sample answer. The CPU profile adds an RL stage (chat_rl) on SpellingBee, a skill
+# it visibly learns: its accuracy after base, mid, SFT and RL is a row of the report's summary table.
 #
 #   bash speedrun.sh          the reference run, as nanochat's: 8 GPUs, depth 20, FineWeb-Edu from the hub
 #                             (~4 hours on 8xH100). WANDB_RUN=name to log to wandb.
@@ -132,18 +133,27 @@ if [ "${NANOCHAT_CPU_TINY:-0}" = "1" ]; then  # the end-to-end test's size
     DEPTH=2; ASPECT=32; HEAD_DIM=32; SEQ=128; BASE_BS=4; BASE_TOTAL=1024; BASE_ITERS=20
     EVAL_TOKENS=2048; SPLIT_TOKENS=2048
     MID_BS=4; MID_TOTAL=1024; MID_ITERS=10
-    SFT_BS=2; SFT_EXAMPLES=4; SFT_ITERS=6; SFT_TRAIN='["ChitChat:train:0:200", "GSM8K:main:train:0:50"]'
-    EVAL_PROBLEMS=4; EVAL_TOKENS_GEN=16
+    MID_TRAIN='["ChitChat:train", "GSM8K:main:train", "SpellingBee:train:0:1000"]'
+    SFT_BS=2; SFT_EXAMPLES=4; SFT_ITERS=6
+    SFT_TRAIN='["ChitChat:train:0:200", "GSM8K:main:train:0:50", "SpellingBee:train:0:100"]'
+    EVAL_PROBLEMS=4; EVAL_TOKENS_GEN=16; SKILL_PROBLEMS=4
+    RL_ARGS=(--max_iterations=2 --examples_per_step=2 --num_samples=2 --device_batch_size=2 --eval_examples=4
+             --eval_samples=2)
 else  # about 10 minutes on 2 cores, before the one-off environment set-up
     TOK_CHARS=10000000; VOCAB=2048
     DEPTH=4; ASPECT=48; HEAD_DIM=64; SEQ=256; BASE_BS=16; BASE_TOTAL=4096; BASE_ITERS=250
     EVAL_TOKENS=32768; SPLIT_TOKENS=65536
     MID_BS=16; MID_TOTAL=4096; MID_ITERS=80
+    # SpellingBee @10: its short conversations are then about half of midtraining's tokens (a few thousand examples:
+    # fewer, and the model does not learn to copy the word into the tool call)
+    MID_TRAIN='["ChitChat:train", "GSM8K:main:train", "SpellingBee:train@10"]'
     SFT_BS=4; SFT_EXAMPLES=16; SFT_ITERS=40
-    SFT_TRAIN='["ChitChat:train", "ARC:ARC-Easy:train", "ARC:ARC-Challenge:train", "GSM8K:main:train"]'
-    EVAL_PROBLEMS=32; EVAL_TOKENS_GEN=64
+    SFT_TRAIN='["ChitChat:train", "ARC:ARC-Easy:train", "ARC:ARC-Challenge:train", "GSM8K:main:train", "SpellingBee:train"]'
+    EVAL_PROBLEMS=32; EVAL_TOKENS_GEN=64; SKILL_PROBLEMS=100
+    RL_ARGS=()  # configs/rl_cpu.txt as it is
 fi
 CHAT_TASKS="ARC-Easy|ARC-Challenge|MMLU|GSM8K|HumanEval"
+SKILL=(-a SpellingBee -x $SKILL_PROBLEMS -m 32)  # the synthetic skill, on more held-out problems than the others
 
 stage report_reset $PY -m nanochat.report reset
 stage tok_train $PY -m scripts.tok_train --max_chars=$TOK_CHARS --vocab_size=$VOCAB $OVERWRITE
@@ -154,18 +164,25 @@ stage base_train $PY -m scripts.base_train --depth=$DEPTH --aspect_ratio=$ASPECT
     --run="$WANDB_RUN" $OVERWRITE
 stage base_loss $PY -m scripts.base_loss --device_batch_size=$BASE_BS --split_tokens=$SPLIT_TOKENS
 stage base_eval $PY -m scripts.base_eval --max_per_task=16
+stage skill_base $PY -m scripts.chat_eval -i base "${SKILL[@]}"
 stage mid_train $PY -m scripts.mid_train --device_batch_size=$MID_BS --total_batch_size=$MID_TOTAL \
     --num_iterations=$MID_ITERS --eval_every=$(( MID_ITERS / 3 )) --eval_tokens=$EVAL_TOKENS \
-    --train_mixture='["ChitChat:train", "GSM8K:main:train"]' --val_mixture='["ChitChat:test", "GSM8K:main:test:0:100"]' \
+    --train_mixture="$MID_TRAIN" --val_mixture='["ChitChat:test", "GSM8K:main:test:0:100"]' \
     --run="$WANDB_RUN" $OVERWRITE
 stage chat_eval_mid $PY -m scripts.chat_eval -i mid -a "$CHAT_TASKS" -x $EVAL_PROBLEMS -m $EVAL_TOKENS_GEN
+stage skill_mid $PY -m scripts.chat_eval -i mid "${SKILL[@]}"
 stage chat_sft $PY -m scripts.chat_sft --source=mid --device_batch_size=$SFT_BS \
     --target_examples_per_step=$SFT_EXAMPLES --max_iterations=$SFT_ITERS --max_seq_len=$SEQ \
     --train_mixture="$SFT_TRAIN" --val_mixture='["ChitChat:test"]' --eval_every=$(( SFT_ITERS / 2 )) --eval_steps=4 \
     --eval_metrics_every=-1 --run="$WANDB_RUN" $OVERWRITE
 stage chat_eval_sft $PY -m scripts.chat_eval -i sft -a "$CHAT_TASKS" -x $EVAL_PROBLEMS -m $EVAL_TOKENS_GEN
+stage skill_sft $PY -m scripts.chat_eval -i sft "${SKILL[@]}"
+stage chat_rl $PY -m scripts.chat_rl --config configs/rl_cpu.txt "${RL_ARGS[@]}" --run="$WANDB_RUN" $OVERWRITE
+stage skill_rl $PY -m scripts.chat_eval -i rl "${SKILL[@]}"
 print_timings
 $PY -m nanochat.report generate
 echo
 echo "Sample answer (python -m scripts.chat_cli -i sft -p ...):"
 $PY -m scripts.chat_cli -i sft -p "Hi! How are you today?" -m $EVAL_TOKENS_GEN
+echo "Sample answer after RL (python -m scripts.chat_cli -i rl -p ...):"
+$PY -m scripts.chat_cli -i rl -p "How many 'r' are in 'strawberry'?" -m 32

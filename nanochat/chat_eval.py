@@ -4,11 +4,11 @@ Task metrics for chat models: `run_chat_eval(task_name, model, tokenizer, engine
 - Categorical tasks (ARC-Easy, ARC-Challenge, MMLU): prompts from `render_for_completion`, right-padded into
   batches; the logits at each row's own last prompt position, restricted to that question's letter tokens,
   give the answer (argmax). Every letter must be a single token.
-- Generative tasks (GSM8K, HumanEval): `engine.generate_batch` with `num_samples`; a problem is solved if
+- Generative tasks (GSM8K, HumanEval, SpellingBee): `engine.generate_batch` with `num_samples`; a problem is solved if
   any sample passes (pass@k).
 - Distributed: rank r takes problems r, r + world_size, ...; the counts are all-reduced (SUM), so the result
   equals the single-process one.
-- `chatcore(results)`: mean over the five tasks of (acc - baseline) / (1 - baseline).
+- `chatcore(results)`: mean over the five tasks of nanochat's ChatCORE (CHATCORE_TASKS) of (acc - baseline) / (1 - baseline).
 
 Used by scripts/chat_eval.py and scripts/chat_sft.py. Tests: tests/test_chat_eval.py.
 """
@@ -20,17 +20,19 @@ from nanochat.common import all_reduce_values, dist_rank_world
 from nanochat.loss_eval import LoopProgress
 from tasks.mixture import EVAL_TASKS, load_eval_task as load_task  # noqa: F401  (load_task: patched in tests)
 
-TASK_NAMES = tuple(EVAL_TASKS)  # ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval")
+TASK_NAMES = tuple(EVAL_TASKS)  # ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee")
+CHATCORE_TASKS = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval")  # nanochat's ChatCORE: these five
 CATEGORICAL_TASKS = ("ARC-Easy", "ARC-Challenge", "MMLU")
-BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0}  # chance
+BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0,
+             "SpellingBee": 0.0}  # chance
 
 
 def chatcore(results):
     """ChatCORE: the mean over the five tasks of the accuracy above chance, (acc - b) / (1 - b)."""
-    missing = [name for name in TASK_NAMES if name not in results]
+    missing = [name for name in CHATCORE_TASKS if name not in results]
     if missing:
-        raise ValueError(f"ChatCORE needs all of {', '.join(TASK_NAMES)}; missing {', '.join(missing)}")
-    return sum((results[n] - BASELINES[n]) / (1.0 - BASELINES[n]) for n in TASK_NAMES) / len(TASK_NAMES)
+        raise ValueError(f"ChatCORE needs all of {', '.join(CHATCORE_TASKS)}; missing {', '.join(missing)}")
+    return sum((results[n] - BASELINES[n]) / (1.0 - BASELINES[n]) for n in CHATCORE_TASKS) / len(CHATCORE_TASKS)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from nanochat.common import UserError, atomic_write_bytes, atomic_write_text, ge
 from nanochat.gpt import GPT, GPTConfig, config_problem
 
 SOURCE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
-               "dpo": "chatdpo_checkpoints"}
+               "rl": "chatrl_checkpoints", "dpo": "chatdpo_checkpoints"}
 COMPILED_PREFIX = "_orig_mod."  # torch.compile wraps the module and prefixes every key with this
 
 

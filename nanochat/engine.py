@@ -310,9 +310,10 @@ class Engine:
             ids = torch.tensor(token_column, dtype=torch.long, device=device).unsqueeze(1)
             logits = self.model.forward(ids, kv_cache=kv_cache_decode)[:, -1, :]
 
-    def generate_batch(self, tokens, num_samples=1, **kwargs):
+    def generate_batch(self, tokens, num_samples=1, keep_end=False, **kwargs):
         """Whole completions: (results, masks), each a list of num_samples token lists = the prompt plus the
-        generated tokens, without the terminal <|assistant_end|>/<|bos|>. Prompt positions have mask 0."""
+        generated tokens, without the terminal <|assistant_end|>/<|bos|> (with it, mask 1, when keep_end:
+        chat_rl trains the decision to stop too). Prompt positions have mask 0."""
         assistant_end, bos = self._special("<|assistant_end|>"), self.tokenizer.get_bos_token_id()
         results = [list(tokens) for _ in range(num_samples)]
         masks = [[0] * len(tokens) for _ in range(num_samples)]
@@ -323,6 +324,9 @@ class Engine:
                     continue
                 if token == assistant_end or token == bos:
                     completed[i] = True
+                    if keep_end:
+                        results[i].append(token)
+                        masks[i].append(mask)
                 else:
                     results[i].append(token)
                     masks[i].append(mask)

@@ -26,11 +26,12 @@ result on a subset of the problems marked `(-x N)`).
 `log_series(section, name, steps, values)`: one curve in <slug>.series.json; `generate` draws one PNG per
 section (report/plots/<slug>.png): "train*" curves on the left panel, the others (validation) on the right.
 
-Summary table rows (CORE, ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval, ChatCORE) come from the sections'
-JSON: a section's `metrics` first, else its numeric values; names are matched case-insensitively ignoring
+Summary table rows (CORE, ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval, SpellingBee, ChatCORE) come from the
+sections' JSON: a section's `metrics` first, else its numeric values; names are matched case-insensitively ignoring
 punctuation and a trailing "acc" or "metric" ("ARC-Easy", "arc_easy_acc" and "ChatCORE metric" all match).
-Columns read, first hit wins: BASE <- "Base model evaluation", "Base model training"; MID <- "Chat evaluation
-mid", "Midtraining"; SFT <- "Chat evaluation sft", "Chat SFT". Missing values show "-" (there is no RL stage).
+Columns read, first hit wins: BASE <- "Base model evaluation", "Base model training", "Chat evaluation base";
+MID <- "Chat evaluation mid", "Midtraining"; SFT <- "Chat evaluation sft", "Chat SFT"; RL <- "Chat evaluation
+rl", "Chat RL". Missing values show "-".
 
 "Total wall clock time" is the sum of the stages' times: the values of the "Stage timings" section that
 speedrun.sh writes (stage-timings.json) when there is one, else the sections' duration_s (not the time from the
@@ -60,14 +61,15 @@ from nanochat.common import atomic_write_text, dist_rank_world, get_base_dir, ge
 
 # Pipeline order of the sections in report.md (nanochat's names); unknown sections follow, sorted.
 SECTION_ORDER = ["Tokenizer training", "Tokenizer evaluation", "Base model training", "Base model loss",
-                 "Base model evaluation", "Midtraining", "Chat evaluation mid", "Chat SFT", "Chat evaluation sft",
-                 "Chat DPO", "Chat evaluation dpo"]
+                 "Base model evaluation", "Midtraining", "Chat evaluation mid", "Chat evaluation base", "Chat SFT",
+                 "Chat evaluation sft", "Chat RL", "Chat evaluation rl", "Chat DPO", "Chat evaluation dpo"]
 
-SUMMARY_METRICS = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE"]
+SUMMARY_METRICS = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "ChatCORE"]
 SUMMARY_COLUMNS = {
-    "BASE": ["Base model evaluation", "Base model training"],
+    "BASE": ["Base model evaluation", "Base model training", "Chat evaluation base"],
     "MID": ["Chat evaluation mid", "Midtraining"],
     "SFT": ["Chat evaluation sft", "Chat SFT"],
+    "RL": ["Chat evaluation rl", "Chat RL"],
 }
 
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"

@@ -1,6 +1,7 @@
 """
-Evaluate a chat model on ARC-Easy, ARC-Challenge, MMLU (categorical) and GSM8K, HumanEval (generative,
-pass@num_samples); print each accuracy and, when all five ran, ChatCORE; log them to the report.
+Evaluate a chat model on ARC-Easy, ARC-Challenge, MMLU (categorical) and GSM8K, HumanEval, SpellingBee
+(generative, pass@num_samples); print each accuracy and, when nanochat's five ChatCORE tasks ran (all but
+SpellingBee), ChatCORE; log them to the report.
 
 8 GPUs:     torchrun --standalone --nproc_per_node=8 -m scripts.chat_eval -- -i sft
 one GPU:    python -m scripts.chat_eval -i sft -a 'ARC-Easy|GSM8K'
@@ -23,7 +24,7 @@ import time
 
 import torch
 
-from nanochat.chat_eval import TASK_NAMES, chatcore, run_chat_eval
+from nanochat.chat_eval import CHATCORE_TASKS, TASK_NAMES, chatcore, run_chat_eval
 from nanochat.checkpoint_manager import SOURCE_DIRS, load_model, resolve_checkpoint
 from nanochat.common import (autocast_ctx, autodetect_device_type, compute_cleanup, compute_init,
                              install_error_handler, print0)
@@ -126,7 +127,7 @@ def main(argv=None):
         print0(f"{spec.text}: loss {scores['loss']:.4f} | bpb {scores['bpb']:.4f} | {scores['conversations']:,} "
                f"conversations, {scores['tokens']:,} supervised tokens{' (its held-out share)' if held else ''}")
 
-    if all(name in results for name in TASK_NAMES):
+    if all(name in results for name in CHATCORE_TASKS):
         subset = f" (-x {config['max_problems']})" if config['max_problems'] else ""
         print0(f"ChatCORE metric: {chatcore(results):.4f}{subset}")
 
@@ -144,11 +145,11 @@ def main(argv=None):
                     "max_new_tokens": config["max_new_tokens"], "max_problems": config["max_problems"]}
         data = [settings, format_task_results(merged, checkpoint)]
         metrics = task_metrics(merged, checkpoint)  # the summary table's cells, kept as data beside the markdown
-        same_checkpoint = {merged[n]["checkpoint"] for n in TASK_NAMES if n in merged} == {checkpoint}
-        if all(name in merged for name in TASK_NAMES) and same_checkpoint:
-            subsets = sorted({merged[n]["max_problems"] for n in TASK_NAMES} - {None})
+        same_checkpoint = {merged[n]["checkpoint"] for n in CHATCORE_TASKS if n in merged} == {checkpoint}
+        if all(name in merged for name in CHATCORE_TASKS) and same_checkpoint:
+            subsets = sorted({merged[n]["max_problems"] for n in CHATCORE_TASKS} - {None})
             note = f"-x {', '.join(map(str, subsets))}" if subsets else None
-            score = chatcore({n: merged[n]["value"] for n in TASK_NAMES})
+            score = chatcore({n: merged[n]["value"] for n in CHATCORE_TASKS})
             data.append({"ChatCORE metric": f"{score:.4f}" + (f" ({note})" if note else "")})
             metrics["ChatCORE"] = {"value": score, "note": note}
         report.log(section=section, data=data, duration_s=time.time() - t_start, metrics=metrics)

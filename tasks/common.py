@@ -119,8 +119,13 @@ class TaskMixture(Task):
         i, j = self.locate(index)
         return self.tasks[i][j]
 
+    def task_of(self, index):
+        """The task that entry `index` (as in mixture[index]) comes from: the one to evaluate / reward it."""
+        return self.tasks[self.locate(self.start + index * self.step)[0]]
+
     def evaluate(self, conversation, completion):
-        raise NotImplementedError("evaluate each task on its own: a mixture cannot tell where a conversation is from")
+        raise NotImplementedError("evaluate each task on its own (task_of): a mixture cannot tell where a "
+                                  "conversation is from")
 
 
 class TaskSequence(Task):

@@ -3,7 +3,8 @@ GSM8K grade-school math word problems: openai/gsm8k, subsets main / socratic, sp
 Generative. The assistant message is a list of parts built from the solution's calculator annotations
 `<<expr=result>>`: the text before it, {"type": "python", "text": expr}, {"type": "python_output",
 "text": result}, ..., then the final text with "#### answer" (so the model learns to call the calculator tool).
-`evaluate` compares the number after "####" (commas removed) in the gold solution and in the completion.
+`evaluate` compares the number after "####" (commas removed) in the gold solution and in the completion;
+`reward` (chat_rl) is 1.0 when it matches, else 0.0.
 Tests: tests/test_tasks.py.
 """
 
@@ -83,3 +84,7 @@ class GSM8K(Task):
         gold_parts = conversation["messages"][-1]["content"]
         gold = extract_answer(gold_parts[-1]["text"] if isinstance(gold_parts, list) else gold_parts)
         return gold is not None and extract_answer(completion) == gold
+
+    def reward(self, conversation, completion):
+        """chat_rl's reward, as nanochat's: 1.0 for the right answer, else 0.0."""
+        return float(self.evaluate(conversation, completion))

@@ -78,3 +78,8 @@ class HumanEval(Task):
     def evaluate(self, conversation, completion):
         """True if the completion's code passes the problem's tests in the sandbox."""
         return run_completion(conversation, completion, timeout=self.timeout).success
+
+    def reward(self, conversation, completion):
+        """chat_rl's reward: 1.0 when the sandboxed tests pass (the tests' process's verdict, which the program
+        cannot forge), else 0.0."""
+        return float(self.evaluate(conversation, completion))

@@ -11,6 +11,7 @@ A mixture (config keys train_mixture / val_mixture) is a list of specs, each a s
     "SmolTalk:train:0:10000"        SmolTalk("train", start=0, stop=10000)
     "SmolTalk:train::10000"         same (an empty field keeps the default)
     "ChitChat:train@0.5"            ChitChat("train") with mixture weight 0.5: half of it per epoch
+    "SpellingBee:train:0:2000"      SpellingBee("train", start=0, stop=2000): synthetic, no download
     "CustomJSON:data/mine.jsonl"    CustomJSON("data/mine.jsonl")
     "data/chats.parquet"            the same for a bare path (any file read_rows reads, a save_to_disk folder,
                                     or owner/name of a hub dataset): CustomJSON("data/chats.parquet")
@@ -51,6 +52,7 @@ TASKS = {
     "HumanEval": ("tasks.humaneval", "HumanEval", ()),
     "SmolTalk": ("tasks.smoltalk", "SmolTalk", ("split",)),
     "ChitChat": ("tasks.smoltalk", "ChitChat", ("split",)),  # SmolTalk's class on the mirror's data
+    "SpellingBee": ("tasks.spelling_bee", "SpellingBee", ("split",)),
     "CustomJSON": ("tasks.customjson", "CustomJSON", ("filepath",)),
 }
 # the evaluation tasks of chat_eval (nanochat's names) -> their spec (the test splits, as nanochat)
@@ -60,6 +62,7 @@ EVAL_TASKS = {
     "MMLU": "MMLU:all:test",
     "GSM8K": "GSM8K:main:test",
     "HumanEval": "HumanEval",
+    "SpellingBee": "SpellingBee:test",
 }
 # a task that cannot be had offline -> the mirror's stand-in with the same arguments
 OFFLINE_REPLACEMENTS = {"SmolTalk": "ChitChat"}

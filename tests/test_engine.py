@@ -161,6 +161,12 @@ def test_generate_batch_stops_each_row_and_drops_the_terminal_token():
     model = MarkovModel(TOK.get_vocab_size(), {}, default=ord("z"))
     results, _ = Engine(model, TOK).generate_batch(PROMPT, max_tokens=7, temperature=0.0)
     assert results[0] == PROMPT + [ord("z")] * 7
+    # keep_end (chat_rl): the terminal token stays, as a sampled token; a row cut by max_tokens has none
+    model = MarkovModel(TOK.get_vocab_size(), table, default=ord("z"))
+    results, masks = Engine(model, TOK).generate_batch(PROMPT, max_tokens=50, temperature=0.0, keep_end=True)
+    assert results == [PROMPT + [a, b, SP["<|assistant_end|>"]]] and masks == [[0] * len(PROMPT) + [1, 1, 1]]
+    results, _ = Engine(model, TOK).generate_batch(PROMPT, max_tokens=2, temperature=0.0, keep_end=True)
+    assert results == [PROMPT + [a, b]]
 
 
 # ----------------------------------------------------------------------------------------------------------

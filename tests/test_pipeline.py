@@ -16,10 +16,11 @@ import pytest
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SECTIONS = ["Tokenizer training", "Tokenizer evaluation", "Base model training", "Base model loss",
-            "Base model evaluation", "Midtraining", "Chat evaluation mid", "Chat SFT", "Chat evaluation sft"]
-PLOTTED = ["base-model-training", "midtraining", "chat-sft"]
-STAGES = ["report_reset", "tok_train", "tok_eval", "base_train", "base_loss", "base_eval", "mid_train",
-          "chat_eval_mid", "chat_sft", "chat_eval_sft"]
+            "Base model evaluation", "Chat evaluation base", "Midtraining", "Chat evaluation mid", "Chat SFT",
+            "Chat evaluation sft", "Chat RL", "Chat evaluation rl"]
+PLOTTED = ["base-model-training", "midtraining", "chat-sft", "chat-rl"]
+STAGES = ["report_reset", "tok_train", "tok_eval", "base_train", "base_loss", "base_eval", "skill_base", "mid_train",
+          "chat_eval_mid", "skill_mid", "chat_sft", "chat_eval_sft", "skill_sft", "chat_rl", "skill_rl"]
 
 
 @pytest.mark.slow
@@ -34,7 +35,7 @@ def test_speedrun_cpu_tiny(tmp_path, data_dir):
 
     # tokenizer and every checkpoint directory, with a model file in each
     assert os.listdir(base_dir / "tokenizer")
-    for source in ("base_checkpoints", "mid_checkpoints", "chatsft_checkpoints"):
+    for source in ("base_checkpoints", "mid_checkpoints", "chatsft_checkpoints", "chatrl_checkpoints"):
         tags = os.listdir(base_dir / source)
         assert tags == ["d2"], f"{source}: {tags}"
         files = os.listdir(base_dir / source / "d2")
@@ -45,12 +46,15 @@ def test_speedrun_cpu_tiny(tmp_path, data_dir):
     text = (report_dir / "report.md").read_text()
     for section in SECTIONS:
         assert f"## {section}\n" in text, f"report.md has no section {section!r}"
-    assert "| Metric | BASE | MID | SFT |" in text
+    assert "| Metric | BASE | MID | SFT | RL |" in text
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip().strip("|").split("|")[1:]]
             for line in text.splitlines() if line.startswith("| ") and not line.startswith("| Metric")}
     models = rows.pop("Model")  # each column names the one checkpoint its scores are of
     assert models[1].startswith("mid_checkpoints/d2 step ") and models[2].startswith("chatsft_checkpoints/d2 step ")
-    assert set(rows) == {"CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE"}
+    assert set(rows) == {"CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "ChatCORE"}
+    for cell in rows["SpellingBee"]:  # the skill after base, mid, SFT and RL, on the same 4 held-out problems
+        value, marker = cell.split(" ", 1)
+        assert 0.0 <= float(value) <= 1.0 and marker == "(-x 4)", rows["SpellingBee"]
     for metric in ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval"):
         for cell in rows[metric][1:3]:  # MID, SFT: evaluated on the first 4 problems, and marked so
             value, marker = cell.split(" ", 1)
@@ -63,11 +67,11 @@ def test_speedrun_cpu_tiny(tmp_path, data_dir):
 
     # a speedrun starts from scratch: every training stage replaces an earlier run, and says so
     assert "every training stage runs with overwrite = 1" in out.stdout
-    for stage in ("tok_train", "base_train", "mid_train", "chat_sft"):
+    for stage in ("tok_train", "base_train", "mid_train", "chat_sft", "chat_rl"):
         assert re.search(rf"^=== {stage}: .* --overwrite=1", out.stdout, re.M), f"{stage} without overwrite = 1"
 
     # per-stage timings, and the sample answer at the end
     assert "## Stage timings" in text
     for stage in STAGES:
         assert f"- {stage} (s): " in text, f"no timing for stage {stage}"
-    assert "Sample answer" in out.stdout
+    assert "Sample answer" in out.stdout and "Sample answer after RL" in out.stdout

@@ -85,9 +85,19 @@ def test_old_sections_without_json_stay_readable_but_out_of_the_summary(tmp_path
 
 def test_summary_table_missing_is_dash():
     table = summary_table({"Chat evaluation sft": section_record("Chat evaluation sft", [{"GSM8K": 0.5}], "t")})
-    assert table.splitlines()[0] == "| Metric | BASE | MID | SFT |"
-    assert _table_row(table, "GSM8K") == ["-", "-", "0.5000"]
-    assert _table_row(table, "CORE") == ["-", "-", "-"]
+    assert table.splitlines()[0] == "| Metric | BASE | MID | SFT | RL |"
+    assert _table_row(table, "GSM8K") == ["-", "-", "0.5000", "-"]
+    assert _table_row(table, "CORE") == ["-", "-", "-", "-"]
+
+
+def test_summary_table_spelling_bee_base_to_rl():
+    def record(name, metrics, note=None):
+        return section_record(name, [], "t", metrics={k: {"value": v, "note": note} for k, v in metrics.items()})
+    table = summary_table({"Chat evaluation base": record("Chat evaluation base", {"SpellingBee": 0.0}),
+                           "Chat evaluation sft": record("Chat evaluation sft", {"SpellingBee": 0.25}),
+                           "Chat evaluation rl": record("Chat evaluation rl", {"SpellingBee": 0.5}, "-x 64"),
+                           "Chat RL": section_record("Chat RL", [{"Final pass@1": 0.4}], "t")})
+    assert _table_row(table, "SpellingBee") == ["0.0000", "-", "0.2500", "0.5000 (-x 64)"]
 
 
 def test_generate_table_plots_and_sections(tmp_path):
@@ -99,13 +109,13 @@ def test_generate_table_plots_and_sections(tmp_path):
     # header
     assert "Git commit:" in text and "PyTorch:" in text and "Code size:" in text
     # summary table parsed from the sections
-    assert _table_row(text, "CORE") == ["0.2000", "-", "-"]
-    assert _table_row(text, "ARC-Easy") == ["-", "0.2500", "0.3750"]
-    assert _table_row(text, "ARC-Challenge") == ["-", "-", "0.1250"]
-    assert _table_row(text, "MMLU") == ["-", "0.3000", "-"]
-    assert _table_row(text, "GSM8K") == ["-", "-", "0.0625"]  # chat eval beats the SFT section's gsm8k_acc
-    assert _table_row(text, "HumanEval") == ["-", "-", "-"]
-    assert _table_row(text, "ChatCORE") == ["-", "0.0100", "-"]
+    assert _table_row(text, "CORE") == ["0.2000", "-", "-", "-"]
+    assert _table_row(text, "ARC-Easy") == ["-", "0.2500", "0.3750", "-"]
+    assert _table_row(text, "ARC-Challenge") == ["-", "-", "0.1250", "-"]
+    assert _table_row(text, "MMLU") == ["-", "0.3000", "-", "-"]
+    assert _table_row(text, "GSM8K") == ["-", "-", "0.0625", "-"]  # chat eval beats the SFT section's gsm8k_acc
+    assert _table_row(text, "HumanEval") == ["-", "-", "-", "-"]
+    assert _table_row(text, "ChatCORE") == ["-", "0.0100", "-", "-"]
     assert "Total wall clock time: unknown (no stage recorded its time)" in text  # no durations were logged
     # sections in pipeline order
     order = ["## Base model training", "## Base model evaluation", "## Chat evaluation mid", "## Chat SFT",
@@ -147,7 +157,7 @@ def test_cli_reset_generate(tmp_path):
         out = subprocess.run([sys.executable, "-m", "nanochat.report", command], cwd=REPO_ROOT, env=env,
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
-    assert "| Metric | BASE | MID | SFT |" in out.stdout
+    assert "| Metric | BASE | MID | SFT | RL |" in out.stdout
     assert os.path.exists(tmp_path / "report" / "report.md")
     out = subprocess.run([sys.executable, "-m", "nanochat.report", "timings", "tok_train=10", "base_train=50.5"],
                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
