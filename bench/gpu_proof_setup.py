@@ -95,7 +95,8 @@ def write_base_checkpoint(base_dir, tokenizer, depth, sequence_len, head_dim):
     """A random-init (nanochat's init_weights) GPT of `depth` as base_checkpoints/d<depth>/ step 0."""
     import torch
 
-    from nanochat.checkpoint_manager import SOURCE_DIRS, save_checkpoint, tokenizer_sha256
+    from nanochat.checkpoint_manager import SOURCE_DIRS, save_checkpoint
+    from nanochat.runs import tokenizer_sha256
     from nanochat.gpt import GPT, config_from_depth
 
     config = config_from_depth(depth, tokenizer.get_vocab_size(), sequence_len, head_dim=head_dim)
