@@ -1,17 +1,10 @@
 """
 Supervised fine-tuning (SFT) building blocks for scripts/chat_sft.py and the benches; tests: tests/test_sft.py.
 The epoch is planned once, then materialised (as TRL's pack_dataset(strategy="bfd") plans its packing up front):
-- render_share: each rank renders its share (conversations rank, rank + world_size, ...) once and keeps numbers
-  only: lengths, the outcome of fit_conversation (the one truncate / drop filter), supervised targets, source part
-- plan_epoch: the packing, on lengths: "pad" = consecutive groups of batch_size conversations (the guide's);
-  "bestfit" = pack_best_fit over the epoch in decreasing length order, rows shuffled with the seed
-- epochs beyond the first repeat the first one's plan (the guide's stream also cycles the mixture in one order):
-  micro-batch k of a run is plan[k % len(plan)], so the step number is the whole resume state
-- sft_batches: the micro-batches, rendered again (the ids are not kept: a large mixture would hold every token in
-  memory; so a dry run renders once, a run twice per epoch) and collated by collate_sft / collate_packed;
-  plan_positions counts positions and padding for the batches and the preview alike
-- micro_batch_loss_scale ("token" vs the guide's "micro_batch_mean", README) and accumulate_step: one optimizer
-  step's forward/backward and the rank-agreed decision to skip it (skip_reason: NaN / out of memory)
+render_share renders each rank's share once and keeps numbers only; plan_epoch packs those lengths into
+micro-batches; sft_batches renders the planned conversations again (keeping the ids would hold every token of a large
+mixture in memory) and collates them. Epochs repeat the plan, so the step number is the whole resume state.
+accumulate_step: one optimizer step, normalised by micro_batch_loss_scale (README), skipped on every rank alike.
 """
 
 import bisect
@@ -28,7 +21,6 @@ import torch.distributed as dist
 from nanochat.common import UserError, all_reduce_values
 from nanochat.config import ConfigError
 from nanochat.perf import batch_flops, bucketed_length, pad_to_bucket
-from nanochat.schedules import num_grad_accum_steps
 
 LOSS_NORMALIZATIONS = ("token", "micro_batch_mean")  # see README, "Loss normalisation"
 PACKINGS = ("pad", "bestfit")
@@ -38,10 +30,9 @@ PACKINGS = ("pad", "bestfit")
 
 
 def collate_sft(batch, pad_id, ignore_index=-1):
-    """The guide's SFT batch. `batch` is a list of (ids, mask) rendered conversations (lists of ints; mask 1
-    on tokens the assistant must produce). Rows are padded to the longest with `pad_id`
-    (<|assistant_end|>); inputs = ids[:-1], targets = ids[1:] with ignore_index wherever the mask of the
-    target token is 0 and on padding. Returns (inputs, targets): int64 CPU tensors of shape (B, max_len - 1)."""
+    """The guide's SFT batch: (ids, mask) pairs (mask 1 on tokens the assistant must produce) padded to the longest
+    with pad_id -> (inputs, targets), int64 CPU tensors (B, max_len - 1): inputs = ids[:-1], targets = ids[1:] with
+    ignore_index where the target's mask is 0 and on padding."""
     assert len(batch) > 0, "empty batch"
     max_len = max(len(ids) for ids, _ in batch)
     assert max_len >= 2, "every batch needs a conversation of at least 2 tokens"
@@ -49,13 +40,11 @@ def collate_sft(batch, pad_id, ignore_index=-1):
     targets = torch.full((len(batch), max_len - 1), ignore_index, dtype=torch.long)
     for i, (ids, mask) in enumerate(batch):
         assert len(ids) == len(mask), f"row {i}: ids and mask lengths differ ({len(ids)} vs {len(mask)})"
-        n = len(ids)
+        n, row = len(ids), torch.tensor(ids, dtype=torch.long)
         if n < 2:
             continue  # a single token has no target: the row stays padding
-        row = torch.tensor(ids, dtype=torch.long)
-        row_mask = torch.tensor(mask[1:], dtype=torch.bool)
         inputs[i, : n - 1] = row[:-1]
-        targets[i, : n - 1] = torch.where(row_mask, row[1:], torch.full_like(row[1:], ignore_index))
+        targets[i, : n - 1] = torch.where(torch.tensor(mask[1:], dtype=torch.bool), row[1:], ignore_index)
     return inputs, targets
 
 
@@ -83,13 +72,10 @@ def pack_best_fit(lengths, row_capacity):
 
 
 def collate_packed(rows, row_capacity, pad_id, ignore_index=-1, num_rows=None):
-    """Rows of whole conversations -> (inputs, targets, segment_ids), int64 CPU tensors of shape
-    (num_rows, row_capacity - 1). `rows` is a list of rows, each a list of (ids, mask) whose total length is
-    at most row_capacity. In a row, conversation j (0-based) has segment id j + 1 and the padding after the
-    last conversation has segment id 0; the model attends only within a segment and restarts positions
-    there, so packed conversations never see each other. targets[t] = ids[t + 1] only where positions t and
-    t + 1 belong to the same conversation and the mask of t + 1 is 1, else ignore_index. Rows beyond
-    len(rows) (up to num_rows) are all padding."""
+    """Rows (lists of (ids, mask), at most row_capacity tokens a row) -> (inputs, targets, segment_ids), int64 CPU
+    tensors (num_rows, row_capacity - 1). Conversation j of a row has segment id j + 1, padding 0: the model attends
+    only within a segment, so packed conversations never see each other. A target is kept only inside one
+    conversation and where its mask is 1. Rows beyond len(rows) are padding."""
     num_rows = len(rows) if num_rows is None else num_rows
     assert len(rows) <= num_rows, f"{len(rows)} rows do not fit a batch of {num_rows}"
     T = row_capacity - 1
@@ -109,19 +95,13 @@ def collate_packed(rows, row_capacity, pad_id, ignore_index=-1, num_rows=None):
         segment_ids[r, :m] = seg_t[:m]
         if n >= 2:
             valid = mask_t[1:] & (seg_t[1:] == seg_t[:-1])  # same conversation and a supervised target
-            targets[r, : n - 1] = torch.where(valid, ids_t[1:], torch.full_like(ids_t[1:], ignore_index))
+            targets[r, : n - 1] = torch.where(valid, ids_t[1:], ignore_index)
     return inputs, targets, segment_ids
 
 
-def padding_fraction(num_pad_positions, num_positions):
-    """Fraction of the batch's input positions that hold padding (0 for an empty batch)."""
-    return num_pad_positions / num_positions if num_positions > 0 else 0.0
-
-
 def fit_conversation(ids, mask, row_capacity, drop_long):
-    """The one filter of rendered conversations, for the plan and the batches alike: -> (ids, mask, "kept" |
-    "truncated" | "dropped"); ids and mask are None when dropped (longer than row_capacity with drop_long, or
-    shorter than 2 tokens: nothing to learn from, nothing to pack)."""
+    """The one filter of rendered conversations, for the plan and the batches alike -> (ids, mask, "kept" |
+    "truncated" | "dropped"); dropped (None, None): longer than row_capacity with drop_long, or under 2 tokens."""
     outcome = "kept" if len(ids) <= row_capacity else "dropped" if drop_long else "truncated"
     if outcome == "dropped" or len(ids) < 2:
         return None, None, "dropped"
@@ -143,22 +123,19 @@ class BatchSettings(NamedTuple):
 
 
 class Share(NamedTuple):
-    """One rank's share of a dataset, rendered once: lists with, per conversation in reading order, its dataset
-    index, rendered length, length after fit_conversation (0: dropped), supervised targets after fitting, outcome
-    ("kept" | "truncated" | "dropped") and source (the mixture part it came from)."""
-    indices: list
-    tokens: list
-    lengths: list
-    supervised: list
-    outcomes: list
-    sources: list
+    """One rank's share of a dataset, rendered once: per conversation in reading order,"""
+    indices: list  # its dataset index
+    tokens: list  # rendered length
+    lengths: list  # length after fit_conversation (0: dropped)
+    supervised: list  # supervised targets after fitting
+    outcomes: list  # "kept" | "truncated" | "dropped"
+    sources: list  # the mixture part it came from
 
 
 def render_share(dataset, render_fn, settings, rank=0, world_size=1, locate=None):
-    """Render conversations rank, rank + world_size, ... of `dataset` (anything with len() and [i]) with
-    render_fn (-> ids, mask) and fit each (fit_conversation) -> Share. locate(index) -> (source, key): the mixture
-    part of the entry and which conversation of it, so a conversation a mixture repeats is rendered once here
-    (default: source 0, no repeats). Fails in one line when the rank gets no conversation or all are dropped."""
+    """Conversations rank, rank + world_size, ... of `dataset` rendered (render_fn -> ids, mask) and fitted ->
+    Share. locate(index) -> (source, key): the entry's mixture part and conversation, so that one a mixture repeats
+    is rendered once (default: source 0, no repeats). One-line errors when no conversation is left."""
     share, seen = Share([], [], [], [], [], []), {}
     for index in range(rank, len(dataset), world_size):
         where = (0, index) if locate is None else locate(index)
@@ -188,10 +165,9 @@ def gather_share(share, world_size=1):
 
 
 def plan_epoch(lengths, settings, seed=0):
-    """The epoch's micro-batches (lists of rows, each a list of positions in the Share) from a Share's fitted
-    lengths (0: dropped). "pad": one conversation a row, batch_size consecutive ones a micro-batch (the last may
-    have fewer). "bestfit": pack_best_fit in decreasing length order (TRL's "bfd"; each conversation once), rows
-    shuffled with random.Random(seed) (else the first steps would hold only the longest), batch_size a batch."""
+    """The epoch's micro-batches (lists of rows, each a list of positions in the Share) from its fitted lengths.
+    "pad": a conversation a row, batch_size consecutive ones a micro-batch. "bestfit": pack_best_fit in decreasing
+    length order (TRL's "bfd"), rows shuffled with the seed (else the first steps would hold only the longest)."""
     kept = [j for j, n in enumerate(lengths) if n > 0]
     if settings.packing == "pad":
         rows = [[j] for j in kept]
@@ -203,9 +179,7 @@ def plan_epoch(lengths, settings, seed=0):
 
 
 def plan_positions(plan, lengths, settings):
-    """(positions, pad_positions) over a plan's micro-batches, as collated: "pad" = a row per conversation of the
-    longest length - 1 positions, rounded up to the bucket, n - 1 real ones for n tokens; "bestfit" = batch_size
-    rows of row_capacity - 1 positions, min(n, row_capacity - 1) real ones for a row of n tokens."""
+    """(positions, pad_positions) of a plan's micro-batches as collated (for the batches and the preview alike)."""
     positions = pad_positions = 0
     for rows in plan:
         row_lengths = [sum(lengths[j] for j in row) for row in rows]
@@ -220,20 +194,16 @@ def plan_positions(plan, lengths, settings):
 
 
 class SFTBatch(NamedTuple):
-    """One micro-batch of one rank, on the CPU. segment_ids is None under packing "pad"; stats counts examples,
-    truncated, dropped, positions, pad_positions, supervised; sources: the Share source (mixture part) of each
-    target, -1 where there is none."""
+    """One micro-batch of one rank, on the CPU."""
     inputs: torch.Tensor
     targets: torch.Tensor
-    segment_ids: torch.Tensor | None
-    stats: dict
-    sources: torch.Tensor
+    segment_ids: torch.Tensor | None  # None under packing "pad"
+    stats: dict  # STAT_KEYS
+    sources: torch.Tensor  # the Share source (mixture part) of each target, -1 where there is none
 
 
 def sft_batches(dataset, render_fn, share, plan, settings, start=0):
-    """Yield SFTBatch forever: micro-batch start, start + 1, ... of the run, micro-batch k being
-    plan[k % len(plan)] (epochs repeat the plan). Conversations are rendered again and fitted as render_share did;
-    "pad" collates with collate_sft (lengths rounded up to settings.bucket), "bestfit" with collate_packed.
+    """SFTBatch of micro-batch start, start + 1, ... of the run, forever: micro-batch k is plan[k % len(plan)].
     stats["dropped"] counts the share's dropped conversations on the first micro-batch of each epoch."""
     s = settings
     for k in itertools.count(start):
@@ -267,17 +237,10 @@ def sft_batches(dataset, render_fn, share, plan, settings, start=0):
 # Step arithmetic and loss normalisation
 
 
-def grad_accum_steps_for(target_examples_per_step, device_batch_size, world_size):
-    """Micro-steps per optimizer step: target_examples_per_step / (device_batch_size * world_size)."""
-    return num_grad_accum_steps(target_examples_per_step, device_batch_size * world_size, "target_examples_per_step",
-                            f"device_batch_size * world_size = {device_batch_size} * {world_size}")
-
-
 def micro_batch_loss_scale(loss_normalization, micro_tokens, step_tokens, world_size, grad_accum_steps):
-    """The factor that turns a micro-batch's SUMMED token loss into the loss to backpropagate, the optimizer
-    averaging gradients over ranks. "token": world_size / step_tokens (supervised tokens of the whole step, all
-    micro-batches and ranks): the step's mean token loss. "micro_batch_mean": 1 / (micro_tokens *
-    grad_accum_steps), the guide's mean per micro-batch over the micro-steps. A zero count gives 0, not NaN."""
+    """The factor that turns a micro-batch's SUMMED token loss into the loss to backpropagate (the optimizer averages
+    gradients over ranks): "token" = the step's mean token loss (step_tokens: all micro-batches and ranks);
+    "micro_batch_mean" = the guide's mean of micro-batch means. A zero count gives 0, not NaN."""
     if loss_normalization == "token":
         return world_size / step_tokens if step_tokens > 0 else 0.0
     if loss_normalization == "micro_batch_mean":
@@ -296,9 +259,8 @@ def skip_reason(step_loss, oom_count):
 
 
 def num_sft_steps(num_micro_batches, grad_accum, num_epochs, max_iterations=-1, device="cpu", world_size=1):
-    """Optimizer steps of the run: num_epochs passes over a plan of num_micro_batches, grad_accum micro-batches a
-    step, the smallest count over ranks (a rank with more would wait forever in a collective), capped by
-    max_iterations (-1: none)."""
+    """Optimizer steps of num_epochs passes over a plan: the fewest over ranks (a rank with more would wait forever
+    in a collective), capped by max_iterations (-1: none)."""
     steps = int(all_reduce_values([num_epochs * num_micro_batches // grad_accum], "min", device, world_size)[0])
     return min(steps, max_iterations) if max_iterations >= 0 else steps
 
@@ -317,12 +279,10 @@ class StepResult(NamedTuple):
 
 def accumulate_step(model, micro_batches, loss_normalization, device, world_size=1, rank=0,
                     autocast=contextlib.nullcontext, num_sources=1):
-    """Forward and backward of one optimizer step's micro-batches (SFTBatch list) on this rank, leaving the
-    gradients in .grad. The step's supervised-token count is all-reduced first ("token" normalisation needs it);
-    each micro-batch's summed loss is scaled by micro_batch_loss_scale. An out-of-memory error or a non-finite
-    loss on any rank makes every rank skip the step (one all-reduce carries the loss and the out-of-memory count,
-    so no rank waits alone in the optimizer's collectives), leaving no gradient; else result.skip is None. The
-    same all-reduce sums the token loss and the supervised tokens of each of the num_sources sources."""
+    """Forward and backward of one optimizer step's micro-batches (SFTBatch list), leaving the gradients in .grad.
+    The supervised-token count is all-reduced first ("token" normalisation needs it). An out-of-memory error or a
+    non-finite loss on any rank makes every rank skip the step, leaving no gradient: one all-reduce carries the
+    loss, the out-of-memory count and each source's token loss and tokens, so no rank waits alone."""
     device = torch.device(device)
     flops = [batch_flops(model, b.inputs, b.stats["pad_positions"]) for b in micro_batches]
     local = [sum(b.stats[k] for b in micro_batches) for k in STAT_KEYS] + [sum(f) for f in zip(*flops)]

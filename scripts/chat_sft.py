@@ -15,7 +15,7 @@ import time
 import numpy as np
 import torch
 
-from nanochat.chat_eval import run_task_metrics
+from nanochat.chat_eval import run_task_metrics, sample_conversations
 from nanochat.checkpoint_manager import (build_model, describe_checkpoint, load_optimizer_warm_start, load_resume,
                                          prepare_finetune, run_options, save_training_checkpoint, tokenizer_sha256)
 from nanochat.checks import check_finite_parameters
@@ -26,13 +26,13 @@ from nanochat.engine import Engine
 from nanochat.loss_eval import evaluate_sft_loss
 from nanochat.perf import compile_enabled, compile_model, compiled_graphs, peak_memory_mib, reset_peak_memory
 from nanochat.report import format_duration, get_report
-from nanochat.schedules import lr_multiplier, scale_initial_lr, set_lr_multiplier
+from nanochat.schedules import lr_multiplier, num_grad_accum_steps, scale_initial_lr, set_lr_multiplier
 from nanochat.sft import (LOSS_NORMALIZATIONS, PACKINGS, TOTAL_KEYS, BatchSettings, accumulate_step, gather_share,
-                          grad_accum_steps_for, num_sft_steps, plan_epoch, render_share, sft_batches)
-from nanochat.sft_report import (data_preview, data_summary, format_run_summary, format_skip, format_sources,
-                                 format_step, report_section, sample_conversations, share_part)
+                          num_sft_steps, plan_epoch, render_share, sft_batches)
+from nanochat.sft_report import (data_summary, format_run_summary, format_skip, format_sources, format_step,
+                                 report_section, summary_lines)
 from nanochat.tokenizer import get_tokenizer
-from tasks.mixture import build_mixtures, check_mixture_specs, parse_eval_spec
+from tasks.mixture import build_mixtures, check_mixture_specs, parse_eval_spec, spec_locator
 
 install_error_handler()  # a UserError prints one line `error: ...` and exits with code 2
 
@@ -81,7 +81,8 @@ config = load_config(OPTIONS, description=__doc__)
 # cross-option checks, before anything is loaded (the world size comes from the torchrun environment)
 eval_specs = [parse_eval_spec(s) for s in config["eval_metrics_tasks"]]
 check_mixture_specs({key: config[key] for key in ("train_mixture", "val_mixture")})  # data is loaded later
-grad_accum_steps_for(config["target_examples_per_step"], config["device_batch_size"], get_dist_info()[3])
+grad_accum_steps = num_grad_accum_steps(config["target_examples_per_step"], config["device_batch_size"] *
+                                        get_dist_info()[3], "target_examples_per_step", "device_batch_size * world_size")
 
 # -----------------------------------------------------------------------------
 # Compute init
@@ -89,9 +90,8 @@ grad_accum_steps_for(config["target_examples_per_step"], config["device_batch_si
 device_type = config["device_type"] or autodetect_device_type()
 ddp, ddp_rank, ddp_local_rank, ddp_world_size, device = compute_init(device_type)
 master_process = ddp_rank == 0
-torch.manual_seed(config["seed"])
-random.seed(config["seed"])
-np.random.seed(config["seed"])
+for seed_fn in (torch.manual_seed, random.seed, np.random.seed):
+    seed_fn(config["seed"])
 autocast = lambda: autocast_ctx(device_type, config["dtype"])  # noqa: E731  (a fresh context per use)
 synchronize = torch.cuda.synchronize if device_type == "cuda" else lambda: None
 use_compile = compile_enabled(config["compile"], device_type)  # the option, else on for CUDA only
@@ -114,20 +114,13 @@ mixtures, parts, _ = build_mixtures({"train_mixture": config["train_mixture"], "
 train_ds, val_ds = mixtures["train_mixture"], mixtures["val_mixture"]
 pad_id = tokenizer.encode_special("<|assistant_end|>")  # padding the guide uses; its targets are -1 anyway
 device_batch_size, seed = config["device_batch_size"], config["seed"]
-grad_accum_steps = grad_accum_steps_for(config["target_examples_per_step"], device_batch_size, ddp_world_size)
 settings = BatchSettings(config["packing"], device_batch_size, config["max_seq_len"] + 1, pad_id, config["drop_long"],
                          pad_bucket)  # rows of max_seq_len input positions + the last target
 render = lambda conversation: tokenizer.render_conversation(conversation, max_tokens=None)  # noqa: E731
-# plan the epoch: this rank's share rendered once (lengths, fit outcomes, mixture part of each), packed once
-spec_of = {id(task): k for k, (_, task, _) in enumerate(parts["train_mixture"])}
-
-
-def locate(index):  # (the spec an entry comes from, which of its conversations): repeats are rendered once
-    task, i = train_ds.locate(index)
-    return spec_of[id(train_ds.tasks[task])], i
-
-
-train_share = render_share(train_ds, render, settings, ddp_rank, ddp_world_size, locate)
+# plan the epoch: this rank's share rendered once (lengths, fit outcomes, the spec of each), packed once
+train_specs = [spec for spec, _, _ in parts["train_mixture"]]
+train_share = render_share(train_ds, render, settings, ddp_rank, ddp_world_size,
+                           spec_locator(train_ds, parts["train_mixture"]))
 train_plan = plan_epoch(train_share.lengths, settings, seed)
 count_steps = lambda epoch_plan: num_sft_steps(len(epoch_plan), grad_accum_steps, config["num_epochs"],  # noqa
                                               config["max_iterations"], device, ddp_world_size)
@@ -144,16 +137,17 @@ print0(f"Target examples per step: {config['target_examples_per_step']} = device
        f"x world_size {ddp_world_size} x grad_accum_steps {grad_accum_steps}")
 print0(f"Number of iterations: {num_iterations} | loss normalisation: {config['loss_normalization']}")
 whole_train = gather_share(train_share, ddp_world_size)  # every rank's numbers: the figures of the whole mixture
-train_rows = [(f"{spec} x{entries:,}", data_summary(share_part(whole_train, k), settings, seed))  # per spec
+train_rows = [(f"{spec} x{entries:,}", data_summary(whole_train, settings, seed, source=k))  # per spec
               for k, (spec, _, entries) in enumerate(parts["train_mixture"])] if master_process else []
-if config["dry_run"]:
-    steps = {p: count_steps(plan_epoch(train_share.lengths, settings._replace(packing=p), seed)) for p in PACKINGS}
-    whole_val = gather_share(val_share, ddp_world_size)
-    if master_process:
-        rows = train_rows + [(name, data_summary(share, settings, seed)) for name, share in
-                             (("training mixture", whole_train), ("validation mixture", whole_val))]
-        print0("\n".join(data_preview(rows, steps, tokenizer, render(train_ds[0]), settings.row_capacity,
-                                      sys.stdout.isatty())))
+if config["dry_run"]:  # the data preview: the mixture table, the step count per packing, one rendered conversation
+    steps = [count_steps(plan_epoch(train_share.lengths, settings._replace(packing=p), seed)) for p in PACKINGS]
+    whole_val, color, (ids, mask) = gather_share(val_share, ddp_world_size), sys.stdout.isatty(), render(train_ds[0])
+    rows = train_rows + [(name, data_summary(share, settings, seed)) for name, share in
+                         (("training mixture", whole_train), ("validation mixture", whole_val))] if master_process else []
+    print0("\n".join(summary_lines(rows)))
+    print0("Optimizer steps: " + ", ".join(f"{n} with packing={p}" for p, n in zip(PACKINGS, steps)))
+    print0(f"One training conversation ({'supervised in green' if color else '[supervised] tokens'}):")
+    print0(tokenizer.visualize_tokenization(ids[:settings.row_capacity], mask[:settings.row_capacity], color=color))
     compute_cleanup()
     sys.exit(0)
 
@@ -259,7 +253,7 @@ for step in range(start_step, num_iterations + 1):
     t0 = time.time()
     micro_batches = [next(train_iter) for _ in range(grad_accum_steps)]
     result = accumulate_step(model, micro_batches, config["loss_normalization"], device, ddp_world_size, ddp_rank,
-                             autocast, len(spec_of))
+                             autocast, len(train_specs))
     lrm = lr_multiplier(step, num_iterations)
     progress = f"step {step + 1}/{num_iterations} | elapsed {format_duration(time.time() - loop_t0)}"
     if result.skip is not None:
@@ -286,8 +280,8 @@ for step in range(start_step, num_iterations + 1):
     eta = (time.time() - loop_t0) / (step + 1 - start_step) * (num_iterations - step - 1)
     print0(f"{line} | {progress} | eta {format_duration(eta)}")
     loss_series["train"].append([step, result.loss])
-    if len(spec_of) > 1:  # each training spec's token loss and tokens ("token": the step loss is their mean)
-        line, source_log = format_sources(step, [spec for spec, _, _ in parts["train_mixture"]], result)
+    if len(train_specs) > 1:  # each training spec's token loss and tokens ("token": the step loss is their mean)
+        line, source_log = format_sources(step, train_specs, result)
         print0(line)
         log.update(source_log)
         for name in (k for k in source_log if k.startswith("train_loss/")):

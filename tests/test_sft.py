@@ -20,11 +20,10 @@ from nanochat.perf import batch_flops
 from nanochat.schedules import lr_multiplier
 from nanochat.config import ConfigError
 from nanochat.sft import (BatchSettings, Share, accumulate_step, collate_packed, collate_sft, fit_conversation,
-                          gather_share, grad_accum_steps_for, micro_batch_loss_scale, num_sft_steps, pack_best_fit,
-                          padding_fraction, plan_epoch, plan_positions, render_share, sft_batches, skip_reason)
-from nanochat.sft_report import (data_preview, data_summary, format_run_summary, format_skip, format_sources,
-                                 format_step,
-                                 report_section, sample_conversations, share_part, summary_lines)
+                          gather_share, micro_batch_loss_scale, num_sft_steps, pack_best_fit, plan_epoch,
+                          plan_positions, render_share, sft_batches, skip_reason)
+from nanochat.sft_report import (data_summary, format_run_summary, format_skip, format_sources, format_step,
+                                 report_section, summary_lines)
 
 PAD = 99
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -129,11 +128,6 @@ def test_collate_packed_segments_and_targets():
     inputs, targets, seg = collate_packed([[([1, 2], [0, 1])]], row_capacity=5, pad_id=PAD)
     assert inputs.tolist() == [[1, 2, PAD, PAD]] and seg.tolist() == [[1, 1, 0, 0]]
     assert targets.tolist() == [[2, -1, -1, -1]]
-
-
-def test_padding_fraction():
-    assert padding_fraction(25, 100) == 0.25
-    assert padding_fraction(0, 0) == 0.0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -287,15 +281,6 @@ def test_num_sft_steps_from_the_plan():
 
 # ---------------------------------------------------------------------------------------------------------
 # step arithmetic, lr, loss normalisation
-
-
-def test_grad_accum_steps_and_iterations():
-    assert grad_accum_steps_for(32, 4, 8) == 1
-    assert grad_accum_steps_for(32, 4, 1) == 8
-    with pytest.raises(UserError, match="multiple of"):
-        grad_accum_steps_for(32, 3, 1)
-    with pytest.raises(UserError, match="device_batch_size"):
-        grad_accum_steps_for(8, 4, 4)
 
 
 def test_sft_lr_multiplier_is_linear_decay():
@@ -488,9 +473,9 @@ def test_data_summary_from_the_recorded_numbers():
     # fitted lengths 5, 9, 3, 12 in micro-batches of 2: pad positions (8 + 8) + (11 + 11) = 38, real 4 + 8 + 2 + 11
     assert row["padding_pad"] == pytest.approx(13 / 38)
     assert row["padding_bestfit"] == pytest.approx(1 - (11 + 11 + 5) / (2 * 2 * 11))  # rows [12], [9, 3], [5]
-    part = data_summary(share_part(share, 1), settings)  # conversations 3 and 4: one truncated, one dropped
+    part = data_summary(share, settings, source=1)  # conversations 3 and 4: one truncated, one dropped
     assert (part["conversations"], part["truncated"], part["dropped"], part["tokens_max"]) == (2, 1, 1, 30)
-    empty = data_summary(share_part(share, 2), settings)
+    empty = data_summary(share, settings, source=2)
     assert empty["conversations"] == 0 and empty["padding_pad"] == empty["padding_bestfit"] == 0.0
 
 
@@ -562,44 +547,3 @@ def test_report_section_and_closing_line():
                                                 "memory | truncated: 1 | dropped: 2")
     line = format_run_summary(2.0, totals, peak_memory=512.4, compiled=5, graphs_after_first_step=3)
     assert line.endswith("| peak memory: 512 MiB | torch.compile: 5 graphs, 2 recompilations after the first step")
-
-
-def test_data_preview_lines():
-    class Tok:
-        def visualize_tokenization(self, ids, mask, color):
-            return f"{list(ids)} {list(mask)} {color}"
-
-    data = [{"i": i, "n": n} for i, n in enumerate([5, 9, 3])]
-    settings = BatchSettings("pad", 2, row_capacity=4)
-    row = data_summary(render_share(data, _toy_render, settings), settings)
-    rows = [("Toy:train x3", row), ("training mixture", row), ("validation mixture", {**row, "conversations": 1})]
-    lines = data_preview(rows, {"pad": 2, "bestfit": 1}, Tok(), _toy_render(data[0]), 4, False)
-    assert lines[0].startswith("Toy:train x3 ") and lines[1].startswith("training mixture")
-    assert lines[2].startswith("validation mixture") and "|       1 conv |" in lines[2]
-    assert lines[3] == "Optimizer steps: 2 with packing=pad, 1 with packing=bestfit"
-    assert lines[4] == "One training conversation ([supervised] tokens):"
-    ids, mask = _toy_render(data[0])
-    assert lines[5] == f"{list(ids[:4])} {list(mask[:4])} False"  # the first row_capacity tokens only
-
-
-def test_sample_conversations_keep_prompts_that_fit_the_context():
-    """A validation prompt longer than the model's context is skipped (it used to crash generation after
-    training); the first ones that fit are answered, and the heading says which prompts were used."""
-    class Tok:
-        def render_for_completion(self, conversation):
-            return list(range(conversation["n"]))
-
-        def decode(self, ids):
-            return ",".join(map(str, ids))
-
-    class Engine:
-        def generate_batch(self, prompt, num_samples, max_tokens, temperature):
-            assert len(prompt) + max_tokens <= 32
-            return [prompt + [99] * max_tokens], None
-
-    conversations = [{"n": 40}, {"n": 3}, {"n": 25}, {"n": 2}, {"n": 1}]
-    items = sample_conversations(Engine(), Tok(), iter(conversations), context=32, max_tokens=8)
-    assert items[0] == ("Sample conversations (final model, greedy; validation prompts of at most 24 tokens, so "
-                        "that 8 new ones fit the model's 32 positions):")
-    assert items[1:] == ["```\n0,1,2" + "99," * 7 + "99\n```", "```\n0,1" + "99," * 7 + "99\n```"]
-    assert sample_conversations(Engine(), Tok(), iter(conversations[:1]), 32, 8)[1:] == []
