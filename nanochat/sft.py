@@ -119,7 +119,6 @@ class BatchSettings(NamedTuple):
     pad_id: int = 0  # <|assistant_end|> in chat_sft: padding has no target anyway
     drop_long: bool = False  # drop conversations longer than row_capacity instead of truncating them
     bucket: int = 1  # pad mode, compiled: batch lengths rounded up to a multiple of this (pad_to_bucket)
-    ignore_index: int = -1
 
 
 class Share(NamedTuple):
@@ -213,23 +212,22 @@ def sft_batches(dataset, render_fn, share, plan, settings, start=0):
         assert [len(ids) for row in items for ids, _ in row] == [share.lengths[j] for row in rows for j in row], \
             "render_fn gave other lengths than when the epoch was planned"
         if s.packing == "pad":
-            inputs, targets = pad_to_bucket(*collate_sft([row[0] for row in items], s.pad_id, s.ignore_index),
-                                            s.bucket, s.pad_id, s.row_capacity - 1, s.ignore_index)
+            inputs, targets = pad_to_bucket(*collate_sft([row[0] for row in items], s.pad_id), s.bucket, s.pad_id,
+                                            s.row_capacity - 1)
             segment_ids = None
         else:
-            inputs, targets, segment_ids = collate_packed(items, s.row_capacity, s.pad_id, s.ignore_index,
-                                                          s.batch_size)
+            inputs, targets, segment_ids = collate_packed(items, s.row_capacity, s.pad_id, num_rows=s.batch_size)
         table = torch.full((inputs.size(0), 1 + max(map(len, rows))), -1, dtype=torch.long)  # row, segment -> source
         for r, row in enumerate(rows):
             table[r, 1:1 + len(row)] = torch.tensor([share.sources[j] for j in row])
         sources = table.gather(1, torch.ones_like(inputs) if segment_ids is None else segment_ids)
-        sources[targets == s.ignore_index] = -1
+        sources[targets == -1] = -1
         positions, pad_positions = plan_positions([rows], share.lengths, s)
         assert positions == inputs.numel(), "the plan counts other positions than the batch has"
         stats = dict(examples=sum(map(len, rows)), positions=positions, pad_positions=pad_positions,
                      truncated=sum(share.outcomes[j] == "truncated" for row in rows for j in row),
                      dropped=share.outcomes.count("dropped") if k % len(plan) == 0 else 0,
-                     supervised=int((targets != s.ignore_index).sum()))
+                     supervised=int((targets != -1).sum()))
         yield SFTBatch(inputs, targets, segment_ids, stats, sources)
 
 
@@ -253,9 +251,7 @@ def skip_reason(step_loss, oom_count):
     propagates; the ranks out of memory), so every rank decides the same and none waits in a collective."""
     if oom_count > 0:
         return "out of memory"
-    if not math.isfinite(step_loss):
-        return f"non-finite loss ({step_loss})"
-    return None
+    return None if math.isfinite(step_loss) else f"non-finite loss ({step_loss})"
 
 
 def num_sft_steps(num_micro_batches, grad_accum, num_epochs, max_iterations=-1, device="cpu", world_size=1):

@@ -1,7 +1,6 @@
 """
 What chat_sft prints and reports: the data figures of the preview and report (from the numbers render_share recorded:
-nothing is rendered again), the step lines, the report section, the closing line. Pure functions of their
-arguments. Tests: tests/test_sft.py.
+nothing is rendered again), the step lines. Pure functions. Tests: tests/test_sft.py.
 """
 
 import numpy as np
@@ -11,8 +10,8 @@ from nanochat.sft import PACKINGS, Share, plan_epoch, plan_positions
 
 
 def data_summary(share, settings, seed=0, source=None):
-    """Figures of a Share (its mixture part `source` only, if given): conversations, rendered length mean / p50 / p95
-    / max, supervised ratio (of target positions, after fitting), truncated, dropped, the epoch's padding per packing."""
+    """Figures of a Share (of its mixture part `source` only, if given): conversations, rendered length mean / p50 /
+    p95 / max, supervised ratio (of target positions, after fitting), truncated, dropped, each packing's padding."""
     if source is not None:
         share = Share(*([column[j] for j, s in enumerate(share.sources) if s == source] for column in share))
     figures, tokens = {}, share.tokens or [0]
@@ -39,11 +38,10 @@ def summary_lines(rows):
 def format_step(step, loss, lrm, step_totals, dt, peak_flops=None, world_size=1, peak_memory=None, graphs=None):
     """chat_sft's step line (the guide's fields, then throughput) and wandb dict from the StepResult totals (all
     ranks) and dt (s); with peak_flops (per device), the MFU of the useful (non-padding) and of all FLOPs."""
-    tokens, positions = step_totals["supervised"], step_totals["positions"]
-    log = {"step": step, "train_loss": loss, "lrm": lrm, "num_tokens": tokens,
-           "supervised_ratio": tokens / max(positions, 1),
-           "padding_fraction": step_totals["pad_positions"] / max(positions, 1),
-           "tok_per_sec": positions / dt, "examples": step_totals["examples"], "dt": dt}
+    tokens, positions = step_totals["supervised"], max(step_totals["positions"], 1)
+    log = {"step": step, "train_loss": loss, "lrm": lrm, "num_tokens": tokens, "supervised_ratio": tokens / positions,
+           "padding_fraction": step_totals["pad_positions"] / positions, "tok_per_sec": step_totals["positions"] / dt,
+           "examples": step_totals["examples"], "dt": dt}
     line = (f"Step {step:05d} | Training loss: {loss:.6f} | lrm: {lrm:.6f} | num_tokens: {int(tokens):,} | "
             f"supervised: {log['supervised_ratio']:.1%} | padding: {log['padding_fraction']:.1%} | "
             f"tok/s: {log['tok_per_sec']:,.0f} | sup_tok/s: {tokens / dt:,.0f}")
@@ -76,36 +74,3 @@ def format_skip(step, reason, totals):
     line = (f"Step {step:05d} | skipped: {reason} | optimizer step not taken (skipped so far: "
             f"{totals['skipped_nonfinite']} non-finite, {totals['skipped_oom']} out of memory)")
     return line, {"step": step, "skipped_nonfinite": totals["skipped_nonfinite"], "skipped_oom": totals["skipped_oom"]}
-
-
-def report_section(config, train_rows, num_conversations, num_iterations, totals, train_time, final_metrics, samples,
-                   peak_flops=None, world_size=1):
-    """The "Chat SFT" report section: key options, the mixture table, the run's counts (totals: all steps and ranks)
-    and figures (with peak_flops the MFU of the useful FLOPs), the final metrics (None left out), the samples."""
-    figures = {"Supervised ratio": totals["supervised"] / max(totals["positions"], 1),
-               "Padding fraction": totals["pad_positions"] / max(totals["positions"], 1),
-               "Tokens per second": round(totals["positions"] / max(train_time, 1e-9))}
-    if peak_flops:
-        figures["MFU"] = mfu(totals["useful_flops"], train_time, peak_flops, world_size)
-    return [
-        {k: config[k] for k in ("source", "device_batch_size", "target_examples_per_step", "num_epochs",
-                                "init_lr_frac", "loss_normalization", "packing", "max_seq_len")},
-        "```\n" + "\n".join(summary_lines(train_rows)) + "\n```",
-        {"Training conversations": num_conversations, "Number of iterations": num_iterations,
-         "Examples seen": totals["examples"], "Skipped steps (non-finite)": totals["skipped_nonfinite"],
-         "Skipped steps (out of memory)": totals["skipped_oom"], "Truncated conversations": totals["truncated"],
-         "Dropped conversations": totals["dropped"], "Training time (s)": round(train_time, 1), **figures},
-        {k: v for k, v in final_metrics.items() if v is not None},
-        f"Train and validation loss are both in the unit of loss_normalization = {config['loss_normalization']}.",
-        *samples,
-    ]
-
-
-def format_run_summary(train_time, totals, peak_memory=None, compiled=None, graphs_after_first_step=0):
-    """chat_sft's closing line; compiled: the torch.compile graph count now (the growth since the first step:
-    recompilations)."""
-    return (f"Training time: {train_time:.1f}s | skipped steps: {totals['skipped_nonfinite']} non-finite, "
-            f"{totals['skipped_oom']} out of memory | truncated: {totals['truncated']} | dropped: {totals['dropped']}"
-            + (f" | peak memory: {peak_memory:.0f} MiB" if peak_memory else "")
-            + (f" | torch.compile: {compiled} graphs, {compiled - graphs_after_first_step} recompilations after "
-               f"the first step" if compiled is not None else ""))

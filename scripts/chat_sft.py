@@ -24,13 +24,12 @@ from nanochat.common import (UserError, autocast_ctx, autodetect_device_type, co
 from nanochat.config import Option, load_config
 from nanochat.engine import Engine
 from nanochat.loss_eval import evaluate_sft_loss
-from nanochat.perf import compile_enabled, compile_model, compiled_graphs, peak_memory_mib, reset_peak_memory
+from nanochat.perf import compile_enabled, compile_model, compiled_graphs, mfu, peak_memory_mib, reset_peak_memory
 from nanochat.report import format_duration, get_report
 from nanochat.schedules import lr_multiplier, num_grad_accum_steps, scale_initial_lr, set_lr_multiplier
 from nanochat.sft import (LOSS_NORMALIZATIONS, PACKINGS, TOTAL_KEYS, BatchSettings, accumulate_step, gather_share,
                           num_sft_steps, plan_epoch, render_share, sft_batches)
-from nanochat.sft_report import (data_summary, format_run_summary, format_skip, format_sources, format_step,
-                                 report_section, summary_lines)
+from nanochat.sft_report import data_summary, format_skip, format_sources, format_step, summary_lines
 from nanochat.tokenizer import get_tokenizer
 from tasks.mixture import build_mixtures, check_mixture_specs, parse_eval_spec, spec_locator
 
@@ -82,7 +81,7 @@ config = load_config(OPTIONS, description=__doc__)
 eval_specs = [parse_eval_spec(s) for s in config["eval_metrics_tasks"]]
 check_mixture_specs({key: config[key] for key in ("train_mixture", "val_mixture")})  # data is loaded later
 grad_accum_steps = num_grad_accum_steps(config["target_examples_per_step"], config["device_batch_size"] *
-                                        get_dist_info()[3], "target_examples_per_step", "device_batch_size * world_size")
+                                        get_dist_info()[3], "target_examples_per_step", "device_batch_size * ranks")
 
 # -----------------------------------------------------------------------------
 # Compute init
@@ -142,8 +141,8 @@ train_rows = [(f"{spec} x{entries:,}", data_summary(whole_train, settings, seed,
 if config["dry_run"]:  # the data preview: the mixture table, the step count per packing, one rendered conversation
     steps = [count_steps(plan_epoch(train_share.lengths, settings._replace(packing=p), seed)) for p in PACKINGS]
     whole_val, color, (ids, mask) = gather_share(val_share, ddp_world_size), sys.stdout.isatty(), render(train_ds[0])
-    rows = train_rows + [(name, data_summary(share, settings, seed)) for name, share in
-                         (("training mixture", whole_train), ("validation mixture", whole_val))] if master_process else []
+    rows = train_rows + [("training mixture", data_summary(whole_train, settings, seed)),
+                         ("validation mixture", data_summary(whole_val, settings, seed))] if master_process else []
     print0("\n".join(summary_lines(rows)))
     print0("Optimizer steps: " + ", ".join(f"{n} with packing={p}" for p, n in zip(PACKINGS, steps)))
     print0(f"One training conversation ({'supervised in green' if color else '[supervised] tokens'}):")
@@ -221,9 +220,9 @@ for step in range(start_step, num_iterations + 1):
     # once in a while: validation loss, over eval_steps batches per rank (the same batches every time)
     if config["eval_every"] > 0 and (last_step or step % config["eval_every"] == 0) and not resumed_here:
         model.eval()
-        val_batches = sft_batches(val_ds, render, val_share, val_plan, settings)
-        val_loss = evaluate_sft_loss(model, val_batches, config["eval_steps"], config["loss_normalization"], device,
-                                     ddp_world_size, ddp_rank, autocast)
+        val_loss = evaluate_sft_loss(model, sft_batches(val_ds, render, val_share, val_plan, settings),
+                                     config["eval_steps"], config["loss_normalization"], device, ddp_world_size,
+                                     ddp_rank, autocast)
         print0(f"Step {step:05d} | Validation loss: {val_loss:.6f}")
         wandb_run.log({"step": step, "val_loss": val_loss})
         loss_series["val"].append([step, val_loss])
@@ -241,8 +240,7 @@ for step in range(start_step, num_iterations + 1):
         model.train()
 
     # once in a while: a resumable checkpoint (the final one is written after the loop)
-    if config["save_every"] > 0 and 0 < step < num_iterations and step % config["save_every"] == 0 \
-            and not resumed_here:
+    if config["save_every"] > 0 and 0 < step < num_iterations and step % config["save_every"] == 0 and not resumed_here:
         save(step)
 
     if last_step:
@@ -292,19 +290,35 @@ for step in range(start_step, num_iterations + 1):
 # The final checkpoint, the report section, cleanup
 
 save(num_iterations)
-print0(format_run_summary(train_time, totals, peak_memory_mib(device), compiled_graphs() if use_compile else None,
-                          graphs_after_first_step))
+peak_memory, graphs = peak_memory_mib(device), compiled_graphs() if use_compile else 0
+print0(f"Training time: {train_time:.1f}s | skipped steps: {totals['skipped_nonfinite']} non-finite, "
+       f"{totals['skipped_oom']} out of memory | truncated: {totals['truncated']} | dropped: {totals['dropped']}"
+       + (f" | peak memory: {peak_memory:.0f} MiB" if peak_memory else "") + (f" | torch.compile: {graphs} graphs, "
+       f"{graphs - graphs_after_first_step} recompilations after the first step" if use_compile else ""))
 
-samples = []
-if master_process:  # two validation prompts that fit the model's context, answered by the final model
-    model.eval()
-    with autocast():
-        samples = sample_conversations(engine, tokenizer, (val_ds[i] for i in range(min(len(val_ds), 100))),
-                                       orig_model.config.sequence_len)
+model.eval()
+with autocast():  # two validation prompts that fit the model's context, answered by the final model
+    samples = sample_conversations(engine, tokenizer, (val_ds[i] for i in range(min(len(val_ds), 100))),
+                                   orig_model.config.sequence_len) if master_process else []
+run_positions = max(totals["positions"], 1)  # the run's figures (totals: all steps and ranks)
+figures = {"Supervised ratio": totals["supervised"] / run_positions,
+           "Padding fraction": totals["pad_positions"] / run_positions,
+           "Tokens per second": round(totals["positions"] / max(train_time, 1e-9))}
+if peak_flops:  # the MFU of the useful (non-padding) FLOPs
+    figures["MFU"] = mfu(totals["useful_flops"], train_time, peak_flops, ddp_world_size)
 report = get_report()
-report.log(section="Chat SFT", data=report_section(config, train_rows, len(train_ds), num_iterations, totals, train_time,
-                                                   {"val_loss": val_loss, **metrics}, samples, peak_flops,
-                                                   ddp_world_size), duration_s=time.time() - script_start)
+report.log(section="Chat SFT", data=[
+    {k: config[k] for k in ("source", "device_batch_size", "target_examples_per_step", "num_epochs", "init_lr_frac",
+                            "loss_normalization", "packing", "max_seq_len")},
+    "```\n" + "\n".join(summary_lines(train_rows)) + "\n```",  # the mixture table, one row per training spec
+    {"Training conversations": len(train_ds), "Number of iterations": num_iterations,
+     "Examples seen": totals["examples"], "Skipped steps (non-finite)": totals["skipped_nonfinite"],
+     "Skipped steps (out of memory)": totals["skipped_oom"], "Truncated conversations": totals["truncated"],
+     "Dropped conversations": totals["dropped"], "Training time (s)": round(train_time, 1), **figures},
+    {k: v for k, v in {"val_loss": val_loss, **metrics}.items() if v is not None},
+    f"Train and validation loss are both in the unit of loss_normalization = {config['loss_normalization']}.",
+    *samples,
+], duration_s=time.time() - script_start)
 for name, points in loss_series.items():
     name = name if "/" in name else f"{name}_loss"  # train_loss/<spec>: one curve per training spec
     report.log_series("Chat SFT", name, [p[0] for p in points], [p[1] for p in points])

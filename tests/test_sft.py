@@ -22,8 +22,7 @@ from nanochat.config import ConfigError
 from nanochat.sft import (BatchSettings, Share, accumulate_step, collate_packed, collate_sft, fit_conversation,
                           gather_share, micro_batch_loss_scale, num_sft_steps, pack_best_fit, plan_epoch,
                           plan_positions, render_share, sft_batches, skip_reason)
-from nanochat.sft_report import (data_summary, format_run_summary, format_skip, format_sources, format_step,
-                                 report_section, summary_lines)
+from nanochat.sft_report import data_summary, format_skip, format_sources, format_step, summary_lines
 
 PAD = 99
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -505,6 +504,16 @@ def test_gather_share_joins_two_gloo_ranks(tmp_path):
     assert gather_share(got) is got
 
 
+def test_summary_lines():
+    row = {"conversations": 12, "tokens_mean": 20.0, "tokens_p50": 18, "tokens_p95": 40, "tokens_max": 51,
+           "supervised_ratio": 0.5, "truncated": 0, "dropped": 1, "padding_pad": 0.25, "padding_bestfit": 0.05}
+    assert summary_lines([("ChitChat:train x12", row), ("all", row)]) == [
+        "ChitChat:train x12 |      12 conv | tokens mean   20.0 p50    18 p95    40 max     51 | supervised 50.0% | "
+        "truncated 0 dropped 1 | padding pad 25.0% bestfit  5.0%",
+        "all                |      12 conv | tokens mean   20.0 p50    18 p95    40 max     51 | supervised 50.0% | "
+        "truncated 0 dropped 1 | padding pad 25.0% bestfit  5.0%"]
+
+
 def test_step_line_and_report_table():
     totals = {"supervised": 300, "positions": 1000, "pad_positions": 250, "examples": 8, "truncated": 0, "dropped": 0,
               "flops": 4e9, "useful_flops": 3e9}
@@ -522,28 +531,3 @@ def test_step_line_and_report_table():
     assert line == ("Step 00004 | skipped: out of memory | optimizer step not taken (skipped so far: 1 non-finite, "
                     "2 out of memory)")
     assert log == {"step": 4, "skipped_nonfinite": 1, "skipped_oom": 2}
-
-
-def test_report_section_and_closing_line():
-    totals = {"supervised": 300, "positions": 1000, "pad_positions": 250, "examples": 8, "truncated": 1,
-              "dropped": 2, "skipped_nonfinite": 1, "skipped_oom": 0, "flops": 4e9, "useful_flops": 1.5e9}
-    config = {"source": "mid", "device_batch_size": 4, "target_examples_per_step": 8, "num_epochs": 1,
-              "init_lr_frac": 0.02, "loss_normalization": "token", "packing": "pad", "max_seq_len": 64, "seed": 1}
-    row = {"conversations": 12, "tokens_mean": 20.0, "tokens_p50": 18, "tokens_p95": 40, "tokens_max": 51,
-           "supervised_ratio": 0.5, "truncated": 0, "dropped": 1, "padding_pad": 0.25, "padding_bestfit": 0.05}
-    data = report_section(config, [("ChitChat:train x12", row)], 12, 3, totals, 2.0, {"val_loss": 1.5, "MMLU": None},
-                          ["hello"])
-    assert data[0] == {k: v for k, v in config.items() if k != "seed"}
-    assert data[1] == "```\n" + summary_lines([("ChitChat:train x12", row)])[0] + "\n```"
-    assert summary_lines([("ChitChat:train x12", row)]) == [
-        "ChitChat:train x12 |      12 conv | tokens mean   20.0 p50    18 p95    40 max     51 | supervised 50.0% | "
-        "truncated 0 dropped 1 | padding pad 25.0% bestfit  5.0%"]
-    assert data[2]["Supervised ratio"] == 0.3 and data[2]["Padding fraction"] == 0.25
-    assert data[2]["Tokens per second"] == 500 and "MFU" not in data[2] and data[2]["Dropped conversations"] == 2
-    assert data[3] == {"val_loss": 1.5} and data[-1] == "hello" and "token" in data[4]
-    data = report_section(config, [], 12, 3, totals, 2.0, {}, [], peak_flops=3e9)
-    assert data[2]["MFU"] == pytest.approx(0.25) and data[-1].startswith("Train and validation loss")
-    assert format_run_summary(2.04, totals) == ("Training time: 2.0s | skipped steps: 1 non-finite, 0 out of "
-                                                "memory | truncated: 1 | dropped: 2")
-    line = format_run_summary(2.0, totals, peak_memory=512.4, compiled=5, graphs_after_first_step=3)
-    assert line.endswith("| peak memory: 512 MiB | torch.compile: 5 graphs, 2 recompilations after the first step")
