@@ -1,10 +1,8 @@
 """
-Supervised fine-tuning (SFT) building blocks for scripts/chat_sft.py and the benches; tests: tests/test_sft.py.
-The epoch is planned once, then materialised (as TRL's pack_dataset(strategy="bfd") plans its packing up front):
-render_share renders each rank's share once and keeps numbers only; plan_epoch packs those lengths into
-micro-batches; sft_batches renders the planned conversations again (keeping the ids would hold every token of a large
-mixture in memory) and collates them. Epochs repeat the plan, so the step number is the whole resume state.
-accumulate_step: one optimizer step, normalised by micro_batch_loss_scale (README), skipped on every rank alike.
+SFT building blocks for scripts/chat_sft.py and the benches (tests: tests/test_sft.py). The epoch is planned once, as
+TRL's pack_dataset(strategy="bfd") plans its packing: render_share keeps each rank's lengths, plan_epoch packs them,
+sft_batches renders the planned conversations again (keeping the ids would hold a large mixture in memory) and
+collates them. Epochs repeat the plan, so the step number is the whole resume state. accumulate_step: one step.
 """
 
 import bisect
@@ -49,9 +47,8 @@ def collate_sft(batch, pad_id, ignore_index=-1):
 
 
 def pack_best_fit(lengths, row_capacity):
-    """Best-fit packing of items (lengths, in tokens) into rows of `row_capacity` tokens, in the given order: each
-    goes to the open row with the least room that fits it, or opens a row. -> rows (lists of item indices) in the
-    order opened. Open rows are kept by room: a bisection over the distinct rooms (at most row_capacity) per item."""
+    """Best fit of items (lengths) in the given order into rows of row_capacity tokens: each goes to the open row with
+    the least room that fits it (a bisection over the distinct rooms), else opens one. -> rows of item indices."""
     rows, rooms, rows_with_room = [], [], defaultdict(list)  # rooms: the sorted distinct rooms of open rows
     for i, n in enumerate(lengths):
         assert 0 < n <= row_capacity, f"item {i} has length {n}, outside (0, {row_capacity}]"
@@ -72,10 +69,9 @@ def pack_best_fit(lengths, row_capacity):
 
 
 def collate_packed(rows, row_capacity, pad_id, ignore_index=-1, num_rows=None):
-    """Rows (lists of (ids, mask), at most row_capacity tokens a row) -> (inputs, targets, segment_ids), int64 CPU
-    tensors (num_rows, row_capacity - 1). Conversation j of a row has segment id j + 1, padding 0: the model attends
-    only within a segment, so packed conversations never see each other. A target is kept only inside one
-    conversation and where its mask is 1. Rows beyond len(rows) are padding."""
+    """Rows (lists of (ids, mask), at most row_capacity tokens) -> (inputs, targets, segment_ids), int64 CPU tensors
+    (num_rows, row_capacity - 1). Conversation j of a row has segment id j + 1, padding 0 (the model attends within a
+    segment only); a target is kept inside one conversation where its mask is 1. Rows beyond len(rows): padding."""
     num_rows = len(rows) if num_rows is None else num_rows
     assert len(rows) <= num_rows, f"{len(rows)} rows do not fit a batch of {num_rows}"
     T = row_capacity - 1
@@ -83,13 +79,11 @@ def collate_packed(rows, row_capacity, pad_id, ignore_index=-1, num_rows=None):
     targets = torch.full((num_rows, T), ignore_index, dtype=torch.long)
     segment_ids = torch.zeros((num_rows, T), dtype=torch.long)
     for r, row in enumerate(rows):
-        ids = [t for conv_ids, _ in row for t in conv_ids]
-        mask = [m for _, conv_mask in row for m in conv_mask]
-        seg = [j + 1 for j, (conv_ids, _) in enumerate(row) for _ in conv_ids]
-        n = len(ids)
+        ids_t = torch.tensor([t for conv_ids, _ in row for t in conv_ids], dtype=torch.long)
+        mask_t = torch.tensor([m for _, conv_mask in row for m in conv_mask], dtype=torch.bool)
+        seg_t = torch.tensor([j + 1 for j, (conv_ids, _) in enumerate(row) for _ in conv_ids], dtype=torch.long)
+        n = len(ids_t)
         assert n <= row_capacity, f"row {r} holds {n} tokens > row_capacity {row_capacity}"
-        ids_t, seg_t = torch.tensor(ids, dtype=torch.long), torch.tensor(seg, dtype=torch.long)
-        mask_t = torch.tensor(mask, dtype=torch.bool)
         m = min(n, T)  # input positions holding real tokens (the row's very last token is only a target)
         inputs[r, :m] = ids_t[:m]
         segment_ids[r, :m] = seg_t[:m]
@@ -100,12 +94,11 @@ def collate_packed(rows, row_capacity, pad_id, ignore_index=-1, num_rows=None):
 
 
 def fit_conversation(ids, mask, row_capacity, drop_long):
-    """The one filter of rendered conversations, for the plan and the batches alike -> (ids, mask, "kept" |
-    "truncated" | "dropped"); dropped (None, None): longer than row_capacity with drop_long, or under 2 tokens."""
-    outcome = "kept" if len(ids) <= row_capacity else "dropped" if drop_long else "truncated"
-    if outcome == "dropped" or len(ids) < 2:
-        return None, None, "dropped"
-    return list(ids[:row_capacity]), list(mask[:row_capacity]), outcome
+    """The one filter of rendered conversations, for the plan and the batches alike: -> (ids, mask) cut to
+    row_capacity, or (None, None) when dropped (longer than row_capacity with drop_long, or under 2 tokens)."""
+    if len(ids) < 2 or (drop_long and len(ids) > row_capacity):
+        return None, None
+    return list(ids[:row_capacity]), list(mask[:row_capacity])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -125,23 +118,21 @@ class Share(NamedTuple):
     """One rank's share of a dataset, rendered once: per conversation in reading order,"""
     indices: list  # its dataset index
     tokens: list  # rendered length
-    lengths: list  # length after fit_conversation (0: dropped)
+    lengths: list  # length after fit_conversation: 0 if dropped, < tokens if truncated
     supervised: list  # supervised targets after fitting
-    outcomes: list  # "kept" | "truncated" | "dropped"
     sources: list  # the mixture part it came from
 
 
 def render_share(dataset, render_fn, settings, rank=0, world_size=1, locate=None):
-    """Conversations rank, rank + world_size, ... of `dataset` rendered (render_fn -> ids, mask) and fitted ->
-    Share. locate(index) -> (source, key): the entry's mixture part and conversation, so that one a mixture repeats
-    is rendered once (default: source 0, no repeats). One-line errors when no conversation is left."""
-    share, seen = Share([], [], [], [], [], []), {}
+    """Conversations rank, rank + world_size, ... rendered (render_fn -> ids, mask) and fitted -> Share. locate(index)
+    -> (source, key), so that a conversation a mixture repeats is rendered once (default: source 0, no repeats)."""
+    share, seen = Share([], [], [], [], []), {}
     for index in range(rank, len(dataset), world_size):
         where = (0, index) if locate is None else locate(index)
         if where not in seen:
             ids, mask = render_fn(dataset[index])
-            fitted, fitted_mask, outcome = fit_conversation(ids, mask, settings.row_capacity, settings.drop_long)
-            seen[where] = (len(ids), len(fitted or ()), sum(fitted_mask[1:]) if fitted else 0, outcome)
+            fitted, fitted_mask = fit_conversation(ids, mask, settings.row_capacity, settings.drop_long)
+            seen[where] = (len(ids), len(fitted or ()), sum(fitted_mask[1:]) if fitted else 0)
         for column, value in zip(share, (index, *seen[where], where[0])):
             column.append(value)
     if not share.indices:
@@ -160,13 +151,12 @@ def gather_share(share, world_size=1):
         return share
     shares = [None] * world_size
     dist.all_gather_object(shares, tuple(share))
-    return Share(*(sum((list(s[k]) for s in shares), []) for k in range(len(Share._fields))))
+    return Share(*(sum(map(list, columns), []) for columns in zip(*shares)))
 
 
 def plan_epoch(lengths, settings, seed=0):
-    """The epoch's micro-batches (lists of rows, each a list of positions in the Share) from its fitted lengths.
-    "pad": a conversation a row, batch_size consecutive ones a micro-batch. "bestfit": pack_best_fit in decreasing
-    length order (TRL's "bfd"), rows shuffled with the seed (else the first steps would hold only the longest)."""
+    """The epoch's micro-batches (lists of rows of Share positions): "pad" = batch_size consecutive conversations;
+    "bestfit" = pack_best_fit by decreasing length, rows shuffled (else the first steps would hold only the longest)."""
     kept = [j for j, n in enumerate(lengths) if n > 0]
     if settings.packing == "pad":
         rows = [[j] for j in kept]
@@ -182,13 +172,13 @@ def plan_positions(plan, lengths, settings):
     positions = pad_positions = 0
     for rows in plan:
         row_lengths = [sum(lengths[j] for j in row) for row in rows]
-        if settings.packing == "pad":
+        if settings.packing == "pad":  # a row per conversation, padded to the longest (bucketed): n - 1 real inputs
             T = bucketed_length(max(row_lengths) - 1, settings.bucket, settings.row_capacity - 1)
-            positions, pad_positions = positions + len(rows) * T, pad_positions + sum(T + 1 - n for n in row_lengths)
-        else:
+            num_rows, real = len(rows), sum(n - 1 for n in row_lengths)
+        else:  # batch_size full rows: a row of n tokens has min(n, T) real inputs
             T = settings.row_capacity - 1
-            positions += settings.batch_size * T
-            pad_positions += settings.batch_size * T - sum(min(n, T) for n in row_lengths)
+            num_rows, real = settings.batch_size, sum(min(n, T) for n in row_lengths)
+        positions, pad_positions = positions + num_rows * T, pad_positions + num_rows * T - real
     return positions, pad_positions
 
 
@@ -207,7 +197,7 @@ def sft_batches(dataset, render_fn, share, plan, settings, start=0):
     s = settings
     for k in itertools.count(start):
         rows = plan[k % len(plan)]
-        items = [[fit_conversation(*render_fn(dataset[share.indices[j]]), s.row_capacity, s.drop_long)[:2]
+        items = [[fit_conversation(*render_fn(dataset[share.indices[j]]), s.row_capacity, s.drop_long)
                   for j in row] for row in rows]
         assert [len(ids) for row in items for ids, _ in row] == [share.lengths[j] for row in rows for j in row], \
             "render_fn gave other lengths than when the epoch was planned"
@@ -225,8 +215,8 @@ def sft_batches(dataset, render_fn, share, plan, settings, start=0):
         positions, pad_positions = plan_positions([rows], share.lengths, s)
         assert positions == inputs.numel(), "the plan counts other positions than the batch has"
         stats = dict(examples=sum(map(len, rows)), positions=positions, pad_positions=pad_positions,
-                     truncated=sum(share.outcomes[j] == "truncated" for row in rows for j in row),
-                     dropped=share.outcomes.count("dropped") if k % len(plan) == 0 else 0,
+                     truncated=sum(share.lengths[j] < share.tokens[j] for row in rows for j in row),
+                     dropped=share.lengths.count(0) if k % len(plan) == 0 else 0,
                      supervised=int((targets != -1).sum()))
         yield SFTBatch(inputs, targets, segment_ids, stats, sources)
 
@@ -236,9 +226,8 @@ def sft_batches(dataset, render_fn, share, plan, settings, start=0):
 
 
 def micro_batch_loss_scale(loss_normalization, micro_tokens, step_tokens, world_size, grad_accum_steps):
-    """The factor that turns a micro-batch's SUMMED token loss into the loss to backpropagate (the optimizer averages
-    gradients over ranks): "token" = the step's mean token loss (step_tokens: all micro-batches and ranks);
-    "micro_batch_mean" = the guide's mean of micro-batch means. A zero count gives 0, not NaN."""
+    """The factor that turns a micro-batch's SUMMED token loss into the loss to backpropagate (gradients are averaged
+    over ranks): "token" = the step's mean token loss; "micro_batch_mean" = the guide's. A zero count gives 0."""
     if loss_normalization == "token":
         return world_size / step_tokens if step_tokens > 0 else 0.0
     if loss_normalization == "micro_batch_mean":
@@ -275,10 +264,9 @@ class StepResult(NamedTuple):
 
 def accumulate_step(model, micro_batches, loss_normalization, device, world_size=1, rank=0,
                     autocast=contextlib.nullcontext, num_sources=1):
-    """Forward and backward of one optimizer step's micro-batches (SFTBatch list), leaving the gradients in .grad.
-    The supervised-token count is all-reduced first ("token" normalisation needs it). An out-of-memory error or a
-    non-finite loss on any rank makes every rank skip the step, leaving no gradient: one all-reduce carries the
-    loss, the out-of-memory count and each source's token loss and tokens, so no rank waits alone."""
+    """Forward and backward of one optimizer step's micro-batches (SFTBatch list), leaving the gradients in .grad,
+    normalised by micro_batch_loss_scale. Out of memory or a non-finite loss on any rank makes every rank skip the
+    step, leaving no gradient (one all-reduce carries the loss, the OOM count and each source's loss and tokens)."""
     device = torch.device(device)
     flops = [batch_flops(model, b.inputs, b.stats["pad_positions"]) for b in micro_batches]
     local = [sum(b.stats[k] for b in micro_batches) for k in STAT_KEYS] + [sum(f) for f in zip(*flops)]

@@ -21,9 +21,9 @@ def data_summary(share, settings, seed=0, source=None):
         figures[f"padding_{packing}"] = pad_positions / max(positions, 1)
     p50, p95 = np.percentile(tokens, [50, 95])
     return {"conversations": len(share.tokens), "tokens_mean": float(np.mean(tokens)), "tokens_p50": float(p50),
-            "tokens_p95": float(p95), "tokens_max": max(tokens), "truncated": share.outcomes.count("truncated"),
+            "tokens_p95": float(p95), "tokens_max": max(tokens), "dropped": share.lengths.count(0),
             "supervised_ratio": sum(share.supervised) / max(sum(n - 1 for n in share.lengths if n), 1),
-            "dropped": share.outcomes.count("dropped"), **figures}
+            "truncated": sum(0 < n < t for n, t in zip(share.lengths, share.tokens)), **figures}
 
 
 def summary_lines(rows):
@@ -52,17 +52,14 @@ def format_step(step, loss, lrm, step_totals, dt, peak_flops=None, world_size=1,
     if step_totals["truncated"] or step_totals["dropped"]:
         line += f" | truncated: {int(step_totals['truncated'])} | dropped: {int(step_totals['dropped'])}"
     if peak_memory is not None:
-        log["peak_memory_mib"] = peak_memory
-        line += f" | peak mem: {peak_memory:,.0f} MiB"
-    if graphs is not None:
-        log["compiled_graphs"] = graphs
-        line += f" | compiled graphs: {graphs}"
+        log["peak_memory_mib"], line = peak_memory, line + f" | peak mem: {peak_memory:,.0f} MiB"
+    if graphs is not None:  # its growth: recompilations
+        log["compiled_graphs"], line = graphs, line + f" | compiled graphs: {graphs}"
     return line, log
 
 
 def format_sources(step, names, result):
-    """chat_sft's per-source line and wandb dict: each source's mean token loss in the step and its supervised
-    tokens (sources without tokens left out); token-weighted, they average to the "token"-normalised step loss."""
+    """chat_sft's per-source line and wandb dict: each source's mean token loss and supervised tokens in the step."""
     found = [(n, loss / k, k) for n, loss, k in zip(names, result.source_loss, result.source_tokens) if k > 0]
     log = {**{f"train_loss/{n}": mean for n, mean, _ in found}, **{f"num_tokens/{n}": int(k) for n, _, k in found}}
     line = f"Step {step:05d} | by source: " + " | ".join(f"{n} {mean:.4f} ({int(k):,} tok)" for n, mean, k in found)

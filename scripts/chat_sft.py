@@ -116,7 +116,7 @@ device_batch_size, seed = config["device_batch_size"], config["seed"]
 settings = BatchSettings(config["packing"], device_batch_size, config["max_seq_len"] + 1, pad_id, config["drop_long"],
                          pad_bucket)  # rows of max_seq_len input positions + the last target
 render = lambda conversation: tokenizer.render_conversation(conversation, max_tokens=None)  # noqa: E731
-# plan the epoch: this rank's share rendered once (lengths, fit outcomes, the spec of each), packed once
+# plan the epoch: this rank's share rendered once (lengths, supervised targets, the spec of each), packed once
 train_specs = [spec for spec, _, _ in parts["train_mixture"]]
 train_share = render_share(train_ds, render, settings, ddp_rank, ddp_world_size,
                            spec_locator(train_ds, parts["train_mixture"]))
@@ -132,9 +132,8 @@ if config["eval_every"] > 0 or config["dry_run"]:  # the validation batches: pla
     val_share = render_share(val_ds, render, settings, ddp_rank, ddp_world_size)
     val_plan = plan_epoch(val_share.lengths, settings, seed)
 print0(f"Training conversations: {len(train_ds):,} | validation: {len(val_ds):,} | packing: {config['packing']}")
-print0(f"Target examples per step: {config['target_examples_per_step']} = device_batch_size {device_batch_size} "
-       f"x world_size {ddp_world_size} x grad_accum_steps {grad_accum_steps}")
-print0(f"Number of iterations: {num_iterations} | loss normalisation: {config['loss_normalization']}")
+print0(f"Number of iterations: {num_iterations} | loss normalisation: {config['loss_normalization']} | examples a step:"
+       f" {device_batch_size} device_batch_size x {ddp_world_size} ranks x {grad_accum_steps} grad_accum_steps")
 whole_train = gather_share(train_share, ddp_world_size)  # every rank's numbers: the figures of the whole mixture
 train_rows = [(f"{spec} x{entries:,}", data_summary(whole_train, settings, seed, source=k))  # per spec
               for k, (spec, _, entries) in enumerate(parts["train_mixture"])] if master_process else []
@@ -282,7 +281,7 @@ for step in range(start_step, num_iterations + 1):
         line, source_log = format_sources(step, train_specs, result)
         print0(line)
         log.update(source_log)
-        for name in (k for k in source_log if k.startswith("train_loss/")):
+        for name in (k for k in source_log if k.startswith("train_loss/")):  # one report curve per spec
             loss_series.setdefault(name, []).append([step, source_log[name]])
     wandb_run.log(log)
 
@@ -300,12 +299,7 @@ model.eval()
 with autocast():  # two validation prompts that fit the model's context, answered by the final model
     samples = sample_conversations(engine, tokenizer, (val_ds[i] for i in range(min(len(val_ds), 100))),
                                    orig_model.config.sequence_len) if master_process else []
-run_positions = max(totals["positions"], 1)  # the run's figures (totals: all steps and ranks)
-figures = {"Supervised ratio": totals["supervised"] / run_positions,
-           "Padding fraction": totals["pad_positions"] / run_positions,
-           "Tokens per second": round(totals["positions"] / max(train_time, 1e-9))}
-if peak_flops:  # the MFU of the useful (non-padding) FLOPs
-    figures["MFU"] = mfu(totals["useful_flops"], train_time, peak_flops, ddp_world_size)
+positions = max(totals["positions"], 1)  # the run's figures (totals: all steps and ranks); MFU: of the useful FLOPs
 report = get_report()
 report.log(section="Chat SFT", data=[
     {k: config[k] for k in ("source", "device_batch_size", "target_examples_per_step", "num_epochs", "init_lr_frac",
@@ -314,7 +308,10 @@ report.log(section="Chat SFT", data=[
     {"Training conversations": len(train_ds), "Number of iterations": num_iterations,
      "Examples seen": totals["examples"], "Skipped steps (non-finite)": totals["skipped_nonfinite"],
      "Skipped steps (out of memory)": totals["skipped_oom"], "Truncated conversations": totals["truncated"],
-     "Dropped conversations": totals["dropped"], "Training time (s)": round(train_time, 1), **figures},
+     "Dropped conversations": totals["dropped"], "Training time (s)": round(train_time, 1),
+     "Supervised ratio": totals["supervised"] / positions, "Padding fraction": totals["pad_positions"] / positions,
+     "Tokens per second": round(totals["positions"] / max(train_time, 1e-9)),
+     **({"MFU": mfu(totals["useful_flops"], train_time, peak_flops, ddp_world_size)} if peak_flops else {})},
     {k: v for k, v in {"val_loss": val_loss, **metrics}.items() if v is not None},
     f"Train and validation loss are both in the unit of loss_normalization = {config['loss_normalization']}.",
     *samples,

@@ -225,13 +225,13 @@ def test_batches_resume_from_the_micro_batch_number(packing):
 def test_plan_truncates_or_drops_long_conversations():
     data = [{"i": 0, "n": 10}, {"i": 1, "n": 3}, {"i": 2, "n": 4}]
     share, _, stream = _planned(data, BatchSettings("pad", 3, row_capacity=5, pad_id=PAD))
-    assert share.tokens == [10, 3, 4] and share.lengths == [5, 3, 4] and share.outcomes[0] == "truncated"
+    assert share.tokens == [10, 3, 4] and share.lengths == [5, 3, 4]  # the first is truncated
     inputs, targets, _, stats, _ = next(stream)
     assert stats["truncated"] == 1 and stats["dropped"] == 0
     assert inputs.shape[1] == 4  # truncated to 5 tokens -> 4 positions
     settings = BatchSettings("bestfit", 2, row_capacity=5, pad_id=PAD, drop_long=True)
     share, plan, stream = _planned(data, settings)
-    assert share.lengths == [0, 3, 4] and share.outcomes == ["dropped", "kept", "kept"]
+    assert share.lengths == [0, 3, 4] and share.tokens == [10, 3, 4]  # the first is dropped
     stats = [next(stream).stats for _ in range(2 * len(plan))]
     assert [s["dropped"] for s in stats] == [1] + [0] * (len(plan) - 1) + [1] + [0] * (len(plan) - 1)  # per epoch
     assert all(1000 not in next(stream).targets.tolist()[0] for _ in range(3))
@@ -455,10 +455,10 @@ def test_accumulate_step_two_gloo_ranks(tmp_path):
 
 
 def test_fit_conversation():
-    assert fit_conversation([1, 2, 3], [0, 1, 1], 4, False) == ([1, 2, 3], [0, 1, 1], "kept")
-    assert fit_conversation([1, 2, 3, 4, 5], [0, 1, 1, 1, 1], 4, False) == ([1, 2, 3, 4], [0, 1, 1, 1], "truncated")
-    assert fit_conversation([1, 2, 3, 4, 5], [0, 1, 1, 1, 1], 4, True) == (None, None, "dropped")
-    assert fit_conversation([1], [0], 4, False) == (None, None, "dropped")
+    assert fit_conversation([1, 2, 3], [0, 1, 1], 4, False) == ([1, 2, 3], [0, 1, 1])
+    assert fit_conversation([1, 2, 3, 4, 5], [0, 1, 1, 1, 1], 4, False) == ([1, 2, 3, 4], [0, 1, 1, 1])  # truncated
+    assert fit_conversation([1, 2, 3, 4, 5], [0, 1, 1, 1, 1], 4, True) == (None, None)  # dropped
+    assert fit_conversation([1], [0], 4, False) == (None, None)
 
 
 def test_data_summary_from_the_recorded_numbers():
@@ -500,7 +500,7 @@ def test_gather_share_joins_two_gloo_ranks(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     got = Share(*torch.load(tmp_path / "out.pt", weights_only=False))
     assert got.indices == [0, 2, 4, 1, 3] and got.tokens == [3, 2, 4, 5, 9] and got.lengths == [3, 2, 4, 5, 6]
-    assert got.outcomes == ["kept", "kept", "kept", "kept", "truncated"] and got.supervised == [2, 1, 3, 4, 5]
+    assert got.supervised == [2, 1, 3, 4, 5]
     assert gather_share(got) is got
 
 
