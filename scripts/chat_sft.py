@@ -132,8 +132,8 @@ if config["eval_every"] > 0 or config["dry_run"]:  # the validation batches: pla
     val_share = render_share(val_ds, render, settings, ddp_rank, ddp_world_size)
     val_plan = plan_epoch(val_share.lengths, settings, seed)
 print0(f"Training conversations: {len(train_ds):,} | validation: {len(val_ds):,} | packing: {config['packing']}")
-print0(f"Number of iterations: {num_iterations} | loss normalisation: {config['loss_normalization']} | examples a step:"
-       f" {device_batch_size} device_batch_size x {ddp_world_size} ranks x {grad_accum_steps} grad_accum_steps")
+print0(f"Number of iterations: {num_iterations} | loss: {config['loss_normalization']} | examples a step: "
+       f"device_batch_size {device_batch_size} x world_size {ddp_world_size} x grad_accum_steps {grad_accum_steps}")
 whole_train = gather_share(train_share, ddp_world_size)  # every rank's numbers: the figures of the whole mixture
 train_rows = [(f"{spec} x{entries:,}", data_summary(whole_train, settings, seed, source=k))  # per spec
               for k, (spec, _, entries) in enumerate(parts["train_mixture"])] if master_process else []
@@ -204,8 +204,7 @@ def save(step):
 
 
 # -----------------------------------------------------------------------------
-# Training loop: step s trains with lrm = 1 - s / num_iterations; evaluation happens before step s and once
-# more after the last step (at s == num_iterations)
+# Training loop: step s trains with lrm = 1 - s / num_iterations; evaluation before step s and after the last one
 
 engine = Engine(orig_model, tokenizer)  # generation runs uncompiled (its shapes change every token)
 peak_flops = get_peak_flops(device)
@@ -269,8 +268,7 @@ for step in range(start_step, num_iterations + 1):
     train_time += dt
 
     # logging (MFU: useful counts the FLOPs of non-padding positions, total all the FLOPs computed)
-    for key in TOTAL_KEYS:
-        totals[key] += int(result.totals[key])
+    totals.update({key: totals[key] + int(result.totals[key]) for key in TOTAL_KEYS})
     line, log = format_step(step, result.loss, lrm, result.totals, dt, peak_flops, ddp_world_size,
                             peak_memory_mib(device), compiled_graphs() if use_compile else None)
     graphs_after_first_step = graphs_after_first_step or log.get("compiled_graphs", 0)
