@@ -9,6 +9,7 @@ Task metrics for chat models: `run_chat_eval(task_name, model, tokenizer, engine
 - Distributed: rank r takes problems r, r + world_size, ...; the counts are all-reduced (SUM), so the result
   equals the single-process one.
 - `chatcore(results)`: mean over the five tasks of nanochat's ChatCORE (CHATCORE_TASKS) of (acc - baseline) / (1 - baseline).
+- chat_sft's in-training task metrics (`run_task_metrics`) and its report's greedy samples (`sample_conversations`).
 
 Used by scripts/chat_eval.py and scripts/chat_sft.py. Tests: tests/test_chat_eval.py.
 """
@@ -167,3 +168,19 @@ def run_task_metrics(eval_specs, model, tokenizer, engine, batch_size, max_new_t
         key = task_name.lower().replace("-", "_") + "_acc"
         metrics[key] = run_chat_eval(task_name, model, tokenizer, engine, max_problems=max_problems, **kwargs)
     return metrics
+
+
+def sample_conversations(engine, tokenizer, conversations, context, max_tokens=64, num=2):
+    """chat_sft's report samples: a heading, then the first `num` conversations whose prompt leaves room for
+    max_tokens new tokens in the model's context (longer ones are skipped, not cut), as prompt + greedy answer."""
+    samples = []
+    for conversation in conversations:
+        if len(samples) == num:
+            break
+        prompt = tokenizer.render_for_completion(conversation)
+        if len(prompt) + max_tokens > context:
+            continue
+        results, _ = engine.generate_batch(prompt, num_samples=1, max_tokens=max_tokens, temperature=0.0)
+        samples.append(f"```\n{tokenizer.decode(prompt)}{tokenizer.decode(results[0][len(prompt):])}\n```")
+    return [f"Sample conversations (final model, greedy; validation prompts of at most {context - max_tokens} "
+            f"tokens, so that {max_tokens} new ones fit the model's {context} positions):", *samples]

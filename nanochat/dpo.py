@@ -173,7 +173,7 @@ def collate_pairs(pairs, packing, row_capacity, pad_id, ref=None):
         segment_ids = None
         seq_index = torch.arange(len(sequences)).unsqueeze(1).expand_as(targets).clone()
     else:
-        rows = pack_best_fit([len(ids) for ids, _ in sequences], row_capacity)
+        rows = pack_best_fit([len(ids) for ids, _ in sequences], row_capacity)  # asserts every sequence fits
         inputs, targets, segment_ids = collate_packed([[sequences[i] for i in row] for row in rows], row_capacity,
                                                       pad_id)
         row_seqs = torch.tensor([[-1] + row + [-1] * (len(sequences) - len(row)) for row in rows])

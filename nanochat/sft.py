@@ -1,17 +1,8 @@
 """
-Supervised fine-tuning (SFT) building blocks for scripts/chat_sft.py and the benches; tests: tests/test_sft.py.
-The epoch is planned once, then materialised (as TRL's pack_dataset(strategy="bfd") plans its packing up front):
-- render_share: each rank renders its share (conversations rank, rank + world_size, ...) once and keeps numbers
-  only: lengths, the outcome of fit_conversation (the one truncate / drop filter), supervised targets, source part
-- plan_epoch: the packing, on lengths: "pad" = consecutive groups of batch_size conversations (the guide's);
-  "bestfit" = pack_best_fit over the epoch in decreasing length order, rows shuffled with the seed
-- epochs beyond the first repeat the first one's plan (the guide's stream also cycles the mixture in one order):
-  micro-batch k of a run is plan[k % len(plan)], so the step number is the whole resume state
-- sft_batches: the micro-batches, rendered again (the ids are not kept: a large mixture would hold every token in
-  memory; so a dry run renders once, a run twice per epoch) and collated by collate_sft / collate_packed;
-  plan_positions counts positions and padding for the batches and the preview alike
-- micro_batch_loss_scale ("token" vs the guide's "micro_batch_mean", README) and accumulate_step: one optimizer
-  step's forward/backward and the rank-agreed decision to skip it (skip_reason: NaN / out of memory)
+SFT building blocks for scripts/chat_sft.py and the benches (tests: tests/test_sft.py). The epoch is planned once, as
+TRL's pack_dataset(strategy="bfd") plans its packing: render_share keeps each rank's lengths, plan_epoch packs them,
+sft_batches renders the planned conversations again (keeping the ids would hold a large mixture in memory) and
+collates them. Epochs repeat the plan, so the step number is the whole resume state. accumulate_step: one step.
 """
 
 import bisect
@@ -28,7 +19,6 @@ import torch.distributed as dist
 from nanochat.common import UserError, all_reduce_values
 from nanochat.config import ConfigError
 from nanochat.perf import batch_flops, bucketed_length, pad_to_bucket
-from nanochat.schedules import num_grad_accum_steps
 
 LOSS_NORMALIZATIONS = ("token", "micro_batch_mean")  # see README, "Loss normalisation"
 PACKINGS = ("pad", "bestfit")
@@ -38,10 +28,9 @@ PACKINGS = ("pad", "bestfit")
 
 
 def collate_sft(batch, pad_id, ignore_index=-1):
-    """The guide's SFT batch. `batch` is a list of (ids, mask) rendered conversations (lists of ints; mask 1
-    on tokens the assistant must produce). Rows are padded to the longest with `pad_id`
-    (<|assistant_end|>); inputs = ids[:-1], targets = ids[1:] with ignore_index wherever the mask of the
-    target token is 0 and on padding. Returns (inputs, targets): int64 CPU tensors of shape (B, max_len - 1)."""
+    """The guide's SFT batch: (ids, mask) pairs (mask 1 on tokens the assistant must produce) padded to the longest
+    with pad_id -> (inputs, targets), int64 CPU tensors (B, max_len - 1): inputs = ids[:-1], targets = ids[1:] with
+    ignore_index where the target's mask is 0 and on padding."""
     assert len(batch) > 0, "empty batch"
     max_len = max(len(ids) for ids, _ in batch)
     assert max_len >= 2, "every batch needs a conversation of at least 2 tokens"
@@ -49,20 +38,17 @@ def collate_sft(batch, pad_id, ignore_index=-1):
     targets = torch.full((len(batch), max_len - 1), ignore_index, dtype=torch.long)
     for i, (ids, mask) in enumerate(batch):
         assert len(ids) == len(mask), f"row {i}: ids and mask lengths differ ({len(ids)} vs {len(mask)})"
-        n = len(ids)
+        n, row = len(ids), torch.tensor(ids, dtype=torch.long)
         if n < 2:
             continue  # a single token has no target: the row stays padding
-        row = torch.tensor(ids, dtype=torch.long)
-        row_mask = torch.tensor(mask[1:], dtype=torch.bool)
         inputs[i, : n - 1] = row[:-1]
-        targets[i, : n - 1] = torch.where(row_mask, row[1:], torch.full_like(row[1:], ignore_index))
+        targets[i, : n - 1] = torch.where(torch.tensor(mask[1:], dtype=torch.bool), row[1:], ignore_index)
     return inputs, targets
 
 
 def pack_best_fit(lengths, row_capacity):
-    """Best-fit packing of items (lengths, in tokens) into rows of `row_capacity` tokens, in the given order: each
-    goes to the open row with the least room that fits it, or opens a row. -> rows (lists of item indices) in the
-    order opened. Open rows are kept by room: a bisection over the distinct rooms (at most row_capacity) per item."""
+    """Best fit of items (lengths) in the given order into rows of row_capacity tokens: each goes to the open row with
+    the least room that fits it (a bisection over the distinct rooms), else opens one. -> rows of item indices."""
     rows, rooms, rows_with_room = [], [], defaultdict(list)  # rooms: the sorted distinct rooms of open rows
     for i, n in enumerate(lengths):
         assert 0 < n <= row_capacity, f"item {i} has length {n}, outside (0, {row_capacity}]"
@@ -83,13 +69,9 @@ def pack_best_fit(lengths, row_capacity):
 
 
 def collate_packed(rows, row_capacity, pad_id, ignore_index=-1, num_rows=None):
-    """Rows of whole conversations -> (inputs, targets, segment_ids), int64 CPU tensors of shape
-    (num_rows, row_capacity - 1). `rows` is a list of rows, each a list of (ids, mask) whose total length is
-    at most row_capacity. In a row, conversation j (0-based) has segment id j + 1 and the padding after the
-    last conversation has segment id 0; the model attends only within a segment and restarts positions
-    there, so packed conversations never see each other. targets[t] = ids[t + 1] only where positions t and
-    t + 1 belong to the same conversation and the mask of t + 1 is 1, else ignore_index. Rows beyond
-    len(rows) (up to num_rows) are all padding."""
+    """Rows (lists of (ids, mask), at most row_capacity tokens) -> (inputs, targets, segment_ids), int64 CPU tensors
+    (num_rows, row_capacity - 1). Conversation j of a row has segment id j + 1, padding 0 (the model attends within a
+    segment only); a target is kept inside one conversation where its mask is 1. Rows beyond len(rows): padding."""
     num_rows = len(rows) if num_rows is None else num_rows
     assert len(rows) <= num_rows, f"{len(rows)} rows do not fit a batch of {num_rows}"
     T = row_capacity - 1
@@ -97,35 +79,26 @@ def collate_packed(rows, row_capacity, pad_id, ignore_index=-1, num_rows=None):
     targets = torch.full((num_rows, T), ignore_index, dtype=torch.long)
     segment_ids = torch.zeros((num_rows, T), dtype=torch.long)
     for r, row in enumerate(rows):
-        ids = [t for conv_ids, _ in row for t in conv_ids]
-        mask = [m for _, conv_mask in row for m in conv_mask]
-        seg = [j + 1 for j, (conv_ids, _) in enumerate(row) for _ in conv_ids]
-        n = len(ids)
+        ids_t = torch.tensor([t for conv_ids, _ in row for t in conv_ids], dtype=torch.long)
+        mask_t = torch.tensor([m for _, conv_mask in row for m in conv_mask], dtype=torch.bool)
+        seg_t = torch.tensor([j + 1 for j, (conv_ids, _) in enumerate(row) for _ in conv_ids], dtype=torch.long)
+        n = len(ids_t)
         assert n <= row_capacity, f"row {r} holds {n} tokens > row_capacity {row_capacity}"
-        ids_t, seg_t = torch.tensor(ids, dtype=torch.long), torch.tensor(seg, dtype=torch.long)
-        mask_t = torch.tensor(mask, dtype=torch.bool)
         m = min(n, T)  # input positions holding real tokens (the row's very last token is only a target)
         inputs[r, :m] = ids_t[:m]
         segment_ids[r, :m] = seg_t[:m]
         if n >= 2:
             valid = mask_t[1:] & (seg_t[1:] == seg_t[:-1])  # same conversation and a supervised target
-            targets[r, : n - 1] = torch.where(valid, ids_t[1:], torch.full_like(ids_t[1:], ignore_index))
+            targets[r, : n - 1] = torch.where(valid, ids_t[1:], ignore_index)
     return inputs, targets, segment_ids
 
 
-def padding_fraction(num_pad_positions, num_positions):
-    """Fraction of the batch's input positions that hold padding (0 for an empty batch)."""
-    return num_pad_positions / num_positions if num_positions > 0 else 0.0
-
-
 def fit_conversation(ids, mask, row_capacity, drop_long):
-    """The one filter of rendered conversations, for the plan and the batches alike: -> (ids, mask, "kept" |
-    "truncated" | "dropped"); ids and mask are None when dropped (longer than row_capacity with drop_long, or
-    shorter than 2 tokens: nothing to learn from, nothing to pack)."""
-    outcome = "kept" if len(ids) <= row_capacity else "dropped" if drop_long else "truncated"
-    if outcome == "dropped" or len(ids) < 2:
-        return None, None, "dropped"
-    return list(ids[:row_capacity]), list(mask[:row_capacity]), outcome
+    """The one filter of rendered conversations, for the plan and the batches alike: -> (ids, mask) cut to
+    row_capacity, or (None, None) when dropped (longer than row_capacity with drop_long, or under 2 tokens)."""
+    if len(ids) < 2 or (drop_long and len(ids) > row_capacity):
+        return None, None
+    return list(ids[:row_capacity]), list(mask[:row_capacity])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -139,33 +112,27 @@ class BatchSettings(NamedTuple):
     pad_id: int = 0  # <|assistant_end|> in chat_sft: padding has no target anyway
     drop_long: bool = False  # drop conversations longer than row_capacity instead of truncating them
     bucket: int = 1  # pad mode, compiled: batch lengths rounded up to a multiple of this (pad_to_bucket)
-    ignore_index: int = -1
 
 
 class Share(NamedTuple):
-    """One rank's share of a dataset, rendered once: lists with, per conversation in reading order, its dataset
-    index, rendered length, length after fit_conversation (0: dropped), supervised targets after fitting, outcome
-    ("kept" | "truncated" | "dropped") and source (the mixture part it came from)."""
-    indices: list
-    tokens: list
-    lengths: list
-    supervised: list
-    outcomes: list
-    sources: list
+    """One rank's share of a dataset, rendered once: per conversation in reading order,"""
+    indices: list  # its dataset index
+    tokens: list  # rendered length
+    lengths: list  # length after fit_conversation: 0 if dropped, < tokens if truncated
+    supervised: list  # supervised targets after fitting
+    sources: list  # the mixture part it came from
 
 
 def render_share(dataset, render_fn, settings, rank=0, world_size=1, locate=None):
-    """Render conversations rank, rank + world_size, ... of `dataset` (anything with len() and [i]) with
-    render_fn (-> ids, mask) and fit each (fit_conversation) -> Share. locate(index) -> (source, key): the mixture
-    part of the entry and which conversation of it, so a conversation a mixture repeats is rendered once here
-    (default: source 0, no repeats). Fails in one line when the rank gets no conversation or all are dropped."""
-    share, seen = Share([], [], [], [], [], []), {}
+    """Conversations rank, rank + world_size, ... rendered (render_fn -> ids, mask) and fitted -> Share. locate(index)
+    -> (source, key), so that a conversation a mixture repeats is rendered once (default: source 0, no repeats)."""
+    share, seen = Share([], [], [], [], []), {}
     for index in range(rank, len(dataset), world_size):
         where = (0, index) if locate is None else locate(index)
         if where not in seen:
             ids, mask = render_fn(dataset[index])
-            fitted, fitted_mask, outcome = fit_conversation(ids, mask, settings.row_capacity, settings.drop_long)
-            seen[where] = (len(ids), len(fitted or ()), sum(fitted_mask[1:]) if fitted else 0, outcome)
+            fitted, fitted_mask = fit_conversation(ids, mask, settings.row_capacity, settings.drop_long)
+            seen[where] = (len(ids), len(fitted or ()), sum(fitted_mask[1:]) if fitted else 0)
         for column, value in zip(share, (index, *seen[where], where[0])):
             column.append(value)
     if not share.indices:
@@ -184,14 +151,12 @@ def gather_share(share, world_size=1):
         return share
     shares = [None] * world_size
     dist.all_gather_object(shares, tuple(share))
-    return Share(*(sum((list(s[k]) for s in shares), []) for k in range(len(Share._fields))))
+    return Share(*(sum(map(list, columns), []) for columns in zip(*shares)))
 
 
 def plan_epoch(lengths, settings, seed=0):
-    """The epoch's micro-batches (lists of rows, each a list of positions in the Share) from a Share's fitted
-    lengths (0: dropped). "pad": one conversation a row, batch_size consecutive ones a micro-batch (the last may
-    have fewer). "bestfit": pack_best_fit in decreasing length order (TRL's "bfd"; each conversation once), rows
-    shuffled with random.Random(seed) (else the first steps would hold only the longest), batch_size a batch."""
+    """The epoch's micro-batches (lists of rows of Share positions): "pad" = batch_size consecutive conversations;
+    "bestfit" = pack_best_fit by decreasing length, rows shuffled (else the first steps would hold only the longest)."""
     kept = [j for j, n in enumerate(lengths) if n > 0]
     if settings.packing == "pad":
         rows = [[j] for j in kept]
@@ -203,63 +168,56 @@ def plan_epoch(lengths, settings, seed=0):
 
 
 def plan_positions(plan, lengths, settings):
-    """(positions, pad_positions) over a plan's micro-batches, as collated: "pad" = a row per conversation of the
-    longest length - 1 positions, rounded up to the bucket, n - 1 real ones for n tokens; "bestfit" = batch_size
-    rows of row_capacity - 1 positions, min(n, row_capacity - 1) real ones for a row of n tokens."""
+    """(positions, pad_positions) of a plan's micro-batches as collated (for the batches and the preview alike)."""
     positions = pad_positions = 0
     for rows in plan:
         row_lengths = [sum(lengths[j] for j in row) for row in rows]
-        if settings.packing == "pad":
+        if settings.packing == "pad":  # a row per conversation, padded to the longest (bucketed): n - 1 real inputs
             T = bucketed_length(max(row_lengths) - 1, settings.bucket, settings.row_capacity - 1)
-            positions, pad_positions = positions + len(rows) * T, pad_positions + sum(T + 1 - n for n in row_lengths)
-        else:
+            num_rows, real = len(rows), sum(n - 1 for n in row_lengths)
+        else:  # batch_size full rows: a row of n tokens has min(n, T) real inputs
             T = settings.row_capacity - 1
-            positions += settings.batch_size * T
-            pad_positions += settings.batch_size * T - sum(min(n, T) for n in row_lengths)
+            num_rows, real = settings.batch_size, sum(min(n, T) for n in row_lengths)
+        positions, pad_positions = positions + num_rows * T, pad_positions + num_rows * T - real
     return positions, pad_positions
 
 
 class SFTBatch(NamedTuple):
-    """One micro-batch of one rank, on the CPU. segment_ids is None under packing "pad"; stats counts examples,
-    truncated, dropped, positions, pad_positions, supervised; sources: the Share source (mixture part) of each
-    target, -1 where there is none."""
+    """One micro-batch of one rank, on the CPU."""
     inputs: torch.Tensor
     targets: torch.Tensor
-    segment_ids: torch.Tensor | None
-    stats: dict
-    sources: torch.Tensor
+    segment_ids: torch.Tensor | None  # None under packing "pad"
+    stats: dict  # STAT_KEYS
+    sources: torch.Tensor  # the Share source (mixture part) of each target, -1 where there is none
 
 
 def sft_batches(dataset, render_fn, share, plan, settings, start=0):
-    """Yield SFTBatch forever: micro-batch start, start + 1, ... of the run, micro-batch k being
-    plan[k % len(plan)] (epochs repeat the plan). Conversations are rendered again and fitted as render_share did;
-    "pad" collates with collate_sft (lengths rounded up to settings.bucket), "bestfit" with collate_packed.
+    """SFTBatch of micro-batch start, start + 1, ... of the run, forever: micro-batch k is plan[k % len(plan)].
     stats["dropped"] counts the share's dropped conversations on the first micro-batch of each epoch."""
     s = settings
     for k in itertools.count(start):
         rows = plan[k % len(plan)]
-        items = [[fit_conversation(*render_fn(dataset[share.indices[j]]), s.row_capacity, s.drop_long)[:2]
+        items = [[fit_conversation(*render_fn(dataset[share.indices[j]]), s.row_capacity, s.drop_long)
                   for j in row] for row in rows]
         assert [len(ids) for row in items for ids, _ in row] == [share.lengths[j] for row in rows for j in row], \
             "render_fn gave other lengths than when the epoch was planned"
         if s.packing == "pad":
-            inputs, targets = pad_to_bucket(*collate_sft([row[0] for row in items], s.pad_id, s.ignore_index),
-                                            s.bucket, s.pad_id, s.row_capacity - 1, s.ignore_index)
+            inputs, targets = pad_to_bucket(*collate_sft([row[0] for row in items], s.pad_id), s.bucket, s.pad_id,
+                                            s.row_capacity - 1)
             segment_ids = None
         else:
-            inputs, targets, segment_ids = collate_packed(items, s.row_capacity, s.pad_id, s.ignore_index,
-                                                          s.batch_size)
+            inputs, targets, segment_ids = collate_packed(items, s.row_capacity, s.pad_id, num_rows=s.batch_size)
         table = torch.full((inputs.size(0), 1 + max(map(len, rows))), -1, dtype=torch.long)  # row, segment -> source
         for r, row in enumerate(rows):
             table[r, 1:1 + len(row)] = torch.tensor([share.sources[j] for j in row])
         sources = table.gather(1, torch.ones_like(inputs) if segment_ids is None else segment_ids)
-        sources[targets == s.ignore_index] = -1
+        sources[targets == -1] = -1
         positions, pad_positions = plan_positions([rows], share.lengths, s)
         assert positions == inputs.numel(), "the plan counts other positions than the batch has"
         stats = dict(examples=sum(map(len, rows)), positions=positions, pad_positions=pad_positions,
-                     truncated=sum(share.outcomes[j] == "truncated" for row in rows for j in row),
-                     dropped=share.outcomes.count("dropped") if k % len(plan) == 0 else 0,
-                     supervised=int((targets != s.ignore_index).sum()))
+                     truncated=sum(share.lengths[j] < share.tokens[j] for row in rows for j in row),
+                     dropped=share.lengths.count(0) if k % len(plan) == 0 else 0,
+                     supervised=int((targets != -1).sum()))
         yield SFTBatch(inputs, targets, segment_ids, stats, sources)
 
 
@@ -267,17 +225,9 @@ def sft_batches(dataset, render_fn, share, plan, settings, start=0):
 # Step arithmetic and loss normalisation
 
 
-def grad_accum_steps_for(target_examples_per_step, device_batch_size, world_size):
-    """Micro-steps per optimizer step: target_examples_per_step / (device_batch_size * world_size)."""
-    return num_grad_accum_steps(target_examples_per_step, device_batch_size * world_size, "target_examples_per_step",
-                            f"device_batch_size * world_size = {device_batch_size} * {world_size}")
-
-
 def micro_batch_loss_scale(loss_normalization, micro_tokens, step_tokens, world_size, grad_accum_steps):
-    """The factor that turns a micro-batch's SUMMED token loss into the loss to backpropagate, the optimizer
-    averaging gradients over ranks. "token": world_size / step_tokens (supervised tokens of the whole step, all
-    micro-batches and ranks): the step's mean token loss. "micro_batch_mean": 1 / (micro_tokens *
-    grad_accum_steps), the guide's mean per micro-batch over the micro-steps. A zero count gives 0, not NaN."""
+    """The factor that turns a micro-batch's SUMMED token loss into the loss to backpropagate (gradients are averaged
+    over ranks): "token" = the step's mean token loss; "micro_batch_mean" = the guide's. A zero count gives 0."""
     if loss_normalization == "token":
         return world_size / step_tokens if step_tokens > 0 else 0.0
     if loss_normalization == "micro_batch_mean":
@@ -290,15 +240,12 @@ def skip_reason(step_loss, oom_count):
     propagates; the ranks out of memory), so every rank decides the same and none waits in a collective."""
     if oom_count > 0:
         return "out of memory"
-    if not math.isfinite(step_loss):
-        return f"non-finite loss ({step_loss})"
-    return None
+    return None if math.isfinite(step_loss) else f"non-finite loss ({step_loss})"
 
 
 def num_sft_steps(num_micro_batches, grad_accum, num_epochs, max_iterations=-1, device="cpu", world_size=1):
-    """Optimizer steps of the run: num_epochs passes over a plan of num_micro_batches, grad_accum micro-batches a
-    step, the smallest count over ranks (a rank with more would wait forever in a collective), capped by
-    max_iterations (-1: none)."""
+    """Optimizer steps of num_epochs passes over a plan: the fewest over ranks (a rank with more would wait forever
+    in a collective), capped by max_iterations (-1: none)."""
     steps = int(all_reduce_values([num_epochs * num_micro_batches // grad_accum], "min", device, world_size)[0])
     return min(steps, max_iterations) if max_iterations >= 0 else steps
 
@@ -317,12 +264,9 @@ class StepResult(NamedTuple):
 
 def accumulate_step(model, micro_batches, loss_normalization, device, world_size=1, rank=0,
                     autocast=contextlib.nullcontext, num_sources=1):
-    """Forward and backward of one optimizer step's micro-batches (SFTBatch list) on this rank, leaving the
-    gradients in .grad. The step's supervised-token count is all-reduced first ("token" normalisation needs it);
-    each micro-batch's summed loss is scaled by micro_batch_loss_scale. An out-of-memory error or a non-finite
-    loss on any rank makes every rank skip the step (one all-reduce carries the loss and the out-of-memory count,
-    so no rank waits alone in the optimizer's collectives), leaving no gradient; else result.skip is None. The
-    same all-reduce sums the token loss and the supervised tokens of each of the num_sources sources."""
+    """Forward and backward of one optimizer step's micro-batches (SFTBatch list), leaving the gradients in .grad,
+    normalised by micro_batch_loss_scale. Out of memory or a non-finite loss on any rank makes every rank skip the
+    step, leaving no gradient (one all-reduce carries the loss, the OOM count and each source's loss and tokens)."""
     device = torch.device(device)
     flops = [batch_flops(model, b.inputs, b.stats["pad_positions"]) for b in micro_batches]
     local = [sum(b.stats[k] for b in micro_batches) for k in STAT_KEYS] + [sum(f) for f in zip(*flops)]

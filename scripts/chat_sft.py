@@ -17,7 +17,7 @@ import time
 import numpy as np
 import torch
 
-from nanochat.chat_eval import run_task_metrics
+from nanochat.chat_eval import run_task_metrics, sample_conversations
 from nanochat.checkpoint_manager import build_model, describe_checkpoint
 from nanochat.checks import check_finite_parameters
 from nanochat.common import (UserError, autocast_ctx, autodetect_device_type, compute_cleanup, compute_init,
@@ -27,17 +27,16 @@ from nanochat.data_check import (DECONTAMINATE, DEFAULT_EVAL_TASKS, apply_decont
                                  check_sources, format_data_check)
 from nanochat.engine import Engine
 from nanochat.loss_eval import evaluate_sft_loss
-from nanochat.perf import compile_enabled, compile_model, compiled_graphs, peak_memory_mib, reset_peak_memory
+from nanochat.perf import compile_enabled, compile_model, compiled_graphs, mfu, peak_memory_mib, reset_peak_memory
 from nanochat.report import format_duration, get_report
 from nanochat.runs import (check_resume_config, load_optimizer_warm_start, load_resume, prepare_finetune,
                            prune_checkpoints, save_training_checkpoint, tokenizer_sha256)
-from nanochat.schedules import lr_multiplier, scale_initial_lr, set_lr_multiplier
+from nanochat.schedules import lr_multiplier, num_grad_accum_steps, scale_initial_lr, set_lr_multiplier
 from nanochat.sft import (LOSS_NORMALIZATIONS, PACKINGS, TOTAL_KEYS, BatchSettings, accumulate_step, gather_share,
-                          grad_accum_steps_for, num_sft_steps, plan_epoch, render_share, sft_batches)
-from nanochat.sft_report import (data_preview, data_summary, format_run_summary, format_skip, format_sources,
-                                 format_step, report_section, sample_conversations, share_part)
+                          num_sft_steps, plan_epoch, render_share, sft_batches)
+from nanochat.sft_report import data_summary, format_skip, format_sources, format_step, summary_lines
 from nanochat.tokenizer import get_tokenizer
-from tasks.mixture import build_mixtures, check_mixture_specs, parse_eval_spec
+from tasks.mixture import build_mixtures, check_mixture_specs, parse_eval_spec, spec_locator
 
 install_error_handler()  # a UserError prints one line `error: ...` and exits with code 2
 
@@ -97,7 +96,8 @@ val_default = config["val_mixture"] == next(o.default for o in OPTIONS if o.name
 eval_specs = [parse_eval_spec(s) for s in config["eval_metrics_tasks"]]
 check_mixture_specs({"train_mixture": config["train_mixture"],  # data is loaded later; [] asks for a held-out share
                      **({"val_mixture": config["val_mixture"]} if config["val_mixture"] else {})})
-grad_accum_steps_for(config["target_examples_per_step"], config["device_batch_size"], get_dist_info()[3])
+grad_accum_steps = num_grad_accum_steps(config["target_examples_per_step"], config["device_batch_size"] *
+                                        get_dist_info()[3], "target_examples_per_step", "device_batch_size * ranks")
 
 # -----------------------------------------------------------------------------
 # Compute init
@@ -105,9 +105,8 @@ grad_accum_steps_for(config["target_examples_per_step"], config["device_batch_si
 device_type = config["device_type"] or autodetect_device_type()
 ddp, ddp_rank, ddp_local_rank, ddp_world_size, device = compute_init(device_type)
 master_process = ddp_rank == 0
-torch.manual_seed(config["seed"])
-random.seed(config["seed"])
-np.random.seed(config["seed"])
+for seed_fn in (torch.manual_seed, random.seed, np.random.seed):
+    seed_fn(config["seed"])
 autocast = lambda: autocast_ctx(device_type, config["dtype"])  # noqa: E731  (a fresh context per use)
 synchronize = torch.cuda.synchronize if device_type == "cuda" else lambda: None
 use_compile = compile_enabled(config["compile"], device_type)  # the option, else on for CUDA only
@@ -143,20 +142,13 @@ if config["decontaminate"] != "off" and (master_process or config["decontaminate
     print0(line)
 pad_id = tokenizer.encode_special("<|assistant_end|>")  # padding the guide uses; its targets are -1 anyway
 device_batch_size, seed = config["device_batch_size"], config["seed"]
-grad_accum_steps = grad_accum_steps_for(config["target_examples_per_step"], device_batch_size, ddp_world_size)
 settings = BatchSettings(config["packing"], device_batch_size, config["max_seq_len"] + 1, pad_id, config["drop_long"],
                          pad_bucket)  # rows of max_seq_len input positions + the last target
 render = lambda conversation: tokenizer.render_conversation(conversation, max_tokens=None)  # noqa: E731
-# plan the epoch: this rank's share rendered once (lengths, fit outcomes, mixture part of each), packed once
-spec_of = {id(task): k for k, (_, task, _) in enumerate(parts["train_mixture"])}
-
-
-def locate(index):  # (the spec an entry comes from, which of its conversations): repeats are rendered once
-    task, i = train_ds.locate(index)
-    return spec_of[id(train_ds.tasks[task])], i
-
-
-train_share = render_share(train_ds, render, settings, ddp_rank, ddp_world_size, locate)
+# plan the epoch: this rank's share rendered once (lengths, supervised targets, the spec of each), packed once
+train_specs = [spec for spec, _, _ in parts["train_mixture"]]
+train_share = render_share(train_ds, render, settings, ddp_rank, ddp_world_size,
+                           spec_locator(train_ds, parts["train_mixture"]))
 train_plan = plan_epoch(train_share.lengths, settings, seed)
 count_steps = lambda epoch_plan: num_sft_steps(len(epoch_plan), grad_accum_steps, config["num_epochs"],  # noqa
                                               config["max_iterations"], device, ddp_world_size)
@@ -169,20 +161,20 @@ if config["eval_every"] > 0 or config["dry_run"]:  # the validation batches: pla
     val_share = render_share(val_ds, render, settings, ddp_rank, ddp_world_size)
     val_plan = plan_epoch(val_share.lengths, settings, seed)
 print0(f"Training conversations: {len(train_ds):,} | validation: {len(val_ds):,} | packing: {config['packing']}")
-print0(f"Target examples per step: {config['target_examples_per_step']} = device_batch_size {device_batch_size} "
-       f"x world_size {ddp_world_size} x grad_accum_steps {grad_accum_steps}")
-print0(f"Number of iterations: {num_iterations} | loss normalisation: {config['loss_normalization']}")
+print0(f"Number of iterations: {num_iterations} | loss: {config['loss_normalization']} | examples a step: "
+       f"device_batch_size {device_batch_size} x world_size {ddp_world_size} x grad_accum_steps {grad_accum_steps}")
 whole_train = gather_share(train_share, ddp_world_size)  # every rank's numbers: the figures of the whole mixture
-train_rows = [(f"{spec} x{entries:,}", data_summary(share_part(whole_train, k), settings, seed))  # per spec
+train_rows = [(f"{spec} x{entries:,}", data_summary(whole_train, settings, seed, source=k))  # per spec
               for k, (spec, _, entries) in enumerate(parts["train_mixture"])] if master_process else []
-if config["dry_run"]:
-    steps = {p: count_steps(plan_epoch(train_share.lengths, settings._replace(packing=p), seed)) for p in PACKINGS}
-    whole_val = gather_share(val_share, ddp_world_size)
-    if master_process:
-        rows = train_rows + [(name, data_summary(share, settings, seed)) for name, share in
-                             (("training mixture", whole_train), ("validation mixture", whole_val))]
-        print0("\n".join(data_preview(rows, steps, tokenizer, render(train_ds[0]), settings.row_capacity,
-                                      sys.stdout.isatty())))
+if config["dry_run"]:  # the data preview: the mixture table, the step count per packing, one rendered conversation
+    steps = [count_steps(plan_epoch(train_share.lengths, settings._replace(packing=p), seed)) for p in PACKINGS]
+    whole_val, color, (ids, mask) = gather_share(val_share, ddp_world_size), sys.stdout.isatty(), render(train_ds[0])
+    rows = train_rows + [("training mixture", data_summary(whole_train, settings, seed)),
+                         ("validation mixture", data_summary(whole_val, settings, seed))] if master_process else []
+    print0("\n".join(summary_lines(rows)))
+    print0("Optimizer steps: " + ", ".join(f"{n} with packing={p}" for p, n in zip(PACKINGS, steps)))
+    print0(f"One training conversation ({'supervised in green' if color else '[supervised] tokens'}):")
+    print0(tokenizer.visualize_tokenization(ids[:settings.row_capacity], mask[:settings.row_capacity], color=color))
     compute_cleanup()
     sys.exit(0)
 
@@ -242,8 +234,7 @@ def save(step):
 
 
 # -----------------------------------------------------------------------------
-# Training loop: step s trains with lrm = 1 - s / num_iterations; evaluation happens before step s and once
-# more after the last step (at s == num_iterations)
+# Training loop: step s trains with lrm = 1 - s / num_iterations; evaluation before step s and after the last one
 
 engine = Engine(orig_model, tokenizer)  # generation runs uncompiled (its shapes change every token)
 peak_flops = get_peak_flops(device)
@@ -257,9 +248,9 @@ for step in range(start_step, num_iterations + 1):
     # once in a while: validation loss, over eval_steps batches per rank (the same batches every time)
     if config["eval_every"] > 0 and (last_step or step % config["eval_every"] == 0) and not resumed_here:
         model.eval()
-        val_batches = sft_batches(val_ds, render, val_share, val_plan, settings)
-        val_loss = evaluate_sft_loss(model, val_batches, config["eval_steps"], config["loss_normalization"], device,
-                                     ddp_world_size, ddp_rank, autocast)
+        val_loss = evaluate_sft_loss(model, sft_batches(val_ds, render, val_share, val_plan, settings),
+                                     config["eval_steps"], config["loss_normalization"], device, ddp_world_size,
+                                     ddp_rank, autocast)
         print0(f"Step {step:05d} | Validation loss: {val_loss:.6f}")
         wandb_run.log({"step": step, "val_loss": val_loss})
         loss_series["val"].append([step, val_loss])
@@ -277,8 +268,7 @@ for step in range(start_step, num_iterations + 1):
         model.train()
 
     # once in a while: a resumable checkpoint (the final one is written after the loop)
-    if config["save_every"] > 0 and 0 < step < num_iterations and step % config["save_every"] == 0 \
-            and not resumed_here:
+    if config["save_every"] > 0 and 0 < step < num_iterations and step % config["save_every"] == 0 and not resumed_here:
         save(step)
 
     if last_step:
@@ -289,7 +279,7 @@ for step in range(start_step, num_iterations + 1):
     t0 = time.time()
     micro_batches = [next(train_iter) for _ in range(grad_accum_steps)]
     result = accumulate_step(model, micro_batches, config["loss_normalization"], device, ddp_world_size, ddp_rank,
-                             autocast, len(spec_of))
+                             autocast, len(train_specs))
     lrm = lr_multiplier(step, num_iterations)
     progress = f"step {step + 1}/{num_iterations} | elapsed {format_duration(time.time() - loop_t0)}"
     if result.skip is not None:
@@ -308,19 +298,18 @@ for step in range(start_step, num_iterations + 1):
     train_time += dt
 
     # logging (MFU: useful counts the FLOPs of non-padding positions, total all the FLOPs computed)
-    for key in TOTAL_KEYS:
-        totals[key] += int(result.totals[key])
+    totals.update({key: totals[key] + int(result.totals[key]) for key in TOTAL_KEYS})
     line, log = format_step(step, result.loss, lrm, result.totals, dt, peak_flops, ddp_world_size,
                             peak_memory_mib(device), compiled_graphs() if use_compile else None)
     graphs_after_first_step = graphs_after_first_step or log.get("compiled_graphs", 0)
     eta = (time.time() - loop_t0) / (step + 1 - start_step) * (num_iterations - step - 1)
     print0(f"{line} | {progress} | eta {format_duration(eta)}")
     loss_series["train"].append([step, result.loss])
-    if len(spec_of) > 1:  # each training spec's token loss and tokens ("token": the step loss is their mean)
-        line, source_log = format_sources(step, [spec for spec, _, _ in parts["train_mixture"]], result)
+    if len(train_specs) > 1:  # each training spec's token loss and tokens ("token": the step loss is their mean)
+        line, source_log = format_sources(step, train_specs, result)
         print0(line)
         log.update(source_log)
-        for name in (k for k in source_log if k.startswith("train_loss/")):
+        for name in (k for k in source_log if k.startswith("train_loss/")):  # one report curve per spec
             loss_series.setdefault(name, []).append([step, source_log[name]])
     wandb_run.log(log)
 
@@ -328,21 +317,35 @@ for step in range(start_step, num_iterations + 1):
 # The final checkpoint, the report section, cleanup
 
 save(num_iterations)
-print0(format_run_summary(train_time, totals, peak_memory_mib(device), compiled_graphs() if use_compile else None,
-                          graphs_after_first_step))
+peak_memory, graphs = peak_memory_mib(device), compiled_graphs() if use_compile else 0
+print0(f"Training time: {train_time:.1f}s | skipped steps: {totals['skipped_nonfinite']} non-finite, "
+       f"{totals['skipped_oom']} out of memory | truncated: {totals['truncated']} | dropped: {totals['dropped']}"
+       + (f" | peak memory: {peak_memory:.0f} MiB" if peak_memory else "") + (f" | torch.compile: {graphs} graphs, "
+       f"{graphs - graphs_after_first_step} recompilations after the first step" if use_compile else ""))
 
-samples = []
-if master_process:  # two validation prompts that fit the model's context, answered by the final model
-    model.eval()
-    with autocast():
-        samples = sample_conversations(engine, tokenizer, (val_ds[i] for i in range(min(len(val_ds), 100))),
-                                       orig_model.config.sequence_len)
+model.eval()
+with autocast():  # two validation prompts that fit the model's context, answered by the final model
+    samples = sample_conversations(engine, tokenizer, (val_ds[i] for i in range(min(len(val_ds), 100))),
+                                   orig_model.config.sequence_len) if master_process else []
+positions = max(totals["positions"], 1)  # the run's figures (totals: all steps and ranks); MFU: of the useful FLOPs
 report = get_report()
-report.log(section="Chat SFT", data=[{"checkpoint": f"chatsft_checkpoints/{os.path.basename(plan.output_dir)} step "
-                                                   f"{num_iterations}", "Contaminated conversations dropped": dropped}]
-           + report_section(config, train_rows, len(train_ds), num_iterations, totals, train_time,
-                            {"val_loss": val_loss, **metrics}, samples, peak_flops, ddp_world_size),
-           duration_s=time.time() - script_start)
+report.log(section="Chat SFT", data=[
+    {"checkpoint": f"chatsft_checkpoints/{os.path.basename(plan.output_dir)} step {num_iterations}",
+     "Contaminated conversations dropped": dropped},
+    {k: config[k] for k in ("source", "device_batch_size", "target_examples_per_step", "num_epochs", "init_lr_frac",
+                            "loss_normalization", "packing", "max_seq_len")},
+    "```\n" + "\n".join(summary_lines(train_rows)) + "\n```",  # the mixture table, one row per training spec
+    {"Training conversations": len(train_ds), "Number of iterations": num_iterations,
+     "Examples seen": totals["examples"], "Skipped steps (non-finite)": totals["skipped_nonfinite"],
+     "Skipped steps (out of memory)": totals["skipped_oom"], "Truncated conversations": totals["truncated"],
+     "Dropped conversations": totals["dropped"], "Training time (s)": round(train_time, 1),
+     "Supervised ratio": totals["supervised"] / positions, "Padding fraction": totals["pad_positions"] / positions,
+     "Tokens per second": round(totals["positions"] / max(train_time, 1e-9)),
+     **({"MFU": mfu(totals["useful_flops"], train_time, peak_flops, ddp_world_size)} if peak_flops else {})},
+    {k: v for k, v in {"val_loss": val_loss, **metrics}.items() if v is not None},
+    f"Train and validation loss are both in the unit of loss_normalization = {config['loss_normalization']}.",
+    *samples,
+], duration_s=time.time() - script_start)
 for name, points in loss_series.items():
     name = name if "/" in name else f"{name}_loss"  # train_loss/<spec>: one curve per training spec
     report.log_series("Chat SFT", name, [p[0] for p in points], [p[1] for p in points])

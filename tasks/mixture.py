@@ -461,6 +461,17 @@ def build_mixtures(mixtures, optional=(), held_out=None):
     return out, parts, notes
 
 
+def spec_locator(mixture, parts):
+    """For render_share: entry index of `mixture` -> (k, i), the spec parts[k] (build_mixtures' list for that
+    mixture) it comes from and which conversation of its task, so an entry a spec repeats is known as the same."""
+    spec_of = {id(task): k for k, (_, task, _) in enumerate(parts)}
+
+    def locate(index):
+        task, i = mixture.locate(index)
+        return spec_of[id(mixture.tasks[task])], i
+    return locate
+
+
 def load_eval_task(task_name):
     """One of chat_eval's tasks (EVAL_TASKS) by its nanochat name, e.g. "ARC-Easy"."""
     if task_name not in EVAL_TASKS:

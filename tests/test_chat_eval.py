@@ -13,7 +13,8 @@ import torch
 import nanochat.chat_eval as chat_eval
 from chat_eval_worker import ByteTokenizer, FakeModel, FakeTask, evaluate_all, mc_conversation, tiny_gpt
 from nanochat.chat_eval import (BASELINES, TASK_NAMES, chatcore, collate_prompts, letter_token_ids,
-                                rank_problem_indices, run_categorical_eval, run_chat_eval, run_generative_eval)
+                                rank_problem_indices, run_categorical_eval, run_chat_eval, run_generative_eval,
+                                sample_conversations)
 from nanochat.loss_eval import LoopProgress
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -335,3 +336,26 @@ def test_humaneval_scoring_on_canned_completions(data_dir):
     engine = CannedEngine(TOK, canned)
     assert run_generative_eval(task, TOK, engine, num_samples=2, rank=0, world_size=1) == (2, 3)
     assert run_generative_eval(task, TOK, engine, num_samples=1, rank=0, world_size=1) == (0, 3)
+
+
+def test_sample_conversations_keep_prompts_that_fit_the_context():
+    """A validation prompt longer than the model's context is skipped (it used to crash generation after
+    training); the first ones that fit are answered, and the heading says which prompts were used."""
+    class Tok:
+        def render_for_completion(self, conversation):
+            return list(range(conversation["n"]))
+
+        def decode(self, ids):
+            return ",".join(map(str, ids))
+
+    class Engine:
+        def generate_batch(self, prompt, num_samples, max_tokens, temperature):
+            assert len(prompt) + max_tokens <= 32
+            return [prompt + [99] * max_tokens], None
+
+    conversations = [{"n": 40}, {"n": 3}, {"n": 25}, {"n": 2}, {"n": 1}]
+    items = sample_conversations(Engine(), Tok(), iter(conversations), context=32, max_tokens=8)
+    assert items[0] == ("Sample conversations (final model, greedy; validation prompts of at most 24 tokens, so "
+                        "that 8 new ones fit the model's 32 positions):")
+    assert items[1:] == ["```\n0,1,2" + "99," * 7 + "99\n```", "```\n0,1" + "99," * 7 + "99\n```"]
+    assert sample_conversations(Engine(), Tok(), iter(conversations[:1]), 32, 8)[1:] == []

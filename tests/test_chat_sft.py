@@ -292,6 +292,9 @@ def test_cpu_config_dry_run_and_run(sft_env, data_dir, tmp_path):
                      r"bestfit +[\d.]+%$", section, re.M), section  # the preview's lines
     assert re.search(r"^GSM8K:main:train:0:200 x200 +\|     200 conv ", section, re.M)
     assert re.search(r"- Supervised ratio: 0\.\d+", section) and re.search(r"- Tokens per second: \d+", section)
+    assert re.search(r"- Padding fraction: 0\.\d+", section) and "- Number of iterations: 2" in section
+    assert re.search(r"^Training time: [\d.]+s \| skipped steps: 0 non-finite, 0 out of memory \| truncated: \d+ \| "
+                     r"dropped: \d+$", out.stdout, re.M)  # the closing line (CPU: no peak memory, not compiled)
     assert section.count("```") == 2 + 4  # the mixture table and two sample conversations from the final model
     assert "unit of loss_normalization = token" in section
 

@@ -10,7 +10,8 @@ import os
 
 import pytest
 
-from tasks.mixture import MixtureSpecError, TaskSpec, build_mixture, build_mixtures, parse_eval_spec, parse_task_spec
+from tasks.mixture import (MixtureSpecError, TaskSpec, build_mixture, build_mixtures, parse_eval_spec, parse_task_spec,
+                           spec_locator)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -186,6 +187,11 @@ def test_missing_offline_data_names_replacements_for_every_mixture(data_dir, mon
     assert len(mixtures["train_mixture"]) == 8 + 20 and len(mixtures["val_mixture"]) == 5
     assert [(spec, entries) for spec, _, entries in parts["train_mixture"]] == [("ARC:ARC-Easy:train:0:8", 8),
                                                                               ("ChitChat:train:0:10*2", 20)]
+    # spec_locator: each entry's spec and conversation; a spec's repeats are the same (spec, conversation) twice
+    train = mixtures["train_mixture"]
+    where = [spec_locator(train, parts["train_mixture"])(i) for i in range(len(train))]
+    assert sorted(where) == [(0, i) for i in range(8)] + [(1, i) for i in range(10) for _ in range(2)]
+    assert all(train[i] == parts["train_mixture"][k][1][j] for i, (k, j) in enumerate(where))
     # an optional entry is dropped with a note instead
     mixtures, _, notes = build_mixtures({"train_mixture": ["ChitChat:train:0:4", "SmolTalk:train"]},
                                         optional=["SmolTalk:train"])

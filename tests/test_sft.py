@@ -20,11 +20,9 @@ from nanochat.perf import batch_flops
 from nanochat.schedules import lr_multiplier
 from nanochat.config import ConfigError
 from nanochat.sft import (BatchSettings, Share, accumulate_step, collate_packed, collate_sft, fit_conversation,
-                          gather_share, grad_accum_steps_for, micro_batch_loss_scale, num_sft_steps, pack_best_fit,
-                          padding_fraction, plan_epoch, plan_positions, render_share, sft_batches, skip_reason)
-from nanochat.sft_report import (data_preview, data_summary, format_run_summary, format_skip, format_sources,
-                                 format_step,
-                                 report_section, sample_conversations, share_part, summary_lines)
+                          gather_share, micro_batch_loss_scale, num_sft_steps, pack_best_fit, plan_epoch,
+                          plan_positions, render_share, sft_batches, skip_reason)
+from nanochat.sft_report import data_summary, format_skip, format_sources, format_step, summary_lines
 
 PAD = 99
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -131,11 +129,6 @@ def test_collate_packed_segments_and_targets():
     assert targets.tolist() == [[2, -1, -1, -1]]
 
 
-def test_padding_fraction():
-    assert padding_fraction(25, 100) == 0.25
-    assert padding_fraction(0, 0) == 0.0
-
-
 # ---------------------------------------------------------------------------------------------------------
 # the epoch plan and its batches
 
@@ -232,13 +225,13 @@ def test_batches_resume_from_the_micro_batch_number(packing):
 def test_plan_truncates_or_drops_long_conversations():
     data = [{"i": 0, "n": 10}, {"i": 1, "n": 3}, {"i": 2, "n": 4}]
     share, _, stream = _planned(data, BatchSettings("pad", 3, row_capacity=5, pad_id=PAD))
-    assert share.tokens == [10, 3, 4] and share.lengths == [5, 3, 4] and share.outcomes[0] == "truncated"
+    assert share.tokens == [10, 3, 4] and share.lengths == [5, 3, 4]  # the first is truncated
     inputs, targets, _, stats, _ = next(stream)
     assert stats["truncated"] == 1 and stats["dropped"] == 0
     assert inputs.shape[1] == 4  # truncated to 5 tokens -> 4 positions
     settings = BatchSettings("bestfit", 2, row_capacity=5, pad_id=PAD, drop_long=True)
     share, plan, stream = _planned(data, settings)
-    assert share.lengths == [0, 3, 4] and share.outcomes == ["dropped", "kept", "kept"]
+    assert share.lengths == [0, 3, 4] and share.tokens == [10, 3, 4]  # the first is dropped
     stats = [next(stream).stats for _ in range(2 * len(plan))]
     assert [s["dropped"] for s in stats] == [1] + [0] * (len(plan) - 1) + [1] + [0] * (len(plan) - 1)  # per epoch
     assert all(1000 not in next(stream).targets.tolist()[0] for _ in range(3))
@@ -287,15 +280,6 @@ def test_num_sft_steps_from_the_plan():
 
 # ---------------------------------------------------------------------------------------------------------
 # step arithmetic, lr, loss normalisation
-
-
-def test_grad_accum_steps_and_iterations():
-    assert grad_accum_steps_for(32, 4, 8) == 1
-    assert grad_accum_steps_for(32, 4, 1) == 8
-    with pytest.raises(UserError, match="multiple of"):
-        grad_accum_steps_for(32, 3, 1)
-    with pytest.raises(UserError, match="device_batch_size"):
-        grad_accum_steps_for(8, 4, 4)
 
 
 def test_sft_lr_multiplier_is_linear_decay():
@@ -471,10 +455,10 @@ def test_accumulate_step_two_gloo_ranks(tmp_path):
 
 
 def test_fit_conversation():
-    assert fit_conversation([1, 2, 3], [0, 1, 1], 4, False) == ([1, 2, 3], [0, 1, 1], "kept")
-    assert fit_conversation([1, 2, 3, 4, 5], [0, 1, 1, 1, 1], 4, False) == ([1, 2, 3, 4], [0, 1, 1, 1], "truncated")
-    assert fit_conversation([1, 2, 3, 4, 5], [0, 1, 1, 1, 1], 4, True) == (None, None, "dropped")
-    assert fit_conversation([1], [0], 4, False) == (None, None, "dropped")
+    assert fit_conversation([1, 2, 3], [0, 1, 1], 4, False) == ([1, 2, 3], [0, 1, 1])
+    assert fit_conversation([1, 2, 3, 4, 5], [0, 1, 1, 1, 1], 4, False) == ([1, 2, 3, 4], [0, 1, 1, 1])  # truncated
+    assert fit_conversation([1, 2, 3, 4, 5], [0, 1, 1, 1, 1], 4, True) == (None, None)  # dropped
+    assert fit_conversation([1], [0], 4, False) == (None, None)
 
 
 def test_data_summary_from_the_recorded_numbers():
@@ -488,9 +472,9 @@ def test_data_summary_from_the_recorded_numbers():
     # fitted lengths 5, 9, 3, 12 in micro-batches of 2: pad positions (8 + 8) + (11 + 11) = 38, real 4 + 8 + 2 + 11
     assert row["padding_pad"] == pytest.approx(13 / 38)
     assert row["padding_bestfit"] == pytest.approx(1 - (11 + 11 + 5) / (2 * 2 * 11))  # rows [12], [9, 3], [5]
-    part = data_summary(share_part(share, 1), settings)  # conversations 3 and 4: one truncated, one dropped
+    part = data_summary(share, settings, source=1)  # conversations 3 and 4: one truncated, one dropped
     assert (part["conversations"], part["truncated"], part["dropped"], part["tokens_max"]) == (2, 1, 1, 30)
-    empty = data_summary(share_part(share, 2), settings)
+    empty = data_summary(share, settings, source=2)
     assert empty["conversations"] == 0 and empty["padding_pad"] == empty["padding_bestfit"] == 0.0
 
 
@@ -516,8 +500,18 @@ def test_gather_share_joins_two_gloo_ranks(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     got = Share(*torch.load(tmp_path / "out.pt", weights_only=False))
     assert got.indices == [0, 2, 4, 1, 3] and got.tokens == [3, 2, 4, 5, 9] and got.lengths == [3, 2, 4, 5, 6]
-    assert got.outcomes == ["kept", "kept", "kept", "kept", "truncated"] and got.supervised == [2, 1, 3, 4, 5]
+    assert got.supervised == [2, 1, 3, 4, 5]
     assert gather_share(got) is got
+
+
+def test_summary_lines():
+    row = {"conversations": 12, "tokens_mean": 20.0, "tokens_p50": 18, "tokens_p95": 40, "tokens_max": 51,
+           "supervised_ratio": 0.5, "truncated": 0, "dropped": 1, "padding_pad": 0.25, "padding_bestfit": 0.05}
+    assert summary_lines([("ChitChat:train x12", row), ("all", row)]) == [
+        "ChitChat:train x12 |      12 conv | tokens mean   20.0 p50    18 p95    40 max     51 | supervised 50.0% | "
+        "truncated 0 dropped 1 | padding pad 25.0% bestfit  5.0%",
+        "all                |      12 conv | tokens mean   20.0 p50    18 p95    40 max     51 | supervised 50.0% | "
+        "truncated 0 dropped 1 | padding pad 25.0% bestfit  5.0%"]
 
 
 def test_step_line_and_report_table():
@@ -537,69 +531,3 @@ def test_step_line_and_report_table():
     assert line == ("Step 00004 | skipped: out of memory | optimizer step not taken (skipped so far: 1 non-finite, "
                     "2 out of memory)")
     assert log == {"step": 4, "skipped_nonfinite": 1, "skipped_oom": 2}
-
-
-def test_report_section_and_closing_line():
-    totals = {"supervised": 300, "positions": 1000, "pad_positions": 250, "examples": 8, "truncated": 1,
-              "dropped": 2, "skipped_nonfinite": 1, "skipped_oom": 0, "flops": 4e9, "useful_flops": 1.5e9}
-    config = {"source": "mid", "device_batch_size": 4, "target_examples_per_step": 8, "num_epochs": 1,
-              "init_lr_frac": 0.02, "loss_normalization": "token", "packing": "pad", "max_seq_len": 64, "seed": 1}
-    row = {"conversations": 12, "tokens_mean": 20.0, "tokens_p50": 18, "tokens_p95": 40, "tokens_max": 51,
-           "supervised_ratio": 0.5, "truncated": 0, "dropped": 1, "padding_pad": 0.25, "padding_bestfit": 0.05}
-    data = report_section(config, [("ChitChat:train x12", row)], 12, 3, totals, 2.0, {"val_loss": 1.5, "MMLU": None},
-                          ["hello"])
-    assert data[0] == {k: v for k, v in config.items() if k != "seed"}
-    assert data[1] == "```\n" + summary_lines([("ChitChat:train x12", row)])[0] + "\n```"
-    assert summary_lines([("ChitChat:train x12", row)]) == [
-        "ChitChat:train x12 |      12 conv | tokens mean   20.0 p50    18 p95    40 max     51 | supervised 50.0% | "
-        "truncated 0 dropped 1 | padding pad 25.0% bestfit  5.0%"]
-    assert data[2]["Supervised ratio"] == 0.3 and data[2]["Padding fraction"] == 0.25
-    assert data[2]["Tokens per second"] == 500 and "MFU" not in data[2] and data[2]["Dropped conversations"] == 2
-    assert data[3] == {"val_loss": 1.5} and data[-1] == "hello" and "token" in data[4]
-    data = report_section(config, [], 12, 3, totals, 2.0, {}, [], peak_flops=3e9)
-    assert data[2]["MFU"] == pytest.approx(0.25) and data[-1].startswith("Train and validation loss")
-    assert format_run_summary(2.04, totals) == ("Training time: 2.0s | skipped steps: 1 non-finite, 0 out of "
-                                                "memory | truncated: 1 | dropped: 2")
-    line = format_run_summary(2.0, totals, peak_memory=512.4, compiled=5, graphs_after_first_step=3)
-    assert line.endswith("| peak memory: 512 MiB | torch.compile: 5 graphs, 2 recompilations after the first step")
-
-
-def test_data_preview_lines():
-    class Tok:
-        def visualize_tokenization(self, ids, mask, color):
-            return f"{list(ids)} {list(mask)} {color}"
-
-    data = [{"i": i, "n": n} for i, n in enumerate([5, 9, 3])]
-    settings = BatchSettings("pad", 2, row_capacity=4)
-    row = data_summary(render_share(data, _toy_render, settings), settings)
-    rows = [("Toy:train x3", row), ("training mixture", row), ("validation mixture", {**row, "conversations": 1})]
-    lines = data_preview(rows, {"pad": 2, "bestfit": 1}, Tok(), _toy_render(data[0]), 4, False)
-    assert lines[0].startswith("Toy:train x3 ") and lines[1].startswith("training mixture")
-    assert lines[2].startswith("validation mixture") and "|       1 conv |" in lines[2]
-    assert lines[3] == "Optimizer steps: 2 with packing=pad, 1 with packing=bestfit"
-    assert lines[4] == "One training conversation ([supervised] tokens):"
-    ids, mask = _toy_render(data[0])
-    assert lines[5] == f"{list(ids[:4])} {list(mask[:4])} False"  # the first row_capacity tokens only
-
-
-def test_sample_conversations_keep_prompts_that_fit_the_context():
-    """A validation prompt longer than the model's context is skipped (it used to crash generation after
-    training); the first ones that fit are answered, and the heading says which prompts were used."""
-    class Tok:
-        def render_for_completion(self, conversation):
-            return list(range(conversation["n"]))
-
-        def decode(self, ids):
-            return ",".join(map(str, ids))
-
-    class Engine:
-        def generate_batch(self, prompt, num_samples, max_tokens, temperature):
-            assert len(prompt) + max_tokens <= 32
-            return [prompt + [99] * max_tokens], None
-
-    conversations = [{"n": 40}, {"n": 3}, {"n": 25}, {"n": 2}, {"n": 1}]
-    items = sample_conversations(Engine(), Tok(), iter(conversations), context=32, max_tokens=8)
-    assert items[0] == ("Sample conversations (final model, greedy; validation prompts of at most 24 tokens, so "
-                        "that 8 new ones fit the model's 32 positions):")
-    assert items[1:] == ["```\n0,1,2" + "99," * 7 + "99\n```", "```\n0,1" + "99," * 7 + "99\n```"]
-    assert sample_conversations(Engine(), Tok(), iter(conversations[:1]), 32, 8)[1:] == []
