@@ -258,8 +258,8 @@ class StepResult(NamedTuple):
     loss: float  # the step's loss, as the optimizer sees it (mean over ranks of the scaled sums)
     skip: str | None  # why the optimizer step must not be taken (the same on every rank), or None
     totals: dict  # TOTAL_KEYS summed over the step's micro-batches and all ranks
-    source_loss: list  # per source (SFTBatch.sources): summed token loss, all micro-batches and ranks
-    source_tokens: list  # per source: supervised tokens
+    source_loss: list = []  # per source (SFTBatch.sources): summed token loss, all micro-batches and ranks
+    source_tokens: list = []  # per source: supervised tokens (empty where there are no sources: chat_rl)
 
 
 def accumulate_step(model, micro_batches, loss_normalization, device, world_size=1, rank=0,
