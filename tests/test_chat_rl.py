@@ -39,7 +39,7 @@ def rl_env(tmp_path_factory, tokenizer):
 
 def _run(base_dir, args, module="scripts.chat_rl", check=True):
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), WANDB_MODE="disabled", OMP_NUM_THREADS="1",
-               PYTHONPATH=REPO_ROOT)
+               PYTHONPATH=REPO_ROOT, NANOCHAT_TASK_MODULES="tests")  # the toy task's module may be imported
     out = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO_ROOT, env=env, capture_output=True,
                          text=True, timeout=300)
     if check:
