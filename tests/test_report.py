@@ -76,7 +76,7 @@ def test_old_sections_without_json_stay_readable_but_out_of_the_summary(tmp_path
         "## Chat evaluation mid\ntimestamp: 2025-01-01 00:00:00\nduration: 99.0s\n\n- ARC-Easy: 0.2500\n")
     with open(report.generate()) as f:
         text = f.read()
-    assert _table_row(text, "ARC-Easy") == ["-", "-", "0.3750"]  # the old section's 0.25 is not parsed back
+    assert _table_row(text, "ARC-Easy") == ["-", "-", "0.3750", "-"]  # the old section's 0.25 is not parsed back
     assert "`chat-evaluation-mid.md`" in text and "not in the summary table" in text
     assert "- ARC-Easy: 0.2500" in text  # ... but its markdown is in the report, in pipeline order
     assert text.index("## Chat evaluation mid") < text.index("## Chat evaluation sft")
