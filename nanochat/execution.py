@@ -3,6 +3,8 @@ Run model-written Python in a sandbox and report what happened: used by the Huma
 to run a completion against its tests. Tests: tests/test_execution.py (behaviour, both isolation levels) and
 tests/test_sandbox.py (the adversarial suite; it needs bubblewrap and fails without it). Cost per call:
 `python -m bench.sandbox`.
+Its length (~590 lines, over the house ~450) is the harness that runs inside the child (a string, one piece by
+necessity) plus the two isolation levels; the seccomp program lives apart in nanochat/seccomp.py.
 
     result = execute_code("print(1 + 1)")        # ExecutionResult(success=True, stdout="2\\n", isolation="bwrap")
     result = judge_function(candidate_code, "add", test_code="def check(f):\\n    assert f(1, 2) == 3",

@@ -1,7 +1,8 @@
 """
 Reading checkpoints made by nanochat itself (karpathy/nanochat: the October 2025 architecture, and the current
 one of 2026 with sliding windows, value embeddings, lambdas, smear and backout) so that
-scripts/import_nanochat.py can write them in this project's formats.
+scripts/import_nanochat.py can write them in this project's formats (about 480 lines: the safe readers, the
+tokenizer unpickler and both layouts' mappings, optimizer state included, are one concern).
 
 nanochat's files: `model_<step>.pt` (torch.save'd state dict), `meta_<step>.json` (step, model_config,
 user_config, metrics such as val_bpb), the optimizer state (`optim_<step>.pt`: October, rank 0's list of

@@ -1,5 +1,7 @@
 """
-The reusable parts of `scripts/chat_web.py`, the web chat and OpenAI-compatible API server:
+The reusable parts of `scripts/chat_web.py`, the web chat and OpenAI-compatible API server (one concern, the
+request -> reply path, about 680 lines: over the house ~450, split where a part stands alone: connection and
+request guards are nanochat/web_guard.py):
 
 - `Limits` and `validate_chat_request(body, limits, defaults)`: a parsed JSON body -> `ChatRequest`, or an
   `APIError` carrying the HTTP status and OpenAI's error body `{"error": {"message", "type", "param", "code"}}`.
