@@ -119,10 +119,10 @@ def conversation_loss(model, conversations, render_fn, pad_id, token_bytes, batc
                       autocast=contextlib.nullcontext):
     """Assistant-token loss and bits per byte of `model` on conversations (chat_eval on your own data): each rank
     takes conversations[rank::world_size], rendered by render_fn (-> ids, mask, already cut to the model's
-    length) and padded into batches (nanochat.sft.collate_sft); the targets are the supervised tokens. Returns
+    length) and padded into batches (nanochat.collate.collate_sft); the targets are the supervised tokens. Returns
     {"loss": nats per supervised token, "bpb": bits per UTF-8 byte of those tokens (specials left out, as
     evaluate_bpb), "tokens": supervised tokens, "conversations": how many}, summed over ranks before dividing."""
-    from nanochat.sft import collate_sft
+    from nanochat.collate import collate_sft
 
     device = token_bytes.device
     mine = conversations[rank::world_size]

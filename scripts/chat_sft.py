@@ -23,8 +23,7 @@ from nanochat.checks import check_finite_parameters
 from nanochat.common import (UserError, autocast_ctx, autodetect_device_type, compute_cleanup, compute_init,
                              get_base_dir, get_dist_info, get_peak_flops, init_wandb, install_error_handler, print0)
 from nanochat.config import Option, load_config, run_options
-from nanochat.data_check import (DECONTAMINATE, DEFAULT_EVAL_TASKS, apply_decontamination, cache_dir_default,
-                                 check_sources, format_data_check)
+from nanochat.data_check import DECONTAMINATE, DEFAULT_EVAL_TASKS, cache_dir_default, check_training_data
 from nanochat.engine import Engine
 from nanochat.loss_eval import evaluate_sft_loss
 from nanochat.perf import compile_enabled, compile_model, compiled_graphs, mfu, peak_memory_mib, reset_peak_memory
@@ -132,14 +131,9 @@ mixtures, parts, notes = build_mixtures({key: config[key] for key in ("train_mix
 train_ds, val_ds = mixtures["train_mixture"], mixtures["val_mixture"]
 for note in notes:  # a skipped default validation set, and the held-out share that replaces it
     print0(note)
-dropped = 0  # the data check: shapes, duplicates, and n-gram overlap with the eval test sets (decontaminate)
-if config["decontaminate"] != "off" and (master_process or config["decontaminate"] != "report"):
-    check_rows, found, skipped = check_sources(parts["train_mixture"], config["decontaminate_tasks"],
-                                               cache_dir=cache_dir_default(get_base_dir()))
-    print0("\n".join(format_data_check(check_rows, found, skipped)))
-    train_ds, parts["train_mixture"], dropped, line = apply_decontamination(config["decontaminate"], found, train_ds,
-                                                                            parts["train_mixture"])
-    print0(line)
+train_ds, parts["train_mixture"], dropped = check_training_data(  # shapes, duplicates, eval-set n-gram overlap
+    config["decontaminate"], config["decontaminate_tasks"], train_ds, parts["train_mixture"],
+    cache_dir_default(get_base_dir()), master_process, print0)
 pad_id = tokenizer.encode_special("<|assistant_end|>")  # padding the guide uses; its targets are -1 anyway
 device_batch_size, seed = config["device_batch_size"], config["seed"]
 settings = BatchSettings(config["packing"], device_batch_size, config["max_seq_len"] + 1, pad_id, config["drop_long"],
