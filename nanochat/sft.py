@@ -192,6 +192,14 @@ class StepResult(NamedTuple):
     source_tokens: list = []  # per source: supervised tokens (empty where there are no sources: chat_rl)
 
 
+def source_sums(token_loss, sources, num_sources):
+    """A batch's summed token loss and supervised tokens per source -> two float64 CPU tensors (num_sources,).
+    token_loss: the model's loss_reduction="none" output; sources: SFTBatch.sources (-1: no target, not counted)."""
+    valid = sources >= 0
+    weights = token_loss.detach().double().cpu().reshape(sources.shape)[valid]
+    return (torch.bincount(sources[valid], weights=weights, minlength=num_sources),
+            torch.bincount(sources[valid], minlength=num_sources).double())
+
 
 def accumulate_step(model, micro_batches, loss_normalization, device, world_size=1, rank=0,
                     autocast=contextlib.nullcontext, num_sources=1):
