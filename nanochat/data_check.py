@@ -421,3 +421,17 @@ def apply_decontamination(mode, found, mixture, parts):
                                          f"removed ({worst}); {len(mixture):,} mixture entries left")
     return mixture, parts, 0, (f"Contamination: {flagged} training conversations share a {NGRAM}-word n-gram with "
                                f"evaluation test sets ({worst}); decontaminate = drop removes them, fail stops")
+
+
+def check_training_data(mode, eval_names, mixture, parts, cache_dir, master=True, log=print):
+    """chat_sft's data check before training, one call: check_sources on the training parts, its table logged,
+    then apply_decontamination(mode) (its line logged; "fail" raises after the table). Under "report" only the
+    master rank checks (nothing changes); under drop / fail every rank does, so all drop or stop alike. Returns
+    (mixture, parts, conversations dropped)."""
+    if mode == "off" or (mode == "report" and not master):
+        return mixture, parts, 0
+    rows, found, skipped = check_sources(parts, eval_names, cache_dir=cache_dir)
+    log("\n".join(format_data_check(rows, found, skipped)))
+    mixture, parts, dropped, line = apply_decontamination(mode, found, mixture, parts)
+    log(line)
+    return mixture, parts, dropped

@@ -3,7 +3,8 @@ Validation losses.
 
 evaluate_sft_loss: chat SFT's validation loss, in the unit of its training loss (loss_normalization, see the
 README's "Loss normalisation"): "token" = summed token loss / supervised tokens over all batches and ranks;
-"micro_batch_mean" = the guide's mean of batch means.
+"micro_batch_mean" = the guide's mean of batch means; and each source's (mixture part's) summed token loss and
+supervised tokens (nanochat.sft.source_sums, as the training step's), for chat_sft's per-source validation loss.
 
 evaluate_bpb: bits per byte, a validation loss that does not depend on the tokenizer's vocabulary size.
 
@@ -20,10 +21,13 @@ import contextlib
 import math
 import sys
 import time
+from typing import NamedTuple
 
 import torch
 
 from nanochat.common import all_reduce_values, dist_rank_world
+from nanochat.collate import collate_sft
+from nanochat.sft import source_sums
 
 
 class LoopProgress:
@@ -59,27 +63,35 @@ class LoopProgress:
             self.bar.close()
 
 
+class SFTLoss(NamedTuple):
+    loss: float  # in the unit of loss_normalization, all batches and ranks
+    source_loss: list  # per source (SFTBatch.sources): summed token loss, all batches and ranks
+    source_tokens: list  # per source: supervised tokens ("token": loss = sum(source_loss) / sum(source_tokens))
+
+
 @torch.no_grad()
 def evaluate_sft_loss(model, batches, steps, loss_normalization, device, world_size=1, rank=0,
-                      autocast=contextlib.nullcontext):
-    """SFT validation loss over `steps` batches per rank from `batches` (an iterator of (inputs, targets,
-    segment_ids, ...) CPU batches; targets -1 where not supervised), averaged over ranks as the training loss is."""
+                      autocast=contextlib.nullcontext, num_sources=1):
+    """SFT validation loss over `steps` batches per rank from `batches` (nanochat.sft.SFTBatch, on the CPU),
+    averaged over ranks as the training loss is, with each source's sums as accumulate_step's -> SFTLoss."""
     device = torch.device(device)
-    loss_sum = tokens = mean_sum = 0.0
+    sums, mean_sum = torch.zeros(2, num_sources, dtype=torch.float64), 0.0  # per source: loss, tokens
     progress = LoopProgress("validation", steps, rank)
     for i in range(steps):
-        inputs, targets, segment_ids = (None if t is None else t.to(device) for t in next(batches)[:3])
+        batch = next(batches)
+        inputs, targets, segment_ids = (None if t is None else t.to(device) for t in batch[:3])
         with autocast():
-            batch_loss = model(inputs, targets, loss_reduction="sum", segment_ids=segment_ids).item()
-        batch_tokens = int((targets != -1).sum())
-        loss_sum, tokens = loss_sum + batch_loss, tokens + batch_tokens
-        mean_sum += batch_loss / max(batch_tokens, 1)
+            token_loss = model(inputs, targets, loss_reduction="none", segment_ids=segment_ids)
+        batch_sums = torch.stack(source_sums(token_loss, batch.sources, num_sources))
+        sums += batch_sums
+        mean_sum += float(batch_sums[0].sum() / max(batch_sums[1].sum(), 1))
         progress.update(i + 1)
     progress.close()
-    loss_sum, tokens, mean_sum = all_reduce_values([loss_sum, tokens, mean_sum], "sum", device, world_size)
-    if loss_normalization == "token":
-        return loss_sum / max(tokens, 1)  # per supervised token, all batches and ranks
-    return mean_sum / (steps * world_size)  # the guide: mean of batch means
+    mean_sum, *sums = all_reduce_values([mean_sum, *sums.flatten().tolist()], "sum", device, world_size)
+    source_loss, source_tokens = sums[:num_sources], sums[num_sources:]
+    if loss_normalization == "token":  # per supervised token, all batches and ranks
+        return SFTLoss(sum(source_loss) / max(sum(source_tokens), 1), source_loss, source_tokens)
+    return SFTLoss(mean_sum / (steps * world_size), source_loss, source_tokens)  # the guide: mean of batch means
 
 
 def bpb_sums(loss, targets, token_bytes):
@@ -119,11 +131,9 @@ def conversation_loss(model, conversations, render_fn, pad_id, token_bytes, batc
                       autocast=contextlib.nullcontext):
     """Assistant-token loss and bits per byte of `model` on conversations (chat_eval on your own data): each rank
     takes conversations[rank::world_size], rendered by render_fn (-> ids, mask, already cut to the model's
-    length) and padded into batches (nanochat.sft.collate_sft); the targets are the supervised tokens. Returns
+    length) and padded into batches (nanochat.collate.collate_sft); the targets are the supervised tokens. Returns
     {"loss": nats per supervised token, "bpb": bits per UTF-8 byte of those tokens (specials left out, as
     evaluate_bpb), "tokens": supervised tokens, "conversations": how many}, summed over ranks before dividing."""
-    from nanochat.sft import collate_sft
-
     device = token_bytes.device
     mine = conversations[rank::world_size]
     loss_sum = tokens = nats = num_bytes = 0.0

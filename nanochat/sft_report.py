@@ -58,11 +58,14 @@ def format_step(step, loss, lrm, step_totals, dt, peak_flops=None, world_size=1,
     return line, log
 
 
-def format_sources(step, names, result):
-    """chat_sft's per-source line and wandb dict: each source's mean token loss and supervised tokens in the step."""
+def format_sources(step, names, result, kind="train"):
+    """chat_sft's per-source line and wandb dict (kind: "train" or "val"): each source's mean token loss and
+    supervised tokens in the step or evaluation (result: StepResult or loss_eval.SFTLoss)."""
     found = [(n, loss / k, k) for n, loss, k in zip(names, result.source_loss, result.source_tokens) if k > 0]
-    log = {**{f"train_loss/{n}": mean for n, mean, _ in found}, **{f"num_tokens/{n}": int(k) for n, _, k in found}}
-    line = f"Step {step:05d} | by source: " + " | ".join(f"{n} {mean:.4f} ({int(k):,} tok)" for n, mean, k in found)
+    tokens = "num_tokens" if kind == "train" else f"{kind}_num_tokens"
+    log = {**{f"{kind}_loss/{n}": mean for n, mean, _ in found}, **{f"{tokens}/{n}": int(k) for n, _, k in found}}
+    line = f"Step {step:05d} | {'by source' if kind == 'train' else 'Validation by source'}: " + " | ".join(
+        f"{n} {mean:.4f} ({int(k):,} tok)" for n, mean, k in found)
     return line, log
 
 

@@ -23,8 +23,7 @@ from nanochat.checks import check_finite_parameters
 from nanochat.common import (UserError, autocast_ctx, autodetect_device_type, compute_cleanup, compute_init,
                              get_base_dir, get_dist_info, get_peak_flops, init_wandb, install_error_handler, print0)
 from nanochat.config import Option, load_config, run_options
-from nanochat.data_check import (DECONTAMINATE, DEFAULT_EVAL_TASKS, apply_decontamination, cache_dir_default,
-                                 check_sources, format_data_check)
+from nanochat.data_check import DECONTAMINATE, DEFAULT_EVAL_TASKS, cache_dir_default, check_training_data
 from nanochat.engine import Engine
 from nanochat.loss_eval import evaluate_sft_loss
 from nanochat.perf import compile_enabled, compile_model, compiled_graphs, mfu, peak_memory_mib, reset_peak_memory
@@ -132,21 +131,16 @@ mixtures, parts, notes = build_mixtures({key: config[key] for key in ("train_mix
 train_ds, val_ds = mixtures["train_mixture"], mixtures["val_mixture"]
 for note in notes:  # a skipped default validation set, and the held-out share that replaces it
     print0(note)
-dropped = 0  # the data check: shapes, duplicates, and n-gram overlap with the eval test sets (decontaminate)
-if config["decontaminate"] != "off" and (master_process or config["decontaminate"] != "report"):
-    check_rows, found, skipped = check_sources(parts["train_mixture"], config["decontaminate_tasks"],
-                                               cache_dir=cache_dir_default(get_base_dir()))
-    print0("\n".join(format_data_check(check_rows, found, skipped)))
-    train_ds, parts["train_mixture"], dropped, line = apply_decontamination(config["decontaminate"], found, train_ds,
-                                                                            parts["train_mixture"])
-    print0(line)
+train_ds, parts["train_mixture"], dropped = check_training_data(  # shapes, duplicates, eval-set n-gram overlap
+    config["decontaminate"], config["decontaminate_tasks"], train_ds, parts["train_mixture"],
+    cache_dir_default(get_base_dir()), master_process, print0)
 pad_id = tokenizer.encode_special("<|assistant_end|>")  # padding the guide uses; its targets are -1 anyway
 device_batch_size, seed = config["device_batch_size"], config["seed"]
 settings = BatchSettings(config["packing"], device_batch_size, config["max_seq_len"] + 1, pad_id, config["drop_long"],
                          pad_bucket)  # rows of max_seq_len input positions + the last target
 render = lambda conversation: tokenizer.render_conversation(conversation, max_tokens=None)  # noqa: E731
 # plan the epoch: this rank's share rendered once (lengths, supervised targets, the spec of each), packed once
-train_specs = [spec for spec, _, _ in parts["train_mixture"]]
+train_specs, val_specs = ([spec for spec, *_ in parts[key]] for key in ("train_mixture", "val_mixture"))
 train_share = render_share(train_ds, render, settings, ddp_rank, ddp_world_size,
                            spec_locator(train_ds, parts["train_mixture"]))
 train_plan = plan_epoch(train_share.lengths, settings, seed)
@@ -158,7 +152,8 @@ if num_iterations <= 0:
                     f"on rank {ddp_rank}, fewer than grad_accum_steps = {grad_accum_steps}; add data or lower "
                     f"target_examples_per_step")
 if config["eval_every"] > 0 or config["dry_run"]:  # the validation batches: planned once, the same at every eval
-    val_share = render_share(val_ds, render, settings, ddp_rank, ddp_world_size)
+    val_share = render_share(val_ds, render, settings, ddp_rank, ddp_world_size,
+                             spec_locator(val_ds, parts["val_mixture"]))
     val_plan = plan_epoch(val_share.lengths, settings, seed)
 print0(f"Training conversations: {len(train_ds):,} | validation: {len(val_ds):,} | packing: {config['packing']}")
 print0(f"Number of iterations: {num_iterations} | loss: {config['loss_normalization']} | examples a step: "
@@ -233,6 +228,19 @@ def save(step):
     prune_checkpoints(plan.output_dir, config["keep_last"], ddp_rank)
 
 
+def log_loss(step, kind, specs, result, log):
+    """A train or val loss: its report curve; by source, when the mixture has several specs, a line, wandb keys and
+    a report curve each ("token" normalisation: the loss is their token-weighted mean); then `log` to wandb."""
+    loss_series[kind].append([step, result.loss])
+    if len(specs) > 1:
+        line, source_log = format_sources(step, specs, result, kind)
+        print0(line)
+        log.update(source_log)
+        for name in (k for k in source_log if k.startswith(f"{kind}_loss/")):
+            loss_series.setdefault(name, []).append([step, source_log[name]])
+    wandb_run.log(log)
+
+
 # -----------------------------------------------------------------------------
 # Training loop: step s trains with lrm = 1 - s / num_iterations; evaluation before step s and after the last one
 
@@ -248,12 +256,12 @@ for step in range(start_step, num_iterations + 1):
     # once in a while: validation loss, over eval_steps batches per rank (the same batches every time)
     if config["eval_every"] > 0 and (last_step or step % config["eval_every"] == 0) and not resumed_here:
         model.eval()
-        val_loss = evaluate_sft_loss(model, sft_batches(val_ds, render, val_share, val_plan, settings),
-                                     config["eval_steps"], config["loss_normalization"], device, ddp_world_size,
-                                     ddp_rank, autocast)
+        val = evaluate_sft_loss(model, sft_batches(val_ds, render, val_share, val_plan, settings),
+                                config["eval_steps"], config["loss_normalization"], device, ddp_world_size, ddp_rank,
+                                autocast, len(val_specs))
+        val_loss = val.loss
         print0(f"Step {step:05d} | Validation loss: {val_loss:.6f}")
-        wandb_run.log({"step": step, "val_loss": val_loss})
-        loss_series["val"].append([step, val_loss])
+        log_loss(step, "val", val_specs, val, {"step": step, "val_loss": val_loss})
         model.train()
 
     # once in a while: task metrics through run_chat_eval
@@ -304,14 +312,7 @@ for step in range(start_step, num_iterations + 1):
     graphs_after_first_step = graphs_after_first_step or log.get("compiled_graphs", 0)
     eta = (time.time() - loop_t0) / (step + 1 - start_step) * (num_iterations - step - 1)
     print0(f"{line} | {progress} | eta {format_duration(eta)}")
-    loss_series["train"].append([step, result.loss])
-    if len(train_specs) > 1:  # each training spec's token loss and tokens ("token": the step loss is their mean)
-        line, source_log = format_sources(step, train_specs, result)
-        print0(line)
-        log.update(source_log)
-        for name in (k for k in source_log if k.startswith("train_loss/")):  # one report curve per spec
-            loss_series.setdefault(name, []).append([step, source_log[name]])
-    wandb_run.log(log)
+    log_loss(step, "train", train_specs, result, log)
 
 # -----------------------------------------------------------------------------
 # The final checkpoint, the report section, cleanup
@@ -347,7 +348,7 @@ report.log(section="Chat SFT", data=[
     *samples,
 ], duration_s=time.time() - script_start)
 for name, points in loss_series.items():
-    name = name if "/" in name else f"{name}_loss"  # train_loss/<spec>: one curve per training spec
+    name = name if "/" in name else f"{name}_loss"  # train_loss/<spec>, val_loss/<spec>: one curve per spec
     report.log_series("Chat SFT", name, [p[0] for p in points], [p[1] for p in points])
 wandb_run.finish()
 compute_cleanup()

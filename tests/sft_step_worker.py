@@ -2,7 +2,8 @@
 `python -m torch.distributed.run --standalone --nproc_per_node=2 tests/sft_step_worker.py OUT` (gloo).
 Each rank takes its share of a fixed global batch of 4 conversations as 2 micro-batches of 1; rank 0 saves to
 OUT (torch.save): the rank-averaged gradient of that step, the gradient of the whole batch computed in one
-process, and which ranks skipped when one rank's loss is NaN or one rank runs out of memory."""
+process, which ranks skipped when one rank's loss is NaN or one rank runs out of memory, and the validation loss
+by source (loss_eval.evaluate_sft_loss) on 2 ranks and in one process."""
 
 import sys
 
@@ -11,6 +12,7 @@ import torch.distributed as dist
 
 from nanochat.common import compute_cleanup, compute_init
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.loss_eval import evaluate_sft_loss
 from nanochat.sft import BatchSettings, accumulate_step, plan_epoch, render_share, sft_batches
 
 VOCAB = 128
@@ -59,10 +61,10 @@ class Faulty(torch.nn.Module):
         return self.model.estimate_flops(seq_len)
 
 
-def batches(data, batch_size, rank=0, world_size=1):
+def batches(data, batch_size, rank=0, world_size=1, locate=None):
     """The pad-mode micro-batches of (ids, mask) pairs for one rank: planned, then materialised (nanochat.sft)."""
     settings = BatchSettings("pad", batch_size, row_capacity=64)
-    share = render_share(data, lambda c: c, settings, rank, world_size)
+    share = render_share(data, lambda c: c, settings, rank, world_size, locate)
     return sft_batches(data, lambda c: c, share, plan_epoch(share.lengths, settings), settings)
 
 
@@ -96,8 +98,13 @@ def main(out_path):
         gathered = [None] * world_size
         dist.all_gather_object(gathered, skipped[fault])
         skipped[fault] = gathered
+    by_parity = lambda i: (i % 2, i)  # noqa: E731  (rank 0 holds source 0 only, rank 1 source 1)
+    val = evaluate_sft_loss(model, batches(data, 2, rank, world_size, by_parity), 1, "token", device, world_size,
+                            rank, num_sources=2)
+    val_reference = evaluate_sft_loss(model, batches(data, 4, locate=by_parity), 1, "token", device, num_sources=2)
     if rank == 0:
-        torch.save({"grads": grads, "reference": reference_grads, "loss": result.loss,
+        torch.save({"val": tuple(val), "val_reference": tuple(val_reference),
+                    "grads": grads, "reference": reference_grads, "loss": result.loss,
                     "reference_loss": reference.loss, "totals": result.totals, "skipped": skipped}, out_path)
     compute_cleanup()
 

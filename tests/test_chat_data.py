@@ -108,7 +108,7 @@ def test_conversation_loss_matches_the_model_loss(tokenizer):
 
     from nanochat.gpt import GPTConfig, random_model
     from nanochat.loss_eval import conversation_loss
-    from nanochat.sft import collate_sft
+    from nanochat.collate import collate_sft
     from nanochat.tokenizer import compute_token_bytes
 
     config = GPTConfig(sequence_len=64, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2,

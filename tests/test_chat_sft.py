@@ -135,7 +135,7 @@ def test_guide_config_end_to_end(sft_env, data_dir, tmp_path):
                 "--init_lr_frac=1.0", "--eval_every=8", "--eval_steps=4", "--eval_metrics_every=16",
                 "--eval_metrics_tasks=['ARC-Easy:4', 'GSM8K:2']", "--eval_max_new_tokens=8",
                 "--train_mixture=['ARC:ARC-Easy:train:0:64', 'GSM8K:main:train:0:64', 'ChitChat:train:0:64']",
-                "--val_mixture=['ChitChat:test:0:32']"]
+                "--val_mixture=['ChitChat:test:0:16', 'ChitChat:test:16:32']"]
     out = _run(base_dir, env_args)
 
     # the guide's log lines
@@ -170,6 +170,16 @@ def test_guide_config_end_to_end(sft_env, data_dir, tmp_path):
     assert len(re.findall(r"^Step \d{5} \| by source: \S+ \d+\.\d{4} \([\d,]+ tok\)", out, re.M)) == 16
     specs = ["ARC:ARC-Easy:train:0:64", "GSM8K:main:train:0:64", "ChitChat:train:0:64"]
     assert {f"train_loss/{spec}" for spec in specs} <= set(series)
+    # per validation spec (two): a "Validation by source" line per evaluation, token-weighted mean = the val loss,
+    # and a curve in the report
+    by_source = re.findall(r"^Step \d{5} \| Validation by source: (.*)$", out, re.M)
+    assert len(by_source) == 3
+    for line, loss in zip(by_source, val):
+        parts = [re.fullmatch(r"(\S+) (\d+\.\d{4}) \(([\d,]+) tok\)", p).groups() for p in line.split(" | ")]
+        assert [p[0] for p in parts] == ["ChitChat:test:0:16", "ChitChat:test:16:32"]
+        tokens = [int(p[2].replace(",", "")) for p in parts]
+        assert sum(float(p[1]) * k for p, k in zip(parts, tokens)) / sum(tokens) == pytest.approx(loss, abs=2e-4)
+    assert series["val_loss/ChitChat:test:16:32"]["steps"] == [0, 8, 16]
 
     # chat_eval loads the SFT checkpoint
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), WANDB_MODE="disabled")

@@ -98,3 +98,30 @@ def test_mirror_planted_found_and_chitchat_clean(data_dir, tmp_path):
     assert sum(found[path][e]["count"] for e in ("ARC-Challenge", "HumanEval")) == 0
     assert all(v["count"] == 0 for v in found["ChitChat:train:0:400"].values())  # no false positives
     assert np.all([len(v["examples"]) <= 3 for v in found[path].values()])
+
+
+def test_check_training_data_modes(tmp_path):
+    """chat_sft's one call: "off", and "report" on a rank other than the master, check nothing; "report" logs the
+    table and changes nothing; "fail" logs the table, then stops; "drop" returns the mixture without the flagged."""
+    import pytest
+
+    from nanochat.common import UserError
+    from nanochat.data_check import check_training_data
+
+    eval_path = write_jsonl(tmp_path / "eval.jsonl", [chat(LONG_Q, "It sells 357 plants.")])
+    train_path = write_jsonl(tmp_path / "train.jsonl", [chat("How are you today?"), chat(LONG_Q), chat("Hi there.")])
+    built, parts, _ = build_mixtures({"train_mixture": [train_path]})
+    mixture, parts, cache = built["train_mixture"], parts["train_mixture"], str(tmp_path / "cache")
+    for mode, master in (("off", True), ("report", False)):
+        logged = []
+        assert check_training_data(mode, [eval_path], mixture, parts, cache, master, logged.append) == \
+            (mixture, parts, 0) and logged == [] and not os.path.exists(cache)
+    logged = []
+    assert check_training_data("report", [eval_path], mixture, parts, cache, True, logged.append)[1:] == (parts, 0)
+    assert "Contamination" in logged[0] and logged[1].startswith("Contamination: 1 training conversations")
+    logged = []
+    with pytest.raises(UserError, match="decontaminate = fail: 1 training"):
+        check_training_data("fail", [eval_path], mixture, parts, cache, False, logged.append)
+    assert len(logged) == 1 and "Contamination" in logged[0]  # the table, before the error
+    new_mixture, _, dropped = check_training_data("drop", [eval_path], mixture, parts, cache, False, logged.append)
+    assert dropped == 1 and len(new_mixture) == 2 and logged[-1].startswith("decontaminate = drop: 1")

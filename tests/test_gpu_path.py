@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from nanochat.common import UserError
 from nanochat.gpt import GPTConfig, chunked_cross_entropy, random_model
 from nanochat.perf import batch_flops, bucketed_length, mfu, pad_to_bucket, round_up
-from nanochat.sft import collate_packed
+from nanochat.collate import collate_packed
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

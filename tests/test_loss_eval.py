@@ -87,29 +87,61 @@ def test_two_processes_match_one(tmp_path):
 def test_sft_loss_in_the_training_loss_unit(capsys):
     """"token": summed token loss / supervised tokens over all batches; "micro_batch_mean": mean of batch means."""
     from nanochat.loss_eval import evaluate_sft_loss
+    from nanochat.sft import SFTBatch
 
-    class SumModel:  # loss_reduction="sum" of a fixed per-token loss: 1.0 per supervised target
+    class SumModel:  # loss_reduction="none": 1.0 per supervised target
         def __call__(self, inputs, targets, loss_reduction, segment_ids=None):
-            assert loss_reduction == "sum"
-            return (targets != -1).sum().float() * (1.0 + targets.float().clamp(min=0).mean() * 0)
+            assert loss_reduction == "none"
+            return (targets != -1).float()
 
     def batch(n_supervised, width=8):
         targets = torch.full((1, width), -1)
         targets[0, :n_supervised] = 1
-        return torch.zeros((1, width), dtype=torch.long), targets, None
+        return SFTBatch(torch.zeros((1, width), dtype=torch.long), targets, None, {}, torch.where(targets >= 0, 0, -1))
 
-    class LossPerBatch:  # batch b has total loss 6 * (b + 1) over its supervised tokens
+    class LossPerBatch:  # batch b has total loss 6 * (b + 1), spread over its supervised tokens
         def __init__(self):
             self.calls = 0
 
         def __call__(self, inputs, targets, loss_reduction, segment_ids=None):
             self.calls += 1
-            return torch.tensor(6.0 * self.calls)
+            return (targets != -1).float() * 6.0 * self.calls / (targets != -1).sum()
 
     batches = [batch(2), batch(6), batch(4)]
-    assert evaluate_sft_loss(SumModel(), iter(batches), 3, "token", "cpu") == pytest.approx(1.0)
+    assert evaluate_sft_loss(SumModel(), iter(batches), 3, "token", "cpu").loss == pytest.approx(1.0)
     # (6 + 12 + 18) / 12 tokens = 3.0; batch means 6/2, 12/6, 18/4 -> mean 3.1666
-    assert evaluate_sft_loss(LossPerBatch(), iter(batches), 3, "token", "cpu") == pytest.approx(3.0)
-    assert evaluate_sft_loss(LossPerBatch(), iter(batches), 3, "micro_batch_mean", "cpu") == pytest.approx(
+    assert evaluate_sft_loss(LossPerBatch(), iter(batches), 3, "token", "cpu").loss == pytest.approx(3.0)
+    assert evaluate_sft_loss(LossPerBatch(), iter(batches), 3, "micro_batch_mean", "cpu").loss == pytest.approx(
         (3.0 + 2.0 + 4.5) / 3)
-    assert evaluate_sft_loss(LossPerBatch(), iter(batches), 2, "token", "cpu") == pytest.approx(18 / 8)  # 2 steps only
+    two = evaluate_sft_loss(LossPerBatch(), iter(batches), 2, "token", "cpu")  # 2 steps only
+    assert two.loss == pytest.approx(18 / 8) and two.source_tokens == [8] and two.source_loss == pytest.approx([18])
+
+
+@pytest.mark.parametrize("packing", ["pad", "bestfit"])
+def test_sft_loss_by_source(packing):
+    """A two-part validation mixture on a tiny GPT: each source's tokens add up to the supervised targets, and the
+    per-source losses weighted by their tokens give the overall "token" loss, which is the model's own summed loss
+    over the same batches divided by their supervised tokens."""
+    from sft_step_worker import conversations, tiny_gpt
+
+    from nanochat.loss_eval import evaluate_sft_loss
+    from nanochat.sft import BatchSettings, plan_epoch, render_share, sft_batches
+
+    model, data = tiny_gpt("cpu"), conversations(6)
+    settings = BatchSettings(packing, 2, row_capacity=64)
+    share = render_share(data, lambda c: c, settings, locate=lambda i: (i % 2, i))  # sources 0, 1, 0, 1, ...
+    plan = plan_epoch(share.lengths, settings)
+    stream = sft_batches(data, lambda c: c, share, plan, settings)
+    batches = [next(stream) for _ in plan]  # one pass
+    result = evaluate_sft_loss(model, iter(batches), len(plan), "token", "cpu", num_sources=2)
+    tokens = sum(int((b.targets != -1).sum()) for b in batches)
+    with torch.no_grad():
+        loss_sum = sum(float(model(b.inputs, b.targets, loss_reduction="sum", segment_ids=b.segment_ids))
+                       for b in batches)
+    assert sum(result.source_tokens) == tokens and min(result.source_tokens) > 0
+    assert result.source_tokens[0] == sum(sum(m[1:]) for _, m in data[0::2])  # source 0: conversations 0, 2, 4
+    weighted = sum(result.source_loss) / sum(result.source_tokens)
+    assert weighted == pytest.approx(result.loss, rel=1e-9)
+    assert result.loss == pytest.approx(loss_sum / tokens, rel=1e-5)
+    means = [loss / k for loss, k in zip(result.source_loss, result.source_tokens)]
+    assert means[0] != pytest.approx(means[1], rel=1e-6)  # two different figures, not one copied

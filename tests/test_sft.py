@@ -433,7 +433,8 @@ def test_accumulate_step_skips_nan_and_out_of_memory_without_gradients():
 
 def test_accumulate_step_two_gloo_ranks(tmp_path):
     """2 gloo ranks x 2 micro-batches == one process with the whole batch; a NaN or an out-of-memory error on
-    rank 1 alone makes both ranks skip, with no gradient left on either."""
+    rank 1 alone makes both ranks skip, with no gradient left on either; the validation loss and its per-source
+    sums (each rank holding one source) reduced over the 2 ranks equal one process's."""
     out = tmp_path / "worker.pt"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)
     env.pop("RANK", None)
@@ -448,6 +449,10 @@ def test_accumulate_step_two_gloo_ranks(tmp_path):
         torch.testing.assert_close(got["grads"][name], ref, rtol=1e-4, atol=1e-6, msg=name)
     assert got["skipped"]["nan"] == [("non-finite loss (nan)", []), ("non-finite loss (nan)", [])]
     assert got["skipped"]["oom"] == [("out of memory", []), ("out of memory", [])]
+    (loss, source_loss, source_tokens), (ref_loss, ref_source_loss, ref_source_tokens) = got["val"], \
+        got["val_reference"]
+    assert loss == pytest.approx(ref_loss, rel=1e-6) and source_tokens == ref_source_tokens
+    assert source_loss == pytest.approx(ref_source_loss, rel=1e-6) and min(source_tokens) > 0
 
 
 # ---------------------------------------------------------------------------------------------------------
