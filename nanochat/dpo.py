@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from nanochat.common import UserError, all_reduce_values, atomic_write_text
 from nanochat.data_files import read_rows
-from nanochat.sft import collate_packed, collate_sft, micro_batch_loss_scale, pack_best_fit, skip_reason
+from nanochat.sft import backward_micro_batches, collate_packed, collate_sft, micro_batch_loss_scale, pack_best_fit
 
 PACKINGS = ("pad", "bestfit")
 METRIC_KEYS = ("loss", "reward_accuracy", "reward_margin", "chosen_logp", "rejected_logp")  # means over pairs
@@ -237,34 +237,19 @@ def dpo_accumulate_step(model, micro_batches, beta, device, world_size=1, rank=0
     """Forward and backward of one optimizer step's micro-batches (DPOBatch list) on this rank. The loss is the
     mean per pair over the whole step: each micro-batch's summed pair losses are scaled by
     micro_batch_loss_scale's per-unit rule with pairs as the unit (world_size / pairs of the step; the
-    optimizer averages gradients over ranks). A CUDA out-of-memory error or a non-finite loss on any rank skips
-    the step on every rank (one all-reduce carries the sums and the out-of-memory count; skip_reason decides),
-    leaving no gradient behind."""
+    optimizer averages gradients over ranks). Out of memory or a non-finite loss on any rank skips the step on
+    every rank, leaving no gradient (sft.backward_micro_batches)."""
     device = torch.device(device)
     step_pairs = all_reduce_values([sum(b.num_pairs for b in micro_batches)], "sum", device, world_size)[0]
-    sums, oom = [0.0] * len(METRIC_KEYS), 0.0
-    try:
-        for batch in micro_batches:
-            with autocast():
-                losses, batch_sums = _pair_forward(model, batch, beta, device)
-            loss = losses.sum() * micro_batch_loss_scale("token", batch.num_pairs, step_pairs, world_size,
-                                                         len(micro_batches))
-            loss.backward()
-            sums = [a + b for a, b in zip(sums, batch_sums)]
-    except torch.cuda.OutOfMemoryError as e:
-        print(f"[rank {rank}] out of memory: {str(e).splitlines()[0] if str(e) else ''}")
-        oom = 1.0
-    if oom:  # outside the except block: its traceback would keep the forward's activations alive
-        losses = loss = None
-        model.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        sums = [0.0] * len(METRIC_KEYS)
-    *sums, oom = all_reduce_values([*sums, oom], "sum", device, world_size)
+
+    def loss_fn(batch):
+        with autocast():
+            losses, batch_sums = _pair_forward(model, batch, beta, device)
+        return losses.sum() * micro_batch_loss_scale("token", batch.num_pairs, step_pairs, world_size,
+                                                     len(micro_batches)), batch_sums
+
+    sums, reason = backward_micro_batches(model, micro_batches, loss_fn, len(METRIC_KEYS), device, world_size, rank)
     metrics = {k: v / step_pairs for k, v in zip(METRIC_KEYS, sums)}
-    reason = skip_reason(sums[0], oom)
-    if reason is not None:
-        model.zero_grad(set_to_none=True)
     return DPOStepResult(metrics["loss"], reason, {**metrics, "pairs": int(step_pairs)})
 
 

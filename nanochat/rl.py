@@ -30,7 +30,7 @@ import torch
 
 from nanochat.chat_eval import rank_problem_indices
 from nanochat.common import all_reduce_values
-from nanochat.sft import StepResult, collate_sft, micro_batch_loss_scale, skip_reason
+from nanochat.sft import StepResult, backward_micro_batches, collate_sft, micro_batch_loss_scale
 
 ADVANTAGES = ("mean", "zscore")
 ZSCORE_EPS = 1e-4  # added to the group's std: a group of equal rewards gets advantage 0, not 0/0 (as TRL's GRPO)
@@ -154,38 +154,25 @@ def pg_accumulate_step(model, micro_batches, loss_normalization, device, world_s
                        autocast=contextlib.nullcontext):
     """Forward and backward of one optimizer step's rollout micro-batches (RolloutBatch list) on this rank,
     leaving the gradients in .grad for the optimizer: the sampled-token count of the step is all-reduced first,
-    each micro-batch's pg_loss_sum is scaled by micro_batch_loss_scale (as SFT's loss). A CUDA out-of-memory
-    error in any micro-batch, or a non-finite loss on any rank, makes every rank skip the step (skip_reason on
-    values all-reduced in one collective); a skipped step leaves no gradient. Returns sft.StepResult (loss:
-    the step's surrogate loss as the optimizer sees it; totals: PG_TOTAL_KEYS summed over ranks)."""
+    each micro-batch's pg_loss_sum is scaled by micro_batch_loss_scale (as SFT's loss). Out of memory or a
+    non-finite loss on any rank skips the step on every rank, leaving no gradient (sft.backward_micro_batches).
+    Returns sft.StepResult (loss: the step's surrogate loss as the optimizer sees it; totals: PG_TOTAL_KEYS
+    summed over ranks)."""
     device = torch.device(device)
     local = [sum(b.stats[k] for b in micro_batches) for k in PG_TOTAL_KEYS]
     totals = dict(zip(PG_TOTAL_KEYS, all_reduce_values(local, "sum", device, world_size)))
-    objective, oom = 0.0, 0.0
-    try:
-        for batch in micro_batches:
-            inputs, targets = (t.to(device, non_blocking=device.type == "cuda") for t in batch[:2])
-            advantages = batch.advantages.to(device)
-            with autocast():
-                token_nll = model(inputs, targets, loss_reduction="none")
-            loss = pg_loss_sum(token_nll, advantages) * micro_batch_loss_scale(
-                loss_normalization, batch.stats["sampled"], totals["sampled"], world_size, len(micro_batches))
-            loss.backward()
-            objective += loss.item()
-    except torch.cuda.OutOfMemoryError as e:
-        print(f"[rank {rank}] out of memory: {str(e).splitlines()[0] if str(e) else ''}")
-        oom = 1.0
-    if oom:  # outside the except block: its traceback would keep the forward's activations alive
-        inputs = targets = advantages = token_nll = loss = None
-        model.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    objective, oom = all_reduce_values([0.0 if oom else objective, oom], "sum", device, world_size)
-    step_loss = objective / world_size
-    reason = skip_reason(step_loss, oom)
-    if reason is not None:
-        model.zero_grad(set_to_none=True)  # no gradient of a skipped step survives into the next
-    return StepResult(step_loss, reason, totals)
+
+    def loss_fn(batch):
+        inputs, targets = (t.to(device, non_blocking=device.type == "cuda") for t in batch[:2])
+        advantages = batch.advantages.to(device)
+        with autocast():
+            token_nll = model(inputs, targets, loss_reduction="none")
+        loss = pg_loss_sum(token_nll, advantages) * micro_batch_loss_scale(
+            loss_normalization, batch.stats["sampled"], totals["sampled"], world_size, len(micro_batches))
+        return loss, [loss.detach()]
+
+    (objective,), reason = backward_micro_batches(model, micro_batches, loss_fn, 1, device, world_size, rank)
+    return StepResult(objective / world_size, reason, totals)
 
 
 def rank_example_indices(step, examples_per_rank, num_examples, rank=0, world_size=1):

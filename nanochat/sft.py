@@ -173,6 +173,35 @@ def skip_reason(step_loss, oom_count):
     return None if math.isfinite(step_loss) else f"non-finite loss ({step_loss})"
 
 
+def backward_micro_batches(model, micro_batches, loss_fn, num_values, device, world_size=1, rank=0):
+    """Backward of one optimizer step's micro-batches on this rank, leaving the gradients in .grad. loss_fn(batch)
+    returns (the loss to backpropagate, num_values numbers: floats or one-element tensors, read after the backward),
+    the first being the loss whose sum decides skip_reason. A CUDA out-of-memory error on any rank, or a non-finite
+    summed loss, makes every rank skip the step: one all-reduce carries the values and the out-of-memory count, so
+    all ranks decide the same; a skipped step leaves no gradient. Returns (the values summed over micro-batches and
+    ranks, a rank out of memory adding zeros; the skip reason or None)."""
+    device = torch.device(device)
+    sums, oom, loss, values = [0.0] * num_values, 0.0, None, None
+    try:
+        for batch in micro_batches:
+            loss, values = loss_fn(batch)
+            loss.backward()
+            sums = [a + float(b) for a, b in zip(sums, values)]
+    except torch.cuda.OutOfMemoryError as e:
+        print(f"[rank {rank}] out of memory: {str(e).splitlines()[0] if str(e) else ''}")
+        oom = 1.0
+    if oom:  # outside the except block: its traceback would keep the forward's activations alive
+        sums, loss, values = [0.0] * num_values, None, None
+        model.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    *sums, oom = all_reduce_values([*sums, oom], "sum", device, world_size)
+    reason = skip_reason(sums[0], oom)
+    if reason is not None:
+        model.zero_grad(set_to_none=True)  # no gradient of a skipped step survives into the next
+    return sums, reason
+
+
 def num_sft_steps(num_micro_batches, grad_accum, num_epochs, max_iterations=-1, device="cpu", world_size=1):
     """Optimizer steps of num_epochs passes over a plan: the fewest over ranks (a rank with more would wait forever
     in a collective), capped by max_iterations (-1: none)."""
@@ -188,8 +217,8 @@ class StepResult(NamedTuple):
     loss: float  # the step's loss, as the optimizer sees it (mean over ranks of the scaled sums)
     skip: str | None  # why the optimizer step must not be taken (the same on every rank), or None
     totals: dict  # TOTAL_KEYS summed over the step's micro-batches and all ranks
-    source_loss: list = []  # per source (SFTBatch.sources): summed token loss, all micro-batches and ranks
-    source_tokens: list = []  # per source: supervised tokens (empty where there are no sources: chat_rl)
+    source_loss: list = ()  # per source (SFTBatch.sources): summed token loss, all micro-batches and ranks
+    source_tokens: list = ()  # per source: supervised tokens (empty where there are no sources: chat_rl)
 
 
 def source_sums(token_loss, sources, num_sources):
@@ -204,39 +233,23 @@ def source_sums(token_loss, sources, num_sources):
 def accumulate_step(model, micro_batches, loss_normalization, device, world_size=1, rank=0,
                     autocast=contextlib.nullcontext, num_sources=1):
     """Forward and backward of one optimizer step's micro-batches (SFTBatch list), leaving the gradients in .grad,
-    normalised by micro_batch_loss_scale. Out of memory or a non-finite loss on any rank makes every rank skip the
-    step, leaving no gradient (one all-reduce carries the loss, the OOM count and each source's loss and tokens)."""
+    normalised by micro_batch_loss_scale; the step's counts are all-reduced first, then backward_micro_batches
+    sums the loss and each source's loss and tokens over ranks and decides whether every rank skips the step."""
     device = torch.device(device)
     flops = [batch_flops(model, b.inputs, b.stats["pad_positions"]) for b in micro_batches]
     local = [sum(b.stats[k] for b in micro_batches) for k in STAT_KEYS] + [sum(f) for f in zip(*flops)]
     totals = dict(zip(TOTAL_KEYS, all_reduce_values(local, "sum", device, world_size)))
-    objective, oom, by_source = 0.0, 0.0, torch.zeros(2, num_sources, dtype=torch.float64)  # loss, tokens
-    try:
-        for batch in micro_batches:
-            inputs, targets, segment_ids = (None if t is None else t.to(device, non_blocking=device.type == "cuda")
-                                            for t in batch[:3])
-            with autocast():
-                token_loss = model(inputs, targets, loss_reduction="none", segment_ids=segment_ids)
-            loss_sum, valid = token_loss.sum(), batch.sources >= 0
-            weights = token_loss.detach().double().cpu()[valid]
-            by_source[0] += torch.bincount(batch.sources[valid], weights=weights, minlength=num_sources)
-            by_source[1] += torch.bincount(batch.sources[valid], minlength=num_sources)
-            loss = loss_sum * micro_batch_loss_scale(loss_normalization, batch.stats["supervised"],
-                                                     totals["supervised"], world_size, len(micro_batches))
-            loss.backward()
-            objective += loss.item()
-    except torch.cuda.OutOfMemoryError as e:
-        print(f"[rank {rank}] out of memory: {str(e).splitlines()[0] if str(e) else ''}")
-        oom = 1.0
-    if oom:  # outside the except block: its traceback would keep the forward's activations alive
-        inputs = targets = segment_ids = token_loss = loss_sum = loss = None
-        model.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    objective, oom, *by_source = all_reduce_values([0.0 if oom else objective, oom, *by_source.flatten().tolist()],
-                                                   "sum", device, world_size)
-    step_loss = objective / world_size
-    reason = skip_reason(step_loss, oom)
-    if reason is not None:
-        model.zero_grad(set_to_none=True)  # no gradient of a skipped step survives into the next
-    return StepResult(step_loss, reason, totals, by_source[:num_sources], by_source[num_sources:])
+
+    def loss_fn(batch):
+        inputs, targets, segment_ids = (None if t is None else t.to(device, non_blocking=device.type == "cuda")
+                                        for t in batch[:3])
+        with autocast():
+            token_loss = model(inputs, targets, loss_reduction="none", segment_ids=segment_ids)
+        source_loss, source_tokens = source_sums(token_loss, batch.sources, num_sources)
+        loss = token_loss.sum() * micro_batch_loss_scale(loss_normalization, batch.stats["supervised"],
+                                                         totals["supervised"], world_size, len(micro_batches))
+        return loss, [loss.detach(), *source_loss.tolist(), *source_tokens.tolist()]
+
+    (objective, *by_source), reason = backward_micro_batches(model, micro_batches, loss_fn, 1 + 2 * num_sources,
+                                                             device, world_size, rank)
+    return StepResult(objective / world_size, reason, totals, by_source[:num_sources], by_source[num_sources:])

@@ -604,7 +604,7 @@ def test_bad_options_exit_2(base_dir, monkeypatch):
     for args, match in ((["-t", "5"], "-t/--temperature: key 'temperature' must be <= 2.0"),
                         (["--num_workers", "0"], "num_workers"), (["--port", "70000"], "'port' must be <= 65535"),
                         (["-m", "5000"], "max_tokens: 5000 is above max_max_tokens = 4096"),
-                        (["-i", "rl"], "'source' must be one of 'base', 'mid', 'sft'"),
+                        (["-i", "grpo"], "'source' must be one of 'base', 'mid', 'sft', 'rl', 'dpo', got 'grpo'"),
                         (["-k", "201"], "'top_k' must be <= 200"), (["--api_key", " "], "api_key")):
         with pytest.raises(UserError, match=match):
             main(args)

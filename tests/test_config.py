@@ -208,4 +208,5 @@ def test_serving_scripts_help_shows_every_default_and_short_flag(module, monkeyp
         assert f"default {o.default!r}" in line, line
     if module == "scripts.chat_cli":  # issue 25: the 0.6 of -t was not shown
         assert any(o.short == "t" and o.default == 0.6 for o in options)
-    assert "rl" not in next(o for o in options if o.name == "source").choices
+    # every checkpoint family a pipeline stage writes can be loaded (chat_rl and chat_dpo are stages since #21, #23)
+    assert next(o for o in options if o.name == "source").choices == ("base", "mid", "sft", "rl", "dpo")
