@@ -34,6 +34,7 @@ from nanochat.rl import (ADVANTAGES, Sampling, completion_text, evaluate_pass_at
                          rollout_micro_batches, rollout_seed, sample_completions, score_completions)
 from nanochat.schedules import lr_multiplier, num_grad_accum_steps, scale_initial_lr, set_lr_multiplier
 from nanochat.sft import LOSS_NORMALIZATIONS
+from nanochat.sft_report import format_skip
 from nanochat.tokenizer import get_tokenizer
 from tasks.mixture import build_mixtures, check_mixture_specs
 
@@ -246,10 +247,9 @@ for step in range(start_step, num_iterations + 1):
     progress = f"step {step + 1}/{num_iterations} | elapsed {format_duration(time.time() - loop_t0)}"
     if result.skip is not None:
         totals["skipped_oom" if result.skip == "out of memory" else "skipped_nonfinite"] += 1
-        print0(f"Step {step:05d} | skipped: {result.skip} | optimizer step not taken (skipped so far: "
-               f"{totals['skipped_nonfinite']} non-finite, {totals['skipped_oom']} out of memory) | {progress}")
-        wandb_run.log({"step": step, "skipped_nonfinite": totals["skipped_nonfinite"],
-                       "skipped_oom": totals["skipped_oom"]})
+        line, log = format_skip(step, result.skip, totals)
+        print0(f"{line} | {progress}")
+        wandb_run.log(log)
         continue
     set_lr_multiplier(optimizers, lrm)
     for opt in optimizers:
