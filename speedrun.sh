@@ -139,7 +139,7 @@ if [ "${NANOCHAT_CPU_TINY:-0}" = "1" ]; then  # the end-to-end test's size
     EVAL_PROBLEMS=4; EVAL_TOKENS_GEN=16; SKILL_PROBLEMS=4
     RL_ARGS=(--max_iterations=2 --examples_per_step=2 --num_samples=2 --device_batch_size=2 --eval_examples=4
              --eval_samples=2)
-else  # about 10 minutes on 2 cores, before the one-off environment set-up
+else  # about 15 minutes on 2 cores, before the one-off environment set-up
     TOK_CHARS=10000000; VOCAB=2048
     DEPTH=4; ASPECT=48; HEAD_DIM=64; SEQ=256; BASE_BS=16; BASE_TOTAL=4096; BASE_ITERS=250
     EVAL_TOKENS=32768; SPLIT_TOKENS=65536
