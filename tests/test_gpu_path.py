@@ -8,6 +8,7 @@ memory); they are skipped without CUDA (tests/conftest.py) and run by bash bench
     .venv/bin/python -m pytest tests/test_gpu_path.py --durations=5
 """
 
+import contextlib
 import math
 import os
 
@@ -258,22 +259,21 @@ def _bestfit_batches(num_batches, rows=2, row_capacity=65, seed=0):
     return batches
 
 
-@pytest.mark.slow
-def test_compiled_bestfit_step_matches_eager(single_process_compile):
-    # three optimizer steps of a tiny model on packed rows (segment mask), eager vs torch.compile(dynamic=False)
+def _eager_and_compiled_losses(make, batches, autocast):
+    """The losses of three optimizer steps on `batches`, eager and torch.compile(dynamic=False): {compiled: [loss]},
+    each from a fresh make() (the same seed); asserts that the compiled run did compile."""
     from nanochat.perf import compile_model, compiled_graphs
 
-    batches = _bestfit_batches(3)
     losses = {}
     for compiled in (False, True):
-        orig_model = make_model(n_layer=1, n_embd=32)
-        orig_model.loss_chunk_size, orig_model.loss_chunk_min_bytes = 64, 0  # the chunked loss is in the graph
+        orig_model = make()
         model = compile_model(orig_model) if compiled else orig_model
         optimizers = orig_model.setup_optimizers()
         graphs_before = compiled_graphs()
         losses[compiled] = []
         for inputs, targets, segment_ids in batches:
-            loss = model(inputs, targets, loss_reduction="sum", segment_ids=segment_ids)
+            with autocast():
+                loss = model(inputs, targets, loss_reduction="sum", segment_ids=segment_ids)
             (loss / (targets != -1).sum()).backward()
             for opt in optimizers:
                 opt.step()
@@ -282,6 +282,18 @@ def test_compiled_bestfit_step_matches_eager(single_process_compile):
         if compiled:
             assert compiled_graphs() > graphs_before  # it did compile
     print(f"eager {losses[False]} compiled {losses[True]}")
+    return losses
+
+
+@pytest.mark.slow
+def test_compiled_bestfit_step_matches_eager(single_process_compile):
+    # three optimizer steps of a tiny model on packed rows (segment mask), eager vs torch.compile(dynamic=False)
+    def tiny_model():
+        model = make_model(n_layer=1, n_embd=32)
+        model.loss_chunk_size, model.loss_chunk_min_bytes = 64, 0  # the chunked loss is in the graph
+        return model
+
+    losses = _eager_and_compiled_losses(tiny_model, _bestfit_batches(3), contextlib.nullcontext)
     assert losses[False][0] != losses[False][2]  # the steps changed the model
     for a, b in zip(losses[False], losses[True]):
         assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (losses[False], losses[True])
@@ -502,27 +514,8 @@ def test_cuda_flex_attention_forward_and_backward_equal_the_sdpa_mask():
 
 @pytest.mark.cuda
 def test_cuda_compiled_bestfit_step_matches_eager():
-    from nanochat.perf import compile_model, compiled_graphs
-
     batches = [tuple(t.cuda() for t in batch) for batch in _bestfit_batches(3, rows=4, row_capacity=257)]
-    losses = {}
-    for compiled in (False, True):
-        orig_model = _cuda_model()
-        model = compile_model(orig_model) if compiled else orig_model
-        optimizers = orig_model.setup_optimizers()
-        graphs_before = compiled_graphs()
-        losses[compiled] = []
-        for inputs, targets, segment_ids in batches:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = model(inputs, targets, loss_reduction="sum", segment_ids=segment_ids)
-            (loss / (targets != -1).sum()).backward()
-            for opt in optimizers:
-                opt.step()
-            orig_model.zero_grad(set_to_none=True)
-            losses[compiled].append(float(loss.detach()))
-        if compiled:
-            assert compiled_graphs() > graphs_before
-    print(f"eager {losses[False]} compiled {losses[True]}")
+    losses = _eager_and_compiled_losses(_cuda_model, batches, lambda: torch.autocast("cuda", dtype=torch.bfloat16))
     assert losses[False][0] != losses[False][2]
     for a, b in zip(losses[False], losses[True]):
         assert abs(a - b) <= 1e-2 * max(1.0, abs(a)), (losses[False], losses[True])
