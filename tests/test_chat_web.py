@@ -610,6 +610,36 @@ def test_bad_options_exit_2(base_dir, monkeypatch):
             main(args)
 
 
+# The tiny model writes 2,000 tokens in about 3 s here. A Stop clicked from Python after waiting for some text
+# (two round trips to the browser) can land after the reply has ended on a loaded machine (CI failed so once),
+# so the tests stop a reply from inside the page: the click or Esc is dispatched in the same JavaScript turn
+# that shows the text, while the server still has most of the reply to write.
+STOP_IN_PAGE = """([index, minChars, how]) => new Promise((resolve, reject) => {
+  const timer = setTimeout(() => reject(new Error('reply ' + index + ' never reached ' + minChars + ' chars')), 30000);
+  const attempt = () => {
+    const reply = document.querySelectorAll('.message.assistant')[index];
+    if (!reply || (reply.dataset.text || '').length <= minChars) return false;
+    const button = document.getElementById('stop');
+    const seen = {state: reply.dataset.state, usable: !button.disabled && button.offsetParent !== null};
+    if (how === 'click') button.click();
+    else document.activeElement.dispatchEvent(new KeyboardEvent('keydown', {key: 'Escape', bubbles: true}));
+    clearTimeout(timer);
+    resolve(seen);
+    return true;
+  };
+  if (attempt()) return;
+  const observer = new MutationObserver(() => { if (attempt()) observer.disconnect(); });
+  observer.observe(document.body, {subtree: true, childList: true, characterData: true, attributes: true});
+})"""
+
+
+def stop_mid_reply(page, index, how="click", min_chars=20):
+    """Stop the index-th assistant reply with the Stop button (how="click") or Esc (how="escape") once it shows
+    more than min_chars characters; the button was visible and enabled then, and the reply still streaming."""
+    seen = page.evaluate(STOP_IN_PAGE, [index, min_chars, how])
+    assert seen == {"state": "streaming", "usable": True}, seen
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The chat page in a real headless Chromium
 
@@ -640,11 +670,7 @@ def test_browser_chat_stop_new_conversation(server, tmp_path):
             page.fill("#input", "Tell me more")
             page.click("#send")
             second = page.locator(".message.assistant").nth(1)
-            expect(second).to_have_attribute("data-state", "streaming")
-            page.wait_for_function("document.querySelectorAll('.message.assistant')[1].textContent.length > 20",
-                                   timeout=30000)
-            expect(page.locator("#stop")).to_be_enabled()
-            page.click("#stop")
+            stop_mid_reply(page, 1, "click")
             expect(second).to_have_attribute("data-state", "stopped")
             expect(second).to_contain_text("(stopped)")
             expect(page.locator("#send")).to_be_enabled()
@@ -655,9 +681,7 @@ def test_browser_chat_stop_new_conversation(server, tmp_path):
             assert server.stats()["requests_cancelled"] == cancelled + 1  # the server stopped generating
             assert page.locator(".message").count() == 4
             page.click("#regenerate")  # replaces the stopped answer with a new one
-            page.wait_for_function("document.querySelectorAll('.message.assistant')[1].textContent.length > 20",
-                                   timeout=30000)
-            page.click("#stop")
+            stop_mid_reply(page, 1, "click")
             expect(page.locator(".message.assistant").nth(1)).to_have_attribute("data-state", "stopped")
             assert page.locator(".message").count() == 4
             # calculator calls are shown as distinct boxes (the tiny model never makes one: render one directly)
@@ -792,9 +816,7 @@ def test_browser_markdown_system_prompt_history_layout(server):
             page.fill("#input", "Tell me more")
             page.press("#input", "Enter")
             streaming = page.locator(".message.assistant").nth(1)
-            page.wait_for_function("document.querySelectorAll('.message.assistant')[1].dataset.text.length > 10",
-                                   timeout=30000)
-            page.keyboard.press("Escape")
+            stop_mid_reply(page, 1, "escape", min_chars=10)
             expect(streaming).to_have_attribute("data-state", "stopped")
             # a phone: the input keeps at least half the width, and the conversation list is one tap away
             page.set_viewport_size({"width": 360, "height": 740})
